@@ -1,0 +1,43 @@
+# vmpool: set-up, tests and the demo. Everything runs on this machine (loopback only).
+#   make demo   - run a burst of jobs through vmpool on the bundled local cloud
+#   make test   - lint, type checks and the whole test suite
+PY ?= python3
+VENV = .venv
+CLOUD_VENV = .cloud-venv
+PYTEST_ARGS ?=
+
+.PHONY: venv system-deps lint test unit demo clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# The stand-in VMs are real sshd processes; drop faults use iptables.
+system-deps:
+	@command -v /usr/sbin/sshd >/dev/null && command -v iptables >/dev/null && command -v nsenter >/dev/null \
+	  && command -v killall >/dev/null || { \
+	  echo "installing openssh-server iptables psmisc procps util-linux (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    openssh-server openssh-client iptables psmisc procps util-linux >/dev/null; }
+
+lint: venv
+	$(VENV)/bin/ruff check vmpool.py tests bench
+	$(VENV)/bin/mypy vmpool.py
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/test_policy.py tests/test_store.py tests/test_config.py
+
+test: venv cloud-venv system-deps lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: venv cloud-venv system-deps
+	$(VENV)/bin/python -m tests.demo
+
+clean:
+	rm -rf $(VENV) $(CLOUD_VENV) run *.egg-info
+
+-include tests/cloud/cloud.mk
+-include hooks/hooks.mk

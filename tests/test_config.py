@@ -1,0 +1,82 @@
+"""Configuration: every error names the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import vmpool as vp
+
+GOOD = """
+[pool]
+name = p
+min = 1
+max = 3
+state_file = /var/lib/vmpool/state.json
+
+[openstack]
+auth_url = http://127.0.0.1:5000/v3
+username = u
+password = secret
+project_name = p
+image = img
+flavor = 1
+network = net
+metadata = site=x, owner=hpc
+
+[ssh]
+private_key = /etc/vmpool/key
+"""
+
+
+def write(tmp_path: Path, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / "vmpool.conf"
+    path.write_text(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
+    config = vp.load_config(write(tmp_path, GOOD))
+    assert (config.pool.min, config.pool.max, config.pool.min_free) == (1, 3, 1)
+    assert config.openstack.metadata == (("site", "x"), ("owner", "hpc"))
+    assert config.server_prefix == "p-" and config.ssh.port == 22
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    example = (Path(__file__).parent.parent / "vmpool.conf.example").read_text()
+    config = vp.load_config(write(tmp_path, example))
+    assert config.pool.name
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("min = 1", "min = 5"), r"\[pool\] min = 5: must be <= max \(3\)"),
+    (("max = 3", "max = three"), r"\[pool\] max = 'three': expected a whole number"),
+    (("[pool]", "[pool]\nbuild_timeout = -1"), r"build_timeout = -1.0: must be > 0"),
+    (("[pool]", "[pool]\ncolour = blue"), r"\[pool\] unknown key 'colour'"),
+    (("image = img\n", ""), r"\[openstack\] image is required"),
+    (("[ssh]", "[sshd]"), r"unknown section"),
+    (("username = u\n", "username = u\napplication_credential_id = x\n"), "exactly one"),
+    (("state_file = /var/lib/vmpool/state.json", "state_file = state.json"), "absolute path"),
+    (("metadata = site=x, owner=hpc", "metadata = nonsense"), "key=value"),
+    (("name = p", "name = p;rm"), r"\[pool\] name = 'p;rm'"),
+])
+def test_invalid_config_names_file_key_and_allowed(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    path = write(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(vp.ConfigError, match=message) as caught:
+        vp.load_config(path)
+    assert str(caught.value).startswith(path) and caught.value.exit_code == 3
+
+
+def test_world_readable_password_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(vp.ConfigError, match="chmod 600"):
+        vp.load_config(write(tmp_path, GOOD, mode=0o644))
+
+
+def test_missing_and_garbage_config(tmp_path: Path) -> None:
+    with pytest.raises(vp.ConfigError, match="no such config file"):
+        vp.load_config(str(tmp_path / "absent.conf"))
+    with pytest.raises(vp.ConfigError, match="not a valid INI"):
+        vp.load_config(write(tmp_path, "just words\n"))

@@ -1,0 +1,405 @@
+"""The pure pool policy: (state, observation, config, now) -> (state', actions). No I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+
+import vmpool as vp
+from vmpool import (
+    BUSY, FREE, UNUSABLE, Config, CreateServer, DeleteServer, Note, Observation, OpenStackConfig, PoolConfig,
+    PoolState, ProbeResult, ProbeSsh, Server, SshConfig, Vm,
+)
+
+NOW = 1_000_000.0
+HOST = "worker"
+
+
+def config(**pool: object) -> Config:
+    defaults = dict(name="p", min=0, max=4, min_free=0, state_file="/tmp/x/state.json", build_timeout=600,
+                    ready_timeout=300, unusable_timeout=600, idle_timeout=1800, delete_timeout=300,
+                    create_grace=120, protect_after_failures=3, backoff_initial=60, backoff_max=900)
+    defaults.update(pool)
+    return Config(path="test.conf", pool=PoolConfig(**defaults),  # type: ignore[arg-type]
+                  openstack=OpenStackConfig(auth_url="http://x", image="i", flavor="f", network="n",
+                                            username="u", password="p", project_name="p"),
+                  ssh=SshConfig())
+
+
+def vm(name: str, state: str = FREE, *, reason: str = "", since: float = NOW - 10, server_id: str | None = None,
+       address: str | None = "127.0.1.2", job: str | None = None, healthy: bool = True, **extra: object) -> Vm:
+    return Vm(name=name, state=state, reason=reason, since=since, created_at=since,
+              server_id=server_id if server_id is not None else f"id-{name}", address=address, job=job,
+              user="alice" if job else None, last_healthy=since if healthy else None, **extra)  # type: ignore[arg-type]
+
+
+def server(name: str, status: str = vp.SERVER_ACTIVE, **extra: object) -> Server:
+    return Server(id=f"id-{name}", name=name, vm_name=name, status=status,
+                  address=extra.pop("address", "127.0.1.2"), **extra)  # type: ignore[arg-type]
+
+
+def seen(*servers: Server, **extra: object) -> Observation:
+    return Observation(servers=list(servers), host=HOST, **extra)  # type: ignore[arg-type]
+
+
+def kinds(actions: list[vp.Action], kind: type) -> list:
+    return [action for action in actions if isinstance(action, kind)]
+
+
+# --- acquire / release ---
+
+def test_acquire_claims_the_longest_free_vm() -> None:
+    state = PoolState(pool="p", vms=[vm("a", since=NOW - 5), vm("b", since=NOW - 50)])
+    new, outcome = vp.plan_acquire(state, "1.srv", "alice", NOW, pid=10, host=HOST, live_pids=frozenset())
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b"
+    assert new.vm_named("b").state == BUSY and new.vm_named("b").job == "1.srv"
+    assert new.requests == [] and state.vm_named("b").state == FREE  # input untouched
+
+
+def test_acquire_is_idempotent_for_the_same_job() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1"), vm("b")])
+    _, outcome = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset())
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a"
+
+
+def test_acquire_queues_when_nothing_is_free_and_serves_first_come_first() -> None:
+    state = PoolState(pool="p")
+    state, first = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset({10}))
+    state, second = vp.plan_acquire(state, "2", "bob", NOW + 1, 11, HOST, frozenset({10, 11}))
+    assert first == vp.Waiting(0) and second == vp.Waiting(1)
+    state.vms.append(vm("a"))
+    state, outcome = vp.plan_acquire(state, "2", "bob", NOW + 2, 11, HOST, frozenset({10, 11}))
+    assert outcome == vp.Waiting(1), "job 2 must not overtake job 1"
+    state, outcome = vp.plan_acquire(state, "1", "alice", NOW + 2, 10, HOST, frozenset({10, 11}))
+    assert isinstance(outcome, vp.Claimed)
+    assert [r.job for r in state.requests] == ["2"]
+
+
+def test_requests_of_dead_acquire_processes_do_not_block_the_queue() -> None:
+    state = PoolState(pool="p", vms=[vm("a")], requests=[vp.Request("1", "alice", NOW - 9, 10, HOST)])
+    _, outcome = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, live_pids=frozenset({11}))
+    assert isinstance(outcome, vp.Claimed)
+
+
+def test_requests_from_another_host_are_not_pruned_by_pid() -> None:
+    state = PoolState(pool="p", requests=[vp.Request("1", "alice", NOW - 9, 10, "other")])
+    new, outcome = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, live_pids=frozenset({11}))
+    assert outcome == vp.Waiting(1) and len(new.requests) == 2
+
+
+def test_release_frees_the_vm() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    new, _ = vp.plan_release(state, "1", NOW)
+    a = new.vm_named("a")
+    assert (a.state, a.job, a.last_job, a.since) == (FREE, None, "1", NOW)
+
+
+def test_release_unusable_taints_for_good() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    new, _ = vp.plan_release(state, "1", NOW, unusable="scrub failed: rm")
+    a = new.vm_named("a")
+    assert a.state == UNUSABLE and a.tainted == "scrub failed: rm"
+    # a later successful probe does not bring it back
+    probed, _ = vp.plan_probed(new, [ProbeResult("a", True)], NOW + 1)
+    assert probed.vm_named("a").state == UNUSABLE
+
+
+def test_release_of_unknown_job_is_a_warning_only() -> None:
+    state = PoolState(pool="p", vms=[vm("a")])
+    new, actions = vp.plan_release(state, "9", NOW)
+    assert new == state and kinds(actions, Note)[0].level == logging.WARNING
+
+
+def test_release_twice_does_not_free_a_vm_claimed_in_between() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    state, _ = vp.plan_release(state, "1", NOW)
+    state, _ = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, frozenset({11}))
+    state, _ = vp.plan_release(state, "1", NOW)
+    assert state.vm_named("a").job == "2" and state.vm_named("a").state == BUSY
+
+
+# --- reconcile: per-VM decisions ---
+
+@pytest.mark.parametrize(("status", "age", "expect_delete", "reason"), [
+    (vp.SERVER_BUILDING, 10, False, vp.BUILDING),
+    (vp.SERVER_BUILDING, 601, True, vp.DELETING),
+    (vp.SERVER_ERROR, 1, True, vp.DELETING),
+    (vp.SERVER_DOWN, 10, False, vp.SHUTOFF),
+])
+def test_server_status_decides(status: str, age: float, expect_delete: bool, reason: str) -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.BUILDING, since=NOW - age, healthy=False)])
+    new, actions = vp.plan_reconcile(state, seen(server("a", status)), config(), NOW)
+    assert bool(kinds(actions, DeleteServer)) == expect_delete
+    assert new.vm_named("a").reason == reason
+
+
+def test_error_at_build_counts_a_failed_boot_and_protects_after_n() -> None:
+    state = PoolState(pool="p", boot_failures=2,
+                      vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    new, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_ERROR, fault="No valid host")),
+                                     config(min=2), NOW)
+    assert new.boot_failures == 3 and new.protected_since == NOW
+    assert "No valid host" in kinds(actions, DeleteServer)[0].reason
+    # protected: one canary create, not the whole shortfall
+    assert len(kinds(actions, CreateServer)) == 1
+
+
+def test_protected_mode_waits_for_the_canary() -> None:
+    state = PoolState(pool="p", protected_since=NOW - 5, boot_failures=3,
+                      vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    _, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_BUILDING)), config(min=3), NOW)
+    assert kinds(actions, CreateServer) == []
+
+
+def test_first_successful_probe_clears_protected_mode() -> None:
+    state = PoolState(pool="p", protected_since=NOW - 5, boot_failures=3,
+                      vms=[vm("a", UNUSABLE, reason=vp.UNREACHABLE, healthy=False)])
+    new, _ = vp.plan_probed(state, [ProbeResult("a", True, host_keys=("ssh-ed25519 AAAA",))], NOW)
+    assert new.protected_since is None and new.boot_failures == 0
+    assert new.vm_named("a").state == FREE and new.vm_named("a").host_keys == ["ssh-ed25519 AAAA"]
+
+
+def test_active_server_gets_probed_and_unreachable_counts_from_first_failure() -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.BUILDING, since=NOW - 100, healthy=False)])
+    new, actions = vp.plan_reconcile(state, seen(server("a")), config(), NOW)
+    assert kinds(actions, ProbeSsh)[0].address == "127.0.1.2"
+    assert new.vm_named("a").since == NOW  # the ready clock starts at ACTIVE
+    new, _ = vp.plan_probed(new, [ProbeResult("a", False, "connection refused")], NOW + 5)
+    new, _ = vp.plan_probed(new, [ProbeResult("a", False, "timeout")], NOW + 9)
+    assert new.vm_named("a").since == NOW and new.vm_named("a").reason == "unreachable: timeout"
+
+
+def test_never_ready_vm_deleted_after_ready_timeout() -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason="unreachable: refused", since=NOW - 301,
+                                        healthy=False)])
+    new, actions = vp.plan_reconcile(state, seen(server("a")), config(), NOW)
+    assert "not reachable" in kinds(actions, DeleteServer)[0].reason and new.boot_failures == 1
+
+
+def test_free_vm_that_stops_answering_is_unusable_then_deleted_after_unusable_timeout() -> None:
+    state = PoolState(pool="p", vms=[vm("a", since=NOW - 1000)])
+    new, _ = vp.plan_probed(state, [ProbeResult("a", False, "connection refused")], NOW)
+    assert new.vm_named("a").state == UNUSABLE and new.vm_named("a").since == NOW
+    _, actions = vp.plan_reconcile(new, seen(server("a")), config(), NOW + 100)
+    assert kinds(actions, DeleteServer) == [] and kinds(actions, ProbeSsh)
+    _, actions = vp.plan_reconcile(new, seen(server("a")), config(), NOW + 601)
+    assert "unreachable for more than" in kinds(actions, DeleteServer)[0].reason
+
+
+def test_host_key_change_taints() -> None:
+    state = PoolState(pool="p", vms=[vm("a", host_keys=["ssh-ed25519 AAAA"])])
+    new, _ = vp.plan_probed(state, [ProbeResult("a", False, "x", host_key_changed=True)], NOW)
+    assert new.vm_named("a").tainted == "host key changed"
+
+
+def test_probe_results_ignore_vms_claimed_meanwhile() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    new, _ = vp.plan_probed(state, [ProbeResult("a", False, "refused")], NOW)
+    assert new.vm_named("a").state == BUSY
+
+
+def test_busy_vms_are_never_probed_nor_free_when_probe_free_is_off() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1"), vm("b")])
+    _, actions = vp.plan_reconcile(state, seen(server("a"), server("b"), probe_free=False), config(), NOW)
+    assert kinds(actions, ProbeSsh) == []
+    _, actions = vp.plan_reconcile(state, seen(server("a"), server("b")), config(), NOW)
+    assert [p.name for p in kinds(actions, ProbeSsh)] == ["b"]
+
+
+def test_busy_vm_whose_server_vanished_is_logged_with_its_job() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="42.srv")])
+    new, actions = vp.plan_reconcile(state, seen(), config(), NOW)
+    assert new.vm_named("a").state == UNUSABLE and new.vm_named("a").job == "42.srv"
+    assert any(n.level == logging.ERROR and "42.srv" in n.message for n in kinds(actions, Note))
+    released, _ = vp.plan_release(new, "42.srv", NOW + 1)
+    after, _ = vp.plan_reconcile(released, seen(), config(), NOW + 2)
+    assert after.vms == []
+
+
+def test_free_vm_deleted_behind_our_back_is_dropped() -> None:
+    state = PoolState(pool="p", vms=[vm("a")])
+    new, _ = vp.plan_reconcile(state, seen(), config(), NOW)
+    assert new.vms == []
+
+
+def test_stuck_delete_is_reissued_after_delete_timeout_and_dropped_when_gone() -> None:
+    a = vm("a", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW - 301)
+    state = PoolState(pool="p", vms=[a])
+    new, actions = vp.plan_reconcile(state, seen(server("a")), config(), NOW)
+    assert kinds(actions, DeleteServer) and new.vm_named("a").delete_requested_at == NOW
+    _, actions = vp.plan_reconcile(new, seen(server("a")), config(), NOW + 10)
+    assert kinds(actions, DeleteServer) == []
+    gone, _ = vp.plan_reconcile(new, seen(), config(), NOW + 20)
+    assert gone.vms == []
+
+
+def test_creating_record_binds_by_name_or_is_dropped_after_grace() -> None:
+    creating = Vm(name="a", state=UNUSABLE, reason=vp.CREATING, since=NOW - 5, created_at=NOW - 5)
+    state = PoolState(pool="p", vms=[creating])
+    bound, _ = vp.plan_reconcile(state, seen(server("a", vp.SERVER_BUILDING)), config(), NOW)
+    assert bound.vm_named("a").server_id == "id-a" and bound.vm_named("a").reason == vp.BUILDING
+    kept, _ = vp.plan_reconcile(state, seen(), config(), NOW)
+    assert kept.vm_named("a") is not None
+    dropped, _ = vp.plan_reconcile(state, seen(), config(), NOW + 200)
+    assert dropped.vm_named("a") is None
+
+
+def test_orphan_with_the_tag_adopted_only_on_second_sighting() -> None:
+    state = PoolState(pool="p")
+    once, actions = vp.plan_reconcile(state, seen(server("x")), config(), NOW)
+    assert once.vms == [] and "id-x" in once.orphans
+    twice, _ = vp.plan_reconcile(once, seen(server("x")), config(), NOW + 60)
+    assert twice.vm_named("x").server_id == "id-x" and twice.orphans == {}
+    gone, _ = vp.plan_reconcile(once, seen(), config(), NOW + 60)
+    assert gone.orphans == {} and gone.vms == []
+
+
+def test_listing_failure_decides_nothing_about_servers() -> None:
+    state = PoolState(pool="p", vms=[vm("a")])
+    new, actions = vp.plan_reconcile(state, Observation(servers=None, host=HOST), config(min=3), NOW)
+    assert actions == [] and new.vms == state.vms
+
+
+# --- reconcile: scaling ---
+
+@pytest.mark.parametrize(("pool", "vms", "waiting", "creates"), [
+    (dict(min=2), [], 0, 2),
+    (dict(min=0, min_free=1), [], 0, 1),
+    (dict(min=0, max=3), [], 5, 3),
+    (dict(min=0, max=3), ["busy", "busy"], 5, 1),
+    (dict(min=0, max=4), ["booting"], 1, 0),  # a boot in progress already covers the request
+    (dict(min=0, max=4), ["booting"], 2, 1),
+    (dict(min=0, max=2), ["tainted", "busy"], 1, 0),  # tainted VMs hold a slot until deleted
+])
+def test_scale_up(pool: dict, vms: list[str], waiting: int, creates: int) -> None:
+    records = []
+    for index, kind in enumerate(vms):
+        if kind == "busy":
+            records.append(vm(f"v{index}", BUSY, job=f"{index}"))
+        elif kind == "booting":
+            records.append(vm(f"v{index}", UNUSABLE, reason=vp.BUILDING, healthy=False))
+        else:
+            records.append(vm(f"v{index}", UNUSABLE, reason="scrub failed", tainted="scrub failed"))
+    requests = [vp.Request(f"r{i}", "u", NOW, 100 + i, "elsewhere") for i in range(waiting)]
+    state = PoolState(pool="p", vms=records, requests=requests)
+    statuses = {"booting": vp.SERVER_BUILDING}
+    listed = [server(r.name, statuses.get(kind, vp.SERVER_ACTIVE)) for r, kind in zip(records, vms, strict=True)]
+    new, actions = vp.plan_reconcile(state, seen(*listed), config(**pool), NOW)
+    created = kinds(actions, CreateServer)
+    assert len(created) == creates
+    # intents are recorded before any cloud call, with unique names
+    names = [c.name for c in created]
+    assert len(set(names)) == len(names)
+    assert all(new.vm_named(n).reason == vp.CREATING for n in names)
+
+
+def test_quota_refusal_backs_off_with_a_growing_delay() -> None:
+    state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
+    pool = config().pool
+    new, _ = vp.plan_created(state, "a", None, vp.QuotaExceeded("quota"), pool, NOW)
+    assert new.vms == [] and new.backoff_until == NOW + 60
+    again, _ = vp.plan_created(new, "b", None, vp.QuotaExceeded("quota"), pool, NOW + 61)
+    assert again.backoff_delay == 120
+    _, actions = vp.plan_reconcile(new, seen(), config(min=1), NOW + 30)
+    assert kinds(actions, CreateServer) == []
+
+
+def test_other_create_errors_keep_the_intent() -> None:
+    state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
+    new, _ = vp.plan_created(state, "a", None, vp.CloudError("HTTP 500"), config().pool, NOW)
+    assert new.vm_named("a") is not None and new.last_cloud_error == "HTTP 500"
+
+
+def test_scale_down_deletes_longest_idle_free_vms_above_desired_not_below_min() -> None:
+    state = PoolState(pool="p", vms=[vm("a", since=NOW - 4000), vm("b", since=NOW - 2000), vm("c", since=NOW - 10),
+                                     vm("d", BUSY, job="1")])
+    listed = seen(*(server(n) for n in "abcd"), probe_free=False)
+    _, actions = vp.plan_reconcile(state, listed, config(min=1), NOW)
+    assert [d.name for d in kinds(actions, DeleteServer)] == ["a", "b"]
+    _, actions = vp.plan_reconcile(state, listed, config(min=3), NOW)
+    assert [d.name for d in kinds(actions, DeleteServer)] == ["a"]
+
+
+def test_lost_epilogue_vm_deleted_after_grace_never_reused() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="7")])
+    first, _ = vp.plan_reconcile(state, seen(server("a"), dead_jobs=frozenset({"7"})), config(job_gone_grace=60), NOW)
+    assert first.vm_named("a").state == BUSY
+    later, actions = vp.plan_reconcile(first, seen(server("a"), dead_jobs=frozenset({"7"})),
+                                       config(job_gone_grace=60), NOW + 61)
+    assert kinds(actions, DeleteServer) and later.vm_named("a").tainted
+    back, _ = vp.plan_reconcile(first, seen(server("a")), config(job_gone_grace=60), NOW + 61)
+    assert back.vm_named("a").job_missing_since is None
+
+
+def test_new_address_drops_pinned_keys() -> None:
+    state = PoolState(pool="p", vms=[vm("a", host_keys=["ssh-ed25519 AAAA"])])
+    new, _ = vp.plan_reconcile(state, seen(server("a", address="127.0.1.9")), config(), NOW)
+    assert new.vm_named("a").host_keys == [] and new.vm_named("a").address == "127.0.1.9"
+
+
+# --- small pure helpers ---
+
+@pytest.mark.parametrize(("job", "ok"), [
+    ("123", True), ("123.server.domain", True), ("123[4].server", True), ("123[]", True),
+    ("", False), ("abc", False), ("1;rm -rf /", False), ("1 2", False), ("../1", False), ("1.$(id)", False),
+    ("1\n2", False), ("1.-x", False),
+])
+def test_job_ids(job: str, ok: bool) -> None:
+    if ok:
+        assert vp.validate_job_id(job) == job
+    else:
+        with pytest.raises(vp.BadInput):
+            vp.validate_job_id(job)
+
+
+@pytest.mark.parametrize(("user", "ok"), [
+    ("alice", True), ("_svc", True), ("a.b-c", True), ("-x", False), ("a b", False), ("a;b", False),
+    ("../x", False), ("", False), ("x" * 33, False),
+])
+def test_user_names(user: str, ok: bool) -> None:
+    if ok:
+        assert vp.validate_user_name(user) == user
+    else:
+        with pytest.raises(vp.BadInput):
+            vp.validate_user_name(user)
+
+
+def test_host_keys_from_console_takes_the_last_block() -> None:
+    console = ("boot\n-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 OLD root@x\n-----END SSH HOST KEY KEYS-----\n"
+               "reboot\nci-info: -----BEGIN SSH HOST KEY KEYS-----\n"
+               "ci-info: ecdsa-sha2-nistp256 AAAAE2 root@vm\nci-info: ssh-ed25519 AAAAC3 root@vm\n"
+               "ci-info: -----END SSH HOST KEY KEYS-----\n")
+    assert vp.host_keys_from_console(console) == ["ecdsa-sha2-nistp256 AAAAE2", "ssh-ed25519 AAAAC3"]
+    assert vp.host_keys_from_console("no keys here") == []
+
+
+def test_nova_status_translation() -> None:
+    assert vp.server_status_from_nova("ACTIVE", None) == vp.SERVER_ACTIVE
+    assert vp.server_status_from_nova("ACTIVE", "deleting") == vp.SERVER_DELETING
+    assert vp.server_status_from_nova("SHUTOFF", None) == vp.SERVER_DOWN
+    assert vp.server_status_from_nova("MIGRATING", None) == vp.SERVER_OTHER
+
+
+def test_known_hosts_lists_pinned_live_vms_only() -> None:
+    state = PoolState(pool="p", vms=[vm("a", host_keys=["ssh-ed25519 AAAA"]),
+                                     vm("b", address="127.0.1.3", host_keys=["ssh-ed25519 BBBB"],
+                                        delete_requested_at=NOW)])
+    assert vp.known_hosts_text(state, 22) == "127.0.1.2 ssh-ed25519 AAAA\n"
+    assert vp.known_hosts_text(state, 2222) == "[127.0.1.2]:2222 ssh-ed25519 AAAA\n"
+
+
+def test_explain_no_vm_names_the_reasons() -> None:
+    state = PoolState(pool="p", vms=[vm(f"v{i}", BUSY, job=str(i)) for i in range(4)], backoff_until=NOW + 60,
+                      last_cloud_error="quota exceeded", last_cloud_error_at=NOW - 5)
+    text = vp.explain_no_vm(state, config().pool, NOW)
+    assert "pool at max (4 of 4" in text and "backing off" in text and "quota exceeded" in text
+
+
+def test_state_roundtrips_through_json() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")], requests=[vp.Request("2", "b", NOW, 1, HOST)],
+                      orphans={"x": NOW})
+    data = vp.state_to_json(state)
+    assert vp.state_from_json(data, "f", "p") == state
+    assert dataclasses.asdict(state)["vms"][0]["job"] == "1"

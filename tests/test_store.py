@@ -1,0 +1,152 @@
+"""The state store: atomic writes, locking, corrupt or foreign files left untouched."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import vmpool as vp
+
+
+def store(tmp_path: Path, lock_timeout: float = 5) -> vp.StateStore:
+    return vp.StateStore(str(tmp_path / "state" / "state.json"), "p", lock_timeout)
+
+
+def add_vm(state: vp.PoolState) -> tuple[vp.PoolState, None]:
+    state.vms.append(vp.Vm(name=f"v{len(state.vms)}", state=vp.FREE, since=1.0, created_at=1.0))
+    return state, None
+
+
+def test_missing_state_is_an_empty_pool_and_first_write_is_private(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    assert s.read() == vp.PoolState(pool="p")
+    s.update(add_vm)
+    mode = os.stat(s.path).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(s.path)).st_mode) == 0o700
+    assert [vm.name for vm in s.read().vms] == ["v0"]
+    data = json.loads(Path(s.path).read_text())
+    assert (data["schema"], data["version"]) == ("vmpool-state", 1)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "corrupt state"),
+    ('{"schema": "vmpool-state", "version": 1, "pool": "p", "vms": [{"nam', "corrupt state"),
+    ("", "corrupt state"),
+    ('{"hello": "world"}', "not a vmpool state file"),
+    ('{"schema": "vmpool-state", "version": 99, "pool": "p"}', "newer vmpool"),
+    ('{"schema": "vmpool-state", "version": 1, "pool": "other"}', "belongs to pool 'other'"),
+    ('{"schema": "vmpool-state", "version": 1, "pool": "p", "vms": [{"x": 1}]}', "malformed state"),
+])
+def test_bad_state_is_refused_and_left_untouched(tmp_path: Path, content: str, message: str) -> None:
+    s = store(tmp_path)
+    os.makedirs(os.path.dirname(s.path), mode=0o700)
+    Path(s.path).write_text(content)
+    os.chmod(s.path, 0o600)
+    with pytest.raises(vp.StateError, match=message) as caught:
+        s.update(add_vm)
+    assert caught.value.exit_code == 4
+    assert Path(s.path).read_text() == content
+
+
+def test_group_writable_state_is_refused(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.update(add_vm)
+    os.chmod(s.path, 0o666)
+    with pytest.raises(vp.StateError, match="writable by group/others"):
+        s.read()
+
+
+def test_failed_write_keeps_the_previous_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = store(tmp_path)
+    s.update(add_vm)
+    before = Path(s.path).read_text()
+
+    def power_loss(src: str, dst: str) -> None:
+        raise OSError("power lost before rename")
+
+    monkeypatch.setattr(os, "replace", power_loss)
+    with pytest.raises(OSError, match="power lost"):
+        s.update(add_vm)
+    assert Path(s.path).read_text() == before
+    assert [p.name for p in Path(s.path).parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_write_fsyncs_file_and_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    target = tmp_path / "f.json"
+    vp.write_atomically(str(target), "x")
+    assert synced[0].startswith(str(tmp_path / ".f.json.")) and synced[-1] == str(tmp_path)
+
+
+def _hold_lock(path: str, ready: multiprocessing.synchronize.Event, done: multiprocessing.synchronize.Event) -> None:
+    s = vp.StateStore(path, "p", 5)
+    with s.locked():
+        ready.set()
+        done.wait(30)
+
+
+def test_lock_timeout_is_a_distinct_error(tmp_path: Path) -> None:
+    s = store(tmp_path, lock_timeout=0.3)
+    os.makedirs(os.path.dirname(s.path), mode=0o700)
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(s.path, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(vp.LockTimeout) as caught:
+            s.update(add_vm)
+        assert caught.value.exit_code == 7
+    finally:
+        done.set()
+        holder.join(10)
+    s.update(add_vm)  # free again once the holder let go
+
+
+def _add_many(path: str, count: int) -> None:
+    s = vp.StateStore(path, "p", 30)
+    for _ in range(count):
+        s.update(add_vm)
+
+
+def test_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_add_many, args=(s.path, 25)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(s.read().vms) == 100
+
+
+def test_reconcile_lock_is_exclusive(tmp_path: Path) -> None:
+    path = str(tmp_path / "s" / "state.json")
+    with vp.reconcile_lock(path) as first:
+        assert first
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.SimpleQueue()
+
+        def probe() -> None:
+            with vp.reconcile_lock(path) as got:
+                queue.put(got)
+
+        child = ctx.Process(target=probe)
+        child.start()
+        child.join(10)
+        assert queue.get() is False
+    with vp.reconcile_lock(path) as again:
+        assert again

@@ -1,0 +1,1737 @@
+"""vmpool: a pool of OpenStack VMs that run Torque jobs.
+
+One Torque worker node advertises ``np`` = the pool's maximum; its prologue calls
+``vmpool acquire JOBID`` to get a VM, the job starter runs the job there over SSH, and
+the epilogue scrubs the VM and calls ``vmpool release JOBID``. ``vmpool reconcile`` (cron,
+every minute) keeps the pool between ``min`` and ``max``, re-checks Unusable VMs and
+deletes the dead. ``vmpool status`` shows what every VM is doing.
+
+Every VM is Free, Busy (held by one job) or Unusable (creating, building, deleting, error,
+shut off, unreachable over SSH, tainted by a failed scrub or a changed host key).
+
+State: one JSON file (``[pool] state_file``), schema-versioned, mode 0600, read-modify-written
+under a file lock (``<state_file>.lock``) and replaced atomically. The lock is never held across
+a cloud or SSH call: intents are recorded first ("creating", "deleting"), the slow call runs
+unlocked, and its outcome is recorded under the lock again. Every server carries metadata
+naming the pool and the VM, so a crash between a call and its record is repaired by the next
+``reconcile``. A second file, ``<state_file>.reconcile.lock``, keeps reconcile passes apart.
+
+Exit codes (the same for every command):
+
+    0  ok (also: release of an unknown job, reconcile while another runs)
+    1  unexpected internal error (a bug: please report it with the log)
+    2  bad input or usage (job id, user name, options)
+    3  configuration error (missing, unreadable, invalid, unsafe permissions)
+    4  state error (corrupt, truncated, foreign or newer state file; unsafe permissions)
+    5  cloud error (the OpenStack API failed or refused)
+    6  no VM within the timeout (acquire)
+    7  the state lock could not be had within lock_timeout
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import copy
+import dataclasses
+import functools
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import click
+import filelock
+
+if TYPE_CHECKING:  # vendor types only for the type checker: importing them costs ~600 ms
+    import paramiko
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("vmpool")
+
+# --- constants and errors ---
+
+STATE_SCHEMA = "vmpool-state"
+STATE_VERSION = 1
+DEFAULT_CONFIG_PATH = "/etc/vmpool/vmpool.conf"
+METADATA_POOL_KEY = "vmpool_pool"  # servers without this tag are never touched
+METADATA_VM_KEY = "vmpool_vm"
+
+FREE, BUSY, UNUSABLE = "free", "busy", "unusable"
+# Reasons a VM is Unusable. Tainted VMs (failed scrub, changed host key, lost job) never
+# become Free again: they are deleted once unusable_timeout has passed.
+CREATING, BUILDING, DELETING, ERROR_REASON = "creating", "building", "deleting", "error"
+UNREACHABLE, SHUTOFF, VANISHED, ADOPTED = "unreachable", "shutoff", "vanished", "adopted"
+
+# Torque job ids: 123, 123.server.domain, array jobs 123[4].server (and 123[] for the parent).
+JOB_ID_RE = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9-]*)*$")
+# POSIX portable user/group names (as useradd accepts them, no leading dash).
+POSIX_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+
+
+class VmpoolError(Exception):
+    """An error vmpool explains to its user; the class carries the exit code."""
+
+    exit_code = 1
+
+
+class BadInput(VmpoolError):
+    exit_code = 2
+
+
+class ConfigError(VmpoolError):
+    exit_code = 3
+
+
+class StateError(VmpoolError):
+    exit_code = 4
+
+
+class CloudError(VmpoolError):
+    exit_code = 5
+
+
+class QuotaExceeded(CloudError):
+    """The cloud refused a create for quota: back off instead of retrying at once."""
+
+
+class ServerGone(CloudError):
+    """The server does not exist (HTTP 404)."""
+
+
+class NoVmAvailable(VmpoolError):
+    exit_code = 6
+
+
+class LockTimeout(VmpoolError):
+    exit_code = 7
+
+
+def validate_job_id(job_id: str) -> str:
+    """Refuse anything that is not a Torque job id, before it reaches a shell or the cloud."""
+    if not JOB_ID_RE.match(job_id) or len(job_id) > 255:
+        raise BadInput(f"invalid job id {job_id!r}: expected 123, 123.server.domain or 123[4].server")
+    return job_id
+
+
+def validate_user_name(name: str) -> str:
+    if not POSIX_NAME_RE.match(name):
+        raise BadInput(f"invalid user name {name!r}: expected a POSIX name ([A-Za-z_][A-Za-z0-9_.-]*, at most 32)")
+    return name
+
+
+# --- configuration ---
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str = "vmpool"
+    min: int = 0
+    max: int = 4
+    min_free: int = 1
+    state_file: str = "/var/lib/vmpool/state.json"
+    log_file: str = ""
+    lock_timeout: float = 30.0
+    build_timeout: float = 600.0
+    ready_timeout: float = 300.0
+    unusable_timeout: float = 600.0
+    idle_timeout: float = 1800.0
+    delete_timeout: float = 300.0
+    create_grace: float = 120.0
+    acquire_timeout: float = 240.0
+    acquire_poll: float = 0.5
+    pass_interval: float = 2.0
+    protect_after_failures: int = 3
+    backoff_initial: float = 60.0
+    backoff_max: float = 900.0
+    job_alive_command: str = ""
+    job_gone_grace: float = 600.0
+
+
+@dataclass(frozen=True)
+class OpenStackConfig:
+    auth_url: str = ""
+    username: str = ""
+    password: str = ""
+    user_domain_name: str = "Default"
+    project_name: str = ""
+    project_domain_name: str = "Default"
+    application_credential_id: str = ""
+    application_credential_secret: str = ""
+    region_name: str = ""
+    interface: str = "public"
+    cacert: str = ""
+    api_timeout: float = 30.0
+    image: str = ""
+    flavor: str = ""
+    network: str = ""
+    key_name: str = ""
+    security_groups: tuple[str, ...] = ()
+    availability_zone: str = ""
+    server_prefix: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    user: str = "root"
+    private_key: str = "/etc/vmpool/id_ed25519"
+    port: int = 22
+    connect_timeout: float = 10.0
+    banner_timeout: float = 10.0
+    auth_timeout: float = 10.0
+    command_timeout: float = 30.0
+    known_hosts: str = "/var/lib/vmpool/known_hosts"
+    probe_parallelism: int = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    pool: PoolConfig
+    openstack: OpenStackConfig
+    ssh: SshConfig
+
+    @property
+    def server_prefix(self) -> str:
+        return self.openstack.server_prefix or f"{self.pool.name}-"
+
+
+SECRET_KEYS = ("password", "application_credential_secret")
+
+
+def _parse_value(path: str, section: str, key: str, raw: str, default: Any) -> Any:
+    """Convert one INI value to the type of its default, or say what is allowed."""
+    where = f"{path}: [{section}] {key} = {raw!r}"
+    try:
+        if isinstance(default, bool):
+            return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[raw.lower()]
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except (ValueError, KeyError):
+        kind = "a whole number" if isinstance(default, int) else "a number of seconds"
+        raise ConfigError(f"{where}: expected {kind}") from None
+    if key == "security_groups":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if key == "metadata":
+        pairs = []
+        for item in (part.strip() for part in raw.split(",") if part.strip()):
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise ConfigError(f"{where}: expected key=value pairs separated by commas")
+            pairs.append((name.strip(), value.strip()))
+        return tuple(pairs)
+    return raw
+
+
+def _build_section(path: str, parser: configparser.ConfigParser, section: str, cls: type) -> Any:
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if parser.has_section(section):
+        for key, raw in parser.items(section):
+            if key not in known:
+                raise ConfigError(f"{path}: [{section}] unknown key {key!r}; allowed: {', '.join(sorted(known))}")
+            values[key] = _parse_value(path, section, key, raw.strip(), getattr(defaults, key))
+    return dataclasses.replace(defaults, **values)
+
+
+def _check_pool_limits(path: str, pool: PoolConfig) -> None:
+    checks = [
+        ("min", pool.min >= 0, "must be >= 0"),
+        ("max", pool.max >= 1, "must be >= 1"),
+        ("min", pool.min <= pool.max, f"must be <= max ({pool.max})"),
+        ("min_free", 0 <= pool.min_free <= pool.max, f"must be between 0 and max ({pool.max})"),
+        ("protect_after_failures", pool.protect_after_failures >= 1, "must be >= 1"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{path}: [pool] {key} = {getattr(pool, key)!r}: {allowed}")
+    for field_ in dataclasses.fields(pool):
+        durations = ("create_grace", "acquire_poll", "pass_interval")
+        is_duration = field_.name.endswith("_timeout") or field_.name in durations
+        if is_duration and getattr(pool, field_.name) <= 0:
+            raise ConfigError(f"{path}: [pool] {field_.name} = {getattr(pool, field_.name)!r}: must be > 0 seconds")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$", pool.name):
+        raise ConfigError(f"{path}: [pool] name = {pool.name!r}: letters, digits, '-' and '_' only (at most 41)")
+    if not os.path.isabs(pool.state_file):
+        raise ConfigError(f"{path}: [pool] state_file = {pool.state_file!r}: must be an absolute path")
+
+
+def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
+    for key in ("auth_url", "image", "flavor", "network"):
+        if not getattr(cloud, key):
+            raise ConfigError(f"{path}: [openstack] {key} is required")
+    password_auth = bool(cloud.username or cloud.password)
+    app_cred_auth = bool(cloud.application_credential_id or cloud.application_credential_secret)
+    if password_auth == app_cred_auth:
+        raise ConfigError(
+            f"{path}: [openstack] set either username + password + project_name, "
+            "or application_credential_id + application_credential_secret (exactly one)"
+        )
+    needed = ("username", "password", "project_name") if password_auth else (
+        "application_credential_id", "application_credential_secret")
+    for key in needed:
+        if not getattr(cloud, key):
+            raise ConfigError(f"{path}: [openstack] {key} is required with this kind of authentication")
+    if cloud.server_prefix and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", cloud.server_prefix):
+        raise ConfigError(f"{path}: [openstack] server_prefix = {cloud.server_prefix!r}: "
+                          "letters, digits, '-', '_', '.'")
+
+
+def _check_ssh(path: str, ssh: SshConfig) -> None:
+    if not POSIX_NAME_RE.match(ssh.user):
+        raise ConfigError(f"{path}: [ssh] user = {ssh.user!r}: must be a POSIX user name")
+    if not 1 <= ssh.port <= 65535:
+        raise ConfigError(f"{path}: [ssh] port = {ssh.port!r}: must be 1-65535")
+    for key in ("private_key", "known_hosts"):
+        if not os.path.isabs(getattr(ssh, key)):
+            raise ConfigError(f"{path}: [ssh] {key} = {getattr(ssh, key)!r}: must be an absolute path")
+    for key in ("connect_timeout", "banner_timeout", "auth_timeout", "command_timeout"):
+        if getattr(ssh, key) <= 0:
+            raise ConfigError(f"{path}: [ssh] {key} = {getattr(ssh, key)!r}: must be > 0 seconds")
+
+
+def _check_secret_permissions(path: str, parser: configparser.ConfigParser, mode: int) -> None:
+    has_secret = parser.has_section("openstack") and any(
+        parser.get("openstack", key, fallback="") for key in SECRET_KEYS)
+    if has_secret and mode & 0o077:
+        raise ConfigError(
+            f"{path}: holds a password or secret but is readable by group/others (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}")
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the INI file; every error names the file, the key and what is allowed."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (use --config or $VMPOOL_CONFIG)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read config: {error}") from None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as error:
+        raise ConfigError(f"{path}: not a valid INI file: {error}") from None
+    unknown = set(parser.sections()) - {"pool", "openstack", "ssh"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: [pool], [openstack], [ssh]")
+    _check_secret_permissions(path, parser, mode)
+    config = Config(
+        path=path,
+        pool=_build_section(path, parser, "pool", PoolConfig),
+        openstack=_build_section(path, parser, "openstack", OpenStackConfig),
+        ssh=_build_section(path, parser, "ssh", SshConfig),
+    )
+    _check_pool_limits(path, config.pool)
+    _check_openstack(path, config.openstack)
+    _check_ssh(path, config.ssh)
+    return config
+
+
+# --- the model ---
+
+
+@dataclass
+class Vm:
+    """One server of the pool as vmpool sees it."""
+
+    name: str
+    state: str
+    since: float
+    created_at: float
+    server_id: str | None = None
+    address: str | None = None
+    reason: str = ""
+    job: str | None = None
+    user: str | None = None
+    last_job: str | None = None
+    last_healthy: float | None = None
+    tainted: str = ""
+    delete_requested_at: float | None = None
+    host_keys: list[str] = field(default_factory=list)
+    job_missing_since: float | None = None
+
+    @property
+    def booting(self) -> bool:
+        """Still on its way to its first Free: counts as capacity that is coming."""
+        return self.state == UNUSABLE and not self.tainted and self.last_healthy is None and self.reason in (
+            CREATING, BUILDING, UNREACHABLE, ADOPTED)
+
+    @property
+    def deleting(self) -> bool:
+        return self.delete_requested_at is not None
+
+
+@dataclass
+class Request:
+    """A job waiting in acquire for a VM; served first-come first-served."""
+
+    job: str
+    user: str
+    since: float
+    pid: int
+    host: str
+
+
+@dataclass
+class PoolState:
+    pool: str
+    vms: list[Vm] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    serial: int = 0
+    orphans: dict[str, float] = field(default_factory=dict)  # server id -> first seen
+    last_reconcile: float | None = None
+    last_pass: float | None = None
+    boot_failures: int = 0
+    protected_since: float | None = None
+    backoff_until: float | None = None
+    backoff_delay: float = 0.0
+    last_cloud_error: str = ""
+    last_cloud_error_at: float | None = None
+
+    def vm_named(self, name: str) -> Vm | None:
+        return next((vm for vm in self.vms if vm.name == name), None)
+
+    def vm_of_job(self, job: str) -> Vm | None:
+        return next((vm for vm in self.vms if vm.job == job), None)
+
+    def count(self, state: str) -> int:
+        return sum(1 for vm in self.vms if vm.state == state)
+
+
+# Nova's statuses, translated at the boundary into the few that matter to the policy.
+SERVER_ACTIVE, SERVER_BUILDING, SERVER_ERROR, SERVER_DOWN, SERVER_DELETING, SERVER_OTHER = (
+    "active", "building", "error", "down", "deleting", "other")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server as the cloud lists it."""
+
+    id: str
+    name: str
+    status: str
+    address: str | None = None
+    fault: str = ""
+    vm_name: str = ""  # from the pool's metadata
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    name: str
+    ok: bool
+    detail: str = ""
+    host_keys: tuple[str, ...] = ()  # keys learned (console or first contact) to pin
+    host_key_changed: bool = False
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a reconcile pass saw outside the state: the cloud, local processes, jobs."""
+
+    servers: list[Server] | None  # None: the listing failed, so nothing server-related is decided
+    live_pids: frozenset[int] = frozenset()
+    host: str = ""
+    dead_jobs: frozenset[str] = frozenset()  # jobs job_alive_command says are gone
+    probe_free: bool = True  # cron probes Free VMs; acquire's waiting passes do not
+
+
+# Actions: decisions as data, applied by the executor through the adapters.
+@dataclass(frozen=True)
+class CreateServer:
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteServer:
+    name: str
+    server_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProbeSsh:
+    name: str
+    server_id: str
+    address: str
+    host_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Note:
+    """A log line the policy wants an admin to see."""
+
+    level: int
+    message: str
+
+
+Action = CreateServer | DeleteServer | ProbeSsh | Note
+
+
+@dataclass(frozen=True)
+class Claimed:
+    vm: Vm
+
+
+@dataclass(frozen=True)
+class Waiting:
+    position: int
+
+
+# --- the pure pool policy ---
+# These functions take a state and observations and return a new state plus actions.
+# They never touch the network, the disk or the clock.
+
+
+def describe_vm(vm: Vm) -> str:
+    return f"vm {vm.name} ({vm.address or 'no address'})"
+
+
+def _set_state(vm: Vm, state: str, reason: str, now: float) -> None:
+    if vm.state != state or vm.reason != reason:
+        vm.since = now
+    vm.state, vm.reason = state, reason
+
+
+def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, host: str,
+                 live_pids: frozenset[int]) -> tuple[PoolState, Claimed | Waiting]:
+    """Claim a Free VM for the job, or queue it first-come first-served."""
+    new = copy.deepcopy(state)
+    held = new.vm_of_job(job)
+    if held is not None and held.state == BUSY:
+        return new, Claimed(held)
+    _prune_requests(new, live_pids, host)
+    request = next((r for r in new.requests if r.job == job), None)
+    if request is None:
+        request = Request(job=job, user=user, since=now, pid=pid, host=host)
+        new.requests.append(request)
+    else:  # a re-run of the prologue: this process now waits for the job
+        request.pid, request.host = pid, host
+    position = new.requests.index(request)
+    free = sorted((vm for vm in new.vms if vm.state == FREE), key=lambda vm: vm.since)
+    if len(free) <= position:
+        return new, Waiting(position)
+    vm = free[0]
+    _set_state(vm, BUSY, "", now)
+    vm.job, vm.user = job, user
+    new.requests.remove(request)
+    return new, Claimed(vm)
+
+
+def withdraw_request(state: PoolState, job: str) -> PoolState:
+    new = copy.deepcopy(state)
+    new.requests = [r for r in new.requests if r.job != job]
+    return new
+
+
+def _prune_requests(state: PoolState, live_pids: frozenset[int], host: str) -> None:
+    """Drop requests whose acquire process died (on this host): they would block the queue."""
+    state.requests = [r for r in state.requests if r.host != host or r.pid in live_pids]
+
+
+def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> tuple[PoolState, list[Action]]:
+    """Give the job's VM back: Free, or tainted Unusable when it may be dirty."""
+    new = copy.deepcopy(state)
+    new.requests = [r for r in new.requests if r.job != job]
+    vm = new.vm_of_job(job)
+    if vm is None:
+        return new, [Note(logging.WARNING, f"job {job}: no VM held, nothing to release")]
+    vm.job, vm.user, vm.last_job = None, None, job
+    if unusable:
+        vm.tainted = unusable
+        _set_state(vm, UNUSABLE, unusable, now)
+        return new, [Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} as unusable: {unusable}")]
+    if vm.state == BUSY and not vm.tainted:
+        _set_state(vm, FREE, "", now)
+        return new, [Note(logging.INFO, f"{describe_vm(vm)} released by job {job}, now free")]
+    return new, [Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} but it is {vm.state} ({vm.reason})")]
+
+
+def desired_size(state: PoolState, pool: PoolConfig) -> int:
+    wanted = state.count(BUSY) + len(state.requests) + pool.min_free
+    return max(pool.min, min(pool.max, wanted))
+
+
+def plan_reconcile(state: PoolState, seen: Observation, config: Config,
+                   now: float) -> tuple[PoolState, list[Action]]:
+    """One reconcile decision: compare the state with the cloud and decide what to do."""
+    new = copy.deepcopy(state)
+    actions: list[Action] = []
+    _prune_requests(new, seen.live_pids, seen.host)
+    if seen.servers is None:
+        return new, actions
+    new.last_reconcile = now
+    servers = {server.id: server for server in seen.servers}
+    by_name = {server.vm_name or server.name: server for server in seen.servers}
+    for vm in list(new.vms):
+        actions += _reconcile_vm(new, vm, servers, by_name, seen, config, now)
+    actions += _adopt_orphans(new, seen.servers, now)
+    actions += _scale(new, config, now)
+    return new, actions
+
+
+def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name: dict[str, Server],
+                  seen: Observation, config: Config, now: float) -> list[Action]:
+    pool = config.pool
+    if vm.server_id is None:  # creating: bind it once the cloud lists it
+        server = by_name.get(vm.name)
+        if server is None:
+            if now - vm.created_at > pool.create_grace:
+                state.vms.remove(vm)
+                return [Note(logging.WARNING, f"{describe_vm(vm)} never reached the cloud, dropped")]
+            return []
+        vm.server_id = server.id
+    server = servers.get(vm.server_id)
+    if server is None and vm.reason == BUILDING and now - vm.created_at < pool.create_grace:
+        return []  # just created: the listing may not show it yet
+    if server is None:
+        return _server_gone(state, vm, now)
+    if server.address and server.address != vm.address:
+        vm.address, vm.host_keys = server.address, []  # a new address: any pinned key is for someone else
+    if vm.deleting:
+        return _redelete_if_stuck(vm, pool, now)
+    if server.status == SERVER_ERROR:
+        return _delete_failed_boot(state, vm, f"server in ERROR: {server.fault or 'no fault given'}", pool, now)
+    if server.status in (SERVER_BUILDING,):
+        return _building(state, vm, pool, now)
+    if server.status != SERVER_ACTIVE:
+        return _inactive(state, vm, server, pool, now)
+    return _active(state, vm, seen, config, now)
+
+
+def _server_gone(state: PoolState, vm: Vm, now: float) -> list[Action]:
+    if vm.deleting:
+        state.vms.remove(vm)
+        return [Note(logging.INFO, f"{describe_vm(vm)} deleted")]
+    if vm.job:
+        if vm.reason != VANISHED:
+            _set_state(vm, UNUSABLE, VANISHED, now)
+            vm.tainted = VANISHED
+            return [Note(logging.ERROR, f"{describe_vm(vm)} VANISHED from the cloud while busy with job {vm.job} "
+                                        f"of {vm.user}: the job has lost its VM")]
+        return []
+    state.vms.remove(vm)
+    return [Note(logging.WARNING, f"{describe_vm(vm)} vanished from the cloud (was {vm.state}), dropped")]
+
+
+def _mark_delete(vm: Vm, reason: str, now: float) -> DeleteServer:
+    vm.delete_requested_at = now
+    if vm.state != UNUSABLE or vm.reason != DELETING:
+        _set_state(vm, UNUSABLE, DELETING, now)
+    assert vm.server_id is not None
+    return DeleteServer(vm.name, vm.server_id, reason)
+
+
+def _redelete_if_stuck(vm: Vm, pool: PoolConfig, now: float) -> list[Action]:
+    assert vm.delete_requested_at is not None
+    if now - vm.delete_requested_at <= pool.delete_timeout:
+        return []
+    return [_mark_delete(vm, f"delete not done after {pool.delete_timeout:.0f}s, re-issued", now)]
+
+
+def _count_boot_failure(state: PoolState, vm: Vm, pool: PoolConfig, now: float) -> list[Action]:
+    if vm.last_healthy is not None:
+        return []
+    state.boot_failures += 1
+    if state.boot_failures >= pool.protect_after_failures and state.protected_since is None:
+        state.protected_since = now
+        return [Note(logging.ERROR, f"protected mode: {state.boot_failures} consecutive failed boots; "
+                                    "creating at most one VM at a time until one boots")]
+    return []
+
+
+def _delete_failed_boot(state: PoolState, vm: Vm, reason: str, pool: PoolConfig, now: float) -> list[Action]:
+    actions: list[Action] = []
+    if vm.job:
+        actions.append(Note(logging.ERROR, f"{describe_vm(vm)} of job {vm.job} failed: {reason}"))
+        vm.tainted = reason
+    actions += _count_boot_failure(state, vm, pool, now)
+    actions.append(_mark_delete(vm, reason, now))
+    return actions
+
+
+def _building(state: PoolState, vm: Vm, pool: PoolConfig, now: float) -> list[Action]:
+    if vm.state != UNUSABLE or vm.reason not in (BUILDING,):
+        _set_state(vm, UNUSABLE, BUILDING, now)
+    if now - vm.created_at > pool.build_timeout:
+        return _delete_failed_boot(state, vm, f"still building after {pool.build_timeout:.0f}s", pool, now)
+    return []
+
+
+def _inactive(state: PoolState, vm: Vm, server: Server, pool: PoolConfig, now: float) -> list[Action]:
+    actions: list[Action] = []
+    reason = SHUTOFF if server.status == SERVER_DOWN else f"status {server.status}"
+    if server.status == SERVER_DELETING:
+        reason = DELETING
+    if vm.job and vm.reason != reason:
+        actions.append(Note(logging.ERROR, f"{describe_vm(vm)} of job {vm.job} is {reason}"))
+    if vm.state != UNUSABLE or vm.reason != reason:
+        _set_state(vm, UNUSABLE, reason, now)
+    if not vm.job and now - vm.since > pool.unusable_timeout:
+        actions.append(_mark_delete(vm, f"{reason} for more than {pool.unusable_timeout:.0f}s", now))
+    return actions
+
+
+def _active(state: PoolState, vm: Vm, seen: Observation, config: Config, now: float) -> list[Action]:
+    pool = config.pool
+    if vm.state == BUSY:
+        return _check_job_alive(vm, seen, pool, now)
+    if vm.tainted:
+        if vm.job is None and now - vm.since > pool.unusable_timeout:
+            return [_mark_delete(vm, f"tainted ({vm.tainted}) for more than {pool.unusable_timeout:.0f}s", now)]
+        return []
+    if vm.job:
+        return []  # held by a job (e.g. after a reboot): only its release decides what comes next
+    not_yet_probed = vm.reason in (BUILDING, SHUTOFF, CREATING, DELETING) or vm.reason.startswith("status ")
+    if vm.state == UNUSABLE and not_yet_probed:
+        _set_state(vm, UNUSABLE, UNREACHABLE, now)  # ACTIVE now: reachable only once SSH answers
+    if vm.state == UNUSABLE and vm.last_healthy is None and now - vm.since > pool.ready_timeout:
+        actions = _count_boot_failure(state, vm, pool, now)
+        return actions + [_mark_delete(vm, f"not reachable over SSH {pool.ready_timeout:.0f}s after ACTIVE", now)]
+    if vm.state == UNUSABLE and vm.last_healthy is not None and now - vm.since > pool.unusable_timeout:
+        return [_mark_delete(vm, f"unreachable for more than {pool.unusable_timeout:.0f}s", now)]
+    if vm.state == FREE and not seen.probe_free:
+        return []
+    if vm.address is None:
+        return []
+    return [ProbeSsh(vm.name, vm.server_id or "", vm.address, tuple(vm.host_keys))]
+
+
+def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) -> list[Action]:
+    """A Busy VM whose job is gone lost its epilogue: never reuse it silently."""
+    if vm.job not in seen.dead_jobs:
+        vm.job_missing_since = None
+        return []
+    if vm.job_missing_since is None:
+        vm.job_missing_since = now
+        return [Note(logging.WARNING, f"{describe_vm(vm)}: job {vm.job} looks gone; grace {pool.job_gone_grace:.0f}s")]
+    if now - vm.job_missing_since <= pool.job_gone_grace:
+        return []
+    job = vm.job
+    vm.last_job, vm.job, vm.user = job, None, None
+    vm.tainted = f"job {job} gone without epilogue"
+    _set_state(vm, UNUSABLE, vm.tainted, now)
+    return [Note(logging.ERROR, f"{describe_vm(vm)}: job {job} gone without epilogue, deleting the VM"),
+            _mark_delete(vm, vm.tainted, now)]
+
+
+def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[Action]:
+    """Servers with the pool's tag that the state does not know: adopt when seen twice."""
+    known = {vm.server_id for vm in state.vms}
+    actions: list[Action] = []
+    listed = set()
+    for server in servers:
+        listed.add(server.id)
+        if server.id in known:
+            continue
+        if server.id not in state.orphans:
+            state.orphans[server.id] = now
+            actions.append(Note(logging.WARNING, f"server {server.name} ({server.id}) carries the pool's tag but "
+                                                 "is not in the state; adopting it if seen again"))
+            continue
+        del state.orphans[server.id]
+        name = server.vm_name or server.name
+        vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=now,
+                server_id=server.id, address=server.address)
+        state.vms.append(vm)
+        actions.append(Note(logging.WARNING, f"{describe_vm(vm)} adopted (server {server.id})"))
+        if server.status == SERVER_ERROR:
+            actions.append(_mark_delete(vm, "adopted in ERROR", now))
+    state.orphans = {sid: first for sid, first in state.orphans.items() if sid in listed}
+    return actions
+
+
+def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
+    while True:
+        state.serial += 1
+        name = f"{prefix}{state.serial:04d}"
+        if name not in taken:
+            return name
+
+
+def _scale(state: PoolState, config: Config, now: float) -> list[Action]:
+    pool = config.pool
+    live = [vm for vm in state.vms if not vm.deleting and not vm.tainted]
+    capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
+    desired = desired_size(state, pool)
+    in_cloud = sum(1 for vm in state.vms if not vm.deleting)
+    if capacity < desired:
+        return _scale_up(state, config, desired - capacity, pool.max - in_cloud, now)
+    if capacity > desired:
+        return _scale_down(state, pool, capacity - desired, now)
+    return []
+
+
+def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, now: float) -> list[Action]:
+    count = min(shortfall, room)
+    if count <= 0:
+        return []
+    if state.backoff_until is not None and now < state.backoff_until:
+        return [Note(logging.INFO, f"not creating {count} VM(s): backing off until {fmt_time(state.backoff_until)}")]
+    if state.protected_since is not None:
+        if any(vm.booting for vm in state.vms):
+            return []
+        count = 1  # protected mode: one canary boot at a time
+    taken = {vm.name for vm in state.vms}
+    actions: list[Action] = []
+    for _ in range(count):
+        name = _next_name(state, config.server_prefix, taken)
+        taken.add(name)
+        state.vms.append(Vm(name=name, state=UNUSABLE, reason=CREATING, since=now, created_at=now))
+        actions.append(CreateServer(name))
+    return actions
+
+
+def _scale_down(state: PoolState, pool: PoolConfig, excess: int, now: float) -> list[Action]:
+    in_cloud = sum(1 for vm in state.vms if not vm.deleting)
+    idle = sorted((vm for vm in state.vms if vm.state == FREE and now - vm.since > pool.idle_timeout),
+                  key=lambda vm: vm.since)
+    count = min(excess, len(idle), max(0, in_cloud - pool.min))
+    return [_mark_delete(vm, f"idle for more than {pool.idle_timeout:.0f}s", now) for vm in idle[:count]]
+
+
+def plan_created(state: PoolState, name: str, server_id: str | None, error: CloudError | None,
+                 pool: PoolConfig, now: float) -> tuple[PoolState, list[Action]]:
+    """Record the outcome of a create call."""
+    new = copy.deepcopy(state)
+    vm = new.vm_named(name)
+    if error is None:
+        new.backoff_until, new.backoff_delay = None, 0.0
+        if vm is not None and vm.server_id is None:
+            vm.server_id = server_id
+            _set_state(vm, UNUSABLE, BUILDING, now)
+        return new, [Note(logging.INFO, f"vm {name} created (server {server_id})")]
+    _record_cloud_error(new, str(error), now)
+    if isinstance(error, QuotaExceeded):
+        new.backoff_delay = min(pool.backoff_max, max(pool.backoff_initial, new.backoff_delay * 2))
+        new.backoff_until = now + new.backoff_delay
+        if vm is not None and vm.server_id is None:
+            new.vms.remove(vm)  # the cloud said no: nothing was created
+        return new, [Note(logging.ERROR, f"vm {name} not created: {error}; backing off "
+                                         f"{new.backoff_delay:.0f}s until {fmt_time(new.backoff_until)}")]
+    # Any other failure may or may not have created the server: keep the intent; the next
+    # passes bind it by name if it exists, or drop it after create_grace.
+    return new, [Note(logging.ERROR, f"vm {name}: create failed: {error}")]
+
+
+def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: float) -> tuple[PoolState, list[Action]]:
+    new = copy.deepcopy(state)
+    vm = new.vm_named(name)
+    if vm is None:
+        return new, []
+    if error is None:
+        return new, [Note(logging.INFO, f"{describe_vm(vm)} delete requested")]
+    if isinstance(error, ServerGone):
+        new.vms.remove(vm)
+        return new, [Note(logging.INFO, f"{describe_vm(vm)} already gone")]
+    _record_cloud_error(new, str(error), now)
+    return new, [Note(logging.ERROR, f"{describe_vm(vm)}: delete failed: {error}; retried on a later pass")]
+
+
+def _record_cloud_error(state: PoolState, message: str, now: float) -> None:
+    state.last_cloud_error, state.last_cloud_error_at = message, now
+
+
+def plan_probed(state: PoolState, results: Sequence[ProbeResult], now: float) -> tuple[PoolState, list[Action]]:
+    """Apply SSH probe outcomes to VMs that are still in the state they were probed in."""
+    new = copy.deepcopy(state)
+    actions: list[Action] = []
+    for result in results:
+        vm = new.vm_named(result.name)
+        if vm is None or vm.state == BUSY or vm.job or vm.deleting or vm.tainted:
+            continue  # claimed, deleted or tainted while we probed: the probe says nothing now
+        if result.host_keys and not vm.host_keys:
+            vm.host_keys = list(result.host_keys)
+        if result.host_key_changed:
+            vm.tainted = "host key changed"
+            _set_state(vm, UNUSABLE, vm.tainted, now)
+            actions.append(Note(logging.ERROR, f"{describe_vm(vm)} unusable: host key changed ({result.detail})"))
+        elif result.ok:
+            actions += _probe_ok(new, vm, now)
+        elif vm.state == FREE or vm.reason != f"{UNREACHABLE}: {result.detail}":
+            was_unreachable = vm.state == UNUSABLE and vm.reason.startswith(UNREACHABLE)
+            if was_unreachable:
+                vm.reason = f"{UNREACHABLE}: {result.detail}"  # keep since: the timeout counts from the first failure
+            else:
+                _set_state(vm, UNUSABLE, f"{UNREACHABLE}: {result.detail}", now)
+            actions.append(Note(logging.WARNING, f"{describe_vm(vm)} unusable: {result.detail}, since "
+                                                 f"{fmt_time(vm.since)}"))
+    return new, actions
+
+
+def _probe_ok(state: PoolState, vm: Vm, now: float) -> list[Action]:
+    actions: list[Action] = []
+    first_boot = vm.last_healthy is None
+    vm.last_healthy = now
+    if vm.state != FREE:
+        actions.append(Note(logging.INFO, f"{describe_vm(vm)} reachable over SSH, now free"))
+        _set_state(vm, FREE, "", now)
+    if first_boot:
+        state.boot_failures = 0
+        if state.protected_since is not None:
+            state.protected_since = None
+            actions.append(Note(logging.WARNING, "protected mode cleared: a VM booted"))
+    return actions
+
+
+def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
+    """Say why no VM could be had, for the acquire timeout message."""
+    reasons = []
+    busy = state.count(BUSY)
+    if busy >= pool.max:
+        reasons.append(f"pool at max ({busy} of {pool.max} VMs busy)")
+    if state.backoff_until and now < state.backoff_until:
+        reasons.append(f"cloud refused creates, backing off until {fmt_time(state.backoff_until)}")
+    if state.protected_since is not None:
+        reasons.append(f"protected mode since {fmt_time(state.protected_since)} after "
+                       f"{state.boot_failures} failed boots")
+    booting = sum(1 for vm in state.vms if vm.booting)
+    if booting:
+        reasons.append(f"{booting} VM(s) still booting")
+    if state.last_cloud_error_at and now - state.last_cloud_error_at < 600:
+        reasons.append(f"last cloud error at {fmt_time(state.last_cloud_error_at)}: {state.last_cloud_error}")
+    waiting = len(state.requests)
+    if waiting > 1:
+        reasons.append(f"{waiting} jobs waiting")
+    return "; ".join(reasons) or "no VM became free"
+
+
+def fmt_time(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+# --- the state store ---
+
+
+def state_to_json(state: PoolState) -> dict[str, Any]:
+    body = dataclasses.asdict(state)
+    return {"schema": STATE_SCHEMA, "version": STATE_VERSION, **body}
+
+
+def state_from_json(data: Any, path: str, pool_name: str) -> PoolState:
+    if not isinstance(data, dict) or data.get("schema") != STATE_SCHEMA:
+        raise StateError(f"{path}: not a vmpool state file (no \"schema\": \"{STATE_SCHEMA}\"); left untouched")
+    version = data.get("version")
+    if version != STATE_VERSION:
+        newer = isinstance(version, int) and version > STATE_VERSION
+        raise StateError(f"{path}: state version {version!r} " + (
+            f"was written by a newer vmpool (this one reads {STATE_VERSION}); upgrade vmpool" if newer else
+            f"is not one this vmpool reads ({STATE_VERSION})") + "; left untouched")
+    if data.get("pool") != pool_name:
+        raise StateError(f"{path}: belongs to pool {data.get('pool')!r}, not {pool_name!r}; left untouched")
+    try:
+        body = {k: v for k, v in data.items() if k not in ("schema", "version")}
+        body["vms"] = [Vm(**vm) for vm in body.get("vms", [])]
+        body["requests"] = [Request(**request) for request in body.get("requests", [])]
+        return PoolState(**body)
+    except TypeError as error:
+        raise StateError(f"{path}: malformed state ({error}); left untouched") from None
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never a mix."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+class StateStore:
+    """The pool state on disk: locked read-modify-write, atomic replace, never a damaged file."""
+
+    def __init__(self, path: str, pool_name: str, lock_timeout: float):
+        self.path = path
+        self.pool_name = pool_name
+        self.lock_timeout = lock_timeout
+        self._lock = filelock.FileLock(f"{path}.lock", timeout=lock_timeout, mode=0o600)
+
+    def _ensure_dir(self) -> None:
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def load(self) -> PoolState:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                text = handle.read()
+        except FileNotFoundError:
+            return PoolState(pool=self.pool_name)
+        except (OSError, UnicodeDecodeError) as error:
+            raise StateError(f"{self.path}: cannot read state: {error}") from None
+        if mode & 0o022:
+            raise StateError(f"{self.path}: state is writable by group/others (mode {stat.S_IMODE(mode):04o}); "
+                             f"check who changed it, then: chmod 600 {self.path}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise StateError(f"{self.path}: corrupt state (not JSON: {error}); left untouched") from None
+        return state_from_json(data, self.path, self.pool_name)
+
+    def save(self, state: PoolState) -> None:
+        write_atomically(self.path, json.dumps(state_to_json(state), indent=1, sort_keys=True) + "\n")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self._ensure_dir()
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise LockTimeout(f"{self.path}.lock: could not lock the state within {self.lock_timeout:.0f}s "
+                              "(another vmpool holds it; see `fuser -v` on the lock file)") from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def update(self, change: Callable[[PoolState], tuple[PoolState, Any]]) -> Any:
+        """Read, change and write the state under the lock; return what change returned beside it."""
+        with self.locked():
+            state = self.load()
+            before = copy.deepcopy(state)
+            new, result = change(state)
+            if new != before:
+                self.save(new)
+            return result
+
+    def read(self) -> PoolState:
+        """A consistent snapshot (the file is always replaced whole, so no lock is needed)."""
+        return self.load()
+
+
+@contextlib.contextmanager
+def reconcile_lock(state_file: str) -> Iterator[bool]:
+    """A non-blocking lock that keeps reconcile passes apart; yields False if another holds it."""
+    os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
+    lock = filelock.FileLock(f"{state_file}.reconcile.lock", timeout=0, mode=0o600)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def known_hosts_text(state: PoolState, port: int) -> str:
+    """The OpenSSH known_hosts lines for every pinned VM, for the hooks' ssh client."""
+    lines = []
+    for vm in sorted(state.vms, key=lambda vm: vm.name):
+        if not vm.address or vm.deleting or vm.tainted:
+            continue
+        host = vm.address if port == 22 else f"[{vm.address}]:{port}"
+        lines += [f"{host} {key}" for key in vm.host_keys]
+    return "".join(line + "\n" for line in lines)
+
+
+def sync_known_hosts(state: PoolState, ssh: SshConfig) -> None:
+    text = known_hosts_text(state, ssh.port)
+    try:
+        with open(ssh.known_hosts, encoding="utf-8") as handle:
+            if handle.read() == text:
+                return
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(ssh.known_hosts), mode=0o755, exist_ok=True)
+    write_atomically(ssh.known_hosts, text, mode=0o644)
+
+
+# --- the Cloud adapter (OpenStack Nova) ---
+
+
+class Cloud(Protocol):
+    def list_servers(self) -> list[Server]: ...
+    def create_server(self, name: str) -> str: ...
+    def delete_server(self, server_id: str) -> None: ...
+    def console_output(self, server_id: str) -> str: ...
+
+
+NOVA_STATUS = {
+    "ACTIVE": SERVER_ACTIVE, "BUILD": SERVER_BUILDING, "ERROR": SERVER_ERROR,
+    "SHUTOFF": SERVER_DOWN, "STOPPED": SERVER_DOWN, "SUSPENDED": SERVER_DOWN, "PAUSED": SERVER_DOWN,
+    "SHELVED": SERVER_DOWN, "SHELVED_OFFLOADED": SERVER_DOWN,
+    "DELETED": SERVER_DELETING, "SOFT_DELETED": SERVER_DELETING,
+}
+
+
+def server_status_from_nova(status: str, task_state: str | None) -> str:
+    if task_state == "deleting":
+        return SERVER_DELETING
+    return NOVA_STATUS.get(status.upper(), SERVER_OTHER)
+
+
+def first_ipv4(addresses: dict[str, Any]) -> str | None:
+    for entries in addresses.values():
+        for entry in entries:
+            addr = entry.get("addr", "")
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(addr).version == 4:
+                    return addr
+    return None
+
+
+def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """novaclient and keystoneauth1 exceptions stop here and become vmpool's CloudError."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from keystoneauth1 import exceptions as ks_exc
+        from novaclient import exceptions as nova_exc
+        what = func.__name__.replace("_", " ")
+        try:
+            return func(*args, **kwargs)
+        except nova_exc.NotFound as error:
+            raise ServerGone(f"{what}: not found ({error})") from None
+        except nova_exc.Forbidden as error:
+            if "quota" in str(error).lower():
+                raise QuotaExceeded(f"{what}: quota exceeded: {error}") from None
+            raise CloudError(f"{what}: forbidden: {error}") from None
+        except nova_exc.ClientException as error:
+            raise CloudError(f"{what}: HTTP {getattr(error, 'code', '?')}: {error}") from None
+        except ks_exc.ConnectTimeout:
+            raise CloudError(f"{what}: timed out connecting to the cloud") from None
+        except ks_exc.ConnectFailure as error:
+            raise CloudError(f"{what}: cannot connect to the cloud: {error}") from None
+        except ks_exc.RequestTimeout:
+            raise CloudError(f"{what}: the cloud did not answer in time") from None
+        except ks_exc.Unauthorized as error:
+            raise CloudError(f"{what}: authentication failed: {error}") from None
+        except ks_exc.ClientException as error:
+            raise CloudError(f"{what}: {type(error).__name__}: {error}") from None
+    return wrapper
+
+
+class NovaCloud:
+    """The pool's servers in OpenStack, through novaclient over a keystoneauth1 session."""
+
+    MICROVERSION = "2.60"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._nova: Any = None
+
+    def _client(self) -> Any:
+        if self._nova is None:
+            from keystoneauth1 import session as ks_session
+            from keystoneauth1.identity import v3
+            from novaclient import client as nova_client
+            cloud = self.config.openstack
+            auth: Any
+            if cloud.application_credential_id:
+                auth = v3.ApplicationCredential(
+                    auth_url=cloud.auth_url, application_credential_id=cloud.application_credential_id,
+                    application_credential_secret=cloud.application_credential_secret)
+            else:
+                auth = v3.Password(
+                    auth_url=cloud.auth_url, username=cloud.username, password=cloud.password,
+                    user_domain_name=cloud.user_domain_name, project_name=cloud.project_name,
+                    project_domain_name=cloud.project_domain_name)
+            # keystoneauth1 re-authenticates on a 401 (an expired token) and retries once by itself.
+            session = ks_session.Session(auth=auth, timeout=cloud.api_timeout, verify=cloud.cacert or True)
+            self._nova = nova_client.Client(self.MICROVERSION, session=session,
+                                            region_name=cloud.region_name or None, interface=cloud.interface)
+        return self._nova
+
+    def _metadata(self, name: str) -> dict[str, str]:
+        return {**dict(self.config.openstack.metadata), METADATA_POOL_KEY: self.config.pool.name,
+                METADATA_VM_KEY: name}
+
+    @translate_cloud_errors
+    def list_servers(self) -> list[Server]:
+        found = self._client().servers.list(
+            detailed=True, search_opts={"name": "^" + re.escape(self.config.server_prefix)})
+        servers = []
+        for raw in found:
+            metadata = getattr(raw, "metadata", {}) or {}
+            if metadata.get(METADATA_POOL_KEY) != self.config.pool.name:
+                continue  # not ours, whatever its name says
+            fault = (getattr(raw, "fault", None) or {}).get("message", "")
+            servers.append(Server(
+                id=raw.id, name=raw.name, vm_name=metadata.get(METADATA_VM_KEY, ""),
+                status=server_status_from_nova(raw.status, getattr(raw, "OS-EXT-STS:task_state", None)),
+                address=first_ipv4(getattr(raw, "addresses", {}) or {}), fault=fault))
+        return servers
+
+    @translate_cloud_errors
+    def create_server(self, name: str) -> str:
+        cloud = self.config.openstack
+        extra: dict[str, Any] = {}
+        if cloud.key_name:
+            extra["key_name"] = cloud.key_name
+        if cloud.security_groups:
+            extra["security_groups"] = list(cloud.security_groups)
+        if cloud.availability_zone:
+            extra["availability_zone"] = cloud.availability_zone
+        server = self._client().servers.create(
+            name=name, image=cloud.image, flavor=cloud.flavor, nics=[{"net-id": cloud.network}],
+            meta=self._metadata(name), **extra)
+        return str(server.id)
+
+    @translate_cloud_errors
+    def delete_server(self, server_id: str) -> None:
+        self._client().servers.delete(server_id)
+
+    @translate_cloud_errors
+    def console_output(self, server_id: str) -> str:
+        return str(self._client().servers.get_console_output(server_id) or "")
+
+
+HOST_KEY_BLOCK_RE = re.compile(
+    r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.DOTALL)
+HOST_KEY_LINE_RE = re.compile(
+    r"((?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp(?:256|384|521)|sk-\S+)\s+[A-Za-z0-9+/=]+)")
+
+
+def host_keys_from_console(console: str) -> list[str]:
+    """The host keys cloud-init printed; the last block wins (a reboot prints it again)."""
+    blocks = HOST_KEY_BLOCK_RE.findall(console)
+    if not blocks:
+        return []
+    return [match.group(1) for match in HOST_KEY_LINE_RE.finditer(blocks[-1])]
+
+
+# --- the Remote adapter (SSH) ---
+
+
+class Remote(Protocol):
+    def probe(self, address: str, host_keys: Sequence[str]) -> ProbeResult: ...
+
+
+class FabricRemote:
+    """SSH to pool VMs through fabric, with the VM's host key pinned and every wait bounded."""
+
+    def __init__(self, ssh: SshConfig):
+        self.ssh = ssh
+
+    def _connection(self, address: str) -> Any:
+        import fabric
+        ssh = self.ssh
+        return fabric.Connection(
+            address, user=ssh.user, port=ssh.port,
+            # connect_timeout bounds only the TCP connect and is truncated to an int (0 = none).
+            connect_timeout=max(1, int(ssh.connect_timeout)),
+            connect_kwargs={
+                "key_filename": ssh.private_key, "look_for_keys": False, "allow_agent": False,
+                "banner_timeout": ssh.banner_timeout, "auth_timeout": ssh.auth_timeout,
+                # a dead peer otherwise holds a channel open for paramiko's default hour
+                "channel_timeout": ssh.command_timeout,
+            })
+
+    def _pin(self, connection: Any, address: str, host_keys: Sequence[str]) -> list[str]:
+        """Trust exactly the pinned keys; with none, learn the key on first contact."""
+        import paramiko
+        client = connection.client
+        learned: list[str] = []
+        if host_keys:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            entry = address if self.ssh.port == 22 else f"[{address}]:{self.ssh.port}"
+            for line in host_keys:
+                keytype, _, data = line.partition(" ")
+                with contextlib.suppress(Exception):
+                    client.get_host_keys().add(entry, keytype, paramiko.PKey.from_type_string(keytype, _b64(data)))
+        else:
+            client.set_missing_host_key_policy(_LearnHostKey(learned))
+        return learned
+
+    def probe(self, address: str, host_keys: Sequence[str]) -> ProbeResult:
+        import paramiko
+        connection = self._connection(address)
+        learned = self._pin(connection, address, host_keys)
+        try:
+            connection.open()
+            connection.client.get_transport().sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            result = connection.run("true", hide=True, warn=True, in_stream=False, timeout=self.ssh.command_timeout)
+            if result.exited != 0:
+                return ProbeResult(address, False, f"`true` exited {result.exited}")
+            return ProbeResult(address, True, host_keys=tuple(learned))
+        except paramiko.BadHostKeyException as error:
+            return ProbeResult(address, False, f"presented {error.key.get_name()} key not pinned",
+                               host_key_changed=True)
+        except paramiko.SSHException as error:
+            if "not found in known_hosts" in str(error):
+                return ProbeResult(address, False, "host key not pinned", host_key_changed=True)
+            return ProbeResult(address, False, f"ssh: {error or type(error).__name__}")
+        except TimeoutError:
+            return ProbeResult(address, False, f"ssh timeout after {self.ssh.connect_timeout:.0f}s")
+        except OSError as error:
+            return ProbeResult(address, False, f"ssh: {error.strerror or error}")
+        except Exception as error:  # invoke's CommandTimedOut and friends
+            return ProbeResult(address, False, f"ssh: {type(error).__name__}: {error}")
+        finally:
+            connection.close()
+            connection.client.close()  # after a failed open() fabric's close() leaves the socket behind
+
+
+def _b64(data: str) -> bytes:
+    import base64
+    return base64.b64decode(data.split()[0])
+
+
+def _learn_host_key_policy_class() -> type:
+    import paramiko
+
+    class LearnHostKey(paramiko.MissingHostKeyPolicy):
+        """Trust on first use, right after boot, when the console printed no keys."""
+
+        def __init__(self, learned: list[str]):
+            self.learned = learned
+
+        def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+            self.learned.append(f"{key.get_name()} {key.get_base64()}")
+
+    return LearnHostKey
+
+
+def _LearnHostKey(learned: list[str]) -> Any:  # noqa: N802 - reads as the class it builds
+    return _learn_host_key_policy_class()(learned)
+
+
+# --- the executor: applies the policy's actions through the adapters ---
+
+
+class Pool:
+    """Wires config, store and adapters; every decision comes from the pure policy above."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
+                 cloud: Cloud | None = None, remote: Remote | None = None):
+        self.config = config
+        self.clock = clock
+        self.store = StateStore(config.pool.state_file, config.pool.name, config.pool.lock_timeout)
+        self._cloud = cloud
+        self._remote = remote
+        self.host = socket.gethostname()
+
+    @property
+    def cloud(self) -> Cloud:
+        if self._cloud is None:
+            self._cloud = NovaCloud(self.config)
+        return self._cloud
+
+    @property
+    def remote(self) -> Remote:
+        if self._remote is None:
+            self._remote = FabricRemote(self.config.ssh)
+        return self._remote
+
+    # -- acquire / release --
+
+    def try_claim(self, job: str, user: str) -> Claimed | Waiting:
+        def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting]:
+            return plan_acquire(state, job, user, self.clock(), os.getpid(), self.host, live_pids(state))
+        outcome: Claimed | Waiting = self.store.update(change)
+        return outcome
+
+    def acquire(self, job: str, user: str, timeout: float) -> Vm:
+        deadline = self.clock() + timeout
+        outcome = self.try_claim(job, user)
+        if isinstance(outcome, Waiting):
+            log.info(f"job {job}: no free VM, waiting (position {outcome.position + 1}, timeout {timeout:.0f}s)")
+        try:
+            while isinstance(outcome, Waiting):
+                if self.clock() >= deadline:
+                    raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
+                                        f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
+                self._pass_if_due()
+                outcome = self.try_claim(job, user)
+                if isinstance(outcome, Waiting):
+                    time.sleep(self.config.pool.acquire_poll)
+        except BaseException:
+            with contextlib.suppress(VmpoolError):
+                self.store.update(lambda state: (withdraw_request(state, job), None))
+            raise
+        vm = outcome.vm
+        log.info(f"{describe_vm(vm)} acquired by job {job} for {user}")
+        return vm
+
+    def _pass_if_due(self) -> None:
+        """While waiting, drive boots forward, but leave room between passes for other waiters."""
+        last = self.store.read().last_pass
+        if last is not None and self.clock() - last < self.config.pool.pass_interval:
+            return
+        self.reconcile(probe_free=False, quiet=True)
+
+    def release(self, job: str, unusable: str = "") -> None:
+        actions = self.store.update(lambda state: plan_release(state, job, self.clock(), unusable))
+        self.apply_notes(actions)
+
+    # -- reconcile --
+
+    def reconcile(self, *, probe_free: bool = True, dry_run: bool = False, quiet: bool = False) -> bool:
+        """One pass; returns False when another pass holds the reconcile lock."""
+        with reconcile_lock(self.config.pool.state_file) as mine:
+            if not mine:
+                if not quiet:
+                    log.info("another reconcile is running; nothing to do")
+                return False
+            self._reconcile_locked(probe_free, dry_run)
+            return True
+
+    def _reconcile_locked(self, probe_free: bool, dry_run: bool) -> None:
+        servers, dead_jobs = self._observe()
+        snapshot = self.store.read()
+
+        def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
+            seen = Observation(servers=servers, live_pids=live_pids(state), host=self.host,
+                               dead_jobs=dead_jobs, probe_free=probe_free)
+            new, actions = plan_reconcile(state, seen, self.config, self.clock())
+            new.last_pass = self.clock()
+            return new, actions
+
+        if dry_run:
+            for action in decide(snapshot)[1]:
+                click.echo(f"would: {action}")
+            return
+        actions = self.store.update(decide)
+        self.apply_notes(actions)
+        self._step("delete servers", self._delete, [a for a in actions if isinstance(a, DeleteServer)])
+        self._step("create servers", self._create, [a for a in actions if isinstance(a, CreateServer)])
+        self._step("probe VMs", self._probe, [a for a in actions if isinstance(a, ProbeSsh)])
+        self._step("known_hosts", lambda _: sync_known_hosts(self.store.read(), self.config.ssh), [])
+
+    def _step(self, what: str, run: Callable[[Any], None], items: Any) -> None:
+        """Each step of a pass runs even when an earlier one failed."""
+        try:
+            run(items)
+        except VmpoolError as error:
+            log.error(f"reconcile step '{what}' failed: {error}")
+        except Exception:
+            log.exception(f"reconcile step '{what}' failed unexpectedly")
+
+    def _observe(self) -> tuple[list[Server] | None, frozenset[str]]:
+        servers: list[Server] | None = None
+        try:
+            servers = self.cloud.list_servers()
+        except CloudError as error:
+            log.error(f"cannot list servers, skipping cloud decisions this pass: {error}")
+            message = str(error)
+            self.store.update(lambda state: (_with_cloud_error(state, message, self.clock()), None))
+        return servers, self._dead_jobs()
+
+    def _dead_jobs(self) -> frozenset[str]:
+        command = self.config.pool.job_alive_command
+        if not command:
+            return frozenset()
+        import shlex
+        import subprocess
+        dead = set()
+        for vm in self.store.read().vms:
+            if vm.state != BUSY or not vm.job:
+                continue
+            argv = [part.replace("{jobid}", vm.job) for part in shlex.split(command)]
+            try:
+                alive = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0
+            except (OSError, subprocess.TimeoutExpired) as error:
+                log.warning(f"job_alive_command for job {vm.job} failed to run: {error}")
+                continue  # unknown is not dead
+            if not alive:
+                dead.add(vm.job)
+        return frozenset(dead)
+
+    def _delete(self, deletes: list[DeleteServer]) -> None:
+        for action in deletes:
+            log.info(f"vm {action.name}: deleting server {action.server_id}: {action.reason}")
+            error: CloudError | None = None
+            try:
+                self.cloud.delete_server(action.server_id)
+            except CloudError as caught:
+                error = caught
+            self.apply_notes(self.store.update(
+                functools.partial(plan_deleted, name=action.name, error=error, now=self.clock())))
+
+    def _create(self, creates: list[CreateServer]) -> None:
+        for action in creates:
+            log.info(f"vm {action.name}: creating server")
+            server_id: str | None = None
+            error: CloudError | None = None
+            try:
+                server_id = self.cloud.create_server(action.name)
+            except CloudError as caught:
+                error = caught
+            self.apply_notes(self.store.update(functools.partial(
+                plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
+                now=self.clock())))
+
+    def _probe(self, probes: list[ProbeSsh]) -> None:
+        if not probes:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=self.config.ssh.probe_parallelism) as executor:
+            results = list(executor.map(self._probe_one, probes))
+        self.apply_notes(self.store.update(lambda state: plan_probed(state, results, self.clock())))
+
+    def _probe_one(self, action: ProbeSsh) -> ProbeResult:
+        keys = list(action.host_keys)
+        if not keys:
+            try:
+                keys = host_keys_from_console(self.cloud.console_output(action.server_id))
+            except CloudError as error:
+                log.info(f"vm {action.name}: no console output ({error}); learning the host key on first contact")
+        result = self.remote.probe(action.address, keys)
+        learned = tuple(keys) if keys and not action.host_keys else result.host_keys
+        return dataclasses.replace(result, name=action.name, host_keys=learned)
+
+    def apply_notes(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Note):
+                log.log(action.level, action.message)
+
+
+def _with_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
+    new = copy.deepcopy(state)
+    _record_cloud_error(new, message, now)
+    return new
+
+
+def live_pids(state: PoolState) -> frozenset[int]:
+    """Which waiting acquire processes on this host still exist (zombies count as dead)."""
+    alive = set()
+    for request in state.requests:
+        try:
+            with open(f"/proc/{request.pid}/stat", encoding="ascii") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    alive.add(request.pid)
+        except (OSError, IndexError):
+            pass
+    return frozenset(alive)
+
+
+# --- the CLI ---
+
+
+def format_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
+    """The documented, stable `status --json` schema (version 1)."""
+    return {
+        "schema": "vmpool-status", "version": 1, "pool": config.pool.name, "now": now,
+        "limits": {"min": config.pool.min, "max": config.pool.max, "min_free": config.pool.min_free},
+        "counts": {s: state.count(s) for s in (FREE, BUSY, UNUSABLE)},
+        "desired": desired_size(state, config.pool),
+        "waiting": [{"job": r.job, "user": r.user, "since": r.since} for r in state.requests],
+        "last_reconcile": state.last_reconcile, "boot_failures": state.boot_failures,
+        "protected_since": state.protected_since, "backoff_until": state.backoff_until,
+        "last_cloud_error": state.last_cloud_error or None, "last_cloud_error_at": state.last_cloud_error_at,
+        "vms": [{"name": vm.name, "server_id": vm.server_id, "address": vm.address, "state": vm.state,
+                 "reason": vm.reason or None, "job": vm.job, "user": vm.user, "since": vm.since,
+                 "created_at": vm.created_at, "last_healthy": vm.last_healthy, "tainted": vm.tainted or None}
+                for vm in sorted(state.vms, key=lambda vm: vm.name)],
+    }
+
+
+def status_text(state: PoolState, config: Config, now: float) -> str:
+    rows = [("NAME", "ADDRESS", "STATE", "REASON", "JOB", "USER", "SINCE", "AGE")]
+    for vm in sorted(state.vms, key=lambda vm: vm.name):
+        rows.append((vm.name, vm.address or "-", vm.state, vm.reason or "-", vm.job or "-", vm.user or "-",
+                     fmt_time(vm.since), format_age(now - vm.since)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+             for row in rows]
+    pool = config.pool
+    lines.append("")
+    lines.append(f"pool {pool.name}: min {pool.min}, max {pool.max}, min_free {pool.min_free}, "
+                 f"desired {desired_size(state, pool)}; free {state.count(FREE)}, busy {state.count(BUSY)}, "
+                 f"unusable {state.count(UNUSABLE)}")
+    waiting = ", ".join(f"{r.job} ({r.user}, {format_age(now - r.since)})" for r in state.requests) or "none"
+    lines.append(f"waiting: {waiting}")
+    last = state.last_reconcile
+    lines.append(f"last reconcile: {fmt_time(last)}" + (f" ({format_age(now - last)} ago)" if last else " (never)"))
+    if state.protected_since is not None:
+        lines.append(f"PROTECTED MODE since {fmt_time(state.protected_since)}: {state.boot_failures} failed boots; "
+                     "one canary boot at a time (clear: vmpool reconcile --clear-protection)")
+    if state.backoff_until and now < state.backoff_until:
+        lines.append(f"BACKING OFF creates until {fmt_time(state.backoff_until)}")
+    if state.last_cloud_error:
+        lines.append(f"last cloud error at {fmt_time(state.last_cloud_error_at)}: {state.last_cloud_error}")
+    return "\n".join(lines)
+
+
+def configured_pool(ctx: click.Context) -> Pool:
+    obj = ctx.find_root().obj
+    if "pool" not in obj:
+        config = load_config(obj["config_path"])
+        setup_file_log(config.pool.log_file)
+        obj["pool"] = Pool(config)
+    pool: Pool = obj["pool"]
+    return pool
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def setup_file_log(path: str) -> None:
+    if not path:
+        return
+    try:
+        handler = logging.FileHandler(path)
+    except OSError as error:
+        raise ConfigError(f"[pool] log_file = {path!r}: cannot open: {error}") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="VMPOOL_CONFIG", default=DEFAULT_CONFIG_PATH, show_default=True,
+              help="INI config file (env: VMPOOL_CONFIG).")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.version_option(__version__, prog_name="vmpool")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str, verbose: bool) -> None:
+    """Keep a pool of OpenStack VMs for Torque jobs.
+
+    Exit codes: 0 ok, 1 internal error, 2 bad input, 3 config error, 4 state error,
+    5 cloud error, 6 no VM within the timeout, 7 state lock timeout.
+    """
+    setup_logging(verbose)
+    ctx.obj = {"config_path": config_path}
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--user", default="", help="The job's owner (recorded; shown by status).")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for a VM [pool acquire_timeout].")
+@click.option("--format", "output", type=click.Choice(["address", "env"]), default="address",
+              help="address: the VM's address; env: KEY=value lines for the hooks.")
+@click.pass_context
+def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, output: str) -> None:
+    """Get a VM for JOB_ID (the same one again if it has one) and print its address."""
+    validate_job_id(job_id)
+    if user:
+        validate_user_name(user)
+    pool = configured_pool(ctx)
+    vm = pool.acquire(job_id, user, pool.config.pool.acquire_timeout if timeout is None else timeout)
+    click.echo(vm.address if output == "address" else hook_env(vm, pool.config))
+
+
+def hook_env(vm: Vm, config: Config) -> str:
+    ssh = config.ssh
+    pairs = [("VMPOOL_VM_NAME", vm.name), ("VMPOOL_SERVER_ID", vm.server_id or ""),
+             ("VMPOOL_ADDRESS", vm.address or ""), ("VMPOOL_SSH_USER", ssh.user),
+             ("VMPOOL_SSH_PORT", str(ssh.port)), ("VMPOOL_SSH_KEY", ssh.private_key),
+             ("VMPOOL_KNOWN_HOSTS", ssh.known_hosts)]
+    return "\n".join(f"{key}={value}" for key, value in pairs)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--unusable", "reason", default="", help="The VM may be dirty: never give it to another job.")
+@click.pass_context
+def release(ctx: click.Context, job_id: str, reason: str) -> None:
+    """Give JOB_ID's VM back to the pool (a warning if it holds none)."""
+    validate_job_id(job_id)
+    configured_pool(ctx).release(job_id, reason.strip().replace("\n", " ")[:200])
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
+@click.option("--clear-protection", is_flag=True, help="Leave protected mode and forget failed boots.")
+@click.pass_context
+def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None:
+    """One pass for cron: scale the pool, re-check Unusable VMs, delete the dead."""
+    pool = configured_pool(ctx)
+    if clear_protection:
+        pool.store.update(lambda state: (clear_protected_mode(state), None))
+        log.warning("protected mode cleared by an admin")
+    pool.reconcile(dry_run=dry_run)
+
+
+def clear_protected_mode(state: PoolState) -> PoolState:
+    new = copy.deepcopy(state)
+    new.protected_since, new.boot_failures = None, 0
+    new.backoff_until, new.backoff_delay = None, 0.0
+    return new
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable (schema vmpool-status, version 1).")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show every VM: state, reason, job and user, since when; and the pool summary."""
+    pool = configured_pool(ctx)
+    try:
+        state = pool.store.read()
+    except StateError as error:
+        raise StateError(f"{error}\nTo recover: inspect the file; restore a backup, or move it aside "
+                         "(after `pbsnodes -o` drains the node): the next reconcile passes adopt every "
+                         "server that carries the pool's tag.") from None
+    now = pool.clock()
+    click.echo(json.dumps(status_json(state, pool.config, now), indent=1) if as_json
+               else status_text(state, pool.config, now))
+
+
+# --- main ---
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and turn every outcome into the documented exit code."""
+    # SIGTERM (e.g. a prologue alarm) unwinds like an exception, so a waiting acquire withdraws its request.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        code = cli.main(args=argv, prog_name="vmpool", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("vmpool: interrupted", err=True)
+        return 1
+    except click.ClickException as error:
+        error.show()
+        return 2
+    except VmpoolError as error:
+        log.error(str(error)) if log.handlers else click.echo(f"vmpool: {error}", err=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        log.exception("unexpected internal error (a bug: please report it with this log)")
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
