@@ -118,6 +118,12 @@ class LockTimeout(VmpoolError):
     exit_code = 7
 
 
+def failpoint(name: str) -> None:
+    """Die here, as kill -9 would, when the crash tests ask for it (VMPOOL_FAILPOINT=name)."""
+    if os.environ.get("VMPOOL_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def validate_job_id(job_id: str) -> str:
     """Refuse anything that is not a Torque job id, before it reaches a shell or the cloud."""
     if not JOB_ID_RE.match(job_id) or len(job_id) > 255:
@@ -965,12 +971,14 @@ def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        failpoint("before-replace")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+    failpoint("after-replace")
 
 
 class StateStore:
@@ -1469,10 +1477,12 @@ class Pool:
         for action in deletes:
             log.info(f"vm {action.name}: deleting server {action.server_id}: {action.reason}")
             error: CloudError | None = None
+            failpoint("before-delete")
             try:
                 self.cloud.delete_server(action.server_id)
             except CloudError as caught:
                 error = caught
+            failpoint("after-delete")
             self.apply_notes(self.store.update(
                 functools.partial(plan_deleted, name=action.name, error=error, now=self.clock())))
 
@@ -1481,10 +1491,12 @@ class Pool:
             log.info(f"vm {action.name}: creating server")
             server_id: str | None = None
             error: CloudError | None = None
+            failpoint("before-create")
             try:
                 server_id = self.cloud.create_server(action.name)
             except CloudError as caught:
                 error = caught
+            failpoint("after-create")
             self.apply_notes(self.store.update(functools.partial(
                 plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
                 now=self.clock())))

@@ -9,8 +9,22 @@ import pytest
 
 import vmpool as vp
 from vmpool import (
-    BUSY, FREE, UNUSABLE, Config, CreateServer, DeleteServer, Note, Observation, OpenStackConfig, PoolConfig,
-    PoolState, ProbeResult, ProbeSsh, Server, SshConfig, Vm,
+    BUSY,
+    FREE,
+    UNUSABLE,
+    Config,
+    CreateServer,
+    DeleteServer,
+    Note,
+    Observation,
+    OpenStackConfig,
+    PoolConfig,
+    PoolState,
+    ProbeResult,
+    ProbeSsh,
+    Server,
+    SshConfig,
+    Vm,
 )
 
 NOW = 1_000_000.0
@@ -250,6 +264,7 @@ def test_orphan_with_the_tag_adopted_only_on_second_sighting() -> None:
     state = PoolState(pool="p")
     once, actions = vp.plan_reconcile(state, seen(server("x")), config(), NOW)
     assert once.vms == [] and "id-x" in once.orphans
+    assert any("carries the pool's tag" in note.message for note in kinds(actions, Note))
     twice, _ = vp.plan_reconcile(once, seen(server("x")), config(), NOW + 60)
     assert twice.vm_named("x").server_id == "id-x" and twice.orphans == {}
     gone, _ = vp.plan_reconcile(once, seen(), config(), NOW + 60)

@@ -1,0 +1,147 @@
+"""Fixtures over the real parts: the local cloud (Keystone + Nova API over HTTP), sshd VMs, the CLI.
+
+`bed` starts the local cloud once per session. `pool` gives each test its own pool on it: its own
+name (servers of other tests are not its servers: the pool tag differs), state file and config;
+its finalizer deletes every server the pool left and waits until the cloud says they are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VMPOOL = str(Path(sys.executable).parent / "vmpool")
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll a condition until it holds (returning its value) or fail saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def bed() -> Iterator[Any]:
+    from tests.cloud.bed import Bed
+    run_dir = tempfile.mkdtemp(prefix="vmpool-bed-")
+    started = Bed.start(run_dir)
+    try:
+        yield started
+    finally:
+        started.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class PoolHandle:
+    """One test's pool on the bed: its config file, CLI runner and views of state and cloud."""
+
+    def __init__(self, bed: Any, directory: Path, name: str):
+        self.bed = bed
+        self.dir = directory
+        self.name = name
+        self.config_path = str(directory / "vmpool.conf")
+        self.state_file = str(directory / "state" / "state.json")
+        self.known_hosts = str(directory / "state" / "known_hosts")
+        self.key = str(directory / "id_pool")
+        shutil.copy(bed.info["ssh_private_key"], self.key)
+        os.chmod(self.key, 0o600)
+        self.settings: dict[str, dict[str, Any]] = {
+            "pool": dict(name=name, min=0, max=3, min_free=0, state_file=self.state_file,
+                         log_file=str(directory / "vmpool.log"), lock_timeout=20, build_timeout=60,
+                         ready_timeout=30, unusable_timeout=30, idle_timeout=600, delete_timeout=30,
+                         create_grace=30, acquire_timeout=90, acquire_poll=0.2, pass_interval=0.5,
+                         protect_after_failures=3, backoff_initial=5, backoff_max=20),
+            "openstack": dict(auth_url=bed.info["auth_url"], username=bed.info["username"],
+                              password=bed.info["password"], project_name=bed.info["project_name"],
+                              user_domain_name=bed.info["user_domain_name"],
+                              project_domain_name=bed.info["project_domain_name"],
+                              region_name=bed.info.get("region_name", ""), api_timeout=15,
+                              image=bed.info["image_id"], flavor=bed.info["flavor_id"],
+                              network=bed.info["network_id"], key_name=bed.info["key_name"]),
+            "ssh": dict(user="root", private_key=self.key, connect_timeout=3, banner_timeout=3, auth_timeout=3,
+                        command_timeout=10, known_hosts=self.known_hosts),
+        }
+        self.write_config()
+
+    def write_config(self, **sections: dict[str, Any]) -> None:
+        for section, values in sections.items():
+            self.settings[section].update(values)
+        lines = []
+        for section, values in self.settings.items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {value}" for key, value in values.items()]
+            lines.append("")
+        Path(self.config_path).write_text("\n".join(lines))
+        os.chmod(self.config_path, 0o600)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}-"
+
+    def run(self, *args: str, check: bool = True, timeout: float = 180,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([VMPOOL, "--config", self.config_path, *args], capture_output=True, text=True,
+                                timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"vmpool {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([VMPOOL, "--config", self.config_path, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.run("status", "--json").stdout)
+        return data
+
+    def vms(self, state: str | None = None) -> list[dict[str, Any]]:
+        return [vm for vm in self.status()["vms"] if state is None or vm["state"] == state]
+
+    def servers(self) -> list[Any]:
+        """This pool's servers as the cloud lists them (admin view, any tag)."""
+        return [s for s in self.bed.admin_nova().servers.list(search_opts={"all_tenants": True})
+                if s.metadata.get("vmpool_pool") == self.name]
+
+    def reconcile_until(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Run reconcile passes (as cron would, only faster) until the condition holds."""
+        def step() -> Any:
+            self.run("reconcile")
+            return condition()
+        return wait_until(step, timeout, what, interval=0.3)
+
+    def delete_everything(self) -> None:
+        nova = self.bed.admin_nova()
+        for server in self.servers():
+            try:
+                nova.servers.delete(server.id)
+            except Exception:  # already gone
+                pass
+        wait_until(lambda: not self.servers(), 120, f"servers of pool {self.name} to be gone")
+
+
+@pytest.fixture
+def pool(bed: Any, tmp_path: Path) -> Iterator[PoolHandle]:
+    handle = PoolHandle(bed, tmp_path, f"t{uuid.uuid4().hex[:6]}")
+    try:
+        yield handle
+    finally:
+        bed.clear_behaviours()
+        bed.clear_faults()
+        handle.delete_everything()

@@ -1,0 +1,209 @@
+"""The CLI end to end over the real parts: novaclient + keystoneauth1 over HTTP against the bed's
+Keystone and Nova API, fabric over SSH against sshd VMs, state on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vmpool as vp
+from tests.conftest import VMPOOL, PoolHandle, wait_until
+
+
+def ssh_as_root(pool: PoolHandle, address: str, command: str) -> subprocess.CompletedProcess[str]:
+    """The way the hooks reach a VM: OpenSSH with vmpool's known_hosts, strict host key checking."""
+    return subprocess.run(
+        ["ssh", "-i", pool.key, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={pool.known_hosts}", "-o", "ConnectTimeout=5", f"root@{address}", command],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def test_reconcile_fills_the_pool_to_min_with_reachable_pinned_vms(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 2})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "two Free VMs")
+    servers = pool.servers()
+    assert sorted(s.name for s in servers) == sorted(vm["name"] for vm in pool.vms())
+    assert all(s.name.startswith(pool.prefix) and s.metadata["vmpool_vm"] == s.name for s in servers)
+    for vm in pool.vms():
+        console = pool.bed.admin_nova().servers.get_console_output(vm["server_id"])
+        pinned = [line.split(" ", 1)[1] for line in Path(pool.known_hosts).read_text().splitlines()
+                  if line.startswith(vm["address"] + " ")]
+        assert pinned and sorted(pinned) == sorted(vp.host_keys_from_console(console))
+        assert ssh_as_root(pool, vm["address"], "true").returncode == 0
+
+
+def test_acquire_on_an_empty_pool_boots_a_vm_and_release_frees_it(pool: PoolHandle) -> None:
+    pool.bed.set_behaviour(f"^{pool.prefix}", spawn_delay=1.5)
+    acquired = pool.run("acquire", "101.server", "--user", "alice", "--timeout", "90")
+    address = acquired.stdout.strip()
+    vm = pool.vms("busy")[0]
+    assert (vm["address"], vm["job"], vm["user"]) == (address, "101.server", "alice")
+    assert "creating server" in acquired.stderr and "acquired by job 101.server" in acquired.stderr
+    assert ssh_as_root(pool, address, "hostname").returncode == 0
+    again = pool.run("acquire", "101.server", "--user", "alice")
+    assert again.stdout.strip() == address, "acquire must be idempotent per job"
+    pool.run("release", "101.server")
+    assert pool.vms("free")[0]["name"] == vm["name"]
+    second = pool.run("release", "101.server")
+    assert second.returncode == 0 and "nothing to release" in second.stderr
+
+
+def test_acquire_of_a_free_vm_never_touches_the_cloud_nor_imports_its_client(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    pool.bed.reset_counts()
+    code = ("import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], 'acquire', '7', '--format', 'env']); "
+            "print('IMPORTED', sorted(m for m in ('novaclient', 'fabric', 'paramiko', 'keystoneauth1') "
+            "if m in sys.modules)); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, pool.config_path], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "IMPORTED []" in result.stdout
+    env = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith("VMPOOL_"))
+    assert env["VMPOOL_ADDRESS"] == pool.vms("busy")[0]["address"] and env["VMPOOL_KNOWN_HOSTS"] == pool.known_hosts
+    assert sum(pool.bed.counts().values()) == 0, pool.bed.counts()
+    pool.bed.reset_counts()
+    pool.run("release", "7")
+    assert sum(pool.bed.counts().values()) == 0
+
+
+def test_acquire_times_out_with_a_reason_and_withdraws_its_request(pool: PoolHandle) -> None:
+    pool.write_config(pool={"max": 1})
+    pool.run("acquire", "1", "--user", "alice")
+    result = pool.run("acquire", "2", "--user", "bob", "--timeout", "3", check=False)
+    assert result.returncode == 6
+    assert "no VM within 3s" in result.stderr and "pool at max (1 of 1 VMs busy)" in result.stderr
+    assert pool.status()["waiting"] == []
+
+
+def test_waiting_acquire_is_served_when_a_vm_is_released(pool: PoolHandle) -> None:
+    pool.write_config(pool={"max": 1})
+    first = pool.run("acquire", "1", "--user", "alice").stdout.strip()
+    waiter = pool.spawn("acquire", "2", "--user", "bob", "--timeout", "60")
+    wait_until(lambda: [r["job"] for r in pool.status()["waiting"]] == ["2"], 30, "job 2 to wait")
+    pool.run("release", "1")
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err
+    assert out.strip() == first and pool.vms("busy")[0]["job"] == "2"
+
+
+def test_release_unusable_taints_the_vm_and_reconcile_deletes_it_later(pool: PoolHandle) -> None:
+    pool.write_config(pool={"max": 1})
+    pool.run("acquire", "5", "--user", "alice")
+    pool.run("release", "5", "--unusable", "scrub failed: rm /tmp")
+    vm = pool.vms()[0]
+    assert (vm["state"], vm["tainted"]) == ("unusable", "scrub failed: rm /tmp")
+    assert pool.run("acquire", "6", "--timeout", "2", check=False).returncode == 6, "a tainted VM is never reused"
+    pool.write_config(pool={"unusable_timeout": 1})
+    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 60, "tainted VM deleted")
+
+
+def test_build_is_visible_and_error_servers_are_deleted_at_once(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.bed.set_behaviour(f"^{pool.prefix}", spawn_delay=30)
+    pool.run("reconcile")
+    pool.reconcile_until(lambda: [vm for vm in pool.vms() if vm["reason"] == "building"], 30, "a building VM")
+    pool.bed.clear_behaviours()
+    pool.delete_everything()
+    pool.bed.set_behaviour(f"^{pool.prefix}", error=True)
+    first = {s.id for s in pool.servers()}
+    pool.reconcile_until(lambda: any(s.status == "ERROR" for s in pool.servers()), 60, "an ERROR server")
+    errored = {s.id for s in pool.servers() if s.status == "ERROR"}
+    pool.reconcile_until(lambda: not errored & {s.id for s in pool.servers()}, 60, "ERROR servers deleted")
+    assert first.isdisjoint(errored) and pool.status()["boot_failures"] >= 1
+
+
+def test_killed_sshd_makes_a_vm_unusable_then_deleted_and_replaced(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1, "unusable_timeout": 3})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    victim = pool.vms("free")[0]
+    pool.bed.vm_fault(victim["server_id"], "refuse")
+    pool.reconcile_until(lambda: any(vm["name"] == victim["name"] and vm["state"] == "unusable"
+                                     and "unreachable" in vm["reason"] for vm in pool.vms()), 30, "unreachable")
+    pool.reconcile_until(lambda: victim["server_id"] not in {s.id for s in pool.servers()}
+                         and pool.vms("free"), 90, "victim deleted and replaced")
+    assert pool.vms("free")[0]["name"] != victim["name"]
+    log = Path(pool.settings["pool"]["log_file"]).read_text()
+    assert f"vm {victim['name']} ({victim['address']}) unusable: ssh: " in log
+
+
+def test_orphan_with_the_pool_tag_is_adopted_and_foreign_servers_untouched(pool: PoolHandle) -> None:
+    info = pool.bed.info
+    nova = pool.bed.nova()
+    orphan = nova.servers.create(name=f"{pool.prefix}9999", image=info["image_id"], flavor=info["flavor_id"],
+                                 nics=[{"net-id": info["network_id"]}], key_name=info["key_name"],
+                                 meta={"vmpool_pool": pool.name, "vmpool_vm": f"{pool.prefix}9999"})
+    foreign = nova.servers.create(name=f"{pool.prefix}8888", image=info["image_id"], flavor=info["flavor_id"],
+                                  nics=[{"net-id": info["network_id"]}], meta={"owner": "someone else"})
+    try:
+        pool.run("reconcile")
+        assert pool.vms() == [], "an orphan is adopted only when seen on a second pass"
+        pool.reconcile_until(lambda: [vm for vm in pool.vms("free") if vm["server_id"] == orphan.id], 60,
+                             "the orphan adopted and Free")
+        pool.write_config(pool={"idle_timeout": 0.1})
+        pool.reconcile_until(lambda: orphan.id not in {s.id for s in nova.servers.list()}, 60,
+                             "idle adopted VM scaled down")
+        assert foreign.id in {s.id for s in nova.servers.list()}, "a server without the tag is never touched"
+        assert all(vm["server_id"] != foreign.id for vm in pool.vms())
+    finally:
+        nova.servers.delete(foreign.id)
+
+
+def test_idle_free_vms_scale_down_to_min(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 2})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "two Free VMs")
+    pool.write_config(pool={"min": 1, "idle_timeout": 0.1})
+    pool.reconcile_until(lambda: len(pool.servers()) == 1 and len(pool.vms()) == 1, 60, "one VM left")
+
+
+def test_concurrent_reconcile_is_refused_quietly(pool: PoolHandle) -> None:
+    with vp.reconcile_lock(pool.state_file) as mine:
+        assert mine
+        result = pool.run("reconcile")
+    assert result.returncode == 0 and "another reconcile is running" in result.stderr
+
+
+def test_status_table_and_json(pool: PoolHandle) -> None:
+    pool.write_config(pool={"max": 2})
+    pool.run("acquire", "11.srv", "--user", "carol")
+    table = pool.run("status").stdout
+    assert "11.srv" in table and "carol" in table and "busy" in table and "pool " + pool.name in table
+    data = pool.status()
+    assert data["schema"] == "vmpool-status" and data["counts"]["busy"] == 1 and data["limits"]["max"] == 2
+
+
+@pytest.mark.parametrize("job", ["1;touch /tmp/pwned", "../1", "$(id)", "1 2"])
+def test_bad_job_ids_are_refused_before_anything(pool: PoolHandle, job: str) -> None:
+    result = pool.run("acquire", job, check=False)
+    assert result.returncode == 2 and "invalid job id" in result.stderr
+    assert not Path(pool.state_file).exists()
+
+
+def test_corrupt_state_is_reported_and_left_untouched(pool: PoolHandle) -> None:
+    Path(pool.state_file).parent.mkdir(mode=0o700)
+    Path(pool.state_file).write_text('{"schema": "vmpool-state", "vers')
+    Path(pool.state_file).chmod(0o600)
+    for args in (("acquire", "1"), ("release", "1"), ("reconcile",), ("status",)):
+        result = pool.run(*args, check=False)
+        assert result.returncode == 4 and "corrupt state" in result.stderr, args
+    assert "To recover" in pool.run("status", check=False).stderr
+    assert Path(pool.state_file).read_text() == '{"schema": "vmpool-state", "vers'
+
+
+def test_config_errors_have_their_exit_code(pool: PoolHandle, tmp_path: Path) -> None:
+    result = subprocess.run([VMPOOL, "--config", str(tmp_path / "nope.conf"), "status"], capture_output=True,
+                            text=True)
+    assert result.returncode == 3 and "no such config file" in result.stderr
+    Path(pool.config_path).chmod(0o644)
+    result = pool.run("status", check=False)
+    assert result.returncode == 3 and "chmod 600" in result.stderr
+
+
+def test_json_status_is_stable(pool: PoolHandle) -> None:
+    data = pool.status()
+    assert set(data) >= {"schema", "version", "pool", "limits", "counts", "waiting", "vms", "last_reconcile"}
+    json.dumps(data)
