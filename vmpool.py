@@ -1134,12 +1134,10 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise CloudError(f"{what}: forbidden: {error}") from None
         except nova_exc.ClientException as error:
             raise CloudError(f"{what}: HTTP {getattr(error, 'code', '?')}: {error}") from None
-        except ks_exc.ConnectTimeout:
-            raise CloudError(f"{what}: timed out connecting to the cloud") from None
+        except (ks_exc.ConnectTimeout, ks_exc.RequestTimeout):  # keystoneauth1 reports read timeouts as connect
+            raise CloudError(f"{what}: the cloud did not answer in time (api_timeout)") from None
         except ks_exc.ConnectFailure as error:
             raise CloudError(f"{what}: cannot connect to the cloud: {error}") from None
-        except ks_exc.RequestTimeout:
-            raise CloudError(f"{what}: the cloud did not answer in time") from None
         except ks_exc.Unauthorized as error:
             raise CloudError(f"{what}: authentication failed: {error}") from None
         except ks_exc.ClientException as error:
@@ -1175,7 +1173,7 @@ class NovaCloud:
             # keystoneauth1 re-authenticates on a 401 (an expired token) and retries once by itself.
             session = ks_session.Session(auth=auth, timeout=cloud.api_timeout, verify=cloud.cacert or True)
             self._nova = nova_client.Client(self.MICROVERSION, session=session,
-                                            region_name=cloud.region_name or None, interface=cloud.interface)
+                                            region_name=cloud.region_name or None, endpoint_type=cloud.interface)
         return self._nova
 
     def _metadata(self, name: str) -> dict[str, str]:
@@ -1297,6 +1295,9 @@ class FabricRemote:
             if "not found in known_hosts" in str(error):
                 return ProbeResult(address, False, "host key not pinned", host_key_changed=True)
             return ProbeResult(address, False, f"ssh: {error or type(error).__name__}")
+        except paramiko.ssh_exception.NoValidConnectionsError as error:
+            reasons = sorted({getattr(cause, "strerror", None) or str(cause) for cause in error.errors.values()})
+            return ProbeResult(address, False, f"ssh: {', '.join(reasons).lower()}")
         except TimeoutError:
             return ProbeResult(address, False, f"ssh timeout after {self.ssh.connect_timeout:.0f}s")
         except OSError as error:
@@ -1346,6 +1347,7 @@ class Pool:
         self._cloud = cloud
         self._remote = remote
         self.host = socket.gethostname()
+        self.list_error: CloudError | None = None  # the last pass could not see the cloud
 
     @property
     def cloud(self) -> Cloud:
@@ -1445,9 +1447,11 @@ class Pool:
 
     def _observe(self) -> tuple[list[Server] | None, frozenset[str]]:
         servers: list[Server] | None = None
+        self.list_error = None
         try:
             servers = self.cloud.list_servers()
         except CloudError as error:
+            self.list_error = error
             log.error(f"cannot list servers, skipping cloud decisions this pass: {error}")
             message = str(error)
             self.store.update(lambda state: (_with_cloud_error(state, message, self.clock()), None))
@@ -1693,6 +1697,8 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
         pool.store.update(lambda state: (clear_protected_mode(state), None))
         log.warning("protected mode cleared by an admin")
     pool.reconcile(dry_run=dry_run)
+    if pool.list_error is not None:
+        raise CloudError(f"reconcile pass incomplete: {pool.list_error}")
 
 
 def clear_protected_mode(state: PoolState) -> PoolState:
