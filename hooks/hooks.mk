@@ -1,0 +1,27 @@
+# hooks.mk — vmpool's Torque hooks; included by the top Makefile.
+#
+#   make install-hooks PBS_HOME=/var/spool/torque [VMPOOL=...] [VMPOOL_CONFIG=...] [JOB_DIR=...]
+#   make check-hooks PBS_HOME=/var/spool/torque
+#
+# HOOKS_SETTINGS passes more vmpool-hooks.conf keys, e.g. HOOKS_SETTINGS="REQUEUE_BACKOFF=120".
+
+HOOKS_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+PBS_HOME ?= /var/spool/torque
+VMPOOL ?= $(firstword $(wildcard $(CURDIR)/.venv/bin/vmpool) /usr/local/bin/vmpool)
+VMPOOL_CONFIG ?= /etc/vmpool/vmpool.conf
+JOB_DIR ?= /var/spool/vmpool/jobs
+HOOKS_SETTINGS ?=
+
+.PHONY: install-hooks check-hooks
+install-hooks:
+	$(HOOKS_DIR)/install install --pbs-home '$(PBS_HOME)' --vmpool '$(VMPOOL)' \
+	    --vmpool-config '$(VMPOOL_CONFIG)' --job-dir '$(JOB_DIR)' \
+	    $(foreach setting,$(HOOKS_SETTINGS),--set '$(setting)')
+
+check-hooks:
+	$(HOOKS_DIR)/install check --pbs-home '$(PBS_HOME)'
+
+# shellcheck (Debian package `shellcheck`) over the hooks; warnings and errors fail.
+.PHONY: lint-hooks
+lint-hooks:
+	shellcheck -x -S warning $(addprefix $(HOOKS_DIR)/,prologue epilogue jobstarter install) $(wildcard $(HOOKS_DIR)/*.sh)

@@ -1,0 +1,292 @@
+"""Play pbs_mom (TORQUE 6.1) for vmpool's hooks: run them exactly as a real mom would.
+
+What a real pbs_mom does, and this driver does too (see issue 4 for the sources):
+
+- before a prologue or epilogue, the permission check: a regular file, owned by root,
+  executable by its owner, not writable by group or others; otherwise the job is requeued;
+- the prologue as root, argv ``jobid user group jobname resources queue account script``,
+  cwd ``mom_priv``, stdin ``/dev/null``, stdout/stderr appended to the job's .OU/.ER spool files,
+  environment = pbs_environment (PATH=/bin:/usr/bin) plus PBS_NODEFILE, PBS_O_WORKDIR, PBS_NP,
+  PBS_NUM_PPN...; in its own session, SIGKILLed whole when ``$prologalarm`` expires;
+  exit 0 runs the job, 1 aborts it, anything else (and the alarm) requeues it;
+- the job starter as the job's owner (uid, gid, no supplementary groups), with the job's full
+  environment, cwd the owner's home, stdout/stderr the .OU/.ER files, argv ``[starter, shell]``
+  and on stdin a pipe carrying one line ``<PBS_HOME>/mom_priv/jobs/<jobid>.SC [args]``; the
+  script file is mode 0700, owned by the job's owner; qdel sends SIGTERM to the job's session,
+  then SIGKILL after ``kill_delay``;
+- the epilogue as root with 11 args (``... session resources used queue account exit script``).
+
+The driver needs root (it switches to the job owner for the job starter).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PBS_ENVIRONMENT = {"PATH": "/bin:/usr/bin", "LANG": "C"}
+RUN, ABORT = 0, 1
+KILL_DELAY = 2.0  # pbs_mom's default $kill_delay
+
+
+def ensure_users(names: tuple[str, ...]) -> None:
+    """Job owners are real non-root users of the worker node (this machine): create missing ones."""
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True)
+
+
+def seconds(walltime: str) -> int:
+    """Torque's [[HH:]MM:]SS as seconds."""
+    total = 0
+    for part in walltime.split(":"):
+        total = total * 60 + int(part)
+    return total
+
+
+@dataclass
+class Job:
+    """A job as qsub would submit it."""
+
+    job_id: str
+    user: str
+    script: str
+    args: str = ""  # qsub -F "..."
+    group: str = ""  # qsub -W group_list; default the owner's primary group
+    name: str = "STDIN"
+    queue: str = "batch"
+    account: str = ""
+    walltime: str = "00:10:00"
+    variables: dict[str, str] = field(default_factory=dict)  # qsub -v
+    workdir: str = ""  # the qsub caller's cwd (PBS_O_WORKDIR); default the owner's home
+    ppn: int = 1
+
+    @property
+    def owner(self) -> pwd.struct_passwd:
+        return pwd.getpwnam(self.user)
+
+    @property
+    def resources(self) -> str:
+        return f"nodes=1:ppn={self.ppn},walltime={self.walltime}"
+
+
+@dataclass
+class HookRun:
+    """How a prologue or epilogue ended, as pbs_mom sees it."""
+
+    exit_code: int | None  # None: killed by the alarm, or refused by the permission check
+    problem: str = ""  # why pbs_mom did not run it / killed it
+    seconds: float = 0.0
+
+    @property
+    def outcome(self) -> str:
+        if self.exit_code == RUN:
+            return "run"
+        if self.exit_code == ABORT:
+            return "abort"
+        return "requeue"
+
+
+class RunningJob:
+    """A job starter process pbs_mom has started."""
+
+    def __init__(self, job: Job, process: subprocess.Popen[bytes]):
+        self.job = job
+        self.process = process
+        self.session = process.pid  # the starter leads its own session
+
+    def signal(self, signum: int = signal.SIGTERM, kill_delay: float = KILL_DELAY) -> None:
+        """qdel: the signal to the whole session, SIGKILL to what is left after kill_delay."""
+        try:
+            os.killpg(self.session, signum)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout=kill_delay)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.session, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+
+class PbsMom:
+    """One pbs_mom with its PBS_HOME; hooks installed in PBS_HOME/mom_priv."""
+
+    def __init__(self, pbs_home: Path, starter: Path | None = None, alarm: float = 300,
+                 server: str = "vmpool-test.example"):
+        self.pbs_home = Path(pbs_home)
+        self.mom_priv = self.pbs_home / "mom_priv"
+        self.jobs = self.mom_priv / "jobs"
+        self.spool = self.pbs_home / "spool"
+        self.aux = self.pbs_home / "aux"
+        self.starter = starter
+        self.alarm = alarm
+        self.server = server
+        self.host = socket.gethostname()
+        for directory, mode in ((self.pbs_home, 0o755), (self.mom_priv, 0o751), (self.jobs, 0o751),
+                                (self.spool, 0o1777), (self.aux, 0o755)):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chown(directory, 0, 0)
+            os.chmod(directory, mode)
+
+    # --- files of a job ---
+
+    def out_path(self, job: Job) -> Path:
+        return self.spool / f"{job.job_id}.OU"
+
+    def err_path(self, job: Job) -> Path:
+        return self.spool / f"{job.job_id}.ER"
+
+    def script_path(self, job: Job) -> Path:
+        return self.jobs / f"{job.job_id}.SC"
+
+    def nodefile(self, job: Job) -> Path:
+        return self.aux / job.job_id
+
+    def out(self, job: Job) -> str:
+        return self.out_path(job).read_text(errors="replace") if self.out_path(job).exists() else ""
+
+    def err(self, job: Job) -> str:
+        return self.err_path(job).read_text(errors="replace") if self.err_path(job).exists() else ""
+
+    def receive(self, job: Job) -> None:
+        """What pbs_mom writes when a job arrives: the script, the nodefile, the spool files."""
+        owner = job.owner
+        script = self.script_path(job)
+        script.write_text(job.script)
+        os.chown(script, owner.pw_uid, owner.pw_gid)
+        os.chmod(script, 0o700)
+        self.nodefile(job).write_text(f"{self.host}\n" * job.ppn)
+        os.chmod(self.nodefile(job), 0o644)
+        for path in (self.out_path(job), self.err_path(job)):
+            path.touch()
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+            os.chmod(path, 0o600)
+
+    def _group(self, job: Job) -> str:
+        if job.group:
+            return job.group
+        import grp
+        return grp.getgrgid(job.owner.pw_gid).gr_name
+
+    def _workdir(self, job: Job) -> str:
+        return job.workdir or job.owner.pw_dir
+
+    # --- the hooks ---
+
+    @staticmethod
+    def permission_problem(path: Path) -> str:
+        """pbs_mom's check of a prologue/epilogue; '' if it would run it."""
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return f"{path} does not exist"
+        if not stat.S_ISREG(info.st_mode):
+            return f"{path} is not a regular file"
+        if info.st_uid != 0:
+            return f"{path} is not owned by root"
+        if not info.st_mode & stat.S_IXUSR:
+            return f"{path} is not executable by its owner"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{path} is writable by group or others"
+        return ""
+
+    def _hook_env(self, job: Job) -> dict[str, str]:
+        return {**PBS_ENVIRONMENT, "PBS_NODEFILE": str(self.nodefile(job)), "PBS_O_WORKDIR": self._workdir(job),
+                "PBS_NP": str(job.ppn), "PBS_NUM_PPN": str(job.ppn), "PBS_NUM_NODES": "1",
+                "PBS_JOBID": job.job_id, "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue}
+
+    def _run_hook(self, name: str, argv: list[str], job: Job, alarm: float | None) -> HookRun:
+        path = self.mom_priv / name
+        problem = self.permission_problem(path)
+        if problem:
+            return HookRun(None, problem)
+        alarm = self.alarm if alarm is None else alarm
+        started = time.monotonic()
+        with open(self.out_path(job), "ab") as out, open(self.err_path(job), "ab") as err:
+            process = subprocess.Popen([str(path), *argv], cwd=self.mom_priv, stdin=subprocess.DEVNULL,
+                                       stdout=out, stderr=err, env=self._hook_env(job), start_new_session=True)
+        try:
+            code = process.wait(timeout=alarm)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return HookRun(None, f"{name} killed by the alarm after {alarm}s", time.monotonic() - started)
+        return HookRun(code, "", time.monotonic() - started)
+
+    def prologue(self, job: Job, alarm: float | None = None, argv: list[str] | None = None) -> HookRun:
+        """Run the prologue; argv overrides the 8 arguments (to play a hostile submission)."""
+        if argv is None:
+            argv = [job.job_id, job.user, self._group(job), job.name, job.resources, job.queue, job.account,
+                    str(self.script_path(job))]
+        return self._run_hook("prologue", argv, job, alarm)
+
+    def epilogue(self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None,
+                 argv: list[str] | None = None) -> HookRun:
+        if argv is None:
+            used = "cput=00:00:00,vmem=0kb,walltime=00:00:01,mem=0kb,energy_used=0"
+            argv = [job.job_id, job.user, self._group(job), job.name, str(session), job.resources, used,
+                    job.queue, job.account, str(exit_status), str(self.script_path(job))]
+        return self._run_hook("epilogue", argv, job, alarm)
+
+    # --- the job ---
+
+    def job_environment(self, job: Job) -> dict[str, str]:
+        owner = job.owner
+        return {
+            **job.variables,
+            "HOME": owner.pw_dir, "USER": job.user, "LOGNAME": job.user, "SHELL": owner.pw_shell,
+            "PATH": "/bin:/usr/bin", "PBS_JOBID": job.job_id, "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue,
+            "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_O_WORKDIR": self._workdir(job), "PBS_O_HOME": owner.pw_dir,
+            "PBS_O_LOGNAME": job.user, "PBS_O_SHELL": owner.pw_shell, "PBS_O_HOST": self.host,
+            "PBS_O_SERVER": self.server, "PBS_O_QUEUE": job.queue, "PBS_O_PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PBS_O_LANG": "C.UTF-8", "PBS_SERVER": self.server, "PBS_NODEFILE": str(self.nodefile(job)),
+            "PBS_NODENUM": "0", "PBS_TASKNUM": "1", "PBS_VNODENUM": "0", "PBS_MOMPORT": "15003",
+            "PBS_NP": str(job.ppn), "PBS_NUM_NODES": "1", "PBS_NUM_PPN": str(job.ppn),
+            "PBS_WALLTIME": str(seconds(job.walltime)),
+            "PBS_VERSION": "TORQUE-6.1.3",
+        }
+
+    def start(self, job: Job, exec_with_exec: bool = False) -> RunningJob:
+        """Start the job starter as the job's owner, as pbs_mom does."""
+        if self.starter is None:
+            raise RuntimeError("no $job_starter configured")
+        owner = job.owner
+        line = f"{self.script_path(job)}{' ' + job.args if job.args else ''}\n"
+        if exec_with_exec:
+            line = "exec " + line
+        with open(self.out_path(job), "ab") as out, open(self.err_path(job), "ab") as err:
+            process = subprocess.Popen([str(self.starter), owner.pw_shell], cwd=owner.pw_dir,
+                                       stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                       env=self.job_environment(job), user=owner.pw_uid, group=owner.pw_gid,
+                                       extra_groups=[], start_new_session=True)
+        assert process.stdin is not None
+        process.stdin.write(line.encode())
+        process.stdin.close()
+        return RunningJob(job, process)
+
+    def run(self, job: Job, timeout: float = 120) -> tuple[HookRun, int | None, HookRun]:
+        """The whole life of a job on this mom: prologue, job (if it may run), epilogue."""
+        self.receive(job)
+        prologue = self.prologue(job)
+        status: int | None = None
+        session = 0
+        if prologue.outcome == "run":
+            running = self.start(job)
+            session = running.session
+            status = running.wait(timeout)
+        epilogue = self.epilogue(job, status if status is not None else -1, session)
+        return prologue, status, epilogue

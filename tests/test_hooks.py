@@ -1,0 +1,404 @@
+"""vmpool's Torque hooks end to end: tests/pbs_mom.py plays pbs_mom, the real `vmpool` runs
+against the local cloud (Keystone + Nova over HTTP), jobs run on its sshd VMs over OpenSSH.
+
+Job owners are real non-root users of this machine, created if missing: vmpt-alice and
+vmpt-bob (the job starter runs as them). The stand-in VMs are an overlay of this machine's
+root, so they see those users' /etc/passwd lines until the prologue's useradd/usermod copies
+/etc/passwd up; their /home, /tmp, /var/tmp, /dev/shm and process tables are their own.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, VMPOOL, PoolHandle, wait_until
+from tests.pbs_mom import HookRun, Job, PbsMom, ensure_users
+
+HOOKS = ROOT / "hooks"
+USERS = ("vmpt-alice", "vmpt-bob")
+BACKOFF = 2  # REQUEUE_BACKOFF in the tests (60 s by default)
+
+
+@pytest.fixture(scope="session")
+def job_users() -> tuple[str, ...]:
+    """The non-root job owners on the worker node (this machine)."""
+    ensure_users(USERS)
+    return USERS
+
+
+class Mom:
+    """A pbs_mom with vmpool's hooks installed, on one test pool."""
+
+    def __init__(self, root: Path, pool: PoolHandle, vmpool: str = VMPOOL, **settings: object):
+        self.root = root
+        self.pool = pool
+        self.pbs_home = root / "torque"
+        self.job_dir = root / "jobs"
+        self.pbs = PbsMom(self.pbs_home, starter=self.pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=120)
+        settings = {"REQUEUE_BACKOFF": BACKOFF, "ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3,
+                    "SCRUB_TIMEOUT": 20, "PREPARE_TIMEOUT": 20, "KILL_GRACE": 2, **settings}
+        self.install = subprocess.run(
+            [str(HOOKS / "install"), "install", "--pbs-home", str(self.pbs_home), "--vmpool", vmpool,
+             "--vmpool-config", pool.config_path, "--job-dir", str(self.job_dir),
+             *[arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]],
+            capture_output=True, text=True, check=True)
+
+    def vm_of(self, job: Job) -> dict:
+        return next(vm for vm in self.pool.vms() if vm["job"] == job.job_id)
+
+    def on_vm(self, vm: dict, *argv: str) -> tuple[int, str, str]:
+        result: tuple[int, str, str] = self.pool.bed.vm_exec(vm["server_id"], list(argv))
+        return result
+
+
+@pytest.fixture
+def mom(pool: PoolHandle, job_users: tuple[str, ...]) -> Iterator[Mom]:
+    # Not below pytest's tmp_path: that is root-only, and the job owners must reach the starter.
+    root = Path(tempfile.mkdtemp(prefix="vmpool-hooks-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        yield Mom(root, pool)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def user_traces(mom: Mom, vm: dict, user: str) -> list[str]:
+    """Whatever of `user` is left on a VM: account, home, processes, files in the temp dirs."""
+    uid = str(pwd.getpwnam(user).pw_uid)
+    checks = {
+        "account": ["getent", "passwd", user],
+        "home": ["test", "-e", f"/home/{user}"],
+        "processes": ["pgrep", "-U", uid],
+        "files": ["sh", "-c", f"find /tmp /var/tmp /dev/shm -uid {uid} | grep ."],
+    }
+    return [what for what, argv in checks.items() if mom.on_vm(vm, *argv)[0] == 0]
+
+
+# --- a job's life ---
+
+
+def test_a_job_runs_on_a_vm_as_its_owner_and_leaves_no_trace(mom: Mom) -> None:
+    alice = pwd.getpwnam("vmpt-alice")
+    workdir = f"{alice.pw_dir}/project one"
+    job = Job("101.vmpool-test.example", "vmpt-alice", workdir=workdir, args='first "second arg"',
+              variables={"MY_SETTING": "it's $HOME; `x`"}, script="""#!/bin/bash
+#PBS -N hooks
+echo "whoami=$(whoami)"
+echo "host=$(hostname)"
+echo "jobid=$PBS_JOBID"
+echo "workdir=$PBS_O_WORKDIR pwd=$(pwd)"
+echo "args=$#:$1|$2"
+echo "setting=$MY_SETTING"
+echo "nodefile=$(cat "$PBS_NODEFILE")"
+echo "to stderr" >&2
+echo secret > /tmp/alice-tmp; echo secret > /var/tmp/alice-vartmp; echo secret > /dev/shm/alice-shm
+setsid sleep 1000 </dev/null >/dev/null 2>&1 &
+exit 3
+""")
+    mom.pbs.receive(job)
+    first = mom.pbs.prologue(job)
+    assert first.outcome == "run", mom.pbs.err(job)
+    vm = mom.vm_of(job)
+    assert (vm["state"], vm["user"]) == ("busy", "vmpt-alice")
+    again = mom.pbs.prologue(job)  # a requeued job runs its prologue again: same VM, still fine
+    assert again.outcome == "run", mom.pbs.err(job)
+    assert mom.vm_of(job)["name"] == vm["name"]
+
+    status = mom.pbs.start(job).wait(60)
+
+    out = mom.pbs.out(job)
+    assert status == 3, (out, mom.pbs.err(job))
+    assert "whoami=vmpt-alice\n" in out
+    vm_host = mom.on_vm(vm, "hostname")[1].strip()
+    assert f"host={vm_host}\n" in out and vm_host != os.uname().nodename
+    assert f"jobid={job.job_id}\n" in out
+    assert f"workdir={workdir} pwd={workdir}\n" in out
+    assert "args=2:first|second arg\n" in out
+    assert "setting=it's $HOME; `x`\n" in out
+    assert f"nodefile={vm_host}\n" in out
+    assert mom.pbs.err(job) == "to stderr\n"
+    assert sorted(user_traces(mom, vm, "vmpt-alice")) == ["account", "files", "home", "processes"]
+
+    epilogue = mom.pbs.epilogue(job, exit_status=status)
+
+    assert epilogue.exit_code == 0, mom.pbs.err(job)
+    assert user_traces(mom, vm, "vmpt-alice") == []
+    assert mom.on_vm(vm, "test", "-e", workdir)[0] != 0
+    assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
+    assert not (mom.job_dir / job.job_id).exists()
+    assert mom.pbs.epilogue(job, exit_status=status).exit_code == 0, "the epilogue must be idempotent"
+
+
+def test_output_streams_and_a_signalled_job_is_killed_on_its_vm(mom: Mom) -> None:
+    job = Job("102", "vmpt-bob", script="echo started; echo oops >&2; exec sleep 1000\n")
+    mom.pbs.receive(job)
+    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    vm = mom.vm_of(job)
+    uid = str(pwd.getpwnam("vmpt-bob").pw_uid)
+    running = mom.pbs.start(job)
+
+    wait_until(lambda: mom.pbs.out(job) == "started\n", 30, "the job's first line in .OU while it runs")
+    assert "oops\n" in mom.pbs.err(job)
+    wait_until(lambda: mom.on_vm(vm, "pgrep", "-U", uid, "-x", "sleep")[0] == 0, 10, "the job's sleep on the VM")
+    assert running.process.poll() is None
+
+    started = time.monotonic()
+    running.signal(signal.SIGTERM)  # qdel: SIGTERM to the session, SIGKILL 2 s later
+
+    # Normally the starter has ended the job and exited 143 before pbs_mom's SIGKILL; on a slow
+    # machine that SIGKILL may come first, and the killer it left outside the session finishes.
+    assert running.wait(15) in (128 + signal.SIGTERM, -signal.SIGKILL)
+    assert time.monotonic() - started < 8
+    wait_until(lambda: mom.on_vm(vm, "pgrep", "-U", uid)[0] != 0, 10, "no process of the job owner on the VM")
+    assert "got SIGTERM" in mom.pbs.err(job)
+    assert mom.pbs.epilogue(job, exit_status=143).exit_code == 0, mom.pbs.err(job)
+    assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
+
+
+def test_a_failed_scrub_leaves_the_vm_unusable(mom: Mom) -> None:
+    job = Job("103", "vmpt-alice", script="true\n")
+    mom.pbs.receive(job)
+    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    vm = mom.vm_of(job)
+    assert mom.pbs.start(job).wait(60) == 0
+    mom.pool.bed.vm_fault(vm["server_id"], "refuse")
+
+    epilogue = mom.pbs.epilogue(job, exit_status=0)
+
+    assert epilogue.exit_code == 2
+    assert "scrub of VM" in mom.pbs.err(job) and "will serve no other job" in mom.pbs.err(job)
+    after = next(v for v in mom.pool.vms() if v["name"] == vm["name"])
+    assert after["state"] == "unusable" and "scrub failed" in (after["reason"] or ""), after
+    assert after["job"] is None or after["job"] != job.job_id or after["state"] != "busy"
+    assert not (mom.job_dir / job.job_id).exists()
+
+
+def test_no_vm_in_time_requeues_after_the_backoff(mom: Mom) -> None:
+    mom.pool.bed.set_behaviour(f"^{mom.pool.prefix}", error=True)  # every boot fails
+    Mom.__init__(mom, mom.root, mom.pool, ACQUIRE_TIMEOUT=3)
+    job = Job("104", "vmpt-alice", script="true\n")
+    mom.pbs.receive(job)
+
+    prologue = mom.pbs.prologue(job)
+
+    assert prologue.outcome == "requeue" and prologue.exit_code == 2, mom.pbs.err(job)
+    assert prologue.seconds >= 3 + BACKOFF
+    assert "the job is requeued in 2s" in mom.pbs.err(job)
+    assert not (mom.job_dir / job.job_id).exists()
+    assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
+    assert mom.pool.status().get("waiting", []) == []
+    assert mom.pbs.epilogue(job, exit_status=-1).exit_code == 0, mom.pbs.err(job)
+
+
+# --- bad input, permissions ---
+
+PWNED = "/tmp/vmpt-pwned"
+
+
+@pytest.mark.parametrize("position, value", [
+    (0, f"1;touch {PWNED}"), (0, "../../etc/passwd"), (0, f"$(touch {PWNED})"), (0, "123.server/../../x"),
+    (0, "123 456"), (0, ""), (0, "123\nserver"), (0, "-rf"),
+    (1, f"vmpt-alice;touch {PWNED}"), (1, "../root"), (1, "-rf"), (1, "$(id)"), (1, "root"), (1, "nosuchuser"),
+    (2, "users`id`"), (7, "/var/spool/torque/../../etc/shadow"),
+    ("workdir", "/home/vmpt-alice/../../etc"), ("workdir", "relative/dir"),
+])
+def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str, value: str) -> None:
+    trace = mom.root / "vmpool-calls"
+    tracer = mom.root / "vmpool-tracer"
+    tracer.write_text(f"#!/bin/sh\necho \"$*\" >> {trace}\nexec {VMPOOL} \"$@\"\n")
+    tracer.chmod(0o755)
+    Mom.__init__(mom, mom.root, mom.pool, vmpool=str(tracer))
+    job = Job("105.server", "vmpt-alice", script=f"touch {PWNED}\n")
+    if position == "workdir":
+        job.workdir = value
+    mom.pbs.receive(job)
+    argv = [job.job_id, job.user, "vmpt-alice", job.name, job.resources, job.queue, "", str(mom.pbs.script_path(job))]
+    if isinstance(position, int):
+        argv[position] = value
+
+    prologue = mom.pbs.prologue(job, argv=argv)
+    epilogue_argv = [*argv[:4], "0", job.resources, "walltime=0", job.queue, "", "-1", argv[7]]
+    epilogue = mom.pbs.epilogue(job, exit_status=-1, argv=epilogue_argv)
+
+    assert prologue.outcome == "abort", mom.pbs.err(job)
+    assert "(job aborted)" in mom.pbs.err(job)
+    calls = trace.read_text() if trace.exists() else ""
+    assert "acquire" not in calls
+    if epilogue.exit_code == 1:  # argv the epilogue can check: it refuses it too
+        assert "nothing done" in mom.pbs.err(job) and calls == ""
+    else:  # a well-formed but unusable job: the epilogue only makes sure no VM stays held
+        assert epilogue.exit_code == 0 and calls.split() == ["--config", mom.pool.config_path, "release",
+                                                                 argv[0], "--unusable"] + calls.split()[5:]
+    assert not os.path.exists(PWNED)
+    assert not any(mom.job_dir.iterdir())
+    assert mom.pool.vms() == [] and mom.pool.servers() == []
+
+
+def test_the_job_starter_fails_loudly_without_a_vm(mom: Mom) -> None:
+    job = Job("106", "vmpt-alice", script=f"touch {PWNED}\n")
+    mom.pbs.receive(job)
+
+    status = mom.pbs.start(job).wait(30)
+
+    assert status == 255
+    assert "this job has no VM" in mom.pbs.err(job)
+    assert not os.path.exists(PWNED)
+
+
+def break_prologue_mode(mom: Mom) -> None:
+    (mom.pbs_home / "mom_priv" / "prologue").chmod(0o775)
+
+
+def break_epilogue_owner(mom: Mom) -> None:
+    os.chown(mom.pbs_home / "mom_priv" / "epilogue", pwd.getpwnam("vmpt-alice").pw_uid, -1)
+
+
+def break_prologue_exec(mom: Mom) -> None:
+    (mom.pbs_home / "mom_priv" / "prologue").chmod(0o600)
+
+
+def break_prologue_symlink(mom: Mom) -> None:
+    prologue = mom.pbs_home / "mom_priv" / "prologue"
+    prologue.rename(mom.root / "prologue")
+    prologue.symlink_to(mom.root / "prologue")
+
+
+def break_starter_exec(mom: Mom) -> None:
+    (mom.pbs_home / "mom_priv" / "vmpool" / "jobstarter").chmod(0o644)
+
+
+def break_library_writable(mom: Mom) -> None:
+    (mom.pbs_home / "mom_priv" / "vmpool" / "vmpool-hooks.sh").chmod(0o666)
+
+
+def break_mom_priv_owner(mom: Mom) -> None:
+    os.chown(mom.pbs_home / "mom_priv", pwd.getpwnam("vmpt-bob").pw_uid, -1)
+
+
+def break_vmpool_path(mom: Mom) -> None:
+    conf = mom.pbs_home / "mom_priv" / "vmpool" / "vmpool-hooks.conf"
+    conf.write_text(conf.read_text().replace(f"VMPOOL={VMPOOL}", "VMPOOL=/nonexistent/vmpool"))
+
+
+@pytest.mark.parametrize("breakage, message, mom_refuses", [
+    (break_prologue_mode, "prologue is mode 775: group/world-writable", True),
+    (break_epilogue_owner, "epilogue is owned by uid", True),
+    (break_prologue_exec, "not executable by its owner", True),
+    (break_prologue_symlink, "must be a regular file", True),
+    (break_starter_exec, "jobstarter is mode 644: job owners cannot use it", False),
+    (break_library_writable, "vmpool-hooks.sh is mode 666", False),
+    (break_mom_priv_owner, "mom_priv is owned by uid", False),
+    (break_vmpool_path, "VMPOOL=/nonexistent/vmpool", False),
+])
+def test_wrong_permissions_are_caught_by_the_check(mom: Mom, breakage, message: str, mom_refuses: bool) -> None:
+    check = ["make", "-s", "-C", str(ROOT), "check-hooks", f"PBS_HOME={mom.pbs_home}"]
+    assert subprocess.run(check, capture_output=True, text=True).returncode == 0
+    breakage(mom)
+
+    result = subprocess.run(check, capture_output=True, text=True)
+
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Torque would requeue the jobs" in result.stderr
+    if mom_refuses:  # what Torque would do instead: requeue the job, again and again
+        assert PbsMom.permission_problem(mom.pbs_home / "mom_priv" / "prologue") \
+            or PbsMom.permission_problem(mom.pbs_home / "mom_priv" / "epilogue")
+
+
+# --- isolation, requeue safety ---
+
+
+def test_two_jobs_of_different_users_run_at_once_and_cannot_see_each_other(mom: Mom) -> None:
+    script = """echo "$(whoami) secret" > "$HOME/secret"; echo x > "/tmp/$(whoami)-tmp"
+sleep 4
+echo "homes=$(ls /home | tr '\\n' ' ')"
+echo "users=$(ps -eo user= | sort -u | tr '\\n' ' ')"
+echo "tmp=$(ls /tmp | tr '\\n' ' ')"
+for other in vmpt-alice vmpt-bob; do cat "/home/$other/secret" 2>/dev/null; done; true
+"""
+    jobs = [Job("201", "vmpt-alice", script=script), Job("202", "vmpt-bob", script=script)]
+    prologues: dict[str, HookRun] = {}
+    for job in jobs:
+        mom.pbs.receive(job)
+    threads = [threading.Thread(target=lambda job=job: prologues.update({job.user: mom.pbs.prologue(job)}))
+               for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert all(p.outcome == "run" for p in prologues.values()), [mom.pbs.err(job) for job in jobs]
+    vms = {job.user: mom.vm_of(job) for job in jobs}
+    assert vms["vmpt-alice"]["name"] != vms["vmpt-bob"]["name"]
+
+    running = [mom.pbs.start(jobs[0]), mom.pbs.start(jobs[1], exec_with_exec=True)]
+    statuses = [job.wait(60) for job in running]
+
+    assert statuses == [0, 0], [mom.pbs.err(job) for job in jobs]
+    for job, other in ((jobs[0], "vmpt-bob"), (jobs[1], "vmpt-alice")):
+        out = mom.pbs.out(job)
+        assert f"homes={job.user} \n" in out, out
+        assert other not in out.split("users=")[1].split("\n")[0], out
+        assert f"tmp={job.user}-tmp \n" in out, out
+        assert f"{job.user} secret\n" in out and f"{other} secret" not in out
+    # Alice's key opens neither Bob's VM nor Bob's account; Bob's key is not hers to read.
+    alice = pwd.getpwnam("vmpt-alice")
+    for user in ("vmpt-bob", "vmpt-alice"):
+        result = subprocess.run(
+            ["ssh", "-F", "/dev/null", "-i", str(mom.job_dir / "201" / "id_ed25519"), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
+             "-l", user, vms["vmpt-bob"]["address"], "true"],
+            capture_output=True, text=True, user=alice.pw_uid, group=alice.pw_gid, extra_groups=[], timeout=30)
+        assert result.returncode == 255 and "Permission denied" in result.stderr, result.stderr
+    stolen = subprocess.run(["cat", str(mom.job_dir / "202" / "id_ed25519")], capture_output=True,
+                            user=alice.pw_uid, group=alice.pw_gid, extra_groups=[])
+    assert stolen.returncode != 0 and not stolen.stdout
+    for job, status in zip(jobs, statuses, strict=True):
+        assert mom.pbs.epilogue(job, status).exit_code == 0, mom.pbs.err(job)
+    assert sorted(vm["state"] for vm in mom.pool.vms()) == ["free", "free"]
+
+
+def test_a_prologue_killed_by_the_alarm_while_waiting_is_requeued_and_holds_no_vm(mom: Mom) -> None:
+    job = Job("301", "vmpt-alice", script="true\n")
+    mom.pbs.receive(job)
+    mom.pool.bed.set_behaviour(f"^{mom.pool.prefix}", spawn_delay=3)
+
+    prologue = mom.pbs.prologue(job, alarm=1.5)  # the VM is still booting when the alarm strikes
+
+    assert prologue.exit_code is None and prologue.outcome == "requeue"
+    wait_until(lambda: [vm for vm in mom.pool.vms() if vm["state"] == "free" or vm["job"] == job.job_id],
+               60, "the VM the killed acquire asked for")
+    epilogue = mom.pbs.epilogue(job, exit_status=-1)
+    assert epilogue.exit_code == 0, mom.pbs.err(job)
+    assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
+    assert not (mom.job_dir / job.job_id).exists()
+
+
+def test_a_prologue_killed_by_the_alarm_while_preparing_leaves_its_vm_unusable(mom: Mom) -> None:
+    mom.pool.write_config(pool={"min": 1})
+    mom.pool.reconcile_until(lambda: mom.pool.vms("free"), 90, "a Free VM")
+    Mom.__init__(mom, mom.root, mom.pool, SSH_CONNECT_TIMEOUT=30, SCRUB_TIMEOUT=4)
+    vm = mom.pool.vms("free")[0]
+    mom.pool.bed.vm_fault(vm["server_id"], "hang")  # TCP connects, no SSH banner ever comes
+    job = Job("302", "vmpt-alice", script="true\n")
+    mom.pbs.receive(job)
+
+    prologue = mom.pbs.prologue(job, alarm=5)
+
+    assert prologue.exit_code is None and prologue.outcome == "requeue"
+    assert (mom.job_dir / job.job_id / "root.env").exists(), "the record is written right after acquire"
+    epilogue = mom.pbs.epilogue(job, exit_status=-1)
+    assert epilogue.exit_code == 2
+    assert "no answer within 4s" in mom.pbs.err(job)
+    after = next(v for v in mom.pool.vms() if v["name"] == vm["name"])
+    assert after["state"] == "unusable" and "scrub failed" in (after["reason"] or ""), after
