@@ -837,6 +837,13 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
     return new, [Note(logging.ERROR, f"vm {name}: create failed: {error}")]
 
 
+def plan_not_created(state: PoolState, names: Sequence[str]) -> PoolState:
+    """Withdraw create intents that were never sent to the cloud."""
+    new = copy.deepcopy(state)
+    new.vms = [vm for vm in new.vms if not (vm.name in names and vm.server_id is None)]
+    return new
+
+
 def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: float) -> tuple[PoolState, list[Action]]:
     new = copy.deepcopy(state)
     vm = new.vm_named(name)
@@ -1491,7 +1498,13 @@ class Pool:
                 functools.partial(plan_deleted, name=action.name, error=error, now=self.clock())))
 
     def _create(self, creates: list[CreateServer]) -> None:
-        for action in creates:
+        for index, action in enumerate(creates):
+            backoff_until = self.store.read().backoff_until
+            if backoff_until is not None and backoff_until > self.clock():  # the cloud just refused: ask no more
+                skipped = [later.name for later in creates[index:]]
+                self.store.update(functools.partial(_without_result, plan_not_created, names=skipped))
+                log.info(f"not creating {', '.join(skipped)}: backing off")
+                return
             log.info(f"vm {action.name}: creating server")
             server_id: str | None = None
             error: CloudError | None = None
@@ -1528,6 +1541,11 @@ class Pool:
         for action in actions:
             if isinstance(action, Note):
                 log.log(action.level, action.message)
+
+
+def _without_result(plan: Callable[..., PoolState], state: PoolState, **kwargs: Any) -> tuple[PoolState, None]:
+    """Adapt a plan that only returns a state to StateStore.update."""
+    return plan(state, **kwargs), None
 
 
 def _with_cloud_error(state: PoolState, message: str, now: float) -> PoolState:

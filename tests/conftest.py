@@ -41,11 +41,13 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 def bed() -> Iterator[Any]:
     from tests.cloud.bed import Bed
     run_dir = tempfile.mkdtemp(prefix="vmpool-bed-")
-    started = Bed.start(run_dir)
     try:
-        yield started
+        started = Bed.start(run_dir)
+        try:
+            yield started
+        finally:
+            started.stop()
     finally:
-        started.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -418,3 +418,10 @@ def test_state_roundtrips_through_json() -> None:
     data = vp.state_to_json(state)
     assert vp.state_from_json(data, "f", "p") == state
     assert dataclasses.asdict(state)["vms"][0]["job"] == "1"
+
+
+def test_not_created_withdraws_only_unsent_intents() -> None:
+    state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING),
+                                     vm("b", UNUSABLE, reason=vp.BUILDING)])
+    new = vp.plan_not_created(state, ["a", "b"])
+    assert [v.name for v in new.vms] == ["b"]

@@ -1,0 +1,322 @@
+"""Reliability over the real parts: concurrency, kill -9 at every step, cloud and SSH faults,
+host keys, lost epilogues, and a randomized fault run that must end consistent."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VMPOOL, PoolHandle, wait_until
+
+
+def assert_consistent(pool: PoolHandle) -> None:
+    """The cloud holds exactly the servers in state; no job twice; no Busy VM without a job."""
+    state = json.loads(Path(pool.state_file).read_text())
+    in_state = {vm["server_id"] for vm in state["vms"]}
+    in_cloud = {server.id for server in pool.servers()}
+    assert in_cloud == in_state, f"cloud {sorted(in_cloud)} != state {sorted(in_state)}"
+    jobs = [vm["job"] for vm in state["vms"] if vm["job"]]
+    assert len(jobs) == len(set(jobs)), f"a job holds two VMs: {jobs}"
+    assert all(vm["job"] for vm in state["vms"] if vm["state"] == "busy")
+
+
+def settle(pool: PoolHandle, passes: int = 3, timeout: float = 120) -> None:
+    """Clean reconcile passes until nothing is creating or deleting any more, then `passes` more."""
+    def quiet() -> bool:
+        pool.run("reconcile", check=False)
+        return all((vm["reason"] not in ("creating", "deleting", "building") and vm["state"] != "unusable")
+                   or vm["tainted"] for vm in pool.vms()) and not pool.status()["waiting"]
+    wait_until(quiet, timeout, "the pool to settle", interval=0.5)
+    for _ in range(passes):
+        pool.run("reconcile")
+
+
+# --- concurrency ---
+
+def test_fifty_concurrent_acquires_against_thirty_free_vms(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 30, "max": 30, "lock_timeout": 60, "ready_timeout": 120, "build_timeout": 240})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 30, 300, "30 Free VMs")
+    # cron's reconcile, running back to back for the whole test
+    reconciler = subprocess.Popen(["bash", "-c", 'while :; do "$0" --config "$1" reconcile; done',
+                                   VMPOOL, pool.config_path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        waiters = {str(n): pool.spawn("acquire", str(n), "--user", "u", "--timeout", "240") for n in range(50)}
+        wait_until(lambda: len(pool.vms("busy")) == 30 and len(pool.status()["waiting"]) == 20, 120,
+                   "30 busy and 20 waiting")
+        busy = pool.vms("busy")
+        assert len({vm["name"] for vm in busy}) == 30 and len({vm["job"] for vm in busy}) == 30
+        served_first = {vm["job"] for vm in busy}
+        # a release storm: every holder releases at once; the 20 waiters get VMs
+        releases = [pool.spawn("release", job) for job in served_first]
+        for release in releases:
+            assert release.wait(120) == 0
+        wait_until(lambda: len(pool.vms("busy")) == 20 and not pool.status()["waiting"], 120, "waiters served")
+        outputs = {job: proc.communicate(timeout=120) for job, proc in waiters.items()}
+        assert all(proc.returncode == 0 for proc in waiters.values()), \
+            {job: err for job, (_, err) in outputs.items() if waiters[job].returncode}
+        second = {vm["job"]: vm["address"] for vm in pool.vms("busy")}
+        assert set(second) == set(waiters) - served_first
+        assert len(set(second.values())) == 20
+        for job, address in second.items():
+            assert outputs[job][0].strip() == address
+    finally:
+        reconciler.kill()
+        reconciler.wait()
+    assert len(pool.servers()) == 30
+
+
+# --- crashes ---
+
+CRASH_POINTS = [
+    ("reconcile", "before-create"), ("reconcile", "after-create"), ("reconcile", "before-replace"),
+    ("reconcile", "after-replace"), ("acquire", "before-replace"), ("acquire", "after-create"),
+]
+
+
+@pytest.mark.parametrize(("command", "point"), CRASH_POINTS)
+def test_kill_minus_nine_at_every_step_leaves_a_state_that_reconcile_repairs(
+        pool: PoolHandle, command: str, point: str) -> None:
+    pool.write_config(pool={"min": 1, "create_grace": 3})
+    args = ("reconcile",) if command == "reconcile" else ("acquire", "77", "--user", "u", "--timeout", "30")
+    crashed = pool.run(*args, check=False, env={**os.environ, "VMPOOL_FAILPOINT": point})
+    assert crashed.returncode == -9, crashed.stderr
+    pool.status()  # the state file always parses
+    pool.run("release", "77")
+    settle(pool)
+    assert_consistent(pool)
+    assert len(pool.vms("free")) == 1
+
+
+@pytest.mark.parametrize("point", ["before-delete", "after-delete"])
+def test_kill_during_delete_is_finished_by_the_next_passes(pool: PoolHandle, point: str) -> None:
+    pool.write_config(pool={"min": 1, "delete_timeout": 2})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    pool.write_config(pool={"min": 0, "min_free": 0, "idle_timeout": 0.1})
+    crashed = pool.run("reconcile", check=False, env={**os.environ, "VMPOOL_FAILPOINT": point})
+    assert crashed.returncode == -9
+    pool.reconcile_until(lambda: not pool.servers() and not pool.vms(), 60, "the delete finished")
+
+
+# --- cloud faults ---
+
+def test_api_500_and_reset_and_slow_answers_give_clear_errors_and_lose_nothing(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1}, openstack={"api_timeout": 2})
+    for action, extra, message in (("status", {"status": 500}, "HTTP 500"),
+                                   ("status", {"status": 503}, "HTTP 503"),
+                                   ("reset", {}, "cannot connect"),
+                                   ("delay", {"delay": 5}, "did not answer in time (api_timeout)")):
+        pool.bed.add_fault("nova", "GET", r"/servers/detail", action, **extra)
+        started = time.monotonic()
+        result = pool.run("reconcile", check=False)
+        assert result.returncode == 5 and message in result.stderr, (action, result.stderr)
+        assert time.monotonic() - started < 20
+        pool.bed.clear_faults()
+    pool.bed.add_fault("nova", "POST", r"/servers$", "status", status=500, times=1)
+    pool.run("reconcile")
+    assert "create failed" in Path(pool.settings["pool"]["log_file"]).read_text()
+    pool.bed.clear_faults()
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM after the faults")
+    settle(pool)
+    assert_consistent(pool)
+
+
+def test_expired_token_is_renewed_transparently(pool: PoolHandle) -> None:
+    pool.bed.add_fault("nova", "GET", r"/servers/detail", "status", status=401, times=1)
+    pool.bed.reset_counts()
+    result = pool.run("reconcile")
+    assert result.returncode == 0
+    counts = pool.bed.counts()
+    token_posts = sum(n for key, n in counts.items() if "keystone" in key and "POST" in key and "tokens" in key)
+    assert token_posts >= 2, counts  # the first token, and the new one after the 401
+
+
+def test_quota_exceeded_backs_off_without_a_create_loop(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 2, "backoff_initial": 30, "backoff_max": 300})
+    pool.bed.set_quota(instances=0)  # the real Nova refuses: 403 "Quota exceeded for instances"
+    try:
+        pool.bed.reset_counts()
+        first = pool.run("reconcile")
+        assert "quota exceeded" in first.stderr.lower() and "backing off 30s" in first.stderr
+        for _ in range(3):
+            pool.run("reconcile")
+    finally:
+        pool.bed.set_quota(instances=100)
+    creates = sum(n for key, n in pool.bed.counts().items() if key.startswith("nova POST") and
+                  key.rstrip().endswith("/servers"))
+    assert creates == 1, pool.bed.counts()
+    status = pool.status()
+    assert status["backoff_until"] and status["backoff_until"] > time.time()
+    assert "BACKING OFF" in pool.run("status").stdout
+    assert not pool.servers()
+
+
+def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 3, "protect_after_failures": 2})
+    pool.bed.set_behaviour(f"^{pool.prefix}", error=True)
+    pool.reconcile_until(lambda: pool.status()["protected_since"], 90, "protected mode")
+    assert "PROTECTED MODE" in pool.run("status").stdout
+    booting = [vm for vm in pool.vms() if vm["reason"] in ("creating", "building")]
+    assert len(booting) <= 1
+    pool.bed.clear_behaviours()
+    pool.reconcile_until(lambda: pool.vms("free") and not pool.status()["protected_since"], 90,
+                         "a canary boot clears protected mode")
+    assert pool.status()["boot_failures"] == 0
+
+
+def test_server_stuck_in_build_is_deleted_after_build_timeout(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1, "build_timeout": 3})
+    pool.bed.set_behaviour(f"^{pool.prefix}", spawn_delay=600)
+    pool.reconcile_until(lambda: pool.servers(), 30, "a server in BUILD")
+    stuck = pool.servers()[0].id
+    pool.reconcile_until(lambda: stuck not in {s.id for s in pool.servers()}, 60, "the stuck server deleted")
+    assert "still building after 3s" in Path(pool.settings["pool"]["log_file"]).read_text()
+
+
+def test_delete_that_never_completes_is_reissued_and_tracked_until_gone(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1, "delete_timeout": 2})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    pool.bed.add_fault("nova", "DELETE", r"/servers/", "swallow", times=1)
+    pool.write_config(pool={"min": 0, "idle_timeout": 0.1})
+    pool.run("reconcile")
+    assert pool.servers(), "the swallowed delete left the server"
+    pool.reconcile_until(lambda: not pool.servers() and not pool.vms(), 60, "the re-issued delete done")
+    assert "re-issued" in Path(pool.settings["pool"]["log_file"]).read_text()
+
+
+def test_busy_vm_deleted_behind_our_back_names_its_job(pool: PoolHandle) -> None:
+    pool.run("acquire", "66.srv", "--user", "dave")
+    vm = pool.vms("busy")[0]
+    pool.bed.admin_nova().servers.delete(vm["server_id"])
+    pool.reconcile_until(lambda: pool.vms()[0]["reason"] == "vanished", 60, "the VM marked vanished")
+    log = Path(pool.settings["pool"]["log_file"]).read_text()
+    assert "VANISHED" in log and "66.srv" in log and "dave" in log
+    pool.run("release", "66.srv")
+    pool.reconcile_until(lambda: not pool.vms(), 30, "the vanished VM dropped")
+
+
+# --- SSH faults and host keys ---
+
+@pytest.mark.parametrize(("mode", "symptom"), [("refuse", "refused"), ("hang", "ssh"), ("drop", "timeout")])
+def test_unreachable_vms_are_classified_within_the_timeouts(pool: PoolHandle, mode: str, symptom: str) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    vm = pool.vms("free")[0]
+    pool.bed.vm_fault(vm["server_id"], mode)
+    started = time.monotonic()
+    pool.run("reconcile")
+    took = time.monotonic() - started
+    after = pool.vms()[0]
+    assert after["state"] == "unusable" and after["reason"].startswith("unreachable"), after
+    assert symptom in after["reason"].lower()
+    ssh = pool.settings["ssh"]
+    assert took < ssh["connect_timeout"] + ssh["banner_timeout"] + ssh["auth_timeout"] + 10
+    pool.bed.vm_fault(vm["server_id"], "ok")
+    pool.reconcile_until(lambda: pool.vms("free"), 30, "recovery once SSH answers again")
+
+
+def test_changed_host_key_makes_the_vm_unusable_for_good(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    vm = pool.vms("free")[0]
+    regenerate = ("for t in ecdsa ed25519 rsa; do rm -f /etc/ssh/ssh_host_${t}_key*; "
+                  "ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${t}_key; done")
+    rc, _, err = pool.bed.vm_exec(vm["server_id"], ["sh", "-c", regenerate])
+    assert rc == 0, err
+    pool.bed.vm_fault(vm["server_id"], "refuse")
+    pool.bed.vm_fault(vm["server_id"], "ok")
+    pool.run("reconcile")
+    after = pool.vms()[0]
+    assert (after["state"], after["tainted"]) == ("unusable", "host key changed")
+    assert vm["address"] not in Path(pool.known_hosts).read_text()
+    pool.run("reconcile")
+    assert pool.vms()[0]["state"] == "unusable"
+
+
+def test_host_key_learned_on_first_contact_when_the_console_has_none(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.bed.add_fault("nova", "POST", r"/action$", "status", status=404)  # no console output
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    vm = pool.vms("free")[0]
+    assert vm["address"] in Path(pool.known_hosts).read_text()
+
+
+# --- lost epilogues ---
+
+def test_busy_vm_whose_job_is_gone_is_deleted_after_grace(pool: PoolHandle, tmp_path: Path) -> None:
+    alive = tmp_path / "alive"
+    alive.mkdir()
+    pool.write_config(pool={"job_alive_command": f"test -e {alive}/{{jobid}}", "job_gone_grace": 1})
+    (alive / "88").touch()
+    pool.run("acquire", "88", "--user", "erin")
+    vm = pool.vms("busy")[0]
+    pool.run("reconcile")
+    assert pool.vms("busy"), "a live job keeps its VM"
+    (alive / "88").unlink()
+    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 60, "the VM deleted")
+    assert "gone without epilogue" in Path(pool.settings["pool"]["log_file"]).read_text()
+
+
+# --- the randomized fault run ---
+
+def test_randomized_fault_run_ends_consistent(pool: PoolHandle) -> None:
+    rng = random.Random(int(os.environ.get("VMPOOL_FAULT_SEED", "20261127")))
+    pool.write_config(pool={"min": 1, "max": 4, "min_free": 1, "unusable_timeout": 2, "delete_timeout": 2,
+                            "create_grace": 3, "idle_timeout": 5, "acquire_timeout": 20},
+                      openstack={"api_timeout": 3})
+    holders: dict[str, str] = {}
+    cycles = 0
+    job = 1000
+    faults_injected: dict[str, int] = {}
+
+    def inject() -> None:
+        kind = rng.choice(["list500", "create500", "delete_swallow", "vm_refuse", "vanish", "slow"])
+        faults_injected[kind] = faults_injected.get(kind, 0) + 1
+        if kind == "list500":
+            pool.bed.add_fault("nova", "GET", r"/servers/detail", "status", status=500, times=1)
+        elif kind == "create500":
+            pool.bed.add_fault("nova", "POST", r"/servers$", "status", status=503, times=1)
+        elif kind == "delete_swallow":
+            pool.bed.add_fault("nova", "DELETE", r"/servers/", "swallow", times=1)
+        elif kind == "slow":
+            pool.bed.add_fault("nova", "GET", r"/servers/detail", "delay", delay=4, times=1)
+        else:
+            victims = [vm for vm in pool.vms() if vm["server_id"] and vm["state"] != "unusable"]
+            if victims:
+                victim = rng.choice(victims)
+                if kind == "vm_refuse":
+                    pool.bed.vm_fault(victim["server_id"], "refuse")
+                else:
+                    pool.bed.admin_nova().servers.delete(victim["server_id"])
+
+    while cycles < 200:
+        roll = rng.random()
+        if roll < 0.1:
+            inject()
+        elif roll < 0.2:
+            pool.run("reconcile", check=False)
+        elif holders and (roll < 0.55 or len(holders) >= 4):
+            done = rng.choice(sorted(holders))
+            unusable = ["--unusable", "scrub failed: injected"] if rng.random() < 0.05 else []
+            pool.run("release", done, *unusable)
+            del holders[done]
+            cycles += 1
+        else:
+            job += 1
+            result = pool.run("acquire", str(job), "--user", "u", "--timeout", "20", check=False)
+            if result.returncode == 0:
+                holders[str(job)] = result.stdout.strip()
+                assert list(holders.values()).count(result.stdout.strip()) == 1, "one VM handed to two jobs"
+            else:
+                assert result.returncode in (5, 6), result.stderr
+    pool.bed.clear_faults()
+    for job_id in list(holders):
+        pool.run("release", job_id)
+    settle(pool)
+    assert_consistent(pool)
+    print(f"randomized fault run: {cycles} acquire/release cycles, faults {faults_injected}")
