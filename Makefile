@@ -6,7 +6,7 @@ VENV = .venv
 CLOUD_VENV = .cloud-venv
 PYTEST_ARGS ?=
 
-.PHONY: venv system-deps lint test unit demo clean
+.PHONY: venv system-deps lint test unit demo bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
@@ -18,12 +18,12 @@ $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
 # The stand-in VMs are real sshd processes; drop faults use iptables.
 system-deps:
 	@command -v /usr/sbin/sshd >/dev/null && command -v iptables >/dev/null && command -v nsenter >/dev/null \
-	  && command -v killall >/dev/null || { \
-	  echo "installing openssh-server iptables psmisc procps util-linux (apt)"; \
+	  && command -v killall >/dev/null && command -v shellcheck >/dev/null || { \
+	  echo "installing openssh-server iptables psmisc procps util-linux shellcheck (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    openssh-server openssh-client iptables psmisc procps util-linux >/dev/null; }
+	    openssh-server openssh-client iptables psmisc procps util-linux shellcheck >/dev/null; }
 
-lint: venv
+lint: venv system-deps lint-hooks
 	$(VENV)/bin/ruff check vmpool.py tests bench
 	$(VENV)/bin/mypy vmpool.py
 
@@ -35,6 +35,9 @@ test: venv cloud-venv system-deps lint
 
 demo: venv cloud-venv system-deps
 	$(VENV)/bin/python -m tests.demo
+
+bench: venv
+	$(VENV)/bin/python bench/bench_fast_path.py
 
 clean:
 	rm -rf $(VENV) $(CLOUD_VENV) run *.egg-info
