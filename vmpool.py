@@ -118,9 +118,19 @@ class LockTimeout(VmpoolError):
     exit_code = 7
 
 
+_failpoint_hits: dict[str, int] = {}
+
+
 def failpoint(name: str) -> None:
-    """Die here, as kill -9 would, when the crash tests ask for it (VMPOOL_FAILPOINT=name)."""
-    if os.environ.get("VMPOOL_FAILPOINT") == name:
+    """Die here, as kill -9 would, when the crash tests ask (VMPOOL_FAILPOINT=name or name:N for the Nth hit)."""
+    wanted = os.environ.get("VMPOOL_FAILPOINT")
+    if not wanted:
+        return
+    target, _, nth = wanted.partition(":")
+    if target != name:
+        return
+    _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
+    if _failpoint_hits[name] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -162,6 +172,8 @@ class PoolConfig:
     backoff_initial: float = 60.0
     backoff_max: float = 900.0
     job_alive_command: str = ""
+    job_gone_exit_codes: tuple[int, ...] = (153,)  # Torque's qstat: 153 = unknown job id
+    job_alive_timeout: float = 10.0
     job_gone_grace: float = 600.0
 
 
@@ -230,6 +242,17 @@ def _parse_value(path: str, section: str, key: str, raw: str, default: Any) -> A
     except (ValueError, KeyError):
         kind = "a whole number" if isinstance(default, int) else "a number of seconds"
         raise ConfigError(f"{where}: expected {kind}") from None
+    if key == "job_gone_exit_codes":
+        try:
+            return tuple(int(part) for part in raw.replace(",", " ").split())
+        except ValueError:
+            raise ConfigError(f"{where}: expected exit codes (whole numbers) separated by commas") from None
+    if key == "job_alive_command" and raw:
+        import shlex
+        try:
+            shlex.split(raw)
+        except ValueError as error:
+            raise ConfigError(f"{where}: not a valid command line: {error}") from None
     if key == "security_groups":
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if key == "metadata":
@@ -311,6 +334,19 @@ def _check_ssh(path: str, ssh: SshConfig) -> None:
             raise ConfigError(f"{path}: [ssh] {key} = {getattr(ssh, key)!r}: must be > 0 seconds")
 
 
+def _check_key_permissions(path: str, ssh: SshConfig) -> None:
+    """OpenSSH refuses a private key others can read; say so now rather than at the first probe."""
+    try:
+        mode = os.stat(ssh.private_key).st_mode
+    except FileNotFoundError:
+        return  # status and release work without it; probes say it is missing
+    except OSError as error:
+        raise ConfigError(f"{path}: [ssh] private_key = {ssh.private_key!r}: {error}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path}: [ssh] private_key = {ssh.private_key!r} is accessible by group/others "
+                          f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {ssh.private_key}")
+
+
 def _check_secret_permissions(path: str, parser: configparser.ConfigParser, mode: int) -> None:
     has_secret = parser.has_section("openstack") and any(
         parser.get("openstack", key, fallback="") for key in SECRET_KEYS)
@@ -348,6 +384,7 @@ def load_config(path: str) -> Config:
     _check_pool_limits(path, config.pool)
     _check_openstack(path, config.openstack)
     _check_ssh(path, config.ssh)
+    _check_key_permissions(path, config.ssh)
     return config
 
 
@@ -377,8 +414,8 @@ class Vm:
     @property
     def booting(self) -> bool:
         """Still on its way to its first Free: counts as capacity that is coming."""
-        return self.state == UNUSABLE and not self.tainted and self.last_healthy is None and self.reason in (
-            CREATING, BUILDING, UNREACHABLE, ADOPTED)
+        return self.state == UNUSABLE and not self.tainted and self.last_healthy is None and (
+            self.reason in (CREATING, BUILDING, ADOPTED) or self.reason.startswith(UNREACHABLE))
 
     @property
     def deleting(self) -> bool:
@@ -437,6 +474,7 @@ class Server:
     address: str | None = None
     fault: str = ""
     vm_name: str = ""  # from the pool's metadata
+    created_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -446,6 +484,7 @@ class ProbeResult:
     detail: str = ""
     host_keys: tuple[str, ...] = ()  # keys learned (console or first contact) to pin
     host_key_changed: bool = False
+    server_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -478,6 +517,7 @@ class ProbeSsh:
     server_id: str
     address: str
     host_keys: tuple[str, ...]
+    first_contact: bool = False  # never healthy yet: a key may be learned if the console has none
 
 
 @dataclass(frozen=True)
@@ -523,6 +563,9 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     held = new.vm_of_job(job)
     if held is not None and held.state == BUSY:
         return new, Claimed(held)
+    for stale in (vm for vm in new.vms if vm.job == job):
+        # The job asks again while an Unusable VM is still its own: nobody scrubbed that VM.
+        _give_up_job(stale, f"held by job {job} when it asked for a VM again", now)
     _prune_requests(new, live_pids, host)
     request = next((r for r in new.requests if r.job == job), None)
     if request is None:
@@ -536,9 +579,16 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
         return new, Waiting(position)
     vm = free[0]
     _set_state(vm, BUSY, "", now)
-    vm.job, vm.user = job, user
+    vm.job, vm.user, vm.job_missing_since = job, user, None
     new.requests.remove(request)
     return new, Claimed(vm)
+
+
+def _give_up_job(vm: Vm, taint: str, now: float) -> None:
+    """Detach the VM from its job and make sure it never serves anyone else."""
+    vm.last_job, vm.job, vm.user, vm.job_missing_since = vm.job, None, None, None
+    vm.tainted = vm.tainted or taint
+    _set_state(vm, UNUSABLE, vm.tainted, now)
 
 
 def withdraw_request(state: PoolState, job: str) -> PoolState:
@@ -556,18 +606,25 @@ def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> 
     """Give the job's VM back: Free, or tainted Unusable when it may be dirty."""
     new = copy.deepcopy(state)
     new.requests = [r for r in new.requests if r.job != job]
-    vm = new.vm_of_job(job)
-    if vm is None:
+    held = [vm for vm in new.vms if vm.job == job]
+    if not held:
         return new, [Note(logging.WARNING, f"job {job}: no VM held, nothing to release")]
-    vm.job, vm.user, vm.last_job = None, None, job
+    return new, [_release_vm(vm, job, unusable, now) for vm in held]
+
+
+def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
     if unusable:
-        vm.tainted = unusable
-        _set_state(vm, UNUSABLE, unusable, now)
-        return new, [Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} as unusable: {unusable}")]
-    if vm.state == BUSY and not vm.tainted:
+        _give_up_job(vm, unusable, now)
+        return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} as unusable: {unusable}")
+    was, reason = vm.state, vm.reason
+    vm.last_job, vm.job, vm.user, vm.job_missing_since = job, None, None, None
+    if was == BUSY and not vm.tainted:
         _set_state(vm, FREE, "", now)
-        return new, [Note(logging.INFO, f"{describe_vm(vm)} released by job {job}, now free")]
-    return new, [Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} but it is {vm.state} ({vm.reason})")]
+        return Note(logging.INFO, f"{describe_vm(vm)} released by job {job}, now free")
+    if not vm.tainted:  # it failed under the job: whatever the job left there was never scrubbed
+        vm.tainted = f"{reason or was} while held by job {job}"
+        _set_state(vm, UNUSABLE, vm.tainted, now)
+    return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} but it is {was} ({reason})")
 
 
 def desired_size(state: PoolState, pool: PoolConfig) -> int:
@@ -588,8 +645,8 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
     by_name = {server.vm_name or server.name: server for server in seen.servers}
     for vm in list(new.vms):
         actions += _reconcile_vm(new, vm, servers, by_name, seen, config, now)
-    actions += _adopt_orphans(new, seen.servers, now)
-    actions += _scale(new, config, now)
+    actions += _adopt_orphans(new, seen.servers, config, now)
+    actions += _scale(new, config, {name for server in seen.servers for name in (server.name, server.vm_name)}, now)
     return new, actions
 
 
@@ -609,10 +666,29 @@ def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name:
         return []  # just created: the listing may not show it yet
     if server is None:
         return _server_gone(state, vm, now)
-    if server.address and server.address != vm.address:
-        vm.address, vm.host_keys = server.address, []  # a new address: any pinned key is for someone else
+    actions = _new_address(vm, server, now)
     if vm.deleting:
-        return _redelete_if_stuck(vm, pool, now)
+        return actions + _redelete_if_stuck(vm, pool, now)
+    if vm.job:
+        actions += _check_job_alive(vm, seen, pool, now)
+        if vm.deleting:
+            return actions
+    return actions + _by_server_status(state, vm, server, seen, config, now)
+
+
+def _new_address(vm: Vm, server: Server, now: float) -> list[Action]:
+    """A new address: any pinned key belonged to whoever had it before; probe before use."""
+    if not server.address or server.address == vm.address:
+        return []
+    old, vm.address, vm.host_keys = vm.address, server.address, []
+    if vm.state == FREE:
+        _set_state(vm, UNUSABLE, f"{UNREACHABLE}: address changed", now)
+    return [Note(logging.WARNING, f"{describe_vm(vm)}: address changed from {old}")] if old else []
+
+
+def _by_server_status(state: PoolState, vm: Vm, server: Server, seen: Observation, config: Config,
+                      now: float) -> list[Action]:
+    pool = config.pool
     if server.status == SERVER_ERROR:
         return _delete_failed_boot(state, vm, f"server in ERROR: {server.fault or 'no fault given'}", pool, now)
     if server.status in (SERVER_BUILDING,):
@@ -656,11 +732,19 @@ def _count_boot_failure(state: PoolState, vm: Vm, pool: PoolConfig, now: float) 
     if vm.last_healthy is not None:
         return []
     state.boot_failures += 1
-    if state.boot_failures >= pool.protect_after_failures and state.protected_since is None:
+    if state.boot_failures < pool.protect_after_failures:
+        return []
+    _back_off(state, pool, now)  # each failed canary waits longer: no create/delete loop
+    if state.protected_since is None:
         state.protected_since = now
         return [Note(logging.ERROR, f"protected mode: {state.boot_failures} consecutive failed boots; "
-                                    "creating at most one VM at a time until one boots")]
-    return []
+                                    f"one canary boot at a time, next at {fmt_time(state.backoff_until)}")]
+    return [Note(logging.WARNING, f"protected mode: canary failed; next at {fmt_time(state.backoff_until)}")]
+
+
+def _back_off(state: PoolState, pool: PoolConfig, now: float) -> None:
+    state.backoff_delay = min(pool.backoff_max, max(pool.backoff_initial, state.backoff_delay * 2))
+    state.backoff_until = now + state.backoff_delay
 
 
 def _delete_failed_boot(state: PoolState, vm: Vm, reason: str, pool: PoolConfig, now: float) -> list[Action]:
@@ -698,13 +782,16 @@ def _inactive(state: PoolState, vm: Vm, server: Server, pool: PoolConfig, now: f
 def _active(state: PoolState, vm: Vm, seen: Observation, config: Config, now: float) -> list[Action]:
     pool = config.pool
     if vm.state == BUSY:
-        return _check_job_alive(vm, seen, pool, now)
+        return []
+    if vm.job and not vm.tainted:  # back from a reboot or migration under its job
+        _set_state(vm, BUSY, "", now)
+        return [Note(logging.WARNING, f"{describe_vm(vm)} of job {vm.job} is ACTIVE again")]
     if vm.tainted:
         if vm.job is None and now - vm.since > pool.unusable_timeout:
             return [_mark_delete(vm, f"tainted ({vm.tainted}) for more than {pool.unusable_timeout:.0f}s", now)]
         return []
     if vm.job:
-        return []  # held by a job (e.g. after a reboot): only its release decides what comes next
+        return []  # tainted under its job: only its release detaches it
     not_yet_probed = vm.reason in (BUILDING, SHUTOFF, CREATING, DELETING) or vm.reason.startswith("status ")
     if vm.state == UNUSABLE and not_yet_probed:
         _set_state(vm, UNUSABLE, UNREACHABLE, now)  # ACTIVE now: reachable only once SSH answers
@@ -717,11 +804,12 @@ def _active(state: PoolState, vm: Vm, seen: Observation, config: Config, now: fl
         return []
     if vm.address is None:
         return []
-    return [ProbeSsh(vm.name, vm.server_id or "", vm.address, tuple(vm.host_keys))]
+    return [ProbeSsh(vm.name, vm.server_id or "", vm.address, tuple(vm.host_keys),
+                     first_contact=vm.last_healthy is None)]
 
 
 def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) -> list[Action]:
-    """A Busy VM whose job is gone lost its epilogue: never reuse it silently."""
+    """A VM whose job is gone lost its epilogue: never reuse it silently."""
     if vm.job not in seen.dead_jobs:
         vm.job_missing_since = None
         return []
@@ -731,15 +819,18 @@ def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) ->
     if now - vm.job_missing_since <= pool.job_gone_grace:
         return []
     job = vm.job
-    vm.last_job, vm.job, vm.user = job, None, None
-    vm.tainted = f"job {job} gone without epilogue"
-    _set_state(vm, UNUSABLE, vm.tainted, now)
+    _give_up_job(vm, f"job {job} gone without epilogue", now)
     return [Note(logging.ERROR, f"{describe_vm(vm)}: job {job} gone without epilogue, deleting the VM"),
             _mark_delete(vm, vm.tainted, now)]
 
 
-def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[Action]:
-    """Servers with the pool's tag that the state does not know: adopt when seen twice."""
+def _adopt_orphans(state: PoolState, servers: list[Server], config: Config, now: float) -> list[Action]:
+    """Servers with the pool's tag that the state does not know: adopt when seen twice.
+
+    A young server is one a crash kept from being recorded: it never served a job. An older
+    one has an unknown past (a lost or restored state file): it may hold a job's data, so it is
+    adopted tainted and deleted after unusable_timeout, never handed out.
+    """
     known = {vm.server_id for vm in state.vms}
     actions: list[Action] = []
     listed = set()
@@ -754,10 +845,15 @@ def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[
             continue
         del state.orphans[server.id]
         name = server.vm_name or server.name
-        vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=now,
-                server_id=server.id, address=server.address)
+        young = server.created_at is not None and now - server.created_at < config.pool.create_grace + \
+            config.pool.build_timeout
+        vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=server.created_at or now,
+                server_id=server.id, address=server.address, tainted="" if young else "adopted with unknown past")
+        if vm.tainted:
+            vm.reason = vm.tainted
         state.vms.append(vm)
-        actions.append(Note(logging.WARNING, f"{describe_vm(vm)} adopted (server {server.id})"))
+        actions.append(Note(logging.WARNING, f"{describe_vm(vm)} adopted (server {server.id})"
+                                             + ("" if young else ": unknown past, will be deleted, never used")))
         if server.status == SERVER_ERROR:
             actions.append(_mark_delete(vm, "adopted in ERROR", now))
     state.orphans = {sid: first for sid, first in state.orphans.items() if sid in listed}
@@ -772,20 +868,21 @@ def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
             return name
 
 
-def _scale(state: PoolState, config: Config, now: float) -> list[Action]:
+def _scale(state: PoolState, config: Config, listed_names: set[str], now: float) -> list[Action]:
     pool = config.pool
     live = [vm for vm in state.vms if not vm.deleting and not vm.tainted]
     capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
     desired = desired_size(state, pool)
-    in_cloud = sum(1 for vm in state.vms if not vm.deleting)
+    in_cloud = len(state.vms)  # servers being deleted still count: max bounds what the cloud holds
     if capacity < desired:
-        return _scale_up(state, config, desired - capacity, pool.max - in_cloud, now)
+        return _scale_up(state, config, desired - capacity, pool.max - in_cloud, listed_names, now)
     if capacity > desired:
         return _scale_down(state, pool, capacity - desired, now)
     return []
 
 
-def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, now: float) -> list[Action]:
+def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, listed_names: set[str],
+              now: float) -> list[Action]:
     count = min(shortfall, room)
     if count <= 0:
         return []
@@ -795,7 +892,7 @@ def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, now: 
         if any(vm.booting for vm in state.vms):
             return []
         count = 1  # protected mode: one canary boot at a time
-    taken = {vm.name for vm in state.vms}
+    taken = {vm.name for vm in state.vms} | listed_names  # after a state loss the serial starts again
     actions: list[Action] = []
     for _ in range(count):
         name = _next_name(state, config.server_prefix, taken)
@@ -819,22 +916,26 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
     new = copy.deepcopy(state)
     vm = new.vm_named(name)
     if error is None:
-        new.backoff_until, new.backoff_delay = None, 0.0
+        if new.protected_since is None:
+            new.backoff_until, new.backoff_delay = None, 0.0
         if vm is not None and vm.server_id is None:
             vm.server_id = server_id
             _set_state(vm, UNUSABLE, BUILDING, now)
         return new, [Note(logging.INFO, f"vm {name} created (server {server_id})")]
     _record_cloud_error(new, str(error), now)
     if isinstance(error, QuotaExceeded):
-        new.backoff_delay = min(pool.backoff_max, max(pool.backoff_initial, new.backoff_delay * 2))
-        new.backoff_until = now + new.backoff_delay
+        _back_off(new, pool, now)
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # the cloud said no: nothing was created
         return new, [Note(logging.ERROR, f"vm {name} not created: {error}; backing off "
                                          f"{new.backoff_delay:.0f}s until {fmt_time(new.backoff_until)}")]
     # Any other failure may or may not have created the server: keep the intent; the next
-    # passes bind it by name if it exists, or drop it after create_grace.
-    return new, [Note(logging.ERROR, f"vm {name}: create failed: {error}")]
+    # passes bind it by name if it exists, or drop it after create_grace. It counts as a failed
+    # boot, so a cloud that keeps refusing (a bad image, a 500) ends in protected mode.
+    notes: list[Action] = [Note(logging.ERROR, f"vm {name}: create failed: {error}")]
+    if vm is not None:
+        notes += _count_boot_failure(new, vm, pool, now)
+    return new, notes
 
 
 def plan_not_created(state: PoolState, names: Sequence[str]) -> PoolState:
@@ -844,10 +945,11 @@ def plan_not_created(state: PoolState, names: Sequence[str]) -> PoolState:
     return new
 
 
-def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: float) -> tuple[PoolState, list[Action]]:
+def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: float,
+                 server_id: str = "") -> tuple[PoolState, list[Action]]:
     new = copy.deepcopy(state)
     vm = new.vm_named(name)
-    if vm is None:
+    if vm is None or (server_id and vm.server_id != server_id):
         return new, []
     if error is None:
         return new, [Note(logging.INFO, f"{describe_vm(vm)} delete requested")]
@@ -856,6 +958,21 @@ def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: flo
         return new, [Note(logging.INFO, f"{describe_vm(vm)} already gone")]
     _record_cloud_error(new, str(error), now)
     return new, [Note(logging.ERROR, f"{describe_vm(vm)}: delete failed: {error}; retried on a later pass")]
+
+
+def clear_protected_mode(state: PoolState) -> PoolState:
+    """An admin's word: forget failed boots and back-off; create again."""
+    new = copy.deepcopy(state)
+    new.protected_since, new.boot_failures = None, 0
+    new.backoff_until, new.backoff_delay = None, 0.0
+    return new
+
+
+def plan_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
+    """Remember the last cloud failure: status and acquire's timeout message show it."""
+    new = copy.deepcopy(state)
+    _record_cloud_error(new, message, now)
+    return new
 
 
 def _record_cloud_error(state: PoolState, message: str, now: float) -> None:
@@ -868,7 +985,9 @@ def plan_probed(state: PoolState, results: Sequence[ProbeResult], now: float) ->
     actions: list[Action] = []
     for result in results:
         vm = new.vm_named(result.name)
-        if vm is None or vm.state == BUSY or vm.job or vm.deleting or vm.tainted:
+        if vm is None or (result.server_id and vm.server_id != result.server_id):
+            continue
+        if vm.state == BUSY or vm.job or vm.deleting or vm.tainted:
             continue  # claimed, deleted or tainted while we probed: the probe says nothing now
         if result.host_keys and not vm.host_keys:
             vm.host_keys = list(result.host_keys)
@@ -1032,9 +1151,18 @@ class StateStore:
             raise LockTimeout(f"{self.path}.lock: could not lock the state within {self.lock_timeout:.0f}s "
                               "(another vmpool holds it; see `fuser -v` on the lock file)") from None
         try:
+            self._sweep_temp_files()
             yield
         finally:
             self._lock.release()
+
+    def _sweep_temp_files(self) -> None:
+        """Temp files of the state left by a writer killed mid-write (only lock holders write them)."""
+        directory, base = os.path.split(self.path)
+        for name in os.listdir(directory):
+            if name.startswith(f".{base}.") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
 
     def update(self, change: Callable[[PoolState], tuple[PoolState, Any]]) -> Any:
         """Read, change and write the state under the lock; return what change returned beside it."""
@@ -1111,6 +1239,14 @@ def server_status_from_nova(status: str, task_state: str | None) -> str:
     if task_state == "deleting":
         return SERVER_DELETING
     return NOVA_STATUS.get(status.upper(), SERVER_OTHER)
+
+
+def parse_nova_time(text: str | None) -> float | None:
+    import datetime
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp() if text else None
+    except ValueError:
+        return None
 
 
 def first_ipv4(addresses: dict[str, Any]) -> str | None:
@@ -1199,6 +1335,7 @@ class NovaCloud:
             fault = (getattr(raw, "fault", None) or {}).get("message", "")
             servers.append(Server(
                 id=raw.id, name=raw.name, vm_name=metadata.get(METADATA_VM_KEY, ""),
+                created_at=parse_nova_time(getattr(raw, "created", None)),
                 status=server_status_from_nova(raw.status, getattr(raw, "OS-EXT-STS:task_state", None)),
                 address=first_ipv4(getattr(raw, "addresses", {}) or {}), fault=fault))
         return servers
@@ -1301,6 +1438,9 @@ class FabricRemote:
         except paramiko.SSHException as error:
             if "not found in known_hosts" in str(error):
                 return ProbeResult(address, False, "host key not pinned", host_key_changed=True)
+            if "protocol banner" in str(error) or "No existing session" in str(error):
+                # TCP connected, SSH never answered (a hung sshd); paramiko words it either way
+                return ProbeResult(address, False, f"ssh: no SSH banner within {self.ssh.banner_timeout:.0f}s")
             return ProbeResult(address, False, f"ssh: {error or type(error).__name__}")
         except paramiko.ssh_exception.NoValidConnectionsError as error:
             reasons = sorted({getattr(cause, "strerror", None) or str(cause) for cause in error.errors.values()})
@@ -1392,7 +1532,7 @@ class Pool:
                     time.sleep(self.config.pool.acquire_poll)
         except BaseException:
             with contextlib.suppress(VmpoolError):
-                self.store.update(lambda state: (withdraw_request(state, job), None))
+                self.store.update(functools.partial(_without_result, withdraw_request, job=job))
             raise
         vm = outcome.vm
         log.info(f"{describe_vm(vm)} acquired by job {job} for {user}")
@@ -1422,7 +1562,7 @@ class Pool:
             return True
 
     def _reconcile_locked(self, probe_free: bool, dry_run: bool) -> None:
-        servers, dead_jobs = self._observe()
+        servers, dead_jobs = self._observe(probe_free, dry_run)
         snapshot = self.store.read()
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
@@ -1441,7 +1581,12 @@ class Pool:
         self._step("delete servers", self._delete, [a for a in actions if isinstance(a, DeleteServer)])
         self._step("create servers", self._create, [a for a in actions if isinstance(a, CreateServer)])
         self._step("probe VMs", self._probe, [a for a in actions if isinstance(a, ProbeSsh)])
-        self._step("known_hosts", lambda _: sync_known_hosts(self.store.read(), self.config.ssh), [])
+        self._step("known_hosts", self._sync_known_hosts, [])
+
+    def _sync_known_hosts(self, _: object) -> None:
+        """Under the state lock, so a slower pass never writes an older known_hosts over a newer one."""
+        with self.store.locked():
+            sync_known_hosts(self.store.load(), self.config.ssh)
 
     def _step(self, what: str, run: Callable[[Any], None], items: Any) -> None:
         """Each step of a pass runs even when an earlier one failed."""
@@ -1452,7 +1597,7 @@ class Pool:
         except Exception:
             log.exception(f"reconcile step '{what}' failed unexpectedly")
 
-    def _observe(self) -> tuple[list[Server] | None, frozenset[str]]:
+    def _observe(self, probe_free: bool, dry_run: bool) -> tuple[list[Server] | None, frozenset[str]]:
         servers: list[Server] | None = None
         self.list_error = None
         try:
@@ -1460,29 +1605,37 @@ class Pool:
         except CloudError as error:
             self.list_error = error
             log.error(f"cannot list servers, skipping cloud decisions this pass: {error}")
-            message = str(error)
-            self.store.update(lambda state: (_with_cloud_error(state, message, self.clock()), None))
-        return servers, self._dead_jobs()
+            if not dry_run:
+                self.store.update(functools.partial(
+                    _without_result, plan_cloud_error, message=str(error), now=self.clock()))
+        # Asking the batch system is slow: cron's passes do it, an acquire's waiting passes do not.
+        return servers, self._dead_jobs() if probe_free else frozenset()
 
     def _dead_jobs(self) -> frozenset[str]:
-        command = self.config.pool.job_alive_command
-        if not command:
+        """Jobs that job_alive_command says are gone; a failure to ask is never "gone"."""
+        pool = self.config.pool
+        jobs = sorted({vm.job for vm in self.store.read().vms if vm.job})
+        if not pool.job_alive_command or not jobs:
             return frozenset()
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=8) as executor:
+            gone = list(executor.map(self._job_gone, jobs))
+        return frozenset(job for job, is_gone in zip(jobs, gone, strict=True) if is_gone)
+
+    def _job_gone(self, job: str) -> bool:
         import shlex
         import subprocess
-        dead = set()
-        for vm in self.store.read().vms:
-            if vm.state != BUSY or not vm.job:
-                continue
-            argv = [part.replace("{jobid}", vm.job) for part in shlex.split(command)]
-            try:
-                alive = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0
-            except (OSError, subprocess.TimeoutExpired) as error:
-                log.warning(f"job_alive_command for job {vm.job} failed to run: {error}")
-                continue  # unknown is not dead
-            if not alive:
-                dead.add(vm.job)
-        return frozenset(dead)
+        pool = self.config.pool
+        argv = [part.replace("{jobid}", job) for part in shlex.split(pool.job_alive_command)]
+        try:
+            code = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=pool.job_alive_timeout).returncode
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.warning(f"job_alive_command for job {job} failed to run: {error}")
+            return False
+        if code != 0 and code not in pool.job_gone_exit_codes:
+            log.warning(f"job_alive_command for job {job} exited {code}: neither alive nor gone")
+        return code in pool.job_gone_exit_codes
 
     def _delete(self, deletes: list[DeleteServer]) -> None:
         for action in deletes:
@@ -1494,8 +1647,8 @@ class Pool:
             except CloudError as caught:
                 error = caught
             failpoint("after-delete")
-            self.apply_notes(self.store.update(
-                functools.partial(plan_deleted, name=action.name, error=error, now=self.clock())))
+            self.apply_notes(self.store.update(functools.partial(
+                plan_deleted, name=action.name, error=error, now=self.clock(), server_id=action.server_id)))
 
     def _create(self, creates: list[CreateServer]) -> None:
         for index, action in enumerate(creates):
@@ -1524,18 +1677,32 @@ class Pool:
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(max_workers=self.config.ssh.probe_parallelism) as executor:
             results = list(executor.map(self._probe_one, probes))
-        self.apply_notes(self.store.update(lambda state: plan_probed(state, results, self.clock())))
+        def record(state: PoolState) -> tuple[PoolState, list[Action]]:
+            new, notes = plan_probed(state, results, self.clock())
+            # known_hosts first: once the state says Free, a prologue may claim the VM and ssh to it
+            sync_known_hosts(new, self.config.ssh)
+            return new, notes
+
+        self.apply_notes(self.store.update(record))
 
     def _probe_one(self, action: ProbeSsh) -> ProbeResult:
         keys = list(action.host_keys)
         if not keys:
-            try:
-                keys = host_keys_from_console(self.cloud.console_output(action.server_id))
-            except CloudError as error:
-                log.info(f"vm {action.name}: no console output ({error}); learning the host key on first contact")
+            keys = self._console_host_keys(action)
+            if not keys and not action.first_contact:
+                # Learning a key is only safe right after boot; later it would trust whoever answers.
+                return ProbeResult(action.name, False, "no pinned host key (console shows none)",
+                                   server_id=action.server_id)
         result = self.remote.probe(action.address, keys)
         learned = tuple(keys) if keys and not action.host_keys else result.host_keys
-        return dataclasses.replace(result, name=action.name, host_keys=learned)
+        return dataclasses.replace(result, name=action.name, host_keys=learned, server_id=action.server_id)
+
+    def _console_host_keys(self, action: ProbeSsh) -> list[str]:
+        try:
+            return host_keys_from_console(self.cloud.console_output(action.server_id))
+        except CloudError as error:
+            log.info(f"vm {action.name}: no console output ({error})")
+            return []
 
     def apply_notes(self, actions: Sequence[Action]) -> None:
         for action in actions:
@@ -1546,12 +1713,6 @@ class Pool:
 def _without_result(plan: Callable[..., PoolState], state: PoolState, **kwargs: Any) -> tuple[PoolState, None]:
     """Adapt a plan that only returns a state to StateStore.update."""
     return plan(state, **kwargs), None
-
-
-def _with_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
-    new = copy.deepcopy(state)
-    _record_cloud_error(new, message, now)
-    return new
 
 
 def live_pids(state: PoolState) -> frozenset[int]:
@@ -1712,18 +1873,11 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
     """One pass for cron: scale the pool, re-check Unusable VMs, delete the dead."""
     pool = configured_pool(ctx)
     if clear_protection:
-        pool.store.update(lambda state: (clear_protected_mode(state), None))
+        pool.store.update(functools.partial(_without_result, clear_protected_mode))
         log.warning("protected mode cleared by an admin")
     pool.reconcile(dry_run=dry_run)
     if pool.list_error is not None:
         raise CloudError(f"reconcile pass incomplete: {pool.list_error}")
-
-
-def clear_protected_mode(state: PoolState) -> PoolState:
-    new = copy.deepcopy(state)
-    new.protected_since, new.boot_failures = None, 0
-    new.backoff_until, new.backoff_delay = None, 0.0
-    return new
 
 
 @cli.command()
@@ -1763,6 +1917,8 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exit_:  # SIGTERM, after the finally blocks withdrew what they had to
+        return exit_.code if isinstance(exit_.code, int) else 1
     except Exception:
         log.exception("unexpected internal error (a bug: please report it with this log)")
         return 1

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VMPOOL = str(Path(sys.executable).parent / "vmpool")
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll a condition until it holds (returning its value) or fail saying what was awaited."""
     deadline = time.monotonic() + timeout
     while True:

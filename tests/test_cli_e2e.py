@@ -110,11 +110,9 @@ def test_build_is_visible_and_error_servers_are_deleted_at_once(pool: PoolHandle
     pool.bed.clear_behaviours()
     pool.delete_everything()
     pool.bed.set_behaviour(f"^{pool.prefix}", error=True)
-    first = {s.id for s in pool.servers()}
-    pool.reconcile_until(lambda: any(s.status == "ERROR" for s in pool.servers()), 60, "an ERROR server")
-    errored = {s.id for s in pool.servers() if s.status == "ERROR"}
-    pool.reconcile_until(lambda: not errored & {s.id for s in pool.servers()}, 60, "ERROR servers deleted")
-    assert first.isdisjoint(errored) and pool.status()["boot_failures"] >= 1
+    pool.reconcile_until(lambda: pool.status()["boot_failures"] >= 1, 60, "a failed boot counted")
+    assert "server in ERROR: " in Path(pool.settings["pool"]["log_file"]).read_text()
+    pool.reconcile_until(lambda: not any(s.status == "ERROR" for s in pool.servers()), 60, "ERROR servers deleted")
 
 
 def test_killed_sshd_makes_a_vm_unusable_then_deleted_and_replaced(pool: PoolHandle) -> None:
@@ -207,3 +205,45 @@ def test_json_status_is_stable(pool: PoolHandle) -> None:
     data = pool.status()
     assert set(data) >= {"schema", "version", "pool", "limits", "counts", "waiting", "vms", "last_reconcile"}
     json.dumps(data)
+
+
+def test_application_credential_auth_works_end_to_end(pool: PoolHandle) -> None:
+    info = pool.bed.info
+    for key in ("username", "password", "project_name", "user_domain_name", "project_domain_name"):
+        del pool.settings["openstack"][key]
+    pool.write_config(openstack={"application_credential_id": info["application_credential_id"],
+                                 "application_credential_secret": info["application_credential_secret"]})
+    address = pool.run("acquire", "31", "--user", "alice").stdout.strip()
+    assert pool.vms("busy")[0]["address"] == address and pool.servers()
+
+
+def test_dry_run_reports_and_changes_nothing(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 2})
+    result = pool.run("reconcile", "--dry-run")
+    assert result.stdout.count("would: CreateServer") == 2
+    assert pool.vms() == [] and pool.servers() == []
+
+
+def test_vm_active_long_before_ssh_answers(pool: PoolHandle) -> None:
+    """A real cloud says ACTIVE long before sshd answers: wait within ready_timeout, not beyond."""
+    pool.bed.set_behaviour(f"^{pool.prefix}", sshd_delay=4)
+    address = pool.run("acquire", "41", "--user", "alice", "--timeout", "60").stdout.strip()
+    assert ssh_as_root(pool, address, "true").returncode == 0
+    pool.bed.set_behaviour(f"^{pool.prefix}", sshd_delay=600)
+    pool.write_config(pool={"ready_timeout": 3, "min": 2})
+    pool.reconcile_until(lambda: any((vm["reason"] or "").startswith("unreachable") for vm in pool.vms()), 60,
+                         "an ACTIVE VM not answering SSH")
+    late = next(vm for vm in pool.vms() if (vm["reason"] or "").startswith("unreachable"))
+    pool.reconcile_until(lambda: late["server_id"] not in {s.id for s in pool.servers()}, 60,
+                         "the VM deleted after ready_timeout")
+    assert "not reachable over SSH 3s after ACTIVE" in Path(pool.settings["pool"]["log_file"]).read_text()
+
+
+def test_deleted_vms_leave_known_hosts(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    address = pool.vms("free")[0]["address"]
+    assert address in Path(pool.known_hosts).read_text()
+    pool.write_config(pool={"min": 0, "idle_timeout": 0.1})
+    pool.reconcile_until(lambda: not pool.vms(), 60, "the VM deleted")
+    assert address not in Path(pool.known_hosts).read_text(), "addresses get reused: no stale pin"

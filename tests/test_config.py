@@ -80,3 +80,14 @@ def test_missing_and_garbage_config(tmp_path: Path) -> None:
         vp.load_config(str(tmp_path / "absent.conf"))
     with pytest.raises(vp.ConfigError, match="not a valid INI"):
         vp.load_config(write(tmp_path, "just words\n"))
+
+
+def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("not really a key")
+    key.chmod(0o644)
+    path = write(tmp_path, GOOD.replace("private_key = /etc/vmpool/key", f"private_key = {key}"))
+    with pytest.raises(vp.ConfigError, match=r"private_key .* accessible by group/others \(mode 0644\)"):
+        vp.load_config(path)
+    key.chmod(0o600)
+    assert vp.load_config(path).ssh.private_key == str(key)

@@ -156,8 +156,19 @@ def test_error_at_build_counts_a_failed_boot_and_protects_after_n() -> None:
                                      config(min=2), NOW)
     assert new.boot_failures == 3 and new.protected_since == NOW
     assert "No valid host" in kinds(actions, DeleteServer)[0].reason
-    # protected: one canary create, not the whole shortfall
-    assert len(kinds(actions, CreateServer)) == 1
+    # protected: nothing more now; after the back-off one canary, not the whole shortfall
+    assert kinds(actions, CreateServer) == [] and new.backoff_until == NOW + 60
+    gone, _ = vp.plan_reconcile(new, seen(), config(min=2), NOW + 30)
+    assert kinds(vp.plan_reconcile(gone, seen(), config(min=2), NOW + 30)[1], CreateServer) == []
+    _, later = vp.plan_reconcile(gone, seen(), config(min=2), NOW + 61)
+    assert len(kinds(later, CreateServer)) == 1
+
+
+def test_failed_canary_backs_off_longer_no_create_delete_loop() -> None:
+    state = PoolState(pool="p", protected_since=NOW - 100, boot_failures=3, backoff_delay=60,
+                      vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    new, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_ERROR)), config(min=1), NOW)
+    assert kinds(actions, CreateServer) == [] and new.backoff_delay == 120 and new.backoff_until == NOW + 120
 
 
 def test_protected_mode_waits_for_the_canary() -> None:
@@ -425,3 +436,84 @@ def test_not_created_withdraws_only_unsent_intents() -> None:
                                      vm("b", UNUSABLE, reason=vp.BUILDING)])
     new = vp.plan_not_created(state, ["a", "b"])
     assert [v.name for v in new.vms] == ["b"]
+
+
+# --- regressions found in review ---
+
+def test_vm_still_waiting_for_ssh_counts_as_coming_capacity() -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason="unreachable: connection refused", healthy=False)])
+    _, actions = vp.plan_reconcile(state, seen(server("a")), config(min=1), NOW)
+    assert kinds(actions, CreateServer) == []
+
+
+def test_a_job_never_holds_two_vms_and_release_takes_back_all() -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.SHUTOFF, job="1"), vm("b")])
+    new, outcome = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset({10}))
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b"
+    assert new.vm_named("a").job is None and new.vm_named("a").tainted
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.SHUTOFF, job="1"), vm("b", BUSY, job="1")])
+    released, _ = vp.plan_release(state, "1", NOW)
+    assert released.vm_of_job("1") is None
+    assert released.vm_named("a").tainted and released.vm_named("b").state == FREE
+
+
+def test_busy_vm_back_from_migration_is_busy_again() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    moving, _ = vp.plan_reconcile(state, seen(server("a", vp.SERVER_OTHER)), config(), NOW)
+    assert moving.vm_named("a").state == UNUSABLE
+    back, _ = vp.plan_reconcile(moving, seen(server("a")), config(), NOW + 5)
+    assert (back.vm_named("a").state, back.vm_named("a").job) == (BUSY, "1")
+
+
+def test_lost_epilogue_clock_does_not_carry_over_to_the_next_job() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="7", job_missing_since=NOW - 900)])
+    released, _ = vp.plan_release(state, "7", NOW)
+    claimed, _ = vp.plan_acquire(released, "8", "bob", NOW, 11, HOST, frozenset({11}))
+    _, actions = vp.plan_reconcile(claimed, seen(server("a"), dead_jobs=frozenset({"8"})),
+                                   config(job_gone_grace=60), NOW + 1)
+    assert kinds(actions, DeleteServer) == []
+
+
+def test_new_names_skip_servers_the_state_forgot() -> None:
+    state = PoolState(pool="p")  # serial back at 0 after a state loss
+    listed = seen(server("p-0001", vp.SERVER_BUILDING))
+    _, actions = vp.plan_reconcile(state, listed, config(min=1), NOW)
+    assert [c.name for c in kinds(actions, CreateServer)] == ["p-0002"]
+
+
+@pytest.mark.parametrize(("age", "tainted"), [(10, False), (100_000, True)])
+def test_adopted_servers_of_unknown_past_are_never_handed_out(age: float, tainted: bool) -> None:
+    old = server("x", created_at=NOW - age)
+    once, _ = vp.plan_reconcile(PoolState(pool="p"), seen(old), config(), NOW)
+    twice, _ = vp.plan_reconcile(once, seen(old), config(), NOW + 1)
+    assert bool(twice.vm_named("x").tainted) == tainted
+    probed, _ = vp.plan_probed(twice, [ProbeResult("x", True, server_id="id-x")], NOW + 2)
+    assert (probed.vm_named("x").state == FREE) != tainted
+
+
+def test_servers_being_deleted_count_toward_max() -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW),
+                                     vm("b", BUSY, job="1")],
+                      requests=[vp.Request("2", "u", NOW, 5, "elsewhere")])
+    _, actions = vp.plan_reconcile(state, seen(server("a"), server("b")), config(max=2), NOW + 1)
+    assert kinds(actions, CreateServer) == []
+
+
+def test_free_vm_whose_address_changed_is_probed_before_use() -> None:
+    state = PoolState(pool="p", vms=[vm("a", host_keys=["ssh-ed25519 AAAA"])])
+    new, actions = vp.plan_reconcile(state, seen(server("a", address="127.0.1.9")), config(), NOW)
+    assert new.vm_named("a").state == UNUSABLE and kinds(actions, ProbeSsh)
+    assert kinds(actions, ProbeSsh)[0].first_contact is False
+
+
+def test_probe_of_another_server_with_the_same_name_is_ignored() -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    new, _ = vp.plan_probed(state, [ProbeResult("a", True, server_id="id-old")], NOW)
+    assert new.vm_named("a").state == UNUSABLE
+
+
+def test_state_survives_a_json_text_roundtrip() -> None:
+    import json
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1", host_keys=["ssh-ed25519 AAAA"])],
+                      requests=[vp.Request("2", "b", NOW, 1, HOST)], orphans={"x": NOW}, backoff_until=NOW)
+    assert vp.state_from_json(json.loads(json.dumps(vp.state_to_json(state))), "f", "p") == state

@@ -150,3 +150,14 @@ def test_reconcile_lock_is_exclusive(tmp_path: Path) -> None:
         assert queue.get() is False
     with vp.reconcile_lock(path) as again:
         assert again
+
+
+def test_temp_files_of_a_killed_writer_are_swept_under_the_lock(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.update(add_vm)
+    leftover = Path(s.path).parent / ".state.json.abc123.tmp"
+    leftover.write_text("half a state")
+    other = Path(s.path).parent / ".known_hosts.x.tmp"
+    other.write_text("not ours")
+    s.update(add_vm)
+    assert not leftover.exists() and other.exists()

@@ -10,7 +10,7 @@ import ipaddress
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import paramiko
@@ -18,20 +18,13 @@ import pytest
 from keystoneauth1 import exceptions as ks_exc
 from novaclient import exceptions as nova_exc
 
+from tests.conftest import wait_until
+
 pytestmark = pytest.mark.timeout(300)
 
 SUBNET = ipaddress.ip_network("127.0.1.0/24")
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import paramiko
 import pytest
 
 from tests.cloud.vms import VmError, VmSupervisor, pids_in_pidns
+from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,15 +33,6 @@ def next_address() -> str:
     return f"127.0.5.{next(_addresses)}"
 
 
-def wait_until(cond, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def read_banner(address: str, port: int = 22, timeout: float = 3.0) -> bytes:
@@ -275,7 +266,8 @@ def test_orphans_are_reaped_by_vm_init(sup, vm_a):
     assert sup.exec(vm_a[0], ["kill", pid]).returncode == 0
     wait_until(
         lambda: sup.exec(vm_a[0], ["ps", "-o", "stat=", "-p", pid]).returncode == 1,
-        what="killed orphan to be reaped (no zombie)",
+        5,
+        "killed orphan to be reaped (no zombie)",
     )
 
 

@@ -1,0 +1,161 @@
+"""The executor (class Pool) over fakes that implement the Cloud and Remote interfaces.
+
+Fast checks of the intent -> unlocked call -> record flow; the same behaviours are shown over the
+real Nova API and sshd VMs in test_cli_e2e.py and test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+import vmpool as vp
+
+
+def host_key(server_id: str) -> str:
+    return "ssh-ed25519 KEY" + server_id.replace("-", "")
+
+
+class FakeCloud:
+    """Servers in a dict; a server is ACTIVE after `build_lists` listings; failures injected per call."""
+
+    def __init__(self, build_lists: int = 1):
+        self.servers: dict[str, dict] = {}
+        self.calls: list[str] = []
+        self.build_lists = build_lists
+        self.fail_create: vp.CloudError | None = None
+        self._ids = itertools.count(1)
+
+    def list_servers(self) -> list[vp.Server]:
+        self.calls.append("list")
+        for server in self.servers.values():
+            server["lists"] += 1
+        return [vp.Server(id=sid, name=s["name"], vm_name=s["name"], address=s["address"],
+                          status=vp.SERVER_ACTIVE if s["lists"] > self.build_lists else vp.SERVER_BUILDING)
+                for sid, s in self.servers.items()]
+
+    def create_server(self, name: str) -> str:
+        self.calls.append("create")
+        if self.fail_create is not None:
+            raise self.fail_create
+        number = next(self._ids)
+        sid = f"srv-{number}"
+        self.servers[sid] = {"name": name, "address": f"127.0.9.{number}", "lists": 0}
+        return sid
+
+    def delete_server(self, server_id: str) -> None:
+        self.calls.append("delete")
+        if self.servers.pop(server_id, None) is None:
+            raise vp.ServerGone(f"delete server: {server_id} not found")
+
+    def console_output(self, server_id: str) -> str:
+        self.calls.append("console")
+        return f"-----BEGIN SSH HOST KEY KEYS-----\n{host_key(server_id)}\n-----END SSH HOST KEY KEYS-----\n"
+
+
+class FakeRemote:
+    """Every VM answers SSH unless its address is in `down`."""
+
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+
+    def probe(self, address: str, host_keys: Sequence[str]) -> vp.ProbeResult:
+        if address in self.down:
+            return vp.ProbeResult(address, False, "ssh: connection refused")
+        return vp.ProbeResult(address, True)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[vp.Pool, FakeCloud, FakeRemote]:
+    config = vp.Config(
+        path="test.conf",
+        pool=vp.PoolConfig(name="p", min=0, max=3, min_free=0, state_file=str(tmp_path / "state" / "state.json"),
+                           acquire_poll=0.01, pass_interval=0.01, backoff_initial=60),
+        openstack=vp.OpenStackConfig(auth_url="http://127.0.0.1:9", image="i", flavor="f", network="n",
+                                     username="u", password="p", project_name="p"),
+        ssh=vp.SshConfig(private_key=str(tmp_path / "key"), known_hosts=str(tmp_path / "known_hosts")))
+    cloud = FakeCloud()
+    remote = FakeRemote()
+    return vp.Pool(config, cloud=cloud, remote=remote), cloud, remote
+
+
+def with_pool(pool: vp.Pool, **changes: object) -> vp.Pool:
+    import dataclasses
+    config = dataclasses.replace(pool.config, pool=dataclasses.replace(pool.config.pool, **changes))
+    return vp.Pool(config, cloud=pool.cloud, remote=pool.remote)
+
+
+def test_reconcile_creates_to_min_with_one_listing_per_pass(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, cloud, _ = setup
+    pool = with_pool(pool, min=2)
+    assert pool.reconcile()
+    assert cloud.calls == ["list", "create", "create"]
+    cloud.calls.clear()
+    pool.reconcile()
+    pool.reconcile()
+    assert cloud.calls.count("list") == 2 and "create" not in cloud.calls
+    state = pool.store.read()
+    assert [vm.state for vm in state.vms] == [vp.FREE, vp.FREE]
+    assert all(vm.host_keys == [host_key(vm.server_id or "")] for vm in state.vms)
+
+
+def test_free_vms_are_in_known_hosts_as_soon_as_the_state_says_free(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, _, _ = setup
+    pool = with_pool(pool, min=1)
+    real_save = pool.store.save
+
+    def check_then_save(state: vp.PoolState) -> None:
+        for vm in state.vms:
+            if vm.state == vp.FREE:
+                text = Path(pool.config.ssh.known_hosts).read_text()
+                assert f"{vm.address} {vm.host_keys[0]}" in text, "claimable before its key is pinned"
+        real_save(state)
+
+    pool.store.save = check_then_save  # type: ignore[method-assign]
+    for _ in range(3):
+        pool.reconcile()
+    assert pool.store.read().count(vp.FREE) == 1
+
+
+def test_acquire_on_an_empty_pool_boots_and_claims(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, cloud, _ = setup
+    vm = pool.acquire("1", "alice", timeout=5)
+    assert vm.job == "1" and cloud.calls.count("create") == 1
+    assert pool.store.read().requests == []
+
+
+def test_acquire_timeout_withdraws_the_request(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, cloud, _ = setup
+    cloud.fail_create = vp.QuotaExceeded("create server: quota exceeded for instances")
+    with pytest.raises(vp.NoVmAvailable, match="backing off"):
+        pool.acquire("1", "alice", timeout=0.3)
+    state = pool.store.read()
+    assert state.requests == [] and state.vms == [] and cloud.calls.count("create") == 1
+
+
+def test_delete_of_a_server_already_gone_drops_the_record(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, cloud, _ = setup
+    pool = with_pool(pool, min=1)
+    pool.reconcile()
+    pool.reconcile()
+    sid = pool.store.read().vms[0].server_id
+    assert sid is not None
+    cloud.servers.pop(sid)  # deleted behind our back, and then we decide to delete it too
+    pool._delete([vp.DeleteServer(pool.store.read().vms[0].name, sid, "test")])
+    assert pool.store.read().vms == []
+
+
+def test_unreachable_free_vm_is_not_handed_out(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, _, remote = setup
+    pool = with_pool(pool, min=1, max=1)
+    pool.reconcile()
+    pool.reconcile()
+    remote.down.add(pool.store.read().vms[0].address or "")
+    pool.reconcile()
+    assert pool.store.read().vms[0].state == vp.UNUSABLE
+    with pytest.raises(vp.NoVmAvailable):
+        pool.acquire("1", "alice", timeout=0.2)
