@@ -4,12 +4,13 @@
 # Gives the VM the job owner's account (same uid/gid as on the worker node, password field `*`:
 # sshd with UsePAM no refuses key logins to locked `!` accounts), the per-job public key as the
 # only authorized key, and the job's working directory. Idempotent (a requeued job re-runs it).
-# Exit 0 done; 10 the VM conflicts with the user (uid or name taken), nothing changed; other:
-# failed part-way. Everything done inside the user's home is done AS the user (setpriv), so a
+# Exit 0 done; 97 the VM conflicts with the user (uid, name or gid taken), nothing changed;
+# 1 failed part-way (useradd & co. exit 10 after partial changes: never mistaken for 97). Everything done inside the user's home is done AS the user (setpriv), so a
 # symlink the user planted in an earlier run cannot make root write elsewhere.
 
 # shellcheck shell=bash
 set -euo pipefail
+trap 'echo "vm-prepare failed at line $LINENO" >&2; exit 1' ERR
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 umask 022
 cd /
@@ -17,7 +18,7 @@ user=$1 uid=$2 group=$3 gid=$4 home=$5 workdir=$6 pubkey=$7
 
 conflict() {
     echo "conflict: $*" >&2
-    exit 10
+    exit 97
 }
 
 as_user() {
@@ -36,6 +37,9 @@ owner=$(getent passwd -- "$uid" | cut -d: -f1 || true)
 gentry=$(getent group -- "$gid" || true)
 if [[ -z $gentry ]] && getent group -- "$group" >/dev/null; then
     conflict "group $group exists on the VM with another gid than $gid"
+fi
+if [[ -n $gentry && ${gentry%%:*} != "$group" ]]; then
+    conflict "gid $gid is group ${gentry%%:*} on the VM, not $group"
 fi
 if [[ -e $home && ! -L $home ]]; then
     [[ $(stat -c %u -- "$home") == "$uid" ]] || conflict "$home exists on the VM, not owned by uid $uid"
@@ -74,27 +78,8 @@ as_user bash -c '
 
 # --- the working directory ---
 
-# Below the home, or anywhere the user may create it: as the user. Elsewhere (e.g. /scratch/x)
-# root creates the missing components one by one, each owned by the user, never through a
-# symlink that root does not own. The epilogue removes the topmost component the user owns.
-make_workdir_as_root() {
-    local path=/ part parts
-    IFS=/ read -r -a parts <<<"${workdir#/}"
-    for part in "${parts[@]}"; do
-        [[ -z $part ]] && continue
-        path=${path%/}/$part
-        if [[ -L $path && $(stat -c %u -- "$path") != 0 ]]; then
-            echo "refusing to follow $path, a symlink not owned by root" >&2
-            return 1
-        fi
-        if [[ ! -e $path ]]; then
-            mkdir -- "$path"
-            chown -h "$uid:$gid" -- "$path"
-        fi
-    done
-}
-
-if [[ ! -d $workdir ]]; then
-    as_user mkdir -p -- "$workdir" 2>/dev/null || make_workdir_as_root
+# Only the user creates it, as the user: root creating directories where the user cannot (say
+# in a root-owned tree) would hand the user a place root trusts. Without it the job runs in $HOME.
+if [[ ! -d $workdir ]] && ! as_user mkdir -p -- "$workdir" 2>/dev/null; then
+    echo "vmpool: cannot create $workdir on the VM as $user; the job will run in $home" >&2
 fi
-[[ -d $workdir ]]

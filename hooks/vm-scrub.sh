@@ -27,6 +27,11 @@ owned_by_user() {
 
 # No new logins: the per-job key goes first. Removed as the user: a symlink the user planted
 # in the home must not make root delete anything else.
+# First shut the door, as root and without touching the user's files: a locked, expired account
+# takes no new login even if the user made the key file undeletable.
+if getent passwd -- "$user" >/dev/null; then
+    usermod -L -e 1 -- "$user" 2>/dev/null || problem "cannot lock account $user"
+fi
 setpriv --reuid="$uid" --regid="$gid" --clear-groups -- rm -f -- "$home/.ssh/authorized_keys" 2>/dev/null
 
 # Every process of the uid, until none is left (a fork bomb needs a few rounds).
@@ -41,6 +46,17 @@ if pgrep -U "$uid" >/dev/null || pgrep -u "$uid" >/dev/null; then
 fi
 
 crontab -r -u "$user" >/dev/null 2>&1
+if command -v atq >/dev/null; then  # at jobs of the user
+    for at_job in $(atq 2>/dev/null | awk -v u="$user" '$NF == u {print $1}'); do atrm "$at_job"; done
+fi
+# System V IPC the user created (sshd here runs without PAM: no session manager removes them)
+if command -v ipcrm >/dev/null; then
+    for kind in m q s; do
+        ipcs -"$kind" 2>/dev/null | awk -v u="$user" '$3 == u {print $2}' | while read -r id; do
+            ipcrm -"$kind" "$id" 2>/dev/null
+        done
+    done
+fi
 rm -f -- "/var/spool/cron/crontabs/$user" "/var/mail/$user" "/var/spool/mail/$user"
 
 # The account (and its own group, if no one else uses it).

@@ -16,7 +16,8 @@
 # --- constants ---
 
 VH_CONF_KEYS=(VMPOOL VMPOOL_CONFIG JOB_DIR ACQUIRE_TIMEOUT PREPARE_TIMEOUT SCRUB_TIMEOUT
-              RELEASE_TIMEOUT REQUEUE_BACKOFF SSH_CONNECT_TIMEOUT KILL_GRACE MIN_UID SCRUB_DIRS)
+              RELEASE_TIMEOUT REQUEUE_BACKOFF SSH_CONNECT_TIMEOUT KILL_GRACE MIN_UID SCRUB_DIRS
+              MAX_PREPARE_ATTEMPTS)
 # Defaults; vmpool-hooks.conf overrides them.
 VMPOOL=/usr/local/bin/vmpool
 VMPOOL_CONFIG=/etc/vmpool/vmpool.conf
@@ -29,6 +30,7 @@ REQUEUE_BACKOFF=60     # seconds the prologue sleeps before asking Torque to req
 SSH_CONNECT_TIMEOUT=10
 KILL_GRACE=5           # seconds between the forwarded signal and SIGKILL on the VM
 MIN_UID=1000           # jobs of system accounts (and root) are refused
+MAX_PREPARE_ATTEMPTS=3 # failed preparations of a job's VM before the job is aborted
 SCRUB_DIRS="/tmp /var/tmp /dev/shm"
 
 # Torque job ids (123, 123.server.domain, 123[4].server) and POSIX names, as vmpool checks them.
@@ -40,7 +42,7 @@ VH_RUN=0
 VH_ABORT=1
 VH_REQUEUE=2
 # vm-prepare.sh: the VM conflicts with the job owner (uid or name taken); it changed nothing.
-VH_PREPARE_CONFLICT=10
+VH_PREPARE_CONFLICT=97
 # jobstarter: the job could not be started on its VM (like ssh's own failures).
 VH_STARTER_FAILED=255
 
@@ -118,7 +120,7 @@ vh_load_config() {
 vh_check_config() {
     local file=$1 key path
     for key in ACQUIRE_TIMEOUT PREPARE_TIMEOUT SCRUB_TIMEOUT RELEASE_TIMEOUT REQUEUE_BACKOFF \
-               SSH_CONNECT_TIMEOUT KILL_GRACE MIN_UID; do
+               SSH_CONNECT_TIMEOUT KILL_GRACE MIN_UID MAX_PREPARE_ATTEMPTS; do
         if ! vh_valid_uint "${!key}"; then
             vh_say "$file: $key=$(vh_show "${!key}") is not a whole number of seconds"
             return 1

@@ -376,12 +376,16 @@ def test_a_prologue_killed_by_the_alarm_while_waiting_is_requeued_and_holds_no_v
     prologue = mom.pbs.prologue(job, alarm=1.5)  # the VM is still booting when the alarm strikes
 
     assert prologue.exit_code is None and prologue.outcome == "requeue"
-    wait_until(lambda: [vm for vm in mom.pool.vms() if vm["state"] == "free" or vm["job"] == job.job_id],
-               60, "the VM the killed acquire asked for")
+    # vmpool acquire runs in the prologue's process group: the alarm's SIGKILL ends it too
+    wait_until(lambda: subprocess.run(["pgrep", "-f", f"acquire {job.job_id} "]).returncode != 0, 10,
+               "the killed prologue's acquire to be gone")
+    mom.pool.run("reconcile")  # cron: drops the dead acquire's request, drives the VM it asked for
+    assert mom.pool.status()["waiting"] == []
     epilogue = mom.pbs.epilogue(job, exit_status=-1)
     assert epilogue.exit_code == 0, mom.pbs.err(job)
     assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
     assert not (mom.job_dir / job.job_id).exists()
+    assert mom.pool.servers(), "the VM booted for the job stays in the pool"
 
 
 def test_a_prologue_killed_by_the_alarm_while_preparing_leaves_its_vm_unusable(mom: Mom) -> None:
@@ -399,6 +403,49 @@ def test_a_prologue_killed_by_the_alarm_while_preparing_leaves_its_vm_unusable(m
     assert (mom.job_dir / job.job_id / "root.env").exists(), "the record is written right after acquire"
     epilogue = mom.pbs.epilogue(job, exit_status=-1)
     assert epilogue.exit_code == 2
-    assert "no answer within 4s" in mom.pbs.err(job)
+    assert "did not finish preparing" in mom.pbs.err(job) and "no answer within 4s" in mom.pbs.err(job)
     after = next(v for v in mom.pool.vms() if v["name"] == vm["name"])
-    assert after["state"] == "unusable" and "scrub failed" in (after["reason"] or ""), after
+    assert after["state"] == "unusable" and after["tainted"] == "prologue did not finish preparing the VM", after
+
+
+def test_root_creates_no_workdir_for_the_user_and_bash_env_runs_nothing_on_the_node(mom: Mom) -> None:
+    """A workdir the user could not create would be root's gift (e.g. on root's Python path);
+    BASH_ENV passed with qsub -v must not run the user's code in the job starter on the node."""
+    planted = Path(tempfile.mkdtemp(prefix="vmpt-bashenv-", dir="/tmp"))
+    planted.chmod(0o777)
+    marker = planted / "ran-on-the-node"
+    (planted / "evil.sh").write_text(f"touch {marker}\n")
+    (planted / "evil.sh").chmod(0o755)
+    workdir = "/usr/local/lib/vmpt-planted/site-packages"
+    job = Job("121", "vmpt-alice", workdir=workdir, variables={"BASH_ENV": str(planted / "evil.sh")},
+              script="pwd\n")
+    try:
+        prologue, status, epilogue = mom.pbs.run(job)
+        assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), mom.pbs.err(job)
+        assert mom.pbs.out(job) == "/home/vmpt-alice\n"
+        assert f"no directory {workdir} on the VM; the job runs in /home/vmpt-alice" in mom.pbs.err(job)
+        assert not marker.exists(), "BASH_ENV ran the user's code in the job starter"
+        for vm in mom.pool.vms():
+            assert mom.on_vm(vm, "test", "-e", "/usr/local/lib/vmpt-planted")[0] != 0
+    finally:
+        shutil.rmtree(planted, ignore_errors=True)
+
+
+def test_a_job_whose_vm_preparation_keeps_failing_is_aborted_not_requeued_forever(mom: Mom) -> None:
+    mom.pool.write_config(pool={"min": 1})
+    mom.pool.reconcile_until(lambda: mom.pool.vms("free"), 90, "a Free VM")
+    Mom.__init__(mom, mom.root, mom.pool, MAX_PREPARE_ATTEMPTS=1, SSH_CONNECT_TIMEOUT=2)
+    broken = mom.pool.vms("free")[0]
+    mom.pool.bed.vm_fault(broken["server_id"], "hang")
+    job = Job("303", "vmpt-alice", script="true\n")
+    mom.pbs.receive(job)
+
+    first = mom.pbs.prologue(job)
+    assert first.outcome == "requeue", mom.pbs.err(job)
+    assert next(v for v in mom.pool.vms() if v["name"] == broken["name"])["tainted"]
+    second = mom.pbs.prologue(job)  # Torque runs it again after the requeue: a new VM, but no more tries
+
+    assert second.outcome == "abort", mom.pbs.err(job)
+    assert "preparing a VM failed 1 times; not trying again" in mom.pbs.err(job)
+    assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
+    assert [vm for vm in mom.pool.vms("free") if vm["name"] != broken["name"]], "the untouched VM is Free again"
