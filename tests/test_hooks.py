@@ -103,7 +103,10 @@ echo "setting=$MY_SETTING"
 echo "nodefile=$(cat "$PBS_NODEFILE")"
 echo "to stderr" >&2
 echo secret > /tmp/alice-tmp; echo secret > /var/tmp/alice-vartmp; echo secret > /dev/shm/alice-shm
-setsid sleep 1000 </dev/null >/dev/null 2>&1 &
+# a process escaping the job's session; wait until it has (pbs_mom-like, the job's session is
+# killed when the job ends, and a child still on its way out of it would go with it)
+setsid sh -c 'touch /tmp/alice-escaped; exec sleep 1000' </dev/null >/dev/null 2>&1 &
+for i in $(seq 100); do [ -e /tmp/alice-escaped ] && break; sleep 0.05; done
 exit 3
 """)
     mom.pbs.receive(job)
