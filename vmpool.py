@@ -1418,7 +1418,7 @@ class FabricRemote:
                 with contextlib.suppress(Exception):
                     client.get_host_keys().add(entry, keytype, paramiko.PKey.from_type_string(keytype, _b64(data)))
         else:
-            client.set_missing_host_key_policy(_LearnHostKey(learned))
+            client.set_missing_host_key_policy(_learning_policy(learned))
         return learned
 
     def probe(self, address: str, host_keys: Sequence[str]) -> ProbeResult:
@@ -1461,23 +1461,15 @@ def _b64(data: str) -> bytes:
     return base64.b64decode(data.split()[0])
 
 
-def _learn_host_key_policy_class() -> type:
+def _learning_policy(learned: list[str]) -> Any:
+    """Trust on first use, right after boot, when the console printed no keys: record the key."""
     import paramiko
 
     class LearnHostKey(paramiko.MissingHostKeyPolicy):
-        """Trust on first use, right after boot, when the console printed no keys."""
-
-        def __init__(self, learned: list[str]):
-            self.learned = learned
-
         def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-            self.learned.append(f"{key.get_name()} {key.get_base64()}")
+            learned.append(f"{key.get_name()} {key.get_base64()}")
 
-    return LearnHostKey
-
-
-def _LearnHostKey(learned: list[str]) -> Any:  # noqa: N802 - reads as the class it builds
-    return _learn_host_key_policy_class()(learned)
+    return LearnHostKey()
 
 
 # --- the executor: applies the policy's actions through the adapters ---

@@ -254,7 +254,11 @@ def test_host_key_learned_on_first_contact_when_the_console_has_none(pool: PoolH
     pool.bed.add_fault("nova", "POST", r"/action$", "status", status=404)  # no console output
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     vm = pool.vms("free")[0]
-    assert vm["address"] in Path(pool.known_hosts).read_text()
+    pinned = [line.split()[1:3] for line in Path(pool.known_hosts).read_text().splitlines()
+              if line.split()[0] == vm["address"]]
+    rc, real, _ = pool.bed.vm_exec(vm["server_id"], ["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
+    assert rc == 0 and len(pinned) == 1
+    assert pinned[0] in [line.split()[:2] for line in real.splitlines()], "the pinned key is the VM's own"
 
 
 # --- lost epilogues ---

@@ -389,6 +389,11 @@ def _stop_all_at_exit() -> None:
             pass
 
 
+def nsenter_argv(init_pid: int, argv: list[str]) -> list[str]:
+    """Run argv inside a VM: its mount, PID, UTS and IPC namespaces, its root and cwd."""
+    return ["nsenter", f"--target={init_pid}", "--mount", "--pid", "--uts", "--ipc", "--root", "--wd", "--", *argv]
+
+
 class VmSupervisor:
     """Starts, stops and faults stand-in VMs below ``base_dir`` (one subdir per VM).
 
@@ -959,18 +964,7 @@ class VmSupervisor:
         On timeout the whole process group (inside the VM too) is killed and TimeoutExpired raised.
         """
         vm = self._running(vm_id)
-        cmd = [
-            "nsenter",
-            f"--target={vm.init_pid}",
-            "--mount",
-            "--pid",
-            "--uts",
-            "--ipc",
-            "--root",
-            "--wd",
-            "--",
-            *argv,
-        ]
+        cmd = nsenter_argv(vm.init_pid, argv)
         p = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
@@ -1092,18 +1086,7 @@ def main(argv: builtins.list[str] | None = None) -> int:
         state = json.loads((Path(a.base_dir).resolve() / a.vm_id / "state.json").read_text())
         argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
         return subprocess.call(
-            [
-                "nsenter",
-                f"--target={state['init_pid']}",
-                "--mount",
-                "--pid",
-                "--uts",
-                "--ipc",
-                "--root",
-                "--wd",
-                "--",
-                *(argv or ["/bin/bash", "-l"]),
-            ],
+            nsenter_argv(state["init_pid"], argv or ["/bin/bash", "-l"]),
             env=VM_ENV,
         )
     return 2
