@@ -134,16 +134,20 @@ def ssh(address, host_key_lines, pkey, username="root", timeout=5.0) -> paramiko
     for line in host_key_lines:
         keytype, b64 = line.split()[:2]
         known.add(address, keytype, paramiko.PKey.from_type_string(keytype, base64.b64decode(b64)))
-    client.connect(
-        address,
-        username=username,
-        pkey=pkey,
-        look_for_keys=False,
-        allow_agent=False,
-        timeout=timeout,
-        banner_timeout=timeout,
-        auth_timeout=timeout,
-    )
+    try:
+        client.connect(
+            address,
+            username=username,
+            pkey=pkey,
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+        )
+    except BaseException:
+        client.close()  # a refused login must not leave the VM's sshd waiting on an open socket
+        raise
     return client
 
 
@@ -245,7 +249,22 @@ def test_locked_account_is_refused(sup, vm_a, client_key):
         ssh(address, sup.prepare(vm_id), client_key[0], username="bob").close()
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
 def test_ps_in_vm_shows_only_vm_processes(sup, vm_a):
+    ns = sup.pidns(vm_a[0])
+
+    def settled() -> bool:  # sshd children of earlier tests' sessions take a moment to exit
+        cmds = [_cmdline(p) for p in pids_in_pidns(ns)]
+        return not any(c == "" or (c.startswith("sshd:") and "[listener]" not in c) for c in cmds)
+
+    wait_until(settled, 10, "vm-a to have no SSH session left (nor zombie)")
+    host_view = pids_in_pidns(ns)
     r = sup.exec(vm_a[0], ["ps", "-eo", "pid=,ppid=,args="])
     assert r.returncode == 0, r.stderr
     rows = [line.split(None, 2) for line in r.stdout.decode().splitlines()]
@@ -253,9 +272,9 @@ def test_ps_in_vm_shows_only_vm_processes(sup, vm_a):
     assert by_pid[1].endswith("vmpool-init")
     assert any("sshd" in args and "[listener]" in args for args in by_pid.values())
     assert not any("pytest" in args or "python" in args for args in by_pid.values())
-    host_view = pids_in_pidns(sup.pidns(vm_a[0]))
-    assert len(rows) <= len(host_view) + 1  # +1: the ps itself may be gone already
-    assert os.getpid() not in by_pid or "pytest" not in by_pid[os.getpid()]
+    # Exactly the namespace's processes as the host sees them, plus the ps itself.
+    assert len(rows) == len(host_view) + 1
+    assert [args for args in by_pid.values() if args.startswith("ps ")] == ["ps -eo pid=,ppid=,args="]
 
 
 def test_orphans_are_reaped_by_vm_init(sup, vm_a):

@@ -91,8 +91,10 @@ KEY_TYPES = ("ecdsa", "ed25519", "rsa")  # glob order of /etc/ssh/ssh_host_*_key
 FAULT_MODES = ("ok", "refuse", "hang", "drop")
 INIT_PATH = "/usr/local/sbin/vmpool-init"
 SSHD_PIDFILE = "/run/vmpool-sshd.pid"  # written by the VM's init (sshd itself runs with PidFile none)
-# Host directories the VM must not see (opaque dirs in the upper layer); base_dir is added.
+# Host directories the VM must not see (opaque dirs in the upper layer); base_dir and this
+# checkout (wherever it was cloned, e.g. a CI runner's /check/...) are added.
 HIDDEN_DIRS = ("/root", "/home", "/work", "/mnt", "/media", "/srv")
+CHECKOUT_DIR = str(Path(__file__).resolve().parents[2])
 # Paths that get a fresh tmpfs / proc / ... inside the VM anyway.
 VOLATILE_DIRS = ("/tmp", "/var/tmp", "/run", "/dev", "/proc", "/sys")
 VM_ENV = {
@@ -621,7 +623,7 @@ class VmSupervisor:
 
     def _hidden_dirs(self) -> list[str]:
         out: list[str] = []
-        for p in (*HIDDEN_DIRS, str(self.base_dir)):
+        for p in (*HIDDEN_DIRS, CHECKOUT_DIR, str(self.base_dir)):
             if any(p == h or p.startswith(h.rstrip("/") + "/") for h in (*out, *VOLATILE_DIRS)):
                 continue
             out.append(p)
