@@ -278,6 +278,38 @@ def test_busy_vm_whose_job_is_gone_is_deleted_after_grace(pool: PoolHandle, tmp_
     assert "gone without epilogue" in Path(pool.settings["pool"]["log_file"]).read_text()
 
 
+def test_a_batch_system_that_cannot_answer_never_costs_a_job_its_vm(pool: PoolHandle, tmp_path: Path) -> None:
+    """pbs_server down (qstat exits 2) or hanging: "unknown", never "gone", however long it lasts."""
+    mode = tmp_path / "mode"
+    qstat = tmp_path / "qstat"
+    qstat.write_text(f"""#!/bin/sh
+case $(cat {mode}) in
+  alive) exit 0 ;;
+  down) echo "cannot connect to server" >&2; exit 2 ;;
+  hang) exec sleep 60 ;;
+  gone) exit 153 ;;
+esac
+""")
+    qstat.chmod(0o755)
+    pool.write_config(pool={"job_alive_command": f"{qstat} {{jobid}}", "job_alive_timeout": 1,
+                            "job_gone_grace": 0})
+    log_file = Path(pool.settings["pool"]["log_file"])
+    mode.write_text("alive")
+    pool.run("acquire", "91", "--user", "erin")
+    vm = pool.vms("busy")[0]
+    for outcome, logged in (("down", "exited 2: neither alive nor gone"), ("hang", "failed to run")):
+        mode.write_text(outcome)
+        for _ in range(2):  # with a grace of 0, a second pass would delete a VM whose job looked gone
+            pool.run("reconcile")
+        assert logged in log_file.read_text()
+        assert [v["server_id"] for v in pool.vms("busy")] == [vm["server_id"]], f"{outcome}: the job keeps its VM"
+        assert vm["server_id"] in {server.id for server in pool.servers()}
+    assert "looks gone" not in log_file.read_text()
+    mode.write_text("gone")  # the same command, now answering "gone", is acted on
+    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 60, "the VM deleted")
+    assert "job 91 gone without epilogue" in log_file.read_text()
+
+
 # --- the randomized fault run ---
 
 def test_randomized_fault_run_ends_consistent(pool: PoolHandle) -> None:
