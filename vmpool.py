@@ -285,12 +285,18 @@ def _check_pool_limits(path: str, pool: PoolConfig) -> None:
         ("min", pool.min <= pool.max, f"must be <= max ({pool.max})"),
         ("min_free", 0 <= pool.min_free <= pool.max, f"must be between 0 and max ({pool.max})"),
         ("protect_after_failures", pool.protect_after_failures >= 1, "must be >= 1"),
+        ("backoff_max", pool.backoff_max >= pool.backoff_initial,
+         f"must be >= backoff_initial ({pool.backoff_initial:g})"),
+        ("job_gone_grace", pool.job_gone_grace >= 0, "must be >= 0 seconds"),
+        # 0 is what qstat answers for a live job: as a "gone" code it would delete every job's VM.
+        ("job_gone_exit_codes", all(1 <= code <= 255 for code in pool.job_gone_exit_codes),
+         "exit codes 1-255 (0 means the job is alive)"),
     ]
     for key, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{path}: [pool] {key} = {getattr(pool, key)!r}: {allowed}")
     for field_ in dataclasses.fields(pool):
-        durations = ("create_grace", "acquire_poll", "pass_interval")
+        durations = ("create_grace", "acquire_poll", "pass_interval", "backoff_initial")
         is_duration = field_.name.endswith("_timeout") or field_.name in durations
         if is_duration and getattr(pool, field_.name) <= 0:
             raise ConfigError(f"{path}: [pool] {field_.name} = {getattr(pool, field_.name)!r}: must be > 0 seconds")
@@ -316,6 +322,8 @@ def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
     for key in needed:
         if not getattr(cloud, key):
             raise ConfigError(f"{path}: [openstack] {key} is required with this kind of authentication")
+    if cloud.api_timeout <= 0:
+        raise ConfigError(f"{path}: [openstack] api_timeout = {cloud.api_timeout!r}: must be > 0 seconds")
     if cloud.server_prefix and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", cloud.server_prefix):
         raise ConfigError(f"{path}: [openstack] server_prefix = {cloud.server_prefix!r}: "
                           "letters, digits, '-', '_', '.'")
@@ -332,6 +340,8 @@ def _check_ssh(path: str, ssh: SshConfig) -> None:
     for key in ("connect_timeout", "banner_timeout", "auth_timeout", "command_timeout"):
         if getattr(ssh, key) <= 0:
             raise ConfigError(f"{path}: [ssh] {key} = {getattr(ssh, key)!r}: must be > 0 seconds")
+    if ssh.probe_parallelism < 1:
+        raise ConfigError(f"{path}: [ssh] probe_parallelism = {ssh.probe_parallelism!r}: must be >= 1")
 
 
 def _check_key_permissions(path: str, ssh: SshConfig) -> None:
@@ -1133,6 +1143,11 @@ class StateStore:
         if mode & 0o022:
             raise StateError(f"{self.path}: state is writable by group/others (mode {stat.S_IMODE(mode):04o}); "
                              f"check who changed it, then: chmod 600 {self.path}")
+        if mode & 0o044:  # job ids, users and VM addresses are root's business only
+            with contextlib.suppress(OSError):
+                os.chmod(self.path, 0o600)
+                log.warning(f"{self.path}: state was readable by group/others "
+                            f"(mode {stat.S_IMODE(mode):04o}); made it 0600")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -1742,6 +1757,7 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
         "waiting": [{"job": r.job, "user": r.user, "since": r.since} for r in state.requests],
         "last_reconcile": state.last_reconcile, "boot_failures": state.boot_failures,
         "protected_since": state.protected_since, "backoff_until": state.backoff_until,
+        "backoff_delay": state.backoff_delay,
         "last_cloud_error": state.last_cloud_error or None, "last_cloud_error_at": state.last_cloud_error_at,
         "vms": [{"name": vm.name, "server_id": vm.server_id, "address": vm.address, "state": vm.state,
                  "reason": vm.reason or None, "job": vm.job, "user": vm.user, "since": vm.since,
@@ -1771,7 +1787,8 @@ def status_text(state: PoolState, config: Config, now: float) -> str:
         lines.append(f"PROTECTED MODE since {fmt_time(state.protected_since)}: {state.boot_failures} failed boots; "
                      "one canary boot at a time (clear: vmpool reconcile --clear-protection)")
     if state.backoff_until and now < state.backoff_until:
-        lines.append(f"BACKING OFF creates until {fmt_time(state.backoff_until)}")
+        lines.append(f"BACKING OFF creates until {fmt_time(state.backoff_until)} "
+                     f"(delay {state.backoff_delay:.0f}s, doubling per refusal up to {pool.backoff_max:.0f}s)")
     if state.last_cloud_error:
         lines.append(f"last cloud error at {fmt_time(state.last_cloud_error_at)}: {state.last_cloud_error}")
     return "\n".join(lines)
@@ -1829,7 +1846,17 @@ def cli(ctx: click.Context, config_path: str, verbose: bool) -> None:
               help="address: the VM's address; env: KEY=value lines for the hooks.")
 @click.pass_context
 def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, output: str) -> None:
-    """Get a VM for JOB_ID (the same one again if it has one) and print its address."""
+    """Get a VM for JOB_ID and print its address (exit 0).
+
+    Idempotent: a job that holds a VM gets the same VM again. A Free VM is claimed at once,
+    without asking the cloud. Otherwise the request joins a first-come first-served queue
+    and, if the pool is below max and no boot in progress covers it, a server is created
+    now; the command waits until a VM is ACTIVE and answers SSH, then claims it.
+
+    After --timeout seconds without a VM: exit 6 with the reason (pool at max, cloud
+    failing, quota back-off, protected mode); the request is withdrawn and a VM booted
+    for it stays in the pool.
+    """
     validate_job_id(job_id)
     if user:
         validate_user_name(user)
@@ -1852,7 +1879,12 @@ def hook_env(vm: Vm, config: Config) -> str:
 @click.option("--unusable", "reason", default="", help="The VM may be dirty: never give it to another job.")
 @click.pass_context
 def release(ctx: click.Context, job_id: str, reason: str) -> None:
-    """Give JOB_ID's VM back to the pool (a warning if it holds none)."""
+    """Give JOB_ID's VM back to the pool: it becomes Free (exit 0).
+
+    With --unusable REASON it becomes Unusable instead (e.g. the epilogue could not clean
+    it) and is never handed out again; reconcile deletes it. Releasing a job that holds
+    no VM (unknown, or released already) is a warning, exit 0. No cloud call.
+    """
     validate_job_id(job_id)
     configured_pool(ctx).release(job_id, reason.strip().replace("\n", " ")[:200])
 
@@ -1862,7 +1894,15 @@ def release(ctx: click.Context, job_id: str, reason: str) -> None:
 @click.option("--clear-protection", is_flag=True, help="Leave protected mode and forget failed boots.")
 @click.pass_context
 def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None:
-    """One pass for cron: scale the pool, re-check Unusable VMs, delete the dead."""
+    """One pass for cron: scale the pool, re-check Unusable VMs, delete the dead.
+
+    One server list per pass. BUILD past build_timeout, ERROR, and VMs unreachable past
+    ready_timeout/unusable_timeout are deleted; deletes that do not finish are re-issued
+    after delete_timeout; tagged servers the state does not know are adopted when seen on
+    two passes; Free VMs above min idle past idle_timeout are deleted; missing VMs are
+    created up to min, demand + min_free and max. Another pass already running: exit 0
+    with a message. The cloud cannot be listed: the pass does what it can, exit 5.
+    """
     pool = configured_pool(ctx)
     if clear_protection:
         pool.store.update(functools.partial(_without_result, clear_protected_mode))
@@ -1876,7 +1916,11 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable (schema vmpool-status, version 1).")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show every VM: state, reason, job and user, since when; and the pool summary."""
+    """Show every VM: state, reason, job and user, since when; and the pool summary.
+
+    Also the waiting requests, protected mode, quota back-off and the last cloud error.
+    Reads the state only (no cloud call, no lock wait).
+    """
     pool = configured_pool(ctx)
     try:
         state = pool.store.read()

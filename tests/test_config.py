@@ -62,6 +62,12 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     (("state_file = /var/lib/vmpool/state.json", "state_file = state.json"), "absolute path"),
     (("metadata = site=x, owner=hpc", "metadata = nonsense"), "key=value"),
     (("name = p", "name = p;rm"), r"\[pool\] name = 'p;rm'"),
+    (("[pool]", "[pool]\njob_gone_exit_codes = 153, 0"), r"job_gone_exit_codes = \(153, 0\): exit codes 1-255"),
+    (("[pool]", "[pool]\njob_gone_grace = -5"), r"job_gone_grace = -5.0: must be >= 0"),
+    (("[pool]", "[pool]\nbackoff_initial = 0"), r"backoff_initial = 0.0: must be > 0"),
+    (("[pool]", "[pool]\nbackoff_initial = 100\nbackoff_max = 50"), r"backoff_max = 50.0: must be >= backoff_initial"),
+    (("network = net", "network = net\napi_timeout = 0"), r"\[openstack\] api_timeout = 0.0: must be > 0"),
+    (("[ssh]", "[ssh]\nprobe_parallelism = 0"), r"\[ssh\] probe_parallelism = 0: must be >= 1"),
 ])
 def test_invalid_config_names_file_key_and_allowed(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
     path = write(tmp_path, GOOD.replace(*edit))
@@ -80,6 +86,12 @@ def test_missing_and_garbage_config(tmp_path: Path) -> None:
         vp.load_config(str(tmp_path / "absent.conf"))
     with pytest.raises(vp.ConfigError, match="not a valid INI"):
         vp.load_config(write(tmp_path, "just words\n"))
+    with pytest.raises(vp.ConfigError, match=r"cannot read config: .*Is a directory"):
+        vp.load_config(str(tmp_path))
+    binary = tmp_path / "binary.conf"
+    binary.write_bytes(b"[pool]\nname = \xff\n")
+    with pytest.raises(vp.ConfigError, match=r"cannot read config: .*utf-8"):
+        vp.load_config(str(binary))
 
 
 def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:

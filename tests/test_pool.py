@@ -102,6 +102,28 @@ def test_reconcile_creates_to_min_with_one_listing_per_pass(setup: tuple[vp.Pool
     assert all(vm.host_keys == [host_key(vm.server_id or "")] for vm in state.vms)
 
 
+def test_a_step_that_fails_unexpectedly_is_logged_and_the_later_steps_still_run(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote], caplog: pytest.LogCaptureFixture) -> None:
+    pool, cloud, _ = setup
+    pool = with_pool(pool, min=1, unusable_timeout=0.001)  # a dirty VM is deleted on the next pass
+    pool.reconcile()
+    pool.reconcile()
+    doomed = pool.acquire("1", "u", 5)
+    pool.release("1", "dirty")
+
+    def broken_delete(server_id: str) -> None:
+        raise RuntimeError("a bug in the delete step")
+
+    known_hosts = Path(pool.config.ssh.known_hosts)
+    assert doomed.address in known_hosts.read_text()
+    cloud.delete_server = broken_delete  # type: ignore[method-assign]
+    pool.reconcile()  # deletes the dirty VM (fails) and creates its replacement (must still run)
+    assert "reconcile step 'delete servers' failed unexpectedly" in caplog.text
+    assert cloud.calls.count("create") == 2
+    assert doomed.server_id in cloud.servers
+    assert doomed.address not in known_hosts.read_text()  # the last step ran too: a deleting VM is unpinned
+
+
 def test_free_vms_are_in_known_hosts_as_soon_as_the_state_says_free(
         setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
     pool, _, _ = setup

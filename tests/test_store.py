@@ -62,6 +62,15 @@ def test_group_writable_state_is_refused(tmp_path: Path) -> None:
         s.read()
 
 
+def test_world_readable_state_is_made_private_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = store(tmp_path)
+    s.update(add_vm)
+    os.chmod(s.path, 0o644)
+    assert [vm.name for vm in s.read().vms] == ["v0"]
+    assert stat.S_IMODE(os.stat(s.path).st_mode) == 0o600
+    assert "readable by group/others (mode 0644); made it 0600" in caplog.text
+
+
 def test_failed_write_keeps_the_previous_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = store(tmp_path)
     s.update(add_vm)
