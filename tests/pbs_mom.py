@@ -16,6 +16,9 @@ What a real pbs_mom does, and this driver does too (see issue 4 for the sources)
   then SIGKILL after ``kill_delay``;
 - the epilogue as root with 11 args (``... session resources used queue account exit script``).
 
+Before TORQUE 5.1 (``PbsMom(version="4.2.10")``), pbs_mom passes no job script path: the prologue
+gets 7 arguments and the epilogue 10.
+
 The driver needs root (it switches to the job owner for the job starter).
 """
 
@@ -43,6 +46,28 @@ def ensure_users(names: tuple[str, ...]) -> None:
             pwd.getpwnam(name)
         except KeyError:
             subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True)
+
+
+def ensure_user_with_group(name: str, group: str) -> None:
+    """A job owner whose primary group is `group` (not named after the user), its gid other than
+    the user's uid (useradd --user-group gives uid == gid here, which hides a uid/gid mix-up)."""
+    import grp
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        subprocess.run(["groupadd", group], check=False)  # another test run may be adding it too
+    gid = grp.getgrnam(group).gr_gid
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        taken = {entry.pw_uid for entry in pwd.getpwall()}
+        uid = next(uid for uid in range(1000, 60000) if uid != gid and uid not in taken)
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--no-user-group", "--gid", group,
+                        "--uid", str(uid), name], check=False)
+    owner = pwd.getpwnam(name)
+    if owner.pw_gid != gid or owner.pw_uid == gid:
+        raise RuntimeError(f"user {name} exists with uid {owner.pw_uid} gid {owner.pw_gid}; "
+                           f"wanted primary group {group} ({gid}) and a uid other than {gid}")
 
 
 def seconds(walltime: str) -> int:
@@ -126,7 +151,7 @@ class PbsMom:
     """One pbs_mom with its PBS_HOME; hooks installed in PBS_HOME/mom_priv."""
 
     def __init__(self, pbs_home: Path, starter: Path | None = None, alarm: float = 300,
-                 server: str = "vmpool-test.example"):
+                 server: str = "vmpool-test.example", version: str = "6.1.3"):
         self.pbs_home = Path(pbs_home)
         self.mom_priv = self.pbs_home / "mom_priv"
         self.jobs = self.mom_priv / "jobs"
@@ -135,6 +160,7 @@ class PbsMom:
         self.starter = starter
         self.alarm = alarm
         self.server = server
+        self.version = version  # TORQUE's; below 5.1 the hooks get no job script path
         self.host = socket.gethostname()
         for directory, mode in ((self.pbs_home, 0o755), (self.mom_priv, 0o751), (self.jobs, 0o751),
                                 (self.spool, 0o1777), (self.aux, 0o755)):
@@ -227,19 +253,31 @@ class PbsMom:
             return HookRun(None, f"{name} killed by the alarm after {alarm}s", time.monotonic() - started)
         return HookRun(code, "", time.monotonic() - started)
 
+    @property
+    def passes_script_path(self) -> bool:
+        """TORQUE 5.1 and later give the prologue and epilogue the job script's path last."""
+        major, minor = (int(part) for part in self.version.split(".")[:2])
+        return (major, minor) >= (5, 1)
+
+    def prologue_argv(self, job: Job) -> list[str]:
+        """What this version of pbs_mom passes a prologue: 8 arguments, 7 before TORQUE 5.1."""
+        argv = [job.job_id, job.user, self._group(job), job.name, job.resources, job.queue, job.account]
+        return argv + [str(self.script_path(job))] if self.passes_script_path else argv
+
+    def epilogue_argv(self, job: Job, exit_status: int, session: int = 0) -> list[str]:
+        """What this version of pbs_mom passes an epilogue: 11 arguments, 10 before TORQUE 5.1."""
+        used = "cput=00:00:00,vmem=0kb,walltime=00:00:01,mem=0kb,energy_used=0"
+        argv = [job.job_id, job.user, self._group(job), job.name, str(session), job.resources, used,
+                job.queue, job.account, str(exit_status)]
+        return argv + [str(self.script_path(job))] if self.passes_script_path else argv
+
     def prologue(self, job: Job, alarm: float | None = None, argv: list[str] | None = None) -> HookRun:
-        """Run the prologue; argv overrides the 8 arguments (to play a hostile submission)."""
-        if argv is None:
-            argv = [job.job_id, job.user, self._group(job), job.name, job.resources, job.queue, job.account,
-                    str(self.script_path(job))]
-        return self._run_hook("prologue", argv, job, alarm)
+        """Run the prologue; argv overrides pbs_mom's arguments (to play a hostile submission)."""
+        return self._run_hook("prologue", self.prologue_argv(job) if argv is None else argv, job, alarm)
 
     def epilogue(self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None,
                  argv: list[str] | None = None) -> HookRun:
-        if argv is None:
-            used = "cput=00:00:00,vmem=0kb,walltime=00:00:01,mem=0kb,energy_used=0"
-            argv = [job.job_id, job.user, self._group(job), job.name, str(session), job.resources, used,
-                    job.queue, job.account, str(exit_status), str(self.script_path(job))]
+        argv = self.epilogue_argv(job, exit_status, session) if argv is None else argv
         return self._run_hook("epilogue", argv, job, alarm)
 
     # --- the job ---
@@ -257,7 +295,7 @@ class PbsMom:
             "PBS_NODENUM": "0", "PBS_TASKNUM": "1", "PBS_VNODENUM": "0", "PBS_MOMPORT": "15003",
             "PBS_NP": str(job.ppn), "PBS_NUM_NODES": "1", "PBS_NUM_PPN": str(job.ppn),
             "PBS_WALLTIME": str(seconds(job.walltime)),
-            "PBS_VERSION": "TORQUE-6.1.3",
+            "PBS_VERSION": f"TORQUE-{self.version}",
         }
 
     def start(self, job: Job, exec_with_exec: bool = False) -> RunningJob:

@@ -2,17 +2,20 @@
 against the local cloud (Keystone + Nova over HTTP), jobs run on its sshd VMs over OpenSSH.
 
 Job owners are real non-root users of this machine, created if missing: vmpt-alice and
-vmpt-bob (the job starter runs as them). The stand-in VMs are an overlay of this machine's
+vmpt-bob (the job starter runs as them), and vmpt-carol, whose primary group vmpt-staff has a gid
+other than her uid. The stand-in VMs are an overlay of this machine's
 root, so they see those users' /etc/passwd lines until the prologue's useradd/usermod copies
 /etc/passwd up; their /home, /tmp, /var/tmp, /dev/shm and process tables are their own.
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -23,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, VMPOOL, PoolHandle, wait_until
-from tests.pbs_mom import HookRun, Job, PbsMom, ensure_users
+from tests.pbs_mom import HookRun, Job, PbsMom, ensure_user_with_group, ensure_users
 
 HOOKS = ROOT / "hooks"
 USERS = ("vmpt-alice", "vmpt-bob")
+CAROL = ("vmpt-carol", "vmpt-staff")  # user, primary group: gid != uid
 BACKOFF = 2  # REQUEUE_BACKOFF in the tests (60 s by default)
 
 
@@ -452,3 +456,163 @@ def test_a_job_whose_vm_preparation_keeps_failing_is_aborted_not_requeued_foreve
     assert "preparing a VM failed 1 times; not trying again" in mom.pbs.err(job)
     assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
     assert [vm for vm in mom.pool.vms("free") if vm["name"] != broken["name"]], "the untouched VM is Free again"
+
+
+# --- host keys, older TORQUE, the record's permissions, the account on the VM ---
+
+
+def read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
+    """Try to read a file as `user` (uid, primary gid, no supplementary groups)."""
+    owner = pwd.getpwnam(user)
+    return subprocess.run(["cat", "--", str(path)], capture_output=True, text=True, user=owner.pw_uid,
+                          group=owner.pw_gid, extra_groups=[], timeout=30)
+
+
+def test_a_vm_whose_host_key_changed_after_the_prologue_runs_no_job_and_serves_no_other(mom: Mom) -> None:
+    marker = "/tmp/vmpt-hostkey-job-ran"
+    job = Job("401", "vmpt-alice", script=f"touch {marker}\n")
+    mom.pbs.receive(job)
+    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    vm = mom.vm_of(job)
+    record = mom.job_dir / job.job_id
+    pinned = (record / "known_hosts").read_text()
+    port = next(line.split("=", 1)[1] for line in (record / "root.env").read_text().splitlines()
+                if line.startswith("SSH_PORT="))
+    # The VM gets new host keys (a rebuilt or impersonated VM); its sshd restarts with them.
+    regenerate = ("for t in ecdsa ed25519 rsa; do rm -f /etc/ssh/ssh_host_${t}_key*; "
+                  "ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${t}_key; done; "
+                  "cat /etc/ssh/ssh_host_*_key.pub")
+    rc, new_keys, err = mom.on_vm(vm, "sh", "-c", regenerate)
+    assert rc == 0, err
+    new = [line.split()[1] for line in new_keys.splitlines()]
+    assert len(new) == 3 and not any(key in pinned for key in new)
+    mom.pool.bed.vm_fault(vm["server_id"], "refuse")
+    mom.pool.bed.vm_fault(vm["server_id"], "ok")
+    scan = subprocess.run(["ssh-keyscan", "-T", "5", "-p", port, vm["address"]], capture_output=True, text=True,
+                          timeout=30)
+    assert any(key in scan.stdout for key in new), f"the VM does not present its new keys: {scan.stdout}"
+
+    status = mom.pbs.start(job).wait(60)
+
+    err = mom.pbs.err(job)
+    assert status == 255, err
+    assert "Host key verification failed" in err, err
+    assert f"ssh to VM {vm['name']} ({vm['address']}) exited 255" in err, err
+    assert mom.on_vm(vm, "test", "-e", marker)[0] != 0, "the job ran on a VM with a changed host key"
+    assert mom.on_vm(vm, "test", "-e", "/home/vmpt-alice/.vmpool-jobs")[0] != 0, "the job's script reached it"
+    assert (record / "known_hosts").read_text() == pinned, "the job starter learned a new host key"
+
+    # The epilogue does not trust the VM either: the scrub refuses it, the VM is taken out of the pool.
+    epilogue = mom.pbs.epilogue(job, exit_status=status)
+
+    err = mom.pbs.err(job)
+    assert epilogue.exit_code == 2, err
+    assert f"scrub of VM {vm['name']} ({vm['address']}) failed: ssh failed: Host key verification failed" in err
+    assert "it will serve no other job" in err
+    after = next(v for v in mom.pool.vms() if v["name"] == vm["name"])
+    assert after["state"] == "unusable" and after["tainted"] and "scrub failed" in (after["reason"] or ""), after
+    assert not record.exists()
+    mom.pool.run("reconcile")
+    assert "free" not in [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]]
+    known_hosts = Path(mom.pool.known_hosts).read_text() if Path(mom.pool.known_hosts).exists() else ""
+    assert not any(key in known_hosts for key in new), "vmpool pinned the VM's new host key"
+
+
+def test_older_torque_arguments_without_a_script_path_run_and_clean_up_a_job(mom: Mom) -> None:
+    mom.pbs.version = "4.2.10"  # pbs_mom before 5.1: prologue 7 arguments, epilogue 10
+    job = Job("402.vmpool-test.example", "vmpt-bob", script='echo "host=$(hostname) torque=$PBS_VERSION"\n')
+    script = str(mom.pbs.script_path(job))
+    assert len(mom.pbs.prologue_argv(job)) == 7 and script not in mom.pbs.prologue_argv(job)
+    assert len(mom.pbs.epilogue_argv(job, 0)) == 10 and script not in mom.pbs.epilogue_argv(job, 0)
+    mom.pbs.receive(job)
+
+    prologue = mom.pbs.prologue(job)
+
+    assert prologue.outcome == "run", mom.pbs.err(job)
+    vm = mom.vm_of(job)
+    assert (vm["state"], vm["user"]) == ("busy", "vmpt-bob")
+    status = mom.pbs.start(job).wait(60)
+    vm_host = mom.on_vm(vm, "hostname")[1].strip()
+    assert status == 0, mom.pbs.err(job)
+    assert mom.pbs.out(job) == f"host={vm_host} torque=TORQUE-4.2.10\n" and vm_host != os.uname().nodename
+    assert sorted(user_traces(mom, vm, "vmpt-bob")) == ["account", "home"]
+
+    epilogue = mom.pbs.epilogue(job, exit_status=status)
+
+    assert epilogue.exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.err(job) == ""
+    assert user_traces(mom, vm, "vmpt-bob") == []
+    assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
+    assert not (mom.job_dir / job.job_id).exists()
+
+
+def test_the_job_record_is_readable_by_the_job_owner_only(mom: Mom) -> None:
+    alice, bob = pwd.getpwnam("vmpt-alice"), pwd.getpwnam("vmpt-bob")
+    job = Job("403", "vmpt-alice", script="true\n")
+    mom.pbs.receive(job)
+    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    record = mom.job_dir / job.job_id
+    info = record.lstat()
+    assert stat.S_ISDIR(info.st_mode) and (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o711)
+    owners = {"job.env": (alice.pw_uid, alice.pw_gid, 0o400), "known_hosts": (alice.pw_uid, alice.pw_gid, 0o400),
+              "id_ed25519": (alice.pw_uid, alice.pw_gid, 0o400), "root.env": (0, 0, 0o600),
+              "root_known_hosts": (0, 0, 0o600)}
+    for name, expected in owners.items():
+        info = (record / name).lstat()
+        assert stat.S_ISREG(info.st_mode), name
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == expected, name
+    for path in record.iterdir():  # whatever else is there: nothing but the public key for others
+        if path.name != "id_ed25519.pub":
+            assert not path.lstat().st_mode & 0o077, f"{path.name} is open to group or others"
+
+    # Bob reads none of it, nor lists it; Alice reads hers (the check works) and not root's.
+    for name in owners:
+        stolen = read_as(bob.pw_name, record / name)
+        assert stolen.returncode != 0 and stolen.stdout == "" and "Permission denied" in stolen.stderr, name
+    listing = subprocess.run(["ls", str(record)], capture_output=True, text=True, user=bob.pw_uid,
+                             group=bob.pw_gid, extra_groups=[])
+    assert listing.returncode != 0 and listing.stdout == ""
+    for name in ("job.env", "known_hosts"):
+        mine = read_as(alice.pw_name, record / name)
+        assert mine.returncode == 0 and mine.stdout == (record / name).read_text() != "", name
+    for name in ("root.env", "root_known_hosts"):
+        assert read_as(alice.pw_name, record / name).returncode != 0, name
+
+    assert mom.pbs.start(job).wait(60) == 0, mom.pbs.err(job)
+    assert mom.pbs.epilogue(job, exit_status=0).exit_code == 0, mom.pbs.err(job)
+
+
+def test_the_job_owner_has_the_node_s_uid_and_primary_gid_on_the_vm(mom: Mom) -> None:
+    ensure_user_with_group(*CAROL)
+    carol = pwd.getpwnam(CAROL[0])
+    group = grp.getgrgid(carol.pw_gid)
+    assert group.gr_name == CAROL[1] and carol.pw_uid != carol.pw_gid  # a uid/gid mix-up would show
+    mom.pool.write_config(pool={"min": 1})
+    mom.pool.reconcile_until(lambda: mom.pool.vms("free"), 90, "a Free VM")
+    vm = mom.pool.vms("free")[0]
+    # The stand-in VM sees the node's /etc: like a real image, it must not know the owner at all.
+    rc, _, err = mom.on_vm(vm, "sh", "-c", f"userdel {carol.pw_name} && groupdel {group.gr_name}")
+    assert rc == 0, err
+    for database, key in (("passwd", carol.pw_name), ("passwd", str(carol.pw_uid)),
+                          ("group", group.gr_name), ("group", str(group.gr_gid))):
+        assert mom.on_vm(vm, "getent", database, key)[0] != 0, (database, key)
+    job = Job("404", carol.pw_name,
+              script='echo "uid=$(id -u) gid=$(id -g) user=$(id -un) group=$(id -gn) groups=$(id -G)"\n')
+    mom.pbs.receive(job)
+    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.vm_of(job)["name"] == vm["name"]
+
+    status = mom.pbs.start(job).wait(60)
+
+    assert status == 0, mom.pbs.err(job)
+    assert mom.pbs.out(job) == (f"uid={carol.pw_uid} gid={carol.pw_gid} user={carol.pw_name} "
+                                f"group={group.gr_name} groups={carol.pw_gid}\n")
+    assert os.getgrouplist(carol.pw_name, carol.pw_gid) == [carol.pw_gid], "the node gives her no other group"
+    rc, entry, _ = mom.on_vm(vm, "getent", "passwd", carol.pw_name)
+    assert rc == 0 and entry.split(":")[2:4] == [str(carol.pw_uid), str(carol.pw_gid)], entry
+    rc, entry, _ = mom.on_vm(vm, "getent", "group", group.gr_name)
+    assert rc == 0 and entry.split(":")[2] == str(group.gr_gid), entry
+    rc, owner, _ = mom.on_vm(vm, "stat", "-c", "%u %g", carol.pw_dir)
+    assert rc == 0 and owner.split() == [str(carol.pw_uid), str(carol.pw_gid)], owner
+    assert mom.pbs.epilogue(job, exit_status=status).exit_code == 0, mom.pbs.err(job)
+    assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
