@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.cloud.bed import Bed
+from tests.cloud.bed import Bed, leftovers
 from tests.pbs_mom import Job, PbsMom, ensure_users
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +128,34 @@ def run_burst(mom: PbsMom, config: str) -> dict[str, tuple[int | None, int | Non
     return results
 
 
+def demo(bed: Bed, directory: Path, started: float) -> int:
+    print(f"cloud up in {time.monotonic() - started:.0f}s: {bed.info['auth_url']}")
+    config = write_config(bed, directory)
+    ensure_users(USERS)
+    mom = install_hooks(directory, config)
+    say("filling the pool to min = 1 (vmpool reconcile, as cron would)")
+    deadline = time.monotonic() + 120
+    while counts(config)["free"] < 1 and time.monotonic() < deadline:
+        vmpool(config, "reconcile")
+        time.sleep(1)
+    show_status(config)
+    say(f"a burst of {JOBS} jobs of {' and '.join(USERS)}: the pool scales up to max = 4")
+    results = run_burst(mom, config)
+    ok = sum(1 for prologue, status in results.values() if prologue == 0 and status == 0)
+    print(f"{ok} of {JOBS} jobs ran and exited 0")
+    say("jobs done; idle VMs above min are deleted after idle_timeout = 15s")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        vmpool(config, "reconcile")
+        servers = bed.admin_nova().servers.list(search_opts={"all_tenants": True})
+        if len(servers) <= 1 and sum(counts(config).values()) <= 1:
+            break
+        time.sleep(3)
+    show_status(config)
+    say(f"demo finished in {time.monotonic() - started:.0f}s; stopping the cloud")
+    return 0 if ok == JOBS else 1
+
+
 def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("make demo needs root (Torque hooks and the sshd VMs do)")
@@ -135,35 +163,17 @@ def main() -> int:
     directory.chmod(0o755)  # the job owners must reach the installed job starter
     say("starting the local cloud (Keystone, Nova API, placement, sshd VMs)")
     started = time.monotonic()
-    bed = Bed.start(directory / "cloud")
     try:
-        print(f"cloud up in {time.monotonic() - started:.0f}s: {bed.info['auth_url']}")
-        config = write_config(bed, directory)
-        ensure_users(USERS)
-        mom = install_hooks(directory, config)
-        say("filling the pool to min = 1 (vmpool reconcile, as cron would)")
-        deadline = time.monotonic() + 120
-        while counts(config)["free"] < 1 and time.monotonic() < deadline:
-            vmpool(config, "reconcile")
-            time.sleep(1)
-        show_status(config)
-        say(f"a burst of {JOBS} jobs of {' and '.join(USERS)}: the pool scales up to max = 4")
-        results = run_burst(mom, config)
-        ok = sum(1 for prologue, status in results.values() if prologue == 0 and status == 0)
-        print(f"{ok} of {JOBS} jobs ran and exited 0")
-        say("jobs done; idle VMs above min are deleted after idle_timeout = 15s")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            vmpool(config, "reconcile")
-            servers = bed.admin_nova().servers.list(search_opts={"all_tenants": True})
-            if len(servers) <= 1 and sum(counts(config).values()) <= 1:
-                break
-            time.sleep(3)
-        show_status(config)
-        say(f"demo finished in {time.monotonic() - started:.0f}s; stopping the cloud")
-        return 0 if ok == JOBS else 1
+        bed = Bed.start(directory / "cloud")
+        try:
+            result = demo(bed, directory, started)
+        finally:
+            bed.stop()
+        left = leftovers(directory / "cloud")
+        print("left behind: " + ("nothing (no process, mount or firewall rule of the demo)" if not left
+                                 else "\n  ".join(["", *left])))
+        return 1 if left else result
     finally:
-        bed.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -80,15 +80,23 @@ def test_acquire_times_out_with_a_reason_and_withdraws_its_request(pool: PoolHan
     assert pool.status()["waiting"] == []
 
 
-def test_waiting_acquire_is_served_when_a_vm_is_released(pool: PoolHandle) -> None:
+def test_waiting_acquires_are_served_first_come_first_served_as_vms_are_released(pool: PoolHandle) -> None:
     pool.write_config(pool={"max": 1})
     first = pool.run("acquire", "1", "--user", "alice").stdout.strip()
-    waiter = pool.spawn("acquire", "2", "--user", "bob", "--timeout", "60")
-    wait_until(lambda: [r["job"] for r in pool.status()["waiting"]] == ["2"], 30, "job 2 to wait")
+    waiters = {}
+    for job in ("2", "3"):  # job 2 asks first, then job 3; both wait
+        waiters[job] = pool.spawn("acquire", job, "--user", "bob", "--timeout", "60")
+        wait_until(lambda job=job: [r["job"] for r in pool.status()["waiting"]][-1:] == [job], 30, f"job {job} to wait")
+    assert [r["job"] for r in pool.status()["waiting"]] == ["2", "3"]
     pool.run("release", "1")
-    out, err = waiter.communicate(timeout=60)
-    assert waiter.returncode == 0, err
+    out, err = waiters["2"].communicate(timeout=60)
+    assert waiters["2"].returncode == 0, err
     assert out.strip() == first and pool.vms("busy")[0]["job"] == "2"
+    assert waiters["3"].poll() is None and [r["job"] for r in pool.status()["waiting"]] == ["3"]
+    pool.run("release", "2")
+    out, err = waiters["3"].communicate(timeout=60)
+    assert waiters["3"].returncode == 0, err
+    assert out.strip() == first and pool.vms("busy")[0]["job"] == "3"
 
 
 def test_release_unusable_taints_the_vm_and_reconcile_deletes_it_later(pool: PoolHandle) -> None:
@@ -156,6 +164,54 @@ def test_idle_free_vms_scale_down_to_min(pool: PoolHandle) -> None:
     pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "two Free VMs")
     pool.write_config(pool={"min": 1, "idle_timeout": 0.1})
     pool.reconcile_until(lambda: len(pool.servers()) == 1 and len(pool.vms()) == 1, 60, "one VM left")
+
+
+def test_a_reconcile_pass_lists_the_cloud_once_never_one_get_per_vm(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 3})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 3, 90, "three Free VMs")
+    pool.run("acquire", "5", "--user", "ann")
+    pool.bed.reset_counts()
+    pool.run("reconcile")
+    nova = {key: n for key, n in pool.bed.counts().items() if key.startswith("nova ")}
+    assert nova == {"nova GET /v2.1/servers/detail": 1}, nova
+
+
+def test_shut_off_vms_are_unusable_and_a_busy_one_is_its_jobs_again_once_active(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 2, "unusable_timeout": 2})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "two Free VMs")
+    pool.run("acquire", "12.srv", "--user", "gus")
+    busy = pool.vms("busy")[0]
+    free = pool.vms("free")[0]
+    nova = pool.bed.admin_nova()
+    nova.servers.stop(busy["server_id"])
+    nova.servers.stop(free["server_id"])
+
+    def reason(server_id: str) -> str | None:
+        return next((vm["reason"] for vm in pool.vms() if vm["server_id"] == server_id), "gone")
+
+    pool.reconcile_until(lambda: reason(busy["server_id"]) == "shutoff", 60, "the Busy VM seen SHUTOFF")
+    log = Path(pool.settings["pool"]["log_file"]).read_text()
+    assert "of job 12.srv is shutoff" in log
+    # The Free one is deleted after unusable_timeout; the job's VM is kept for its job.
+    pool.reconcile_until(lambda: free["server_id"] not in {s.id for s in pool.servers()}, 60,
+                         "the shut-off Free VM deleted")
+    assert reason(busy["server_id"]) == "shutoff"
+    nova.servers.start(busy["server_id"])
+    pool.reconcile_until(lambda: [vm["job"] for vm in pool.vms("busy")] == ["12.srv"], 60,
+                         "the restarted VM Busy with its job again")
+    assert pool.run("acquire", "12.srv", "--user", "gus").stdout.strip() == busy["address"]
+
+
+def test_a_busy_vm_whose_server_goes_error_is_deleted_and_its_job_named(pool: PoolHandle) -> None:
+    pool.run("acquire", "13.srv", "--user", "hal")
+    vm = pool.vms("busy")[0]
+    pool.bed.admin_nova().servers.reset_state(vm["server_id"], "error")
+    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 60, "the ERROR server deleted")
+    log = Path(pool.settings["pool"]["log_file"]).read_text()
+    assert "of job 13.srv failed: server in ERROR" in log
+    assert not pool.vms(), "the deleted VM is dropped from the state"
+    result = pool.run("release", "13.srv")  # the job's epilogue, later
+    assert result.returncode == 0 and "no VM held, nothing to release" in result.stderr
 
 
 def test_concurrent_reconcile_is_refused_quietly(pool: PoolHandle) -> None:

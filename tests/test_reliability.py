@@ -87,6 +87,22 @@ CRASH_POINTS = [
 ]
 
 
+def test_a_state_lock_held_too_long_gives_exit_7_and_loses_nothing(pool: PoolHandle) -> None:
+    import filelock
+    pool.write_config(pool={"lock_timeout": 1})
+    pool.run("acquire", "70", "--user", "ida")
+    before = Path(pool.state_file).read_bytes()
+    with filelock.FileLock(f"{pool.state_file}.lock"):  # another vmpool, stuck while holding the lock
+        for args in (("acquire", "71"), ("release", "70"), ("reconcile",)):
+            result = pool.run(*args, check=False)
+            assert result.returncode == 7, (args, result.stderr)
+            assert "could not lock the state within 1s" in result.stderr, result.stderr
+        assert pool.run("status").returncode == 0  # status reads without the lock
+    assert Path(pool.state_file).read_bytes() == before
+    assert pool.run("release", "70").returncode == 0
+    assert pool.vms("free")
+
+
 @pytest.mark.parametrize(("command", "point"), CRASH_POINTS)
 def test_kill_minus_nine_at_every_step_leaves_a_state_that_reconcile_repairs(
         pool: PoolHandle, command: str, point: str) -> None:
@@ -180,6 +196,40 @@ def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None
     assert pool.status()["boot_failures"] == 0
 
 
+def test_an_admin_clears_protected_mode_and_lifts_the_one_canary_limit(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 3, "protect_after_failures": 2, "backoff_initial": 600, "backoff_max": 600})
+    pool.bed.set_behaviour(f"^{pool.prefix}", error=True)
+    pool.reconcile_until(lambda: pool.status()["protected_since"], 90, "protected mode")
+    pool.bed.clear_behaviours()  # the admin fixed the image; without a clear the canary waits 600s
+    pool.bed.reset_counts()
+    pool.run("reconcile")
+    assert pool.status()["protected_since"] and not pool.bed.counts().get("nova POST /v2.1/servers")
+    result = pool.run("reconcile", "--clear-protection")
+    assert "protected mode cleared by an admin" in result.stderr
+    status = pool.status()
+    assert status["protected_since"] is None and status["boot_failures"] == 0 and status["backoff_until"] is None
+    assert pool.bed.counts().get("nova POST /v2.1/servers") == 3  # the whole shortfall at once, not one canary
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 3, 90, "three Free VMs")
+
+
+def test_quota_back_off_grows_with_each_refusal_and_status_shows_it(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1, "backoff_initial": 1, "backoff_max": 3})
+    pool.bed.set_quota(instances=0)
+    try:
+        delays = []
+        for _ in range(3):
+            wait_until(lambda: (pool.status()["backoff_until"] or 0) < time.time(), 10, "the back-off to pass")
+            result = pool.run("reconcile")
+            assert "Quota exceeded" in result.stderr, result.stderr
+            delays.append(pool.status()["backoff_delay"])
+        assert delays == [1, 2, 3]  # doubled, capped at backoff_max
+        assert "(delay 3s, doubling per refusal up to 3s)" in pool.run("status").stdout
+    finally:
+        pool.bed.set_quota(instances=100)
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM once the quota allows")
+    assert pool.status()["backoff_delay"] == 0
+
+
 def test_server_stuck_in_build_is_deleted_after_build_timeout(pool: PoolHandle) -> None:
     pool.write_config(pool={"min": 1, "build_timeout": 3})
     pool.bed.set_behaviour(f"^{pool.prefix}", spawn_delay=600)
@@ -198,6 +248,25 @@ def test_delete_that_never_completes_is_reissued_and_tracked_until_gone(pool: Po
     assert pool.servers(), "the swallowed delete left the server"
     pool.reconcile_until(lambda: not pool.servers() and not pool.vms(), 60, "the re-issued delete done")
     assert "re-issued" in Path(pool.settings["pool"]["log_file"]).read_text()
+
+
+def test_a_delete_the_cloud_refuses_does_not_stop_the_pass_from_replacing_the_vm(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    broken = pool.vms("free")[0]["server_id"]
+    pool.bed.admin_nova().servers.reset_state(broken, "error")
+    pool.bed.add_fault("nova", "DELETE", r"/servers/", "status", status=500)
+    pool.bed.reset_counts()
+    pool.run("reconcile")  # one pass: the delete fails, the create of a replacement still runs
+    counts = pool.bed.counts()
+    assert counts.get("nova DELETE /v2.1/servers/{id}") == 1 and counts.get("nova POST /v2.1/servers") == 1, counts
+    assert "HTTP 500" in Path(pool.settings["pool"]["log_file"]).read_text()
+    assert broken in {s.id for s in pool.servers()}
+    pool.bed.clear_faults()
+    pool.reconcile_until(lambda: broken not in {s.id for s in pool.servers()} and pool.vms("free"), 90,
+                         "the ERROR server deleted and its replacement Free")
+    settle(pool)
+    assert_consistent(pool)
 
 
 def test_busy_vm_deleted_behind_our_back_names_its_job(pool: PoolHandle) -> None:

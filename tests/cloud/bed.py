@@ -640,6 +640,32 @@ def _cleanup_vms(run_dir: Path):
         pass
 
 
+def leftovers(run_dir: Path) -> list[str]:
+    """What a stopped bed left on the machine: processes, mounts, firewall rules (empty: nothing)."""
+    import hashlib
+
+    run_dir = Path(run_dir).resolve()
+    root = str(run_dir)
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            proc_root = os.readlink(f"/proc/{name}/root")
+            mounts = Path(f"/proc/{name}/mountinfo").read_text()
+        except OSError:  # gone meanwhile, or a zombie
+            continue
+        if root in cmdline or proc_root.startswith(root):
+            found.append(f"process {name}: {cmdline.strip()[:120]}")
+        found += [f"mount seen by process {name}: {line[:160]}" for line in mounts.splitlines() if root in line]
+    # the VM supervisor tags its rules with a hash of its base dir (see vms.VmSupervisor)
+    tag = hashlib.sha1(str(run_dir / "vms").encode()).hexdigest()[:10]
+    rules = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True).stdout
+    found += [f"iptables rule: {line}" for line in rules.splitlines() if f"vmpool-vm:{tag}:" in line]
+    return found
+
+
 # ---------------------------------------------------------------------- CLI
 
 

@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -283,6 +284,16 @@ def test_short_token_expiration_reauthenticates(tmp_path: Any) -> None:
         # keystoneauth treats a token with < 120 s left as expiring: below that lifetime every
         # request authenticates anew (flavors.list x2 + get_token x2 at least)
         assert short.counts()["keystone POST /v3/auth/tokens"] >= 2
+        # vmpool itself: an acquire that waits for a boot longer than a token lives
+        from tests.conftest import PoolHandle
+
+        (tmp_path / "pool").mkdir()
+        pool = PoolHandle(short, tmp_path / "pool", "tshort")
+        short.set_behaviour("^tshort-", spawn_delay=8)
+        started = time.monotonic()
+        address = pool.run("acquire", "1", "--user", "u", "--timeout", "90").stdout.strip()
+        assert time.monotonic() - started > 6 and address == pool.vms("busy")[0]["address"]
+        assert "401" not in Path(pool.settings["pool"]["log_file"]).read_text()
     finally:
         short.stop()
     for p in short.procs.values():
