@@ -39,7 +39,7 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 
 @pytest.fixture(scope="session")
 def bed() -> Iterator[Any]:
-    from tests.cloud.bed import Bed
+    from tests.cloud.bed import Bed, leftovers
     run_dir = tempfile.mkdtemp(prefix="vmpool-bed-")
     try:
         started = Bed.start(run_dir)
@@ -47,6 +47,8 @@ def bed() -> Iterator[Any]:
             yield started
         finally:
             started.stop()
+        left = leftovers(Path(run_dir))
+        assert not left, "the test bed left behind:\n" + "\n".join(left)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
