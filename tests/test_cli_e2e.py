@@ -237,15 +237,39 @@ def test_bad_job_ids_are_refused_before_anything(pool: PoolHandle, job: str) -> 
     assert not Path(pool.state_file).exists()
 
 
-def test_corrupt_state_is_reported_and_left_untouched(pool: PoolHandle) -> None:
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"schema": "vmpool-state", "vers', "corrupt state"),
+    ('{"schema": "vmpool-state", "version": 2, "pool": "{pool}", "vms": []}',
+     "was written by a newer vmpool (this one reads 1); upgrade vmpool"),
+    ('{"jobs": {}}', "not a vmpool state file"),
+    ('{"schema": "vmpool-state", "version": 1, "pool": "elsewhere", "vms": []}', "belongs to pool 'elsewhere'"),
+])
+def test_bad_state_is_reported_and_left_untouched(pool: PoolHandle, content: str, message: str) -> None:
+    content = content.replace("{pool}", pool.name)
     Path(pool.state_file).parent.mkdir(mode=0o700)
-    Path(pool.state_file).write_text('{"schema": "vmpool-state", "vers')
+    Path(pool.state_file).write_text(content)
     Path(pool.state_file).chmod(0o600)
     for args in (("acquire", "1"), ("release", "1"), ("reconcile",), ("status",)):
         result = pool.run(*args, check=False)
-        assert result.returncode == 4 and "corrupt state" in result.stderr, args
+        assert result.returncode == 4 and message in result.stderr, (args, result.stderr)
     assert "To recover" in pool.run("status", check=False).stderr
-    assert Path(pool.state_file).read_text() == '{"schema": "vmpool-state", "vers'
+    assert Path(pool.state_file).read_text() == content
+    assert not pool.servers(), "nothing was created on the strength of a state it could not read"
+
+
+def test_config_path_comes_from_the_option_then_the_environment_then_etc(pool: PoolHandle, tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    by_env = subprocess.run([VMPOOL, "status", "--json"], capture_output=True, text=True,
+                            env={**env, "VMPOOL_CONFIG": pool.config_path})
+    assert by_env.returncode == 0 and json.loads(by_env.stdout)["pool"] == pool.name
+    both = subprocess.run([VMPOOL, "--config", str(tmp_path / "other.conf"), "status"], capture_output=True,
+                          text=True, env={**env, "VMPOOL_CONFIG": pool.config_path})
+    assert both.returncode == 3 and f"{tmp_path / 'other.conf'}: no such config file" in both.stderr
+    if not Path(vp.DEFAULT_CONFIG_PATH).exists():
+        neither = subprocess.run([VMPOOL, "status"], capture_output=True, text=True, env=env)
+        assert neither.returncode == 3 and f"{vp.DEFAULT_CONFIG_PATH}: no such config file" in neither.stderr
+    version = subprocess.run([VMPOOL, "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.strip() == f"vmpool, version {vp.__version__}"
 
 
 def test_config_errors_have_their_exit_code(pool: PoolHandle, tmp_path: Path) -> None:

@@ -52,10 +52,11 @@ class Mom:
         self.pbs = PbsMom(self.pbs_home, starter=self.pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=120)
         settings = {"REQUEUE_BACKOFF": BACKOFF, "ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3,
                     "SCRUB_TIMEOUT": 20, "PREPARE_TIMEOUT": 20, "KILL_GRACE": 2, **settings}
+        # The way the README tells a site to install them.
         self.install = subprocess.run(
-            [str(HOOKS / "install"), "install", "--pbs-home", str(self.pbs_home), "--vmpool", vmpool,
-             "--vmpool-config", pool.config_path, "--job-dir", str(self.job_dir),
-             *[arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]],
+            ["make", "-s", "-C", str(ROOT), "install-hooks", f"PBS_HOME={self.pbs_home}", f"VMPOOL={vmpool}",
+             f"VMPOOL_CONFIG={pool.config_path}", f"JOB_DIR={self.job_dir}",
+             "HOOKS_SETTINGS=" + " ".join(f"{key}={value}" for key, value in settings.items())],
             capture_output=True, text=True, check=True)
 
     def vm_of(self, job: Job) -> dict:
@@ -296,6 +297,20 @@ def break_mom_priv_owner(mom: Mom) -> None:
 def break_vmpool_path(mom: Mom) -> None:
     conf = mom.pbs_home / "mom_priv" / "vmpool" / "vmpool-hooks.conf"
     conf.write_text(conf.read_text().replace(f"VMPOOL={VMPOOL}", "VMPOOL=/nonexistent/vmpool"))
+
+
+def test_install_prints_the_mom_config_lines_that_match_what_it_installed(mom: Mom) -> None:
+    lines = mom.install.stdout.splitlines()
+    starter = mom.pbs_home / "mom_priv" / "vmpool" / "jobstarter"
+    assert f"$job_starter {starter}" in lines, mom.install.stdout
+    alarm = next(int(line.split()[1]) for line in lines if line.startswith("$prologalarm "))
+    conf = dict(line.split("=", 1) for line in
+                (mom.pbs_home / "mom_priv" / "vmpool" / "vmpool-hooks.conf").read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+    assert (conf["ACQUIRE_TIMEOUT"], conf["REQUEUE_BACKOFF"]) == ("60", "2")  # HOOKS_SETTINGS reached it
+    worst = sum(int(conf[key]) for key in ("ACQUIRE_TIMEOUT", "PREPARE_TIMEOUT", "RELEASE_TIMEOUT", "REQUEUE_BACKOFF"))
+    assert alarm > worst, "the alarm must not kill a prologue that is still within its own timeouts"
+    assert starter.stat().st_mode & 0o111 and (mom.pbs_home / "mom_priv" / "prologue").stat().st_uid == 0
 
 
 @pytest.mark.parametrize("breakage, message, mom_refuses", [
