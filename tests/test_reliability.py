@@ -197,9 +197,14 @@ def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None
 
 
 def test_an_admin_clears_protected_mode_and_lifts_the_one_canary_limit(pool: PoolHandle) -> None:
-    pool.write_config(pool={"min": 3, "protect_after_failures": 2, "backoff_initial": 600, "backoff_max": 600})
+    # max 6: the failed servers still being deleted must not hold back the creates counted below
+    pool.write_config(pool={"min": 3, "max": 6, "protect_after_failures": 2, "backoff_initial": 600,
+                            "backoff_max": 600})
     pool.bed.set_behaviour(f"^{pool.prefix}", error=True)
-    pool.reconcile_until(lambda: pool.status()["protected_since"], 90, "protected mode")
+    # Protected, and every failed server seen failing (none still booting to fail after the clear).
+    pool.reconcile_until(lambda: pool.status()["protected_since"] and all(vm["reason"] == "deleting"
+                                                                          for vm in pool.vms()),
+                         90, "protected mode with every boot failed")
     pool.bed.clear_behaviours()  # the admin fixed the image; without a clear the canary waits 600s
     pool.bed.reset_counts()
     pool.run("reconcile")
@@ -251,7 +256,7 @@ def test_delete_that_never_completes_is_reissued_and_tracked_until_gone(pool: Po
 
 
 def test_a_delete_the_cloud_refuses_does_not_stop_the_pass_from_replacing_the_vm(pool: PoolHandle) -> None:
-    pool.write_config(pool={"min": 1})
+    pool.write_config(pool={"min": 1, "delete_timeout": 2})  # the refused delete is retried 2 s later
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     broken = pool.vms("free")[0]["server_id"]
     pool.bed.admin_nova().servers.reset_state(broken, "error")
