@@ -111,7 +111,8 @@ def test_release_unusable_taints_the_vm_and_reconcile_deletes_it_later(pool: Poo
 
 
 def test_build_is_visible_and_error_servers_are_deleted_at_once(pool: PoolHandle) -> None:
-    pool.write_config(pool={"min": 1})
+    # create_grace 3: the server deleted below while building is dropped after 3 s, not 30
+    pool.write_config(pool={"min": 1, "create_grace": 3})
     pool.bed.set_behaviour(f"^{pool.prefix}", spawn_delay=30)
     pool.run("reconcile")
     pool.reconcile_until(lambda: [vm for vm in pool.vms() if vm["reason"] == "building"], 30, "a building VM")

@@ -133,7 +133,8 @@ def test_kill_during_delete_is_finished_by_the_next_passes(pool: PoolHandle, poi
 # --- cloud faults ---
 
 def test_api_500_and_reset_and_slow_answers_give_clear_errors_and_lose_nothing(pool: PoolHandle) -> None:
-    pool.write_config(pool={"min": 1}, openstack={"api_timeout": 2})
+    # create_grace 3: the create that got a 500 is given up (and made again) after 3 s, not 30
+    pool.write_config(pool={"min": 1, "create_grace": 3}, openstack={"api_timeout": 2})
     for action, extra, message in (("status", {"status": 500}, "HTTP 500"),
                                    ("status", {"status": 503}, "HTTP 503"),
                                    ("reset", {}, "cannot connect"),
