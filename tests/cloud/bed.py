@@ -642,8 +642,6 @@ def _cleanup_vms(run_dir: Path):
 
 def leftovers(run_dir: Path) -> list[str]:
     """What a stopped bed left on the machine: processes, mounts, firewall rules (empty: nothing)."""
-    import hashlib
-
     run_dir = Path(run_dir).resolve()
     root = str(run_dir)
     found = []
@@ -659,8 +657,12 @@ def leftovers(run_dir: Path) -> list[str]:
         if root in cmdline or proc_root.startswith(root):
             found.append(f"process {name}: {cmdline.strip()[:120]}")
         found += [f"mount seen by process {name}: {line[:160]}" for line in mounts.splitlines() if root in line]
-    # the VM supervisor tags its rules with a hash of its base dir (see vms.VmSupervisor)
-    tag = hashlib.sha1(str(run_dir / "vms").encode()).hexdigest()[:10]
+    sys.path.insert(0, str(HERE))
+    try:
+        from vms import rule_tag
+    finally:
+        sys.path.pop(0)
+    tag = rule_tag(run_dir / "vms")
     rules = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True).stdout
     found += [f"iptables rule: {line}" for line in rules.splitlines() if f"vmpool-vm:{tag}:" in line]
     return found

@@ -268,6 +268,11 @@ def _nspid(pid: int) -> list[int]:
     return []
 
 
+def rule_tag(base_dir: str | Path) -> str:
+    """The tag in the iptables comments of the VMs under base_dir (``vmpool-vm:<tag>:<vm id>``)."""
+    return hashlib.sha1(str(Path(base_dir).resolve()).encode()).hexdigest()[:10]
+
+
 def _pidns(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
@@ -407,7 +412,7 @@ class VmSupervisor:
     def __init__(self, base_dir: str | Path):
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        self._tag = hashlib.sha1(str(self.base_dir).encode()).hexdigest()[:10]
+        self._tag = rule_tag(self.base_dir)
         self._vms: dict[str, _Vm] = {}
         self._lock = threading.Lock()
         self._vm_locks: dict[str, threading.RLock] = {}
