@@ -66,21 +66,16 @@ class PoolHandle:
         self.key = str(directory / "id_pool")
         shutil.copy(bed.info["ssh_private_key"], self.key)
         os.chmod(self.key, 0o600)
+        bed_config = bed.vmpool_sections()
         self.settings: dict[str, dict[str, Any]] = {
             "pool": dict(name=name, min=0, max=3, min_free=0, state_file=self.state_file,
                          log_file=str(directory / "vmpool.log"), lock_timeout=20, build_timeout=60,
                          ready_timeout=30, unusable_timeout=30, idle_timeout=600, delete_timeout=30,
                          create_grace=30, acquire_timeout=90, acquire_poll=0.2, pass_interval=0.5,
                          protect_after_failures=3, backoff_initial=5, backoff_max=20),
-            "openstack": dict(auth_url=bed.info["auth_url"], username=bed.info["username"],
-                              password=bed.info["password"], project_name=bed.info["project_name"],
-                              user_domain_name=bed.info["user_domain_name"],
-                              project_domain_name=bed.info["project_domain_name"],
-                              region_name=bed.info.get("region_name", ""), api_timeout=15,
-                              image=bed.info["image_id"], flavor=bed.info["flavor_id"],
-                              network=bed.info["network_id"], key_name=bed.info["key_name"]),
-            "ssh": dict(user="root", private_key=self.key, connect_timeout=3, banner_timeout=3, auth_timeout=3,
-                        command_timeout=10, known_hosts=self.known_hosts),
+            "openstack": {**bed_config["openstack"], "api_timeout": 15},
+            "ssh": {**bed_config["ssh"], "private_key": self.key, "connect_timeout": 3, "banner_timeout": 3,
+                    "auth_timeout": 3, "command_timeout": 10, "known_hosts": self.known_hosts},
         }
         self.write_config()
 

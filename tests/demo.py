@@ -10,6 +10,7 @@ stopped at the end.
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -49,42 +50,20 @@ def write_config(bed: Bed, directory: Path) -> str:
     key = directory / "id_pool"
     shutil.copy(bed.info["ssh_private_key"], key)
     key.chmod(0o600)
+    sections = bed.vmpool_sections()  # [openstack] and [ssh] for this bed
+    sections["pool"] = {
+        "name": "demo", "min": "1", "max": "4", "min_free": "1",
+        "state_file": f"{directory}/state/state.json", "log_file": f"{directory}/vmpool.log",
+        "idle_timeout": "15", "acquire_timeout": "120", "acquire_poll": "0.3", "pass_interval": "1",
+        "ready_timeout": "60",
+    }
+    sections["ssh"].update(private_key=str(key), known_hosts=f"{directory}/state/known_hosts",
+                           connect_timeout="5", banner_timeout="5", auth_timeout="5")
+    config = configparser.ConfigParser(interpolation=None)
+    config.read_dict(sections)
     path = directory / "vmpool.conf"
-    info = bed.info
-    path.write_text(f"""[pool]
-name = demo
-min = 1
-max = 4
-min_free = 1
-state_file = {directory}/state/state.json
-log_file = {directory}/vmpool.log
-idle_timeout = 15
-acquire_timeout = 120
-acquire_poll = 0.3
-pass_interval = 1
-ready_timeout = 60
-
-[openstack]
-auth_url = {info["auth_url"]}
-username = {info["username"]}
-password = {info["password"]}
-user_domain_name = {info["user_domain_name"]}
-project_name = {info["project_name"]}
-project_domain_name = {info["project_domain_name"]}
-image = {info["image_id"]}
-flavor = {info["flavor_id"]}
-network = {info["network_id"]}
-key_name = {info["key_name"]}
-
-[ssh]
-user = root
-private_key = {key}
-known_hosts = {directory}/state/known_hosts
-connect_timeout = 5
-banner_timeout = 5
-auth_timeout = 5
-""")
-    path.chmod(0o600)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        config.write(handle)  # private from the start: it holds the cloud password
     return str(path)
 
 

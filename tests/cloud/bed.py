@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import configparser
 import ctypes
 import json
 import os
@@ -555,6 +556,12 @@ class Bed:
 
     def config_snippet(self) -> str:
         return config_snippet(self.info)
+
+    def vmpool_sections(self) -> dict[str, dict[str, str]]:
+        """config_snippet() as {section: {key: value}}: for a config that adds its [pool] and overrides."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string(self.config_snippet())
+        return {name: dict(parser[name]) for name in parser.sections()}
 
 
 def config_snippet(i: dict) -> str:
