@@ -113,6 +113,11 @@ class PoolHandle:
     def vms(self, state: str | None = None) -> list[dict[str, Any]]:
         return [vm for vm in self.status()["vms"] if state is None or vm["state"] == state]
 
+    def pinned_hosts(self) -> set[str]:
+        """The hosts vmpool's known_hosts pins a key for (whole fields: 127.0.1.2 is not 127.0.1.20)."""
+        path = Path(self.known_hosts)
+        return {line.split(" ", 1)[0] for line in path.read_text().splitlines() if line} if path.exists() else set()
+
     def servers(self) -> list[Any]:
         """This pool's servers as the cloud lists them (admin view, any tag)."""
         return [s for s in self.bed.admin_nova().servers.list(search_opts={"all_tenants": True})

@@ -319,7 +319,7 @@ def test_changed_host_key_makes_the_vm_unusable_for_good(pool: PoolHandle) -> No
     pool.run("reconcile")
     after = pool.vms()[0]
     assert (after["state"], after["tainted"]) == ("unusable", "host key changed")
-    assert vm["address"] not in Path(pool.known_hosts).read_text()
+    assert vm["address"] not in pool.pinned_hosts()
     pool.run("reconcile")
     assert pool.vms()[0]["state"] == "unusable"
 
