@@ -1438,6 +1438,7 @@ class FabricRemote:
 
     def probe(self, address: str, host_keys: Sequence[str]) -> ProbeResult:
         import paramiko
+        from invoke.exceptions import CommandTimedOut
         connection = self._connection(address)
         learned = self._pin(connection, address, host_keys)
         try:
@@ -1447,6 +1448,9 @@ class FabricRemote:
             if result.exited != 0:
                 return ProbeResult(address, False, f"`true` exited {result.exited}")
             return ProbeResult(address, True, host_keys=tuple(learned))
+        except CommandTimedOut:
+            # logged in, then the VM stopped answering (or a hung shell): no better than no SSH
+            return ProbeResult(address, False, f"ssh: `true` did not finish within {self.ssh.command_timeout:g}s")
         except paramiko.BadHostKeyException as error:
             return ProbeResult(address, False, f"presented {error.key.get_name()} key not pinned",
                                host_key_changed=True)

@@ -306,6 +306,27 @@ def test_unreachable_vms_are_classified_within_the_timeouts(pool: PoolHandle, mo
     pool.reconcile_until(lambda: pool.vms("free"), 30, "recovery once SSH answers again")
 
 
+def test_a_vm_that_logs_in_but_never_finishes_a_command_is_unusable_after_command_timeout(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1}, ssh={"command_timeout": 2})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    vm = pool.vms("free")[0]
+    rc, passwd, err = pool.bed.vm_exec(vm["server_id"], ["getent", "passwd", "root"])
+    assert rc == 0, err
+    shell = passwd.strip().rsplit(":", 1)[1]
+    # sshd still accepts the key and opens the session; root's shell then never returns
+    stall = ("printf '#!/bin/sh\\nexec sleep 3600\\n' >/etc/vmpool-stall && chmod 755 /etc/vmpool-stall"
+             " && usermod -s /etc/vmpool-stall root")
+    rc, _, err = pool.bed.vm_exec(vm["server_id"], ["sh", "-c", stall])
+    assert rc == 0, err
+    pool.run("reconcile", timeout=60)  # the probe gives up after command_timeout, not never
+    after = pool.vms()[0]
+    assert after["state"] == "unusable" and after["reason"].startswith("unreachable"), after
+    assert after["reason"].endswith("`true` did not finish within 2s"), after
+    rc, _, err = pool.bed.vm_exec(vm["server_id"], ["usermod", "-s", shell, "root"])
+    assert rc == 0, err
+    pool.reconcile_until(lambda: pool.vms("free"), 30, "recovery once commands finish again")
+
+
 def test_changed_host_key_makes_the_vm_unusable_for_good(pool: PoolHandle) -> None:
     pool.write_config(pool={"min": 1})
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
