@@ -286,6 +286,33 @@ def test_busy_vm_deleted_behind_our_back_names_its_job(pool: PoolHandle) -> None
     pool.reconcile_until(lambda: not pool.vms(), 30, "the vanished VM dropped")
 
 
+def test_servers_the_cloud_is_still_deleting_are_never_handed_out_and_dropped_once_gone(pool: PoolHandle) -> None:
+    """Deleted behind vmpool's back by a slow hypervisor: Nova lists them with task_state deleting."""
+    pool.write_config(pool={"min": 2, "max": 2})  # at max: the deleting two still count, nothing new boots
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "two Free VMs")
+    pool.run("acquire", "71.srv", "--user", "erin")
+    busy, free = pool.vms("busy")[0], pool.vms("free")[0]
+    pool.bed.set_behaviour("^" + pool.prefix, destroy_delay=10)
+    pool.write_config(pool={"min": 0})  # no replacements: the listing shows only these two
+    nova = pool.bed.admin_nova()
+    for vm in (busy, free):
+        nova.servers.delete(vm["server_id"])
+    wait_until(lambda: all(getattr(s, "OS-EXT-STS:task_state") == "deleting" for s in pool.servers()), 10,
+               "both servers listed as deleting")
+    pool.run("reconcile")
+    by_id = {vm["server_id"]: vm for vm in pool.vms()}
+    assert (by_id[free["server_id"]]["state"], by_id[free["server_id"]]["reason"]) == ("unusable", "deleting")
+    assert (by_id[busy["server_id"]]["state"], by_id[busy["server_id"]]["job"]) == ("unusable", "71.srv")
+    assert "of job 71.srv is deleting" in Path(pool.settings["pool"]["log_file"]).read_text()
+    refused = pool.run("acquire", "72.srv", "--user", "erin", "--timeout", "1", check=False)
+    assert refused.returncode != 0 and not pool.vms("busy"), "a VM the cloud is deleting was handed out"
+    pool.reconcile_until(lambda: free["server_id"] not in {vm["server_id"] for vm in pool.vms()}, 60,
+                         "the Free VM dropped once the cloud finished deleting it")
+    pool.reconcile_until(lambda: pool.vms()[0]["reason"] == "vanished", 30, "the Busy VM marked vanished")
+    pool.run("release", "71.srv")
+    pool.reconcile_until(lambda: not pool.vms() and not pool.servers(), 30, "nothing left")
+
+
 # --- SSH faults and host keys ---
 
 @pytest.mark.parametrize(("mode", "symptom"), [("refuse", "refused"), ("hang", "banner"), ("drop", "timeout")])

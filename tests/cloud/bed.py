@@ -450,17 +450,20 @@ class Bed:
         return _http(method, self.info["nova_control_url"] + path, body, timeout=timeout)
 
     def set_behaviour(
-        self, name_regex: str, *, spawn_delay: float | None = None, error: bool = False, sshd_delay: float | None = None
+        self, name_regex: str, *, spawn_delay: float | None = None, error: bool = False,
+        sshd_delay: float | None = None, destroy_delay: float | None = None,
     ):
-        """Spawn behaviour for servers whose name matches (re.search) name_regex; newest rule wins.
+        """Hypervisor behaviour for servers whose name matches (re.search) name_regex; newest rule wins.
 
         spawn_delay: seconds in BUILD; error: spawn fails -> ERROR; sshd_delay: ACTIVE at once,
-        sshd answers only that many seconds later.
+        sshd answers only that many seconds later; destroy_delay: a delete keeps the server (and its
+        VM) with task_state "deleting" that many seconds before it is gone.
         """
         return self._nctl(
             "POST",
             "/behaviours",
-            {"name_regex": name_regex, "spawn_delay": spawn_delay, "error": bool(error), "sshd_delay": sshd_delay},
+            {"name_regex": name_regex, "spawn_delay": spawn_delay, "error": bool(error), "sshd_delay": sshd_delay,
+             "destroy_delay": destroy_delay},
         )
 
     def set_default_behaviour(

@@ -71,11 +71,11 @@ class Behaviours:
     The most recently added matching rule wins; otherwise the default applies.
     """
 
-    KEYS = ("spawn_delay", "error", "sshd_delay")
+    KEYS = ("spawn_delay", "error", "sshd_delay", "destroy_delay")
 
     def __init__(self, default_spawn_delay):
         self._lock = threading.Lock()
-        self.default = {"spawn_delay": default_spawn_delay, "error": False, "sshd_delay": 0.0}
+        self.default = {"spawn_delay": default_spawn_delay, "error": False, "sshd_delay": 0.0, "destroy_delay": 0.0}
         self.rules = []
 
     def add(self, rule):
@@ -304,6 +304,10 @@ def build_nova(args, behaviours, vms):
             self, context, instance, network_info, block_device_info=None, destroy_disks=True, destroy_secrets=True
         ):
             uuid = instance.uuid
+            delay = float(behaviours.for_name(instance.display_name)["destroy_delay"] or 0)
+            if delay:  # a slow hypervisor: the API shows task_state "deleting" meanwhile
+                LOG.info("destroy %s: waiting %ss first", uuid, delay)
+                time.sleep(delay)
             with plock:
                 destroyed.add(uuid)
                 t = pending.pop(uuid, None)
