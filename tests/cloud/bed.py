@@ -650,10 +650,13 @@ def _cleanup_vms(run_dir: Path):
         pass
 
 
-def leftovers(run_dir: Path) -> list[str]:
-    """What a stopped bed left on the machine: processes, mounts, firewall rules (empty: nothing)."""
+def leftovers(run_dir: Path, *, vms_only: bool = False) -> list[str]:
+    """What a stopped bed left on the machine: processes, mounts, firewall rules (empty: nothing).
+
+    vms_only: only what belongs to its stand-in VMs (their launchers, mounts and rules).
+    """
     run_dir = Path(run_dir).resolve()
-    root = str(run_dir)
+    root = str(run_dir / "vms" if vms_only else run_dir)
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():

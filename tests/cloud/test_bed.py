@@ -7,8 +7,13 @@ servers are reached with real SSH (paramiko).
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -309,3 +314,43 @@ def test_short_token_expiration_reauthenticates(tmp_path: Any) -> None:
         short.stop()
     for p in short.procs.values():
         assert p.poll() is not None
+
+
+@pytest.mark.parametrize("victim", ["nova", "bed"])
+def test_kill_9_of_nova_or_of_the_whole_bed_leaves_nothing_behind(tmp_path: Any, victim: str) -> None:
+    """VMs die with nova (their parent-death signal); nova, keystone and the proxy with the bed."""
+    from tests.cloud.bed import Bed, leftovers
+
+    run_dir = (tmp_path / "bed").resolve()
+    up = subprocess.Popen([sys.executable, "-m", "tests.cloud.bed", "up", "--foreground", str(run_dir)],
+                          cwd=Path(__file__).resolve().parents[2], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: (run_dir / "bed.json").exists() or up.poll() is not None, 300, "the bed up")
+        assert up.poll() is None, "the bed did not start"
+        bed = Bed(run_dir)
+        bed.info = json.loads((run_dir / "bed.json").read_text())
+        nova = bed.nova()
+        server = _create(bed, nova, _name("k9"))
+        wait_until(lambda: _status(nova, server.id) == "ACTIVE", 60, "ACTIVE")
+        address = _address(nova.servers.get(server.id))
+        wait_until(lambda: _tcp(address) == "ok", 30, "the VM's sshd")
+        assert leftovers(run_dir, vms_only=True)
+        if victim == "nova":
+            os.kill(up.pid, signal.SIGSTOP)  # else the bed notices nova died and cleans up for it
+            os.kill(int((run_dir / "nova.pid").read_text()), signal.SIGKILL)
+            wait_until(lambda: not leftovers(run_dir, vms_only=True), 10, "the VM to die with nova")
+            assert _tcp(address) == "refused"
+            os.kill(up.pid, signal.SIGCONT)
+            up.wait(60)  # it sees a child died and stops the rest
+        else:
+            os.kill(up.pid, signal.SIGKILL)
+            up.wait(10)
+            wait_until(lambda: not leftovers(run_dir), 30, "nothing left of the bed")
+            assert _tcp(address) == "refused"
+    finally:
+        if up.poll() is None:
+            os.kill(up.pid, signal.SIGCONT)
+            up.terminate()
+            up.wait(60)
+    assert leftovers(run_dir) == []
