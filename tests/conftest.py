@@ -7,6 +7,7 @@ its finalizer deletes every server the pool left and waits until the cloud says 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,6 +65,7 @@ class PoolHandle:
         self.state_file = str(directory / "state" / "state.json")
         self.known_hosts = str(directory / "state" / "known_hosts")
         self.key = str(directory / "id_pool")
+        self.spawned: list[subprocess.Popen[str]] = []
         shutil.copy(bed.info["ssh_private_key"], self.key)
         os.chmod(self.key, 0o600)
         bed_config = bed.vmpool_sections()
@@ -103,8 +105,18 @@ class PoolHandle:
         return result
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([VMPOOL, "--config", self.config_path, *args], stdout=subprocess.PIPE,
+        """A vmpool command in the background; the fixture kills it if the test left it running."""
+        proc = subprocess.Popen([VMPOOL, "--config", self.config_path, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        self.spawned.append(proc)
+        return proc
+
+    def stop_spawned(self) -> None:
+        """Kill what a failed test left running (waiting acquires would go on booting servers)."""
+        for proc in self.spawned:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.run("status", "--json").stdout)
@@ -132,12 +144,15 @@ class PoolHandle:
 
     def delete_everything(self) -> None:
         nova = self.bed.admin_nova()
-        for server in self.servers():
-            try:
-                nova.servers.delete(server.id)
-            except Exception:  # already gone
-                pass
-        wait_until(lambda: not self.servers(), 120, f"servers of pool {self.name} to be gone")
+
+        def gone() -> bool:
+            servers = self.servers()  # listed again each time: a late create is deleted too
+            for server in servers:
+                if getattr(server, "OS-EXT-STS:task_state", None) != "deleting":
+                    with contextlib.suppress(Exception):  # already gone, or busy: next round
+                        nova.servers.delete(server.id)
+            return not servers
+        wait_until(gone, 120, f"servers of pool {self.name} to be gone", interval=0.5)
 
 
 @pytest.fixture
@@ -146,6 +161,7 @@ def pool(bed: Any, tmp_path: Path) -> Iterator[PoolHandle]:
     try:
         yield handle
     finally:
+        handle.stop_spawned()
         bed.clear_behaviours()
         bed.clear_faults()
         handle.delete_everything()

@@ -17,7 +17,8 @@ from tests.conftest import VMPOOL, PoolHandle, wait_until
 def ssh_as_root(pool: PoolHandle, address: str, command: str) -> subprocess.CompletedProcess[str]:
     """The way the hooks reach a VM: OpenSSH with vmpool's known_hosts, strict host key checking."""
     return subprocess.run(
-        ["ssh", "-i", pool.key, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+        ["ssh", "-F", "/dev/null", "-i", pool.key, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
          "-o", f"UserKnownHostsFile={pool.known_hosts}", "-o", "ConnectTimeout=5", f"root@{address}", command],
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
 

@@ -156,8 +156,9 @@ def test_output_streams_and_a_signalled_job_is_killed_on_its_vm(mom: Mom) -> Non
     uid = str(pwd.getpwnam("vmpt-bob").pw_uid)
     running = mom.pbs.start(job)
 
-    wait_until(lambda: mom.pbs.out(job) == "started\n", 30, "the job's first line in .OU while it runs")
-    assert "oops\n" in mom.pbs.err(job)
+    # (two SSH streams, two files: the .ER line may land a moment after the .OU line)
+    wait_until(lambda: mom.pbs.out(job) == "started\n" and "oops\n" in mom.pbs.err(job), 30,
+               "the job's first lines in .OU and .ER while it runs")
     wait_until(lambda: mom.on_vm(vm, "pgrep", "-U", uid, "-x", "sleep")[0] == 0, 10, "the job's sleep on the VM")
     assert running.process.poll() is None
 
@@ -222,6 +223,7 @@ PWNED = "/tmp/vmpt-pwned"
     ("workdir", "/home/vmpt-alice/../../etc"), ("workdir", "relative/dir"),
 ])
 def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str, value: str) -> None:
+    Path(PWNED).unlink(missing_ok=True)  # a failed earlier run's, not this one's
     trace = mom.root / "vmpool-calls"
     tracer = mom.root / "vmpool-tracer"
     tracer.write_text(f"#!/bin/sh\necho \"$*\" >> {trace}\nexec {VMPOOL} \"$@\"\n")
@@ -393,9 +395,9 @@ for other in vmpt-alice vmpt-bob; do cat "/home/$other/secret" 2>/dev/null; done
 def test_a_prologue_killed_by_the_alarm_while_waiting_is_requeued_and_holds_no_vm(mom: Mom) -> None:
     job = Job("301", "vmpt-alice", script="true\n")
     mom.pbs.receive(job)
-    mom.pool.bed.set_behaviour(f"^{mom.pool.prefix}", spawn_delay=3)
+    mom.pool.bed.set_behaviour(f"^{mom.pool.prefix}", spawn_delay=60)
 
-    prologue = mom.pbs.prologue(job, alarm=1.5)  # the VM is still booting when the alarm strikes
+    prologue = mom.pbs.prologue(job, alarm=6)  # time to ask for a VM; it is still booting when the alarm strikes
 
     assert prologue.exit_code is None and prologue.outcome == "requeue"
     # vmpool acquire runs in the prologue's process group: the alarm's SIGKILL ends it too

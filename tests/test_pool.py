@@ -154,7 +154,7 @@ def test_acquire_timeout_withdraws_the_request(setup: tuple[vp.Pool, FakeCloud, 
     pool, cloud, _ = setup
     cloud.fail_create = vp.QuotaExceeded("create server: quota exceeded for instances")
     with pytest.raises(vp.NoVmAvailable, match="backing off"):
-        pool.acquire("1", "alice", timeout=0.3)
+        pool.acquire("1", "alice", timeout=2)  # well inside the 60 s back-off: one create, however slow the disk
     state = pool.store.read()
     assert state.requests == [] and state.vms == [] and cloud.calls.count("create") == 1
 

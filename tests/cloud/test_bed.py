@@ -190,7 +190,7 @@ def test_flavor_too_big_and_spawn_error_end_in_error(bed: Any, nova: Any) -> Non
 
 
 def test_sshd_delay_active_before_ssh(bed: Any, nova: Any) -> None:
-    bed.set_behaviour(r"^bedtest-slow-", spawn_delay=0, sshd_delay=3)
+    bed.set_behaviour(r"^bedtest-slow-", spawn_delay=0, sshd_delay=6)  # room for a slow ACTIVE poll
     server = _create(bed, nova, _name("slow"))
     wait_until(lambda: _status(nova, server.id) == "ACTIVE", 60, "ACTIVE")
     t_active = time.monotonic()
