@@ -1813,6 +1813,12 @@ def setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # paramiko logs a traceback for every SSH failure that it also raises, and vmpool reports
+    # those in one line ("no SSH banner within 10s"). Without a handler of its own, Python would
+    # print the traceback to stderr, and cron would mail it every minute. With -v it is shown.
+    ssh_library = logging.getLogger("paramiko")
+    ssh_library.propagate = False
+    ssh_library.addHandler(handler if verbose else logging.NullHandler())
 
 
 def setup_file_log(path: str) -> None:
