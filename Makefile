@@ -36,8 +36,9 @@ test: venv cloud-venv system-deps lint
 demo: venv cloud-venv system-deps
 	$(VENV)/bin/python -m tests.demo
 
-bench: venv
+bench: venv system-deps
 	$(VENV)/bin/python bench/bench_fast_path.py
+	$(VENV)/bin/python bench/bench_probes.py
 
 clean:
 	rm -rf $(VENV) $(CLOUD_VENV) run *.egg-info

@@ -22,11 +22,11 @@ import vmpool as vp
 VMPOOL = str(Path(sys.executable).parent / "vmpool")
 
 
-def make_pool(directory: Path, vms: int) -> str:
-    config = directory / "vmpool.conf"
-    config.write_text(f"""[pool]
+def write_config(path: Path, directory: Path, max_vms: int, ssh: str = "") -> str:
+    """A bench pool's config; its cloud is a closed loopback port (nothing here may call it)."""
+    path.write_text(f"""[pool]
 name = bench
-max = {vms}
+max = {max_vms}
 state_file = {directory}/state/state.json
 [openstack]
 auth_url = http://127.0.0.1:9/v3
@@ -39,8 +39,13 @@ network = n
 [ssh]
 private_key = {directory}/key
 known_hosts = {directory}/known_hosts
-""")
-    config.chmod(0o600)
+{ssh}""")
+    path.chmod(0o600)
+    return str(path)
+
+
+def make_pool(directory: Path, vms: int) -> str:
+    config = write_config(directory / "vmpool.conf", directory, vms)
     store = vp.StateStore(f"{directory}/state/state.json", "bench", 10)
     now = time.time()
     state = vp.PoolState(pool="bench", vms=[
