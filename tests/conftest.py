@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 VMPOOL = str(Path(sys.executable).parent / "vmpool")
 
 
+TRACEBACK = "Traceback (most recent call last)"
+
+
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll a condition until it holds (returning its value) or fail saying what was awaited."""
     deadline = time.monotonic() + timeout
@@ -100,6 +103,8 @@ class PoolHandle:
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([VMPOOL, "--config", self.config_path, *args], capture_output=True, text=True,
                                 timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+        # whatever went wrong, an admin (or cron's mail) gets vmpool's message, never a traceback
+        assert TRACEBACK not in result.stderr, f"vmpool {' '.join(args)} printed a traceback:\n{result.stderr}"
         if check and result.returncode != 0:
             raise AssertionError(f"vmpool {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
         return result

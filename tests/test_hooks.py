@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, VMPOOL, PoolHandle, wait_until
+from tests.conftest import ROOT, TRACEBACK, VMPOOL, PoolHandle, wait_until
 from tests.pbs_mom import HookRun, Job, PbsMom, ensure_user_with_group, ensure_users
 
 HOOKS = ROOT / "hooks"
@@ -73,7 +73,12 @@ def mom(pool: PoolHandle, job_users: tuple[str, ...]) -> Iterator[Mom]:
     root = Path(tempfile.mkdtemp(prefix="vmpool-hooks-", dir="/tmp"))
     root.chmod(0o755)
     try:
-        yield Mom(root, pool)
+        handle = Mom(root, pool)
+        yield handle
+        # a job owner reads the hooks' messages in the .e file: never a Python traceback
+        for err in sorted(handle.pbs.spool.glob("*.ER")):
+            text = err.read_text(errors="replace")
+            assert TRACEBACK not in text, f"{err.name}:\n{text}"
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
