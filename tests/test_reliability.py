@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from novaclient.exceptions import NotFound
 
+import vmpool as vp
 from tests.cloud.bed import BedError
 from tests.conftest import VMPOOL, PoolHandle, wait_until
 
@@ -200,13 +201,12 @@ def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None
 
     def one_canary_pass() -> bool:
         """A reconcile pass; while protected it boots at most one VM, and none while one is booting."""
-        before = pool.status()
-        booting = [vm for vm in before["vms"] if vm["last_healthy"] is None and not vm["tainted"] and
-                   (vm["reason"] in ("creating", "building") or (vm["reason"] or "").startswith("unreachable"))]
+        before = vp.StateStore(pool.state_file, pool.name, 10).read()
+        booting = [vm.name for vm in before.vms if vm.booting]
         made = creates()
         pool.run("reconcile")
         made = creates() - made
-        if before["protected_since"]:
+        if before.protected_since is not None:
             assert made <= 1 and not (made and booting), (made, booting)
         return bool(pool.vms("free")) and not pool.status()["protected_since"]
     # (VMs created before protected mode began may still be booting, and fail, meanwhile)
