@@ -349,6 +349,10 @@ def test_unreachable_vms_are_classified_within_the_timeouts(pool: PoolHandle, mo
     assert symptom in after["reason"].lower()
     ssh = pool.settings["ssh"]
     assert took < ssh["connect_timeout"] + ssh["banner_timeout"] + ssh["auth_timeout"] + 10
+    if mode == "hang":  # an admin chasing it down gets the SSH library's own account with -v
+        verbose = subprocess.run([VMPOOL, "--config", pool.config_path, "-v", "reconcile"], capture_output=True,
+                                 text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert "Error reading SSH protocol banner" in verbose.stderr, verbose.stderr
     pool.bed.vm_fault(vm["server_id"], "ok")
     pool.reconcile_until(lambda: pool.vms("free"), 30, "recovery once SSH answers again")
 
