@@ -29,6 +29,12 @@ VMPOOL = str(Path(sys.executable).parent / "vmpool")
 TRACEBACK = "Traceback (most recent call last)"
 
 
+def pinned_hosts(known_hosts: str | Path) -> set[str]:
+    """The hosts a known_hosts file pins a key for (whole fields: 127.0.1.2 is not 127.0.1.20)."""
+    path = Path(known_hosts)
+    return {line.split(" ", 1)[0] for line in path.read_text().splitlines() if line} if path.exists() else set()
+
+
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll a condition until it holds (returning its value) or fail saying what was awaited."""
     deadline = time.monotonic() + timeout
@@ -131,9 +137,18 @@ class PoolHandle:
         return [vm for vm in self.status()["vms"] if state is None or vm["state"] == state]
 
     def pinned_hosts(self) -> set[str]:
-        """The hosts vmpool's known_hosts pins a key for (whole fields: 127.0.1.2 is not 127.0.1.20)."""
-        path = Path(self.known_hosts)
-        return {line.split(" ", 1)[0] for line in path.read_text().splitlines() if line} if path.exists() else set()
+        return pinned_hosts(self.known_hosts)
+
+    def give_new_host_keys(self, server_id: str) -> list[str]:
+        """Play a rebuilt (or impersonated) VM: new host keys, sshd restarted with them; their base64."""
+        regenerate = ("for t in ecdsa ed25519 rsa; do rm -f /etc/ssh/ssh_host_${t}_key*; "
+                      "ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${t}_key; done; "
+                      "cat /etc/ssh/ssh_host_*_key.pub")
+        rc, out, err = self.bed.vm_exec(server_id, ["sh", "-c", regenerate])
+        assert rc == 0, err
+        self.bed.vm_fault(server_id, "refuse")  # stops sshd ...
+        self.bed.vm_fault(server_id, "ok")  # ... and starts it again, with the new keys
+        return [line.split()[1] for line in out.splitlines()]
 
     def servers(self) -> list[Any]:
         """This pool's servers as the cloud lists them (admin view, any tag)."""

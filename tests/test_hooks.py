@@ -501,15 +501,8 @@ def test_a_vm_whose_host_key_changed_after_the_prologue_runs_no_job_and_serves_n
     port = next(line.split("=", 1)[1] for line in (record / "root.env").read_text().splitlines()
                 if line.startswith("SSH_PORT="))
     # The VM gets new host keys (a rebuilt or impersonated VM); its sshd restarts with them.
-    regenerate = ("for t in ecdsa ed25519 rsa; do rm -f /etc/ssh/ssh_host_${t}_key*; "
-                  "ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${t}_key; done; "
-                  "cat /etc/ssh/ssh_host_*_key.pub")
-    rc, new_keys, err = mom.on_vm(vm, "sh", "-c", regenerate)
-    assert rc == 0, err
-    new = [line.split()[1] for line in new_keys.splitlines()]
+    new = mom.pool.give_new_host_keys(vm["server_id"])
     assert len(new) == 3 and not any(key in pinned for key in new)
-    mom.pool.bed.vm_fault(vm["server_id"], "refuse")
-    mom.pool.bed.vm_fault(vm["server_id"], "ok")
     scan = subprocess.run(["ssh-keyscan", "-T", "5", "-p", port, vm["address"]], capture_output=True, text=True,
                           timeout=30)
     assert any(key in scan.stdout for key in new), f"the VM does not present its new keys: {scan.stdout}"

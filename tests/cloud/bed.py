@@ -627,16 +627,22 @@ def _stop_group(pid: int, done=None, grace: float = 10.0):
         pass
 
 
+def _vms_module():
+    """tests/cloud/vms.py, whether this file runs as tests.cloud.bed or as a script."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import vms
+    finally:
+        sys.path.pop(0)
+    return vms
+
+
 def _cleanup_vms(run_dir: Path):
     """Kill VMs left by a nova that died hard and remove their iptables rules."""
     vms_dir = Path(run_dir) / "vms"
     if not vms_dir.is_dir():
         return
-    sys.path.insert(0, str(HERE))
-    try:
-        import vms as vms_mod
-    finally:
-        sys.path.pop(0)
+    vms_mod = _vms_module()
     for d in vms_dir.iterdir():
         if d.is_dir():
             try:
@@ -670,12 +676,7 @@ def leftovers(run_dir: Path, *, vms_only: bool = False) -> list[str]:
         if root in cmdline or proc_root.startswith(root):
             found.append(f"process {name}: {cmdline.strip()[:120]}")
         found += [f"mount seen by process {name}: {line[:160]}" for line in mounts.splitlines() if root in line]
-    sys.path.insert(0, str(HERE))
-    try:
-        from vms import rule_tag
-    finally:
-        sys.path.pop(0)
-    tag = rule_tag(run_dir / "vms")
+    tag = _vms_module().rule_tag(run_dir / "vms")
     rules = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True).stdout
     found += [f"iptables rule: {line}" for line in rules.splitlines() if f"vmpool-vm:{tag}:" in line]
     return found
