@@ -266,11 +266,7 @@ vh_sweep_marks() {
 # when this attempt of the job started: an epilogue of the job after that ends the wait (exit 8).
 vh_acquire() {
     local jobid=$1 user=$2 started=$3 out=$4 err=$5 rc=0 args=()
-    # A vmpool without --started (before the lead's change) still works: the prologue then
-    # learns of the job's end from the mark only, once acquire returns.
-    if [[ -n $started ]] && "$VMPOOL" acquire --help 2>/dev/null | grep -q -- '--started'; then
-        args=(--started "$(vh_ns_as_seconds "$started")")
-    fi
+    [[ -n $started ]] && args=(--started "$(vh_ns_as_seconds "$started")")
     timeout --foreground -k 5 "$((ACQUIRE_TIMEOUT + 15))" "$VMPOOL" --config "$VMPOOL_CONFIG" \
         acquire "$jobid" --user "$user" --timeout "$ACQUIRE_TIMEOUT" --format env "${args[@]}" \
         >"$out" 2>"$err" || rc=$?
