@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import PoolHandle, wait_until
+from tests.pbs_mom import Job
+from tests.test_hooks import Mom, job_users, mom  # noqa: F401 (fixtures)
 
 
 def fill(pool: PoolHandle, count: int) -> list[dict]:
@@ -124,3 +126,23 @@ def test_a_reused_job_id_never_gives_one_users_vm_to_another(pool: PoolHandle) -
     assert first["state"] == "unusable" and "of alice" in first["tainted"] and first["job"] is None
     pool.run("reconcile")
     assert address not in pool.pinned_hosts(), "a tainted VM is no longer trusted by the hooks' ssh"
+
+
+def test_a_lost_epilogue_is_recovered_out_of_the_box_through_qstat(mom: Mom) -> None:  # noqa: F811
+    """[batch] system = torque, the default: a job TORQUE lists as completed (C) frees its VM."""
+    pool = mom.pool
+    pool.write_config(pool={"job_gone_grace": 2}, batch={"system": "torque", "command": str(mom.pbs.qstat)})
+    job = Job("301.vmpool-test.example", "vmpt-alice", script="echo done\n")
+    mom.pbs.receive(job)
+    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    vm = mom.vm_of(job)
+    assert mom.pbs.start(job).wait(60) == 0
+    pool.run("reconcile")  # the job still runs as far as TORQUE knows: nothing happens
+    assert [v["job"] for v in pool.vms("busy")] == [job.job_id]
+
+    mom.pbs.set_state(job, "C", exit_status=0)  # the job completed; its epilogue never ran
+
+    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 90,
+                         "the lost job's VM deleted, never reused")
+    assert f"job {job.job_id} gone without epilogue" in log_text(pool)
+    assert not pool.vms("busy")
