@@ -63,7 +63,8 @@ VH_JOBID=
 
 # --- messages ---
 
-# One line on stderr: pbs_mom appends it to the job's .e file (or the mom log for epilogues).
+# One line on stderr: pbs_mom appends it to the job's spool .ER, which TORQUE copies to the
+# owner's .e after the epilogue (not when the prologue aborts the job: see vh_tell_user).
 vh_say() {
     local where="vmpool $VH_HOOK"
     [[ -n $VH_JOBID ]] && where+=" $VH_JOBID"
