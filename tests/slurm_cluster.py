@@ -53,18 +53,27 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
-def parse_record(line: str) -> dict[str, str]:
-    """One `scontrol show ... -o` line as a dict. Values may hold spaces (Command=..., Reason=...):
-    a word without '=' belongs to the value before it."""
+# Keys whose value is free text (spaces, `=`...): scontrol prints each on a line of its own.
+LINE_KEYS = ("AdminComment", "Comment", "Command", "WorkDir", "StdErr", "StdIn", "StdOut", "Reason")
+
+
+def parse_record(text: str) -> dict[str, str]:
+    """`scontrol show job|node ID` (the multi-line form) as a dict."""
     record: dict[str, str] = {}
-    key = ""
-    for word in line.split(" "):
-        name, sep, value = word.partition("=")
-        if sep and name and (name[0].isupper() or name[0].isdigit()) and "/" not in name:
-            key = name
-            record[key] = value
-        elif key:
-            record[key] += " " + word
+    for line in text.splitlines():
+        line = line.strip()
+        name, sep, value = line.partition("=")
+        if sep and name in LINE_KEYS:
+            record[name] = value.strip()
+            continue
+        key = ""
+        for word in line.split(" "):
+            name, sep, value = word.partition("=")
+            if sep and name:
+                key = name
+                record[key] = value
+            elif key and word:
+                record[key] += " " + word
     return record
 
 
@@ -258,12 +267,12 @@ class SlurmCluster:
         return self.run("scontrol", *args, check=check)
 
     def node(self) -> dict[str, str]:
-        result = self.scontrol("show", "node", NODE, "-o", check=False)
-        return parse_record(result.stdout.strip()) if result.returncode == 0 else {}
+        result = self.scontrol("show", "node", NODE, check=False)
+        return parse_record(result.stdout) if result.returncode == 0 else {}
 
     def job(self, job_id: str) -> dict[str, str]:
-        result = self.scontrol("show", "job", job_id, "-o", check=False)
-        return parse_record(result.stdout.strip()) if result.returncode == 0 else {}
+        result = self.scontrol("show", "job", job_id, check=False)
+        return parse_record(result.stdout) if result.returncode == 0 else {}
 
     def sbatch(self, user: str, script: str, args: Iterable[str] = (), options: Iterable[str] = (),
                cwd: str | None = None, env: dict[str, str] | None = None) -> str:
