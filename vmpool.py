@@ -26,6 +26,7 @@ Exit codes (the same for every command):
     5  cloud error (the OpenStack API failed or refused)
     6  no VM within the timeout (acquire)
     7  the state lock could not be had within lock_timeout
+    8  the job ended while acquire waited (its epilogue ran `vmpool release`): nothing is held
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ class NoVmAvailable(VmpoolError):
 
 class LockTimeout(VmpoolError):
     exit_code = 7
+
+
+class JobEnded(VmpoolError):
+    """The job's epilogue released it while (or before) its prologue asked for a VM."""
+
+    exit_code = 8
 
 
 _failpoint_hits: dict[str, int] = {}
@@ -214,12 +221,28 @@ class SshConfig:
     probe_parallelism: int = 16
 
 
+BATCH_SYSTEMS = {"torque": "qstat", "slurm": "scontrol", "none": ""}  # system -> its default command
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How reconcile asks the batch system whether a job still lives (a lost epilogue frees its VM)."""
+
+    system: str = "torque"
+    command: str = ""  # default: BATCH_SYSTEMS[system], looked up on PATH and in /usr/local/bin
+
+    @property
+    def program(self) -> str:
+        return self.command or BATCH_SYSTEMS.get(self.system, "")
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
     pool: PoolConfig
     openstack: OpenStackConfig
     ssh: SshConfig
+    batch: BatchConfig = BatchConfig()
 
     @property
     def server_prefix(self) -> str:
@@ -344,6 +367,13 @@ def _check_ssh(path: str, ssh: SshConfig) -> None:
         raise ConfigError(f"{path}: [ssh] probe_parallelism = {ssh.probe_parallelism!r}: must be >= 1")
 
 
+def _check_batch(path: str, batch: BatchConfig) -> None:
+    if batch.system not in BATCH_SYSTEMS:
+        raise ConfigError(f"{path}: [batch] system = {batch.system!r}: one of {', '.join(BATCH_SYSTEMS)}")
+    if batch.command and not os.path.isabs(batch.command):
+        raise ConfigError(f"{path}: [batch] command = {batch.command!r}: must be an absolute path")
+
+
 def _check_key_permissions(path: str, ssh: SshConfig) -> None:
     """OpenSSH refuses a private key others can read; say so now rather than at the first probe."""
     try:
@@ -381,19 +411,22 @@ def load_config(path: str) -> Config:
         parser.read_string(text, source=path)
     except configparser.Error as error:
         raise ConfigError(f"{path}: not a valid INI file: {error}") from None
-    unknown = set(parser.sections()) - {"pool", "openstack", "ssh"}
+    unknown = set(parser.sections()) - {"pool", "openstack", "ssh", "batch"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: [pool], [openstack], [ssh]")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: [pool], [openstack], [ssh], "
+                          "[batch]")
     _check_secret_permissions(path, parser, mode)
     config = Config(
         path=path,
         pool=_build_section(path, parser, "pool", PoolConfig),
         openstack=_build_section(path, parser, "openstack", OpenStackConfig),
         ssh=_build_section(path, parser, "ssh", SshConfig),
+        batch=_build_section(path, parser, "batch", BatchConfig),
     )
     _check_pool_limits(path, config.pool)
     _check_openstack(path, config.openstack)
     _check_ssh(path, config.ssh)
+    _check_batch(path, config.batch)
     _check_key_permissions(path, config.ssh)
     return config
 
@@ -420,6 +453,7 @@ class Vm:
     delete_requested_at: float | None = None
     host_keys: list[str] = field(default_factory=list)
     job_missing_since: float | None = None
+    absent_since: float | None = None  # first listing that lacked the server (one is not proof)
 
     @property
     def booting(self) -> bool:
@@ -441,6 +475,8 @@ class Request:
     since: float
     pid: int
     host: str
+    pid_start: int = 0  # the process's start time (clock ticks after boot): a reused pid is not this one
+    started: float = 0.0  # when this attempt of the job began (the prologue's start)
 
 
 @dataclass
@@ -458,6 +494,9 @@ class PoolState:
     backoff_delay: float = 0.0
     last_cloud_error: str = ""
     last_cloud_error_at: float | None = None
+    ended_jobs: dict[str, float] = field(default_factory=dict)  # job -> when its release ran
+    dropped_creates: dict[str, float] = field(default_factory=dict)  # name -> when its intent was dropped
+    clock: dict[str, Any] = field(default_factory=dict)  # wall and boot clocks at the last write
 
     def vm_named(self, name: str) -> Vm | None:
         return next((vm for vm in self.vms if vm.name == name), None)
@@ -470,8 +509,9 @@ class PoolState:
 
 
 # Nova's statuses, translated at the boundary into the few that matter to the policy.
-SERVER_ACTIVE, SERVER_BUILDING, SERVER_ERROR, SERVER_DOWN, SERVER_DELETING, SERVER_OTHER = (
-    "active", "building", "error", "down", "deleting", "other")
+# SERVER_UNKNOWN: Nova cannot say (a server in a down cell): no news, neither good nor bad.
+SERVER_ACTIVE, SERVER_BUILDING, SERVER_ERROR, SERVER_DOWN, SERVER_DELETING, SERVER_OTHER, SERVER_UNKNOWN = (
+    "active", "building", "error", "down", "deleting", "other", "unknown")
 
 
 @dataclass(frozen=True)
@@ -544,11 +584,19 @@ Action = CreateServer | DeleteServer | ProbeSsh | Note
 @dataclass(frozen=True)
 class Claimed:
     vm: Vm
+    already_held: bool = False  # the job held it before: an earlier run of its prologue may have prepared it
 
 
 @dataclass(frozen=True)
 class Waiting:
     position: int
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The job's release ran after this attempt began: its epilogue is done, it gets nothing."""
+
+    at: float
 
 
 # --- the pure pool policy ---
@@ -567,24 +615,40 @@ def _set_state(vm: Vm, state: str, reason: str, now: float) -> None:
 
 
 def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, host: str,
-                 live_pids: frozenset[int]) -> tuple[PoolState, Claimed | Waiting]:
-    """Claim a Free VM for the job, or queue it first-come first-served."""
+                 live_pids: frozenset[int], *, started: float | None = None,
+                 pid_start: int = 0) -> tuple[PoolState, Claimed | Waiting | Ended]:
+    """Claim a Free VM for the job, or queue it first-come first-served.
+
+    `started` is when this attempt of the job began: a release of the job after it means the
+    job's epilogue ran (the job was deleted while it waited) and the attempt gets nothing.
+    """
     new = copy.deepcopy(state)
+    waiting = next((r for r in new.requests if r.job == job and r.pid == pid and r.host == host), None)
+    # the stored start moves with a wall-clock step (plan_clock); the caller's copy would not
+    started = waiting.started if waiting is not None else (now if started is None else started)
+    ended = new.ended_jobs.get(job)
+    if ended is not None and ended >= started:
+        new.requests = [r for r in new.requests if r.job != job]
+        return new, Ended(ended)
     held = new.vm_of_job(job)
-    if held is not None and held.state == BUSY:
-        return new, Claimed(held)
+    if held is not None and held.state == BUSY and held.user == user:
+        return new, Claimed(held, already_held=True)
     for stale in (vm for vm in new.vms if vm.job == job):
-        # The job asks again while an Unusable VM is still its own: nobody scrubbed that VM.
-        _give_up_job(stale, f"held by job {job} when it asked for a VM again", now)
+        # Nobody scrubbed this VM: the job asks again while an Unusable VM is still its own, or
+        # a reused job id (a reset pbs_server) of another user finds the first owner's VM.
+        owner = f" of {stale.user or 'no user'}" if stale.user != user else ""
+        _give_up_job(stale, f"held by job {job}{owner} when it asked for a VM again", now)
     _prune_requests(new, live_pids, host)
     request = next((r for r in new.requests if r.job == job), None)
     if request is None:
-        request = Request(job=job, user=user, since=now, pid=pid, host=host)
+        request = Request(job=job, user=user, since=now, pid=pid, host=host, pid_start=pid_start, started=started)
         new.requests.append(request)
     else:  # a re-run of the prologue: this process now waits for the job
-        request.pid, request.host = pid, host
+        request.pid, request.host, request.pid_start, request.user = pid, host, pid_start, user
     position = new.requests.index(request)
-    free = sorted((vm for vm in new.vms if vm.state == FREE), key=lambda vm: vm.since)
+    # The most recently freed first: the others keep ageing, so a light load leaves the rest idle
+    # long enough to be trimmed (cloud hours are the site's bill).
+    free = sorted((vm for vm in new.vms if vm.state == FREE), key=lambda vm: vm.since, reverse=True)
     if len(free) <= position:
         return new, Waiting(position)
     vm = free[0]
@@ -612,14 +676,33 @@ def _prune_requests(state: PoolState, live_pids: frozenset[int], host: str) -> N
     state.requests = [r for r in state.requests if r.host != host or r.pid in live_pids]
 
 
+ENDED_JOBS_KEPT = 2000  # releases remembered (a deleted job's prologue may wake much later)
+ENDED_JOBS_MAX_AGE = 7 * 86400.0
+
+
 def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> tuple[PoolState, list[Action]]:
-    """Give the job's VM back: Free, or tainted Unusable when it may be dirty."""
+    """Give the job's VM back: Free, or tainted Unusable when it may be dirty.
+
+    The release is also the job's end: a prologue of this attempt still waiting for a VM
+    (pbs_mom runs the epilogue of a deleted job while its prologue runs on) gives up.
+    """
     new = copy.deepcopy(state)
+    withdrawn = [r for r in new.requests if r.job == job]
     new.requests = [r for r in new.requests if r.job != job]
+    _remember_end(new, job, now)
     held = [vm for vm in new.vms if vm.job == job]
     if not held:
+        if withdrawn:
+            return new, [Note(logging.WARNING, f"job {job}: ended while waiting for a VM; its request is withdrawn")]
         return new, [Note(logging.WARNING, f"job {job}: no VM held, nothing to release")]
     return new, [_release_vm(vm, job, unusable, now) for vm in held]
+
+
+def _remember_end(state: PoolState, job: str, now: float) -> None:
+    state.ended_jobs.pop(job, None)  # re-inserted last: the dict stays in release order
+    state.ended_jobs[job] = now
+    kept = [(name, at) for name, at in state.ended_jobs.items() if now - at < ENDED_JOBS_MAX_AGE]
+    state.ended_jobs = dict(kept[-ENDED_JOBS_KEPT:])
 
 
 def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
@@ -628,6 +711,12 @@ def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
         return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} as unusable: {unusable}")
     was, reason = vm.state, vm.reason
     vm.last_job, vm.job, vm.user, vm.job_missing_since = job, None, None, None
+    if was == BUSY and not vm.tainted and not vm.host_keys:
+        # Its address changed under the job: the pinned key went with the old address. Free,
+        # the next prologue could not verify it; a probe pins it again first.
+        _set_state(vm, UNUSABLE, f"{UNREACHABLE}: address changed while busy, host key to pin", now)
+        return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job}; its address changed, "
+                                     "probing it before the next job")
     if was == BUSY and not vm.tainted:
         _set_state(vm, FREE, "", now)
         return Note(logging.INFO, f"{describe_vm(vm)} released by job {job}, now free")
@@ -650,24 +739,41 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
     _prune_requests(new, seen.live_pids, seen.host)
     if seen.servers is None:
         return new, actions
-    new.last_reconcile = now
     servers = {server.id: server for server in seen.servers}
+    suspect = _listing_lost_many(new, servers)
+    if suspect:
+        actions.append(Note(logging.ERROR, suspect))
+    new.last_reconcile = now
     by_name = {server.vm_name or server.name: server for server in seen.servers}
     for vm in list(new.vms):
-        actions += _reconcile_vm(new, vm, servers, by_name, seen, config, now)
-    actions += _adopt_orphans(new, seen.servers, config, now)
-    actions += _scale(new, config, {name for server in seen.servers for name in (server.name, server.vm_name)}, now)
-    return new, actions
+        actions += _reconcile_vm(new, vm, servers, by_name, seen, config, now, trust_absence=not suspect)
+    tagged = [server for server in seen.servers if server.status != SERVER_UNKNOWN]
+    actions += _adopt_orphans(new, tagged, now)
+    if suspect:
+        return new, actions  # a listing that lost many servers may hide more: create nothing on it
+    listed_names = {name for server in seen.servers for name in (server.name, server.vm_name)}
+    return new, actions + _scale(new, config, listed_names, now)
+
+
+def _listing_lost_many(state: PoolState, servers: dict[str, Server]) -> str:
+    """A listing without most known servers is more likely broken (a page, a cell) than true."""
+    known = [vm for vm in state.vms if vm.server_id and not vm.deleting]
+    lost = [vm for vm in known if vm.server_id not in servers]
+    if len(lost) >= 2 and len(lost) * 2 > len(known):
+        return (f"the server listing lacks {len(lost)} of {len(known)} known servers at once: treated as "
+                "incomplete (nothing dropped, nothing created)")
+    return ""
 
 
 def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name: dict[str, Server],
-                  seen: Observation, config: Config, now: float) -> list[Action]:
+                  seen: Observation, config: Config, now: float, trust_absence: bool = True) -> list[Action]:
     pool = config.pool
     if vm.server_id is None:  # creating: bind it once the cloud lists it
         server = by_name.get(vm.name)
         if server is None:
-            if now - vm.created_at > pool.create_grace:
+            if now - vm.created_at > pool.create_grace and trust_absence:
                 state.vms.remove(vm)
+                state.dropped_creates[vm.name] = now  # should it show up after all, it never served a job
                 return [Note(logging.WARNING, f"{describe_vm(vm)} never reached the cloud, dropped")]
             return []
         vm.server_id = server.id
@@ -675,7 +781,10 @@ def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name:
     if server is None and vm.reason == BUILDING and now - vm.created_at < pool.create_grace:
         return []  # just created: the listing may not show it yet
     if server is None:
-        return _server_gone(state, vm, now)
+        return _server_absent(state, vm, seen, pool, now, trust_absence)
+    vm.absent_since = None
+    if server.status == SERVER_UNKNOWN:
+        return []  # Nova cannot see it now (a down cell): no decision either way
     actions = _new_address(vm, server, now)
     if vm.deleting:
         return actions + _redelete_if_stuck(vm, pool, now)
@@ -708,17 +817,36 @@ def _by_server_status(state: PoolState, vm: Vm, server: Server, seen: Observatio
     return _active(state, vm, seen, config, now)
 
 
-def _server_gone(state: PoolState, vm: Vm, now: float) -> list[Action]:
+def _server_absent(state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, now: float,
+                   trust_absence: bool) -> list[Action]:
+    """Believe a server is gone only when two listings in a row lack it (one may be incomplete)."""
+    if vm.absent_since is None:
+        vm.absent_since = now
+        return []
+    if not trust_absence and now - vm.absent_since <= pool.unusable_timeout:
+        return []
+    return _server_gone(state, vm, seen, pool, now)
+
+
+def _server_gone(state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, now: float) -> list[Action]:
     if vm.deleting:
         state.vms.remove(vm)
         return [Note(logging.INFO, f"{describe_vm(vm)} deleted")]
     if vm.job:
+        actions: list[Action] = []
         if vm.reason != VANISHED:
             _set_state(vm, UNUSABLE, VANISHED, now)
             vm.tainted = VANISHED
-            return [Note(logging.ERROR, f"{describe_vm(vm)} VANISHED from the cloud while busy with job {vm.job} "
-                                        f"of {vm.user}: the job has lost its VM")]
-        return []
+            actions.append(Note(logging.ERROR, f"{describe_vm(vm)} VANISHED from the cloud while busy with job "
+                                               f"{vm.job} of {vm.user}: the job has lost its VM"))
+        # Its epilogue releases it; if that never comes, the batch system's word frees the slot.
+        job = vm.job
+        actions += _check_job_alive(vm, seen, pool, now)
+        if vm.job is None:
+            state.vms.remove(vm)
+            actions.append(Note(logging.WARNING, f"{describe_vm(vm)}: its server is gone and job {job} is over: "
+                                                 "forgotten"))
+        return actions
     state.vms.remove(vm)
     return [Note(logging.WARNING, f"{describe_vm(vm)} vanished from the cloud (was {vm.state}), dropped")]
 
@@ -830,17 +958,26 @@ def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) ->
         return []
     job = vm.job
     _give_up_job(vm, f"job {job} gone without epilogue", now)
+    if vm.server_id is None or vm.reason == VANISHED or vm.tainted == VANISHED:
+        return [Note(logging.ERROR, f"{describe_vm(vm)}: job {job} gone without epilogue")]
     return [Note(logging.ERROR, f"{describe_vm(vm)}: job {job} gone without epilogue, deleting the VM"),
             _mark_delete(vm, vm.tainted, now)]
 
 
-def _adopt_orphans(state: PoolState, servers: list[Server], config: Config, now: float) -> list[Action]:
+DROPPED_CREATES_MAX_AGE = 86400.0
+
+
+def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[Action]:
     """Servers with the pool's tag that the state does not know: adopt when seen twice.
 
-    A young server is one a crash kept from being recorded: it never served a job. An older
-    one has an unknown past (a lost or restored state file): it may hold a job's data, so it is
-    adopted tainted and deleted after unusable_timeout, never handed out.
+    A server whose create intent this pool dropped (it did not show up within create_grace)
+    never served a job: it is adopted clean. Any other has an unknown past (a lost or restored
+    state file, whatever its age: a young one may already run a job): it is adopted tainted and
+    deleted after unusable_timeout, never handed out. Nova's created_at is never compared with
+    this node's clock.
     """
+    state.dropped_creates = {name: at for name, at in state.dropped_creates.items()
+                             if now - at < DROPPED_CREATES_MAX_AGE}
     known = {vm.server_id for vm in state.vms}
     actions: list[Action] = []
     listed = set()
@@ -855,15 +992,14 @@ def _adopt_orphans(state: PoolState, servers: list[Server], config: Config, now:
             continue
         del state.orphans[server.id]
         name = server.vm_name or server.name
-        young = server.created_at is not None and now - server.created_at < config.pool.create_grace + \
-            config.pool.build_timeout
-        vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=server.created_at or now,
-                server_id=server.id, address=server.address, tainted="" if young else "adopted with unknown past")
+        ours = state.dropped_creates.pop(name, None) is not None
+        vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=now,
+                server_id=server.id, address=server.address, tainted="" if ours else "adopted with unknown past")
         if vm.tainted:
             vm.reason = vm.tainted
         state.vms.append(vm)
         actions.append(Note(logging.WARNING, f"{describe_vm(vm)} adopted (server {server.id})"
-                                             + ("" if young else ": unknown past, will be deleted, never used")))
+                                             + ("" if ours else ": unknown past, will be deleted, never used")))
         if server.status == SERVER_ERROR:
             actions.append(_mark_delete(vm, "adopted in ERROR", now))
     state.orphans = {sid: first for sid, first in state.orphans.items() if sid in listed}
@@ -883,7 +1019,9 @@ def _scale(state: PoolState, config: Config, listed_names: set[str], now: float)
     live = [vm for vm in state.vms if not vm.deleting and not vm.tainted]
     capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
     desired = desired_size(state, pool)
-    in_cloud = len(state.vms)  # servers being deleted still count: max bounds what the cloud holds
+    # max bounds what the cloud holds: servers being deleted, servers missing from one listing
+    # and tagged servers not adopted yet all count.
+    in_cloud = len(state.vms) + len(state.orphans)
     if capacity < desired:
         return _scale_up(state, config, desired - capacity, pool.max - in_cloud, listed_names, now)
     if capacity > desired:
@@ -1031,6 +1169,53 @@ def _probe_ok(state: PoolState, vm: Vm, now: float) -> list[Action]:
             state.protected_since = None
             actions.append(Note(logging.WARNING, "protected mode cleared: a VM booted"))
     return actions
+
+
+CLOCK_STEP_TOLERANCE = 5.0  # seconds the wall clock may drift from the boot clock between writes
+CLOCK_REFRESH = 60.0  # how stale the recorded clock pair may get before a write refreshes it
+
+
+def plan_clock(state: PoolState, now: float, boot_id: str, boot_seconds: float) -> tuple[PoolState, list[Action]]:
+    """Keep the state's wall-clock times true to elapsed time across a wall-clock step.
+
+    The state records the wall clock beside the boot clock (CLOCK_BOOTTIME, which never steps)
+    at its last write. If the wall clock moved more or less than the boot clock since (an NTP
+    step, a resumed VM), every stored time is shifted by the difference: a +1 h step then fails
+    no boot and a backward step freezes no timeout. After a reboot the boot clocks cannot be
+    compared; times continue on the wall clock.
+    """
+    last = state.clock
+    stale = not last or last.get("boot_id") != boot_id or now - float(last.get("wall", 0)) > CLOCK_REFRESH
+    notes: list[Action] = []
+    step = 0.0
+    if last and last.get("boot_id") == boot_id:
+        step = now - (float(last["wall"]) + boot_seconds - float(last["boot"]))
+    if abs(step) <= CLOCK_STEP_TOLERANCE and not stale:
+        return state, notes
+    new = copy.deepcopy(state)
+    if abs(step) > CLOCK_STEP_TOLERANCE:
+        _shift_times(new, step)
+        notes.append(Note(logging.WARNING, f"the wall clock stepped by {step:+.0f}s since the state was last "
+                                           "written; its times are shifted with it (timeouts keep real time)"))
+    new.clock = {"wall": now, "boot": boot_seconds, "boot_id": boot_id}
+    return new, notes
+
+
+def _shift_times(state: PoolState, step: float) -> None:
+    def shifted(value: float | None) -> float | None:
+        return None if value is None else value + step
+    for vm in state.vms:
+        vm.since, vm.created_at = vm.since + step, vm.created_at + step
+        vm.last_healthy, vm.delete_requested_at = shifted(vm.last_healthy), shifted(vm.delete_requested_at)
+        vm.job_missing_since, vm.absent_since = shifted(vm.job_missing_since), shifted(vm.absent_since)
+    for request in state.requests:
+        request.since, request.started = request.since + step, request.started + step
+    state.last_reconcile, state.last_pass = shifted(state.last_reconcile), shifted(state.last_pass)
+    state.protected_since, state.backoff_until = shifted(state.protected_since), shifted(state.backoff_until)
+    state.last_cloud_error_at = shifted(state.last_cloud_error_at)
+    for times in (state.orphans, state.ended_jobs, state.dropped_creates):
+        for key in times:
+            times[key] += step
 
 
 def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
@@ -1253,6 +1438,8 @@ NOVA_STATUS = {
 def server_status_from_nova(status: str, task_state: str | None) -> str:
     if task_state == "deleting":
         return SERVER_DELETING
+    if status.upper() == "UNKNOWN":
+        return SERVER_UNKNOWN
     return NOVA_STATUS.get(status.upper(), SERVER_OTHER)
 
 
@@ -1306,7 +1493,8 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 class NovaCloud:
     """The pool's servers in OpenStack, through novaclient over a keystoneauth1 session."""
 
-    MICROVERSION = "2.60"
+    # 2.69: a server in a down cell is listed with status UNKNOWN instead of left out.
+    MICROVERSION = "2.69"
 
     def __init__(self, config: Config):
         self.config = config
@@ -1340,13 +1528,18 @@ class NovaCloud:
 
     @translate_cloud_errors
     def list_servers(self) -> list[Server]:
+        """Every server of the pool: all pages (limit=-1 follows Nova's max_limit pages), matched by tag."""
         found = self._client().servers.list(
-            detailed=True, search_opts={"name": "^" + re.escape(self.config.server_prefix)})
+            detailed=True, search_opts={"name": "^" + re.escape(self.config.server_prefix)}, limit=-1)
         servers = []
         for raw in found:
+            if str(getattr(raw, "status", "")).upper() == "UNKNOWN":
+                # a down cell: Nova gives the id and little else (no tag): it may be ours
+                servers.append(Server(id=raw.id, name=getattr(raw, "name", "") or "", status=SERVER_UNKNOWN))
+                continue
             metadata = getattr(raw, "metadata", {}) or {}
             if metadata.get(METADATA_POOL_KEY) != self.config.pool.name:
-                continue  # not ours, whatever its name says
+                continue  # not ours, whatever its name says (vmpool-gpu- also matches ^vmpool-)
             fault = (getattr(raw, "fault", None) or {}).get("message", "")
             servers.append(Server(
                 id=raw.id, name=raw.name, vm_name=metadata.get(METADATA_VM_KEY, ""),
@@ -1491,6 +1684,105 @@ def _learning_policy(learned: list[str]) -> Any:
     return LearnHostKey()
 
 
+# --- the Batch adapter (Torque, Slurm) ---
+# Whether a job still lives: a VM whose job ended without its epilogue (a lost epilogue, a failed
+# release) is recovered by reconcile only if the batch system can be asked.
+
+JOB_ALIVE, JOB_GONE, JOB_UNKNOWN = "alive", "gone", "unknown"
+TORQUE_UNKNOWN_JOB = 153  # qstat's exit code for "Unknown Job Id"
+# Slurm job states after which the job holds nothing (COMPLETING still runs the epilog).
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT", "REVOKED"}
+
+
+class Batch(Protocol):
+    def job_state(self, job: str) -> str: ...  # JOB_ALIVE, JOB_GONE or JOB_UNKNOWN + ": why"
+
+
+def torque_job_state(exit_code: int, stdout: str, stderr: str) -> str:
+    """Read `qstat -f -1 JOBID`: unknown id (153) or job_state C (completed, kept for keep_completed) = gone."""
+    if exit_code == TORQUE_UNKNOWN_JOB or "Unknown Job Id" in stderr:
+        return JOB_GONE
+    if exit_code != 0:
+        return f"{JOB_UNKNOWN}: qstat exited {exit_code}: {stderr.strip()[:200]}"
+    found = re.search(r"^\s*job_state = (\S+)", stdout, re.MULTILINE)
+    if found is None:
+        return f"{JOB_UNKNOWN}: qstat printed no job_state"
+    return JOB_GONE if found.group(1) == "C" else JOB_ALIVE
+
+
+def slurm_job_state(exit_code: int, stdout: str, stderr: str) -> str:
+    """Read `scontrol -o show job JOBID`: an invalid id (purged after MinJobAge) or an ended state = gone."""
+    if "Invalid job id" in stderr:
+        return JOB_GONE
+    if exit_code != 0:
+        return f"{JOB_UNKNOWN}: scontrol exited {exit_code}: {stderr.strip()[:200]}"
+    found = re.search(r"\bJobState=(\S+)", stdout)
+    if found is None:
+        return f"{JOB_UNKNOWN}: scontrol printed no JobState"
+    return JOB_GONE if found.group(1) in SLURM_ENDED else JOB_ALIVE
+
+
+class CommandBatch:
+    """Asks the batch system through a command line; `parse` reads its answer."""
+
+    def __init__(self, argv: list[str], parse: Callable[[int, str, str], str], timeout: float):
+        self.argv = argv
+        self.parse = parse
+        self.timeout = timeout
+
+    def job_state(self, job: str) -> str:
+        import subprocess
+        argv = [part.replace("{jobid}", job) for part in self.argv]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=self.timeout, errors="replace")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"{JOB_UNKNOWN}: {argv[0]} failed to run: {error}"
+        return self.parse(done.returncode, done.stdout, done.stderr)
+
+
+class NoBatch:
+    def job_state(self, job: str) -> str:
+        return JOB_ALIVE  # [batch] system = none: only the epilogue frees a VM
+
+
+def _exit_code_answer(gone_codes: tuple[int, ...]) -> Callable[[int, str, str], str]:
+    def parse(exit_code: int, stdout: str, stderr: str) -> str:
+        if exit_code in gone_codes:
+            return JOB_GONE
+        return JOB_ALIVE if exit_code == 0 else f"{JOB_UNKNOWN}: job_alive_command exited {exit_code}"
+    return parse
+
+
+def batch_for(config: Config) -> Batch:
+    """The configured way to ask whether a job lives: job_alive_command, else the batch system's own tool."""
+    import shlex
+    import shutil
+    pool, batch = config.pool, config.batch
+    if pool.job_alive_command:
+        return CommandBatch(shlex.split(pool.job_alive_command), _exit_code_answer(pool.job_gone_exit_codes),
+                            pool.job_alive_timeout)
+    if batch.system == "none":
+        return NoBatch()
+    # cron's PATH is /usr/bin:/bin; TORQUE and Slurm built from source live in /usr/local/bin
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/bin", "/usr/local/sbin"])
+    program = shutil.which(batch.program, path=search)
+    if program is None:
+        return UnreachableBatch(f"{batch.program} not found (set [batch] command, or system = none)")
+    if batch.system == "slurm":
+        return CommandBatch([program, "-o", "show", "job", "{jobid}"], slurm_job_state, pool.job_alive_timeout)
+    return CommandBatch([program, "-f", "-1", "{jobid}"], torque_job_state, pool.job_alive_timeout)
+
+
+class UnreachableBatch:
+    def __init__(self, why: str):
+        self.why = why
+
+    def job_state(self, job: str) -> str:
+        return f"{JOB_UNKNOWN}: {self.why}"
+
+
 # --- the executor: applies the policy's actions through the adapters ---
 
 
@@ -1498,14 +1790,29 @@ class Pool:
     """Wires config, store and adapters; every decision comes from the pure policy above."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time,
-                 cloud: Cloud | None = None, remote: Remote | None = None):
+                 cloud: Cloud | None = None, remote: Remote | None = None, batch: Batch | None = None,
+                 monotonic: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 boot_clock: Callable[[], tuple[str, float]] | None = None):
         self.config = config
-        self.clock = clock
+        self.clock = clock  # wall clock: what the state records
+        self.monotonic = monotonic  # waits and deadlines inside this process
+        self.sleep = sleep
+        self.boot_clock = boot_clock or read_boot_clock
         self.store = StateStore(config.pool.state_file, config.pool.name, config.pool.lock_timeout)
         self._cloud = cloud
         self._remote = remote
+        self._batch = batch
         self.host = socket.gethostname()
         self.list_error: CloudError | None = None  # the last pass could not see the cloud
+
+    def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]]) -> Any:
+        """StateStore.update, with the state's times first kept true across a wall-clock step."""
+        def checked(state: PoolState) -> tuple[PoolState, Any]:
+            boot_id, boot_seconds = self.boot_clock()
+            state, notes = plan_clock(state, self.clock(), boot_id, boot_seconds)
+            self.apply_notes(notes)
+            return change(state)
+        return self.store.update(checked)
 
     @property
     def cloud(self) -> Cloud:
@@ -1519,35 +1826,50 @@ class Pool:
             self._remote = FabricRemote(self.config.ssh)
         return self._remote
 
+    @property
+    def batch(self) -> Batch:
+        if self._batch is None:
+            self._batch = batch_for(self.config)
+        return self._batch
+
     # -- acquire / release --
 
-    def try_claim(self, job: str, user: str) -> Claimed | Waiting:
-        def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting]:
-            return plan_acquire(state, job, user, self.clock(), os.getpid(), self.host, live_pids(state))
-        outcome: Claimed | Waiting = self.store.update(change)
+    def try_claim(self, job: str, user: str, started: float | None = None) -> Claimed | Waiting | Ended:
+        pid = os.getpid()
+
+        def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting | Ended]:
+            return plan_acquire(state, job, user, self.clock(), pid, self.host, live_pids(state),
+                                started=started, pid_start=process_start(pid))
+        outcome: Claimed | Waiting | Ended = self._update(change)
         return outcome
 
-    def acquire(self, job: str, user: str, timeout: float) -> Vm:
-        deadline = self.clock() + timeout
-        outcome = self.try_claim(job, user)
+    def acquire(self, job: str, user: str, timeout: float, started: float | None = None) -> Claimed:
+        """Claim a VM for the job, waiting up to timeout seconds (monotonic: a clock step changes nothing)."""
+        deadline = self.monotonic() + timeout
+        started = self.clock() if started is None else started
+        outcome = self.try_claim(job, user, started)
         if isinstance(outcome, Waiting):
             log.info(f"job {job}: no free VM, waiting (position {outcome.position + 1}, timeout {timeout:.0f}s)")
         try:
             while isinstance(outcome, Waiting):
-                if self.clock() >= deadline:
+                if self.monotonic() >= deadline:
                     raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
                                         f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
                 self._pass_if_due()
-                outcome = self.try_claim(job, user)
+                outcome = self.try_claim(job, user, started)
                 if isinstance(outcome, Waiting):
-                    time.sleep(self.config.pool.acquire_poll)
+                    self.sleep(self.config.pool.acquire_poll)
         except BaseException:
             with contextlib.suppress(VmpoolError):
-                self.store.update(functools.partial(_without_result, withdraw_request, job=job))
+                self._update(functools.partial(_without_result, withdraw_request, job=job))
             raise
+        if isinstance(outcome, Ended):
+            raise JobEnded(f"job {job}: its epilogue released it at {fmt_time(outcome.at)}, after this attempt "
+                           f"began at {fmt_time(started)}: the job is over, no VM taken")
         vm = outcome.vm
-        log.info(f"{describe_vm(vm)} acquired by job {job} for {user}")
-        return vm
+        held = " (already held: an earlier run of its prologue may have prepared it)" if outcome.already_held else ""
+        log.info(f"{describe_vm(vm)} acquired by job {job} for {user}{held}")
+        return outcome
 
     def _pass_if_due(self) -> None:
         """While waiting, drive boots forward, but leave room between passes for other waiters."""
@@ -1557,7 +1879,7 @@ class Pool:
         self.reconcile(probe_free=False, quiet=True)
 
     def release(self, job: str, unusable: str = "") -> None:
-        actions = self.store.update(lambda state: plan_release(state, job, self.clock(), unusable))
+        actions = self._update(lambda state: plan_release(state, job, self.clock(), unusable))
         self.apply_notes(actions)
 
     # -- reconcile --
@@ -1587,7 +1909,7 @@ class Pool:
             for action in decide(snapshot)[1]:
                 click.echo(f"would: {action}")
             return
-        actions = self.store.update(decide)
+        actions = self._update(decide)
         self.apply_notes(actions)
         self._step("delete servers", self._delete, [a for a in actions if isinstance(a, DeleteServer)])
         self._step("create servers", self._create, [a for a in actions if isinstance(a, CreateServer)])
@@ -1617,36 +1939,23 @@ class Pool:
             self.list_error = error
             log.error(f"cannot list servers, skipping cloud decisions this pass: {error}")
             if not dry_run:
-                self.store.update(functools.partial(
+                self._update(functools.partial(
                     _without_result, plan_cloud_error, message=str(error), now=self.clock()))
         # Asking the batch system is slow: cron's passes do it, an acquire's waiting passes do not.
         return servers, self._dead_jobs() if probe_free else frozenset()
 
     def _dead_jobs(self) -> frozenset[str]:
-        """Jobs that job_alive_command says are gone; a failure to ask is never "gone"."""
-        pool = self.config.pool
+        """Jobs the batch system says are over; a failure to ask is never "over"."""
         jobs = sorted({vm.job for vm in self.store.read().vms if vm.job})
-        if not pool.job_alive_command or not jobs:
+        if not jobs:
             return frozenset()
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(max_workers=8) as executor:
-            gone = list(executor.map(self._job_gone, jobs))
-        return frozenset(job for job, is_gone in zip(jobs, gone, strict=True) if is_gone)
-
-    def _job_gone(self, job: str) -> bool:
-        import shlex
-        import subprocess
-        pool = self.config.pool
-        argv = [part.replace("{jobid}", job) for part in shlex.split(pool.job_alive_command)]
-        try:
-            code = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                  timeout=pool.job_alive_timeout).returncode
-        except (OSError, subprocess.TimeoutExpired) as error:
-            log.warning(f"job_alive_command for job {job} failed to run: {error}")
-            return False
-        if code != 0 and code not in pool.job_gone_exit_codes:
-            log.warning(f"job_alive_command for job {job} exited {code}: neither alive nor gone")
-        return code in pool.job_gone_exit_codes
+            answers = list(executor.map(self.batch.job_state, jobs))
+        for job, answer in zip(jobs, answers, strict=True):
+            if answer.startswith(JOB_UNKNOWN):
+                log.warning(f"cannot tell whether job {job} lives: {answer[len(JOB_UNKNOWN):].strip(': ')}")
+        return frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer == JOB_GONE)
 
     def _delete(self, deletes: list[DeleteServer]) -> None:
         for action in deletes:
@@ -1658,7 +1967,7 @@ class Pool:
             except CloudError as caught:
                 error = caught
             failpoint("after-delete")
-            self.apply_notes(self.store.update(functools.partial(
+            self.apply_notes(self._update(functools.partial(
                 plan_deleted, name=action.name, error=error, now=self.clock(), server_id=action.server_id)))
 
     def _create(self, creates: list[CreateServer]) -> None:
@@ -1666,7 +1975,7 @@ class Pool:
             backoff_until = self.store.read().backoff_until
             if backoff_until is not None and backoff_until > self.clock():  # the cloud just refused: ask no more
                 skipped = [later.name for later in creates[index:]]
-                self.store.update(functools.partial(_without_result, plan_not_created, names=skipped))
+                self._update(functools.partial(_without_result, plan_not_created, names=skipped))
                 log.info(f"not creating {', '.join(skipped)}: backing off")
                 return
             log.info(f"vm {action.name}: creating server")
@@ -1678,7 +1987,7 @@ class Pool:
             except CloudError as caught:
                 error = caught
             failpoint("after-create")
-            self.apply_notes(self.store.update(functools.partial(
+            self.apply_notes(self._update(functools.partial(
                 plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
                 now=self.clock())))
 
@@ -1694,7 +2003,7 @@ class Pool:
             sync_known_hosts(new, self.config.ssh)
             return new, notes
 
-        self.apply_notes(self.store.update(record))
+        self.apply_notes(self._update(record))
 
     def _probe_one(self, action: ProbeSsh) -> ProbeResult:
         keys = list(action.host_keys)
@@ -1726,17 +2035,43 @@ def _without_result(plan: Callable[..., PoolState], state: PoolState, **kwargs: 
     return plan(state, **kwargs), None
 
 
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name ([0] is the state), or [] if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def process_start(pid: int) -> int:
+    """When the process started, in clock ticks after boot (0 if unknown): a pid and this identify it."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else 0
+
+
 def live_pids(state: PoolState) -> frozenset[int]:
-    """Which waiting acquire processes on this host still exist (zombies count as dead)."""
+    """Which waiting acquire processes on this host still exist (zombies and reused pids count as dead)."""
     alive = set()
     for request in state.requests:
-        try:
-            with open(f"/proc/{request.pid}/stat", encoding="ascii") as handle:
-                if handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    alive.add(request.pid)
-        except (OSError, IndexError):
-            pass
+        fields = _proc_stat(request.pid)
+        if not fields or fields[0] in ("Z", "X"):
+            continue
+        started = int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else 0
+        if request.pid_start and started != request.pid_start:
+            continue  # the pid now belongs to another process
+        alive.add(request.pid)
     return frozenset(alive)
+
+
+def read_boot_clock() -> tuple[str, float]:
+    """This boot's id and the seconds since it (CLOCK_BOOTTIME: never stepped, counts suspend)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot_id = handle.read().strip()
+    except OSError:
+        boot_id = ""
+    return boot_id, time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 # --- the CLI ---
@@ -1842,7 +2177,8 @@ def cli(ctx: click.Context, config_path: str, verbose: bool) -> None:
     """Keep a pool of OpenStack VMs for Torque jobs.
 
     Exit codes: 0 ok, 1 internal error, 2 bad input, 3 config error, 4 state error,
-    5 cloud error, 6 no VM within the timeout, 7 state lock timeout.
+    5 cloud error, 6 no VM within the timeout, 7 state lock timeout, 8 the job ended while
+    acquire waited.
     """
     setup_logging(verbose)
     ctx.obj = {"config_path": config_path}
@@ -1854,33 +2190,41 @@ def cli(ctx: click.Context, config_path: str, verbose: bool) -> None:
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for a VM [pool acquire_timeout].")
 @click.option("--format", "output", type=click.Choice(["address", "env"]), default="address",
               help="address: the VM's address; env: KEY=value lines for the hooks.")
+@click.option("--started", type=float, default=None, metavar="EPOCH",
+              help="When this attempt of the job began (the prologue's start, seconds since the epoch); "
+                   "a release of the job after it ends the wait with exit 8. Default: now.")
 @click.pass_context
-def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, output: str) -> None:
+def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, output: str,
+            started: float | None) -> None:
     """Get a VM for JOB_ID and print its address (exit 0).
 
-    Idempotent: a job that holds a VM gets the same VM again. A Free VM is claimed at once,
+    Idempotent: a job that holds a VM gets the same VM again (only for the same user: a VM
+    held under a reused job id by another user is tainted, never handed out); `--format env`
+    then says VMPOOL_ALREADY_HELD=yes. A Free VM (the most recently freed) is claimed at once,
     without asking the cloud. Otherwise the request joins a first-come first-served queue
     and, if the pool is below max and no boot in progress covers it, a server is created
     now; the command waits until a VM is ACTIVE and answers SSH, then claims it.
 
     After --timeout seconds without a VM: exit 6 with the reason (pool at max, cloud
     failing, quota back-off, protected mode); the request is withdrawn and a VM booted
-    for it stays in the pool.
+    for it stays in the pool. If the job's release (its epilogue) runs after --started,
+    while the command waits or before it was called: exit 8, nothing held.
     """
     validate_job_id(job_id)
     if user:
         validate_user_name(user)
     pool = configured_pool(ctx)
-    vm = pool.acquire(job_id, user, pool.config.pool.acquire_timeout if timeout is None else timeout)
-    click.echo(vm.address if output == "address" else hook_env(vm, pool.config))
+    claimed = pool.acquire(job_id, user, pool.config.pool.acquire_timeout if timeout is None else timeout, started)
+    click.echo(claimed.vm.address if output == "address" else hook_env(claimed, pool.config))
 
 
-def hook_env(vm: Vm, config: Config) -> str:
-    ssh = config.ssh
+def hook_env(claimed: Claimed, config: Config) -> str:
+    ssh, vm = config.ssh, claimed.vm
     pairs = [("VMPOOL_VM_NAME", vm.name), ("VMPOOL_SERVER_ID", vm.server_id or ""),
              ("VMPOOL_ADDRESS", vm.address or ""), ("VMPOOL_SSH_USER", ssh.user),
              ("VMPOOL_SSH_PORT", str(ssh.port)), ("VMPOOL_SSH_KEY", ssh.private_key),
-             ("VMPOOL_KNOWN_HOSTS", ssh.known_hosts)]
+             ("VMPOOL_KNOWN_HOSTS", ssh.known_hosts),
+             ("VMPOOL_ALREADY_HELD", "yes" if claimed.already_held else "no")]
     return "\n".join(f"{key}={value}" for key, value in pairs)
 
 

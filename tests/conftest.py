@@ -87,6 +87,8 @@ class PoolHandle:
             "openstack": {**bed_config["openstack"], "api_timeout": 15},
             "ssh": {**bed_config["ssh"], "private_key": self.key, "connect_timeout": 3, "banner_timeout": 3,
                     "auth_timeout": 3, "command_timeout": 10, "known_hosts": self.known_hosts},
+            # no batch system on this machine: a test that wants one points [batch] command at a stand-in
+            "batch": {"system": "none"},
         }
         self.write_config()
 

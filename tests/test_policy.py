@@ -46,7 +46,8 @@ def vm(name: str, state: str = FREE, *, reason: str = "", since: float = NOW - 1
        address: str | None = "127.0.1.2", job: str | None = None, healthy: bool = True, **extra: object) -> Vm:
     return Vm(name=name, state=state, reason=reason, since=since, created_at=since,
               server_id=server_id if server_id is not None else f"id-{name}", address=address, job=job,
-              user="alice" if job else None, last_healthy=since if healthy else None, **extra)  # type: ignore[arg-type]
+              user="alice" if job else None, last_healthy=since if healthy else None,
+              host_keys=extra.pop("host_keys", ["ssh-ed25519 AAAA"] if healthy else []), **extra)  # type: ignore[arg-type]
 
 
 def server(name: str, status: str = vp.SERVER_ACTIVE, **extra: object) -> Server:
@@ -64,8 +65,8 @@ def kinds(actions: list[vp.Action], kind: type) -> list:
 
 # --- acquire / release ---
 
-def test_acquire_claims_the_longest_free_vm() -> None:
-    state = PoolState(pool="p", vms=[vm("a", since=NOW - 5), vm("b", since=NOW - 50)])
+def test_acquire_claims_the_most_recently_freed_vm() -> None:
+    state = PoolState(pool="p", vms=[vm("a", since=NOW - 50), vm("b", since=NOW - 5)])
     new, outcome = vp.plan_acquire(state, "1.srv", "alice", NOW, pid=10, host=HOST, live_pids=frozenset())
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b"
     assert new.vm_named("b").state == BUSY and new.vm_named("b").job == "1.srv"
@@ -123,7 +124,8 @@ def test_release_unusable_taints_for_good() -> None:
 def test_release_of_unknown_job_is_a_warning_only() -> None:
     state = PoolState(pool="p", vms=[vm("a")])
     new, actions = vp.plan_release(state, "9", NOW)
-    assert new == state and kinds(actions, Note)[0].level == logging.WARNING
+    assert new.vms == state.vms and kinds(actions, Note)[0].level == logging.WARNING
+    assert new.ended_jobs == {"9": NOW}, "a release is the job's end: a late prologue of it gets nothing"
 
 
 def test_release_twice_does_not_free_a_vm_claimed_in_between() -> None:
@@ -235,7 +237,9 @@ def test_busy_vms_are_never_probed_nor_free_when_probe_free_is_off() -> None:
 
 def test_busy_vm_whose_server_vanished_is_logged_with_its_job() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="42.srv")])
-    new, actions = vp.plan_reconcile(state, seen(), config(), NOW)
+    once, actions = vp.plan_reconcile(state, seen(), config(), NOW)
+    assert once.vm_named("a").state == BUSY and actions == [], "one listing without it proves nothing"
+    new, actions = vp.plan_reconcile(once, seen(), config(), NOW + 60)
     assert new.vm_named("a").state == UNUSABLE and new.vm_named("a").job == "42.srv"
     assert any(n.level == logging.ERROR and "42.srv" in n.message for n in kinds(actions, Note))
     released, _ = vp.plan_release(new, "42.srv", NOW + 1)
@@ -245,7 +249,9 @@ def test_busy_vm_whose_server_vanished_is_logged_with_its_job() -> None:
 
 def test_free_vm_deleted_behind_our_back_is_dropped() -> None:
     state = PoolState(pool="p", vms=[vm("a")])
-    new, _ = vp.plan_reconcile(state, seen(), config(), NOW)
+    once, _ = vp.plan_reconcile(state, seen(), config(), NOW)
+    assert once.vm_named("a") is not None
+    new, _ = vp.plan_reconcile(once, seen(), config(), NOW + 60)
     assert new.vms == []
 
 
@@ -256,7 +262,8 @@ def test_stuck_delete_is_reissued_after_delete_timeout_and_dropped_when_gone() -
     assert kinds(actions, DeleteServer) and new.vm_named("a").delete_requested_at == NOW
     _, actions = vp.plan_reconcile(new, seen(server("a")), config(), NOW + 10)
     assert kinds(actions, DeleteServer) == []
-    gone, _ = vp.plan_reconcile(new, seen(), config(), NOW + 20)
+    once, _ = vp.plan_reconcile(new, seen(), config(), NOW + 20)
+    gone, _ = vp.plan_reconcile(once, seen(), config(), NOW + 30)
     assert gone.vms == []
 
 
@@ -481,10 +488,13 @@ def test_new_names_skip_servers_the_state_forgot() -> None:
     assert [c.name for c in kinds(actions, CreateServer)] == ["p-0002"]
 
 
-@pytest.mark.parametrize(("age", "tainted"), [(10, False), (100_000, True)])
-def test_adopted_servers_of_unknown_past_are_never_handed_out(age: float, tainted: bool) -> None:
+@pytest.mark.parametrize(("age", "dropped", "tainted"), [(10, False, True), (100_000, False, True), (10, True, False)])
+def test_adopted_servers_of_unknown_past_are_never_handed_out(age: float, dropped: bool, tainted: bool) -> None:
+    """Only a server whose create intent this pool dropped is known clean; age proves nothing
+    (after a state loss a young server may already run a job) and is never compared with our clock."""
     old = server("x", created_at=NOW - age)
-    once, _ = vp.plan_reconcile(PoolState(pool="p"), seen(old), config(), NOW)
+    state = PoolState(pool="p", dropped_creates={"x": NOW - 5} if dropped else {})
+    once, _ = vp.plan_reconcile(state, seen(old), config(), NOW)
     twice, _ = vp.plan_reconcile(once, seen(old), config(), NOW + 1)
     assert bool(twice.vm_named("x").tainted) == tainted
     probed, _ = vp.plan_probed(twice, [ProbeResult("x", True, server_id="id-x")], NOW + 2)
@@ -517,3 +527,211 @@ def test_state_survives_a_json_text_roundtrip() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="1", host_keys=["ssh-ed25519 AAAA"])],
                       requests=[vp.Request("2", "b", NOW, 1, HOST)], orphans={"x": NOW}, backoff_until=NOW)
     assert vp.state_from_json(json.loads(json.dumps(vp.state_to_json(state))), "f", "p") == state
+
+
+# --- issue 8: the pool's promises under reused ids, partial listings, lost epilogues, clocks ---
+
+
+def test_a_reused_job_id_of_another_user_never_gets_the_first_owners_vm() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="123.srv"), vm("b")])  # alice's, epilogue lost
+    new, outcome = vp.plan_acquire(state, "123.srv", "bob", NOW, 10, HOST, frozenset({10}))
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b" and not outcome.already_held
+    held = new.vm_named("a")
+    assert held.state == UNUSABLE and held.tainted and held.job is None, "alice's VM is never handed out again"
+    assert "of alice" in held.tainted
+
+
+def test_the_same_job_and_user_get_their_vm_again_marked_already_held() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="123.srv")])
+    _, outcome = vp.plan_acquire(state, "123.srv", "alice", NOW, 10, HOST, frozenset({10}))
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a" and outcome.already_held
+
+
+def test_a_release_after_the_attempt_began_ends_its_wait() -> None:
+    """pbs_mom runs a deleted job's epilogue while its prologue still waits in acquire."""
+    state, outcome = vp.plan_acquire(PoolState(pool="p"), "5", "alice", NOW, 10, HOST, frozenset({10}),
+                                     started=NOW - 1)
+    assert isinstance(outcome, vp.Waiting)
+    state, _ = vp.plan_release(state, "5", NOW + 10)  # the epilogue: no VM held, the request withdrawn
+    assert state.requests == []
+    state.vms.append(vm("a", since=NOW + 20))  # a VM boots later
+    after, outcome = vp.plan_acquire(state, "5", "alice", NOW + 30, 10, HOST, frozenset({10}), started=NOW - 1)
+    assert outcome == vp.Ended(NOW + 10) and after.vm_named("a").state == FREE and after.requests == []
+
+
+def test_an_epilogue_that_ran_before_the_prologue_called_acquire_still_ends_it() -> None:
+    state, _ = vp.plan_release(PoolState(pool="p", vms=[vm("a")]), "5", NOW)
+    _, outcome = vp.plan_acquire(state, "5", "alice", NOW + 1, 10, HOST, frozenset({10}), started=NOW - 3)
+    assert isinstance(outcome, vp.Ended)
+
+
+def test_a_later_attempt_of_the_same_job_is_served() -> None:
+    """A requeued job's prologue starts after the previous attempt's epilogue."""
+    state, _ = vp.plan_release(PoolState(pool="p", vms=[vm("a")]), "5", NOW)
+    _, outcome = vp.plan_acquire(state, "5", "alice", NOW + 5, 10, HOST, frozenset({10}), started=NOW + 4)
+    assert isinstance(outcome, vp.Claimed)
+
+
+def test_ended_jobs_stay_bounded() -> None:
+    state = PoolState(pool="p")
+    for number in range(vp.ENDED_JOBS_KEPT + 50):
+        state, _ = vp.plan_release(state, str(number), NOW + number)
+    assert len(state.ended_jobs) == vp.ENDED_JOBS_KEPT and str(vp.ENDED_JOBS_KEPT + 49) in state.ended_jobs
+    later, _ = vp.plan_release(state, "x", NOW + vp.ENDED_JOBS_MAX_AGE + 10_000)
+    assert later.ended_jobs == {"x": NOW + vp.ENDED_JOBS_MAX_AGE + 10_000}
+
+
+def test_one_incomplete_listing_forgets_nothing_and_creates_nothing() -> None:
+    """3 Free + 1 Busy at max 4; one listing lacks them all (a first page, a down cell)."""
+    vms = [vm("a"), vm("b"), vm("c"), vm("d", BUSY, job="1")]
+    state = PoolState(pool="p", vms=vms, requests=[vp.Request("2", "bob", NOW, 5, "elsewhere")])
+    new, actions = vp.plan_reconcile(state, seen(), config(max=4, min_free=1), NOW)
+    assert kinds(actions, CreateServer) == [] and kinds(actions, DeleteServer) == []
+    assert [v.name for v in new.vms] == ["a", "b", "c", "d"] and new.vm_named("d").state == BUSY
+    back, actions = vp.plan_reconcile(new, seen(*(server(n) for n in "abcd")), config(max=4), NOW + 60)
+    assert all(v.absent_since is None for v in back.vms) and kinds(actions, CreateServer) == []
+
+
+def test_a_listing_that_loses_most_servers_is_not_believed_until_unusable_timeout() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("b"), vm("c"), vm("d", BUSY, job="1")])
+    listing = seen(server("a"))
+    for minute in range(0, 11):  # unusable_timeout 600 s
+        state, actions = vp.plan_reconcile(state, listing, config(max=4, min=4), NOW + 60 * minute)
+        assert len(state.vms) == 4 and kinds(actions, CreateServer) == [], f"minute {minute}"
+    assert any(n.level == logging.ERROR and "treated as incomplete" in n.message for n in kinds(actions, Note))
+    state, _ = vp.plan_reconcile(state, listing, config(max=4, min=4), NOW + 60 * 11)
+    assert [v.name for v in state.vms if not v.tainted] == ["a"], "gone for real after unusable_timeout"
+
+
+def test_tagged_servers_not_adopted_yet_count_toward_max() -> None:
+    """After a state loss the pool's servers are orphans for a pass: max still bounds the cloud."""
+    listing = seen(*(server(n) for n in ("p-0001", "p-0002", "p-0003")))
+    _, actions = vp.plan_reconcile(PoolState(pool="p"), listing, config(max=4, min=4), NOW)
+    assert len(kinds(actions, CreateServer)) == 1, "3 tagged servers + 1 create = max 4"
+
+
+def test_an_unknown_status_server_is_present_but_tells_nothing() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1")])
+    down_cell = seen(Server(id="id-a", name="", status=vp.SERVER_UNKNOWN),
+                     Server(id="id-b", name="", status=vp.SERVER_UNKNOWN))
+    for minute in range(3):
+        state, actions = vp.plan_reconcile(state, down_cell, config(max=2), NOW + 60 * minute)
+        assert [v.state for v in state.vms] == [FREE, BUSY] and not kinds(actions, DeleteServer)
+
+
+def test_a_vanished_busy_vm_whose_job_is_gone_leaves_the_state() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="7")])
+    pool = config(job_gone_grace=60)
+    for offset in (0, 60):
+        state, _ = vp.plan_reconcile(state, seen(dead_jobs=frozenset({"7"})), pool, NOW + offset)
+    assert state.vm_named("a").reason == vp.VANISHED
+    state, _ = vp.plan_reconcile(state, seen(dead_jobs=frozenset({"7"})), pool, NOW + 200)
+    assert state.vms == [], "a vanished VM of a finished job must not hold a max slot forever"
+
+
+def test_a_busy_vm_whose_address_changed_is_not_released_free_without_a_pinned_key() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    moved, _ = vp.plan_reconcile(state, seen(server("a", address="127.0.1.9")), config(), NOW)
+    released, _ = vp.plan_release(moved, "1", NOW + 1)
+    assert released.vm_named("a").state == UNUSABLE and released.vm_named("a").reason.startswith(vp.UNREACHABLE)
+    _, actions = vp.plan_reconcile(released, seen(server("a", address="127.0.1.9")), config(), NOW + 2)
+    probe = kinds(actions, ProbeSsh)[0]
+    assert probe.address == "127.0.1.9" and probe.host_keys == () and probe.first_contact is False
+
+
+def simulate_day(pick_newest: bool) -> int:
+    """One 2-minute job every 5 minutes for a day, reconcile every minute; how many VMs are left."""
+    pool = config(min=0, max=5, min_free=1, idle_timeout=1800)
+    state = PoolState(pool="p", vms=[vm(name, since=NOW - 60 * index) for index, name in enumerate("abcde")])
+    for minute in range(24 * 60):
+        now = NOW + 60 * minute
+        if minute % 5 == 0:
+            if not pick_newest:  # the old policy: the longest-free VM first
+                for v in state.vms:
+                    v.since = -v.since if v.state == FREE else v.since
+            state, _ = vp.plan_acquire(state, f"{minute}", "alice", now, 10, HOST, frozenset({10}))
+            if not pick_newest:
+                for v in state.vms:
+                    v.since = -v.since if v.since < 0 else v.since
+        if minute % 5 == 2:
+            state, _ = vp.plan_release(state, f"{minute - 2}", now)
+        listing = seen(*(server(v.name) for v in state.vms if not v.deleting))
+        state, _ = vp.plan_reconcile(state, listing, pool, now)
+    return sum(1 for v in state.vms if not v.deleting)
+
+
+def test_under_a_light_steady_load_idle_vms_are_trimmed_to_what_the_load_needs() -> None:
+    assert simulate_day(pick_newest=True) <= 2
+
+
+def test_the_old_longest_free_first_rule_kept_every_vm_warm() -> None:
+    """The simulation itself can tell the two rules apart (so the test above can fail)."""
+    assert simulate_day(pick_newest=False) == 5
+
+
+def booting_pool() -> PoolState:
+    return PoolState(pool="p", vms=[vm(name, UNUSABLE, reason=vp.BUILDING, since=NOW - 30, healthy=False)
+                                    for name in "abc"], clock={"wall": NOW, "boot": 500.0, "boot_id": "boot-1"})
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_a_wall_clock_step_fails_no_boot_and_keeps_timeouts_in_real_time(step: float) -> None:
+    state = booting_pool()
+    building = seen(*(server(name, vp.SERVER_BUILDING) for name in "abc"))
+    # 60 real seconds later (the boot clock says so), the wall clock has stepped
+    shifted, notes = vp.plan_clock(state, NOW + 60 + step, "boot-1", 560.0)
+    assert any("stepped by" in n.message for n in kinds(notes, Note))
+    after, actions = vp.plan_reconcile(shifted, building, config(build_timeout=600), NOW + 60 + step)
+    assert kinds(actions, DeleteServer) == [] and after.boot_failures == 0 and after.protected_since is None
+    # build_timeout still fires after 600 real seconds
+    later, _ = vp.plan_clock(after, NOW + 600 + step, "boot-1", 1100.0)
+    _, actions = vp.plan_reconcile(later, building, config(build_timeout=600), NOW + 600 + step)
+    assert len(kinds(actions, DeleteServer)) == 3
+
+
+def test_without_the_clock_check_a_step_would_fail_every_boot() -> None:
+    """The scenario the clock check prevents (so the test above can fail)."""
+    building = seen(*(server(name, vp.SERVER_BUILDING) for name in "abc"))
+    after, actions = vp.plan_reconcile(booting_pool(), building, config(build_timeout=600), NOW + 3660)
+    assert len(kinds(actions, DeleteServer)) == 3 and after.protected_since is not None
+
+
+def test_small_drift_and_a_new_boot_shift_nothing() -> None:
+    state = booting_pool()
+    same, notes = vp.plan_clock(state, NOW + 10 + 2, "boot-1", 510.0)
+    assert notes == [] and same.vms == state.vms
+    rebooted, notes = vp.plan_clock(state, NOW + 7200, "boot-2", 30.0)
+    assert notes == [] and rebooted.vms == state.vms and rebooted.clock["boot_id"] == "boot-2"
+
+
+def test_a_reused_pid_does_not_keep_a_dead_acquires_request_alive() -> None:
+    import os
+    me = os.getpid()
+    mine = vp.Request("1", "alice", NOW, me, HOST, pid_start=vp.process_start(me))
+    impostor = vp.Request("2", "bob", NOW, me, HOST, pid_start=vp.process_start(me) + 1)
+    assert vp.process_start(me) > 0
+    assert vp.live_pids(PoolState(pool="p", requests=[mine])) == frozenset({me})
+    assert vp.live_pids(PoolState(pool="p", requests=[impostor])) == frozenset()
+
+
+@pytest.mark.parametrize(("exit_code", "stdout", "stderr", "answer"), [
+    (0, "Job Id: 5.srv\n    Job_Name = STDIN\n    job_state = R\n", "", vp.JOB_ALIVE),
+    (0, "Job Id: 5.srv\n    job_state = Q\n", "", vp.JOB_ALIVE),
+    (0, "Job Id: 5.srv\n    job_state = E\n", "", vp.JOB_ALIVE),
+    (0, "Job Id: 5.srv\n    job_state = C\n", "", vp.JOB_GONE),
+    (153, "", "qstat: Unknown Job Id Error 5.srv\n", vp.JOB_GONE),
+    (1, "", "Communication failure.\n", "unknown"),
+])
+def test_torque_job_state_reads_qstat(exit_code: int, stdout: str, stderr: str, answer: str) -> None:
+    assert vp.torque_job_state(exit_code, stdout, stderr).split(":")[0] == answer
+
+
+@pytest.mark.parametrize(("exit_code", "stdout", "stderr", "answer"), [
+    (0, "JobId=5 JobName=x UserId=a(1000) JobState=RUNNING Reason=None", "", vp.JOB_ALIVE),
+    (0, "JobId=5 JobName=x JobState=COMPLETING Reason=None", "", vp.JOB_ALIVE),
+    (0, "JobId=5 JobName=x JobState=CANCELLED Reason=None", "", vp.JOB_GONE),
+    (1, "", "slurm_load_jobs error: Invalid job id specified\n", vp.JOB_GONE),
+    (1, "", "slurm_load_jobs error: Unable to contact slurm controller\n", "unknown"),
+])
+def test_slurm_job_state_reads_scontrol(exit_code: int, stdout: str, stderr: str, answer: str) -> None:
+    assert vp.slurm_job_state(exit_code, stdout, stderr).split(":")[0] == answer
