@@ -9,6 +9,7 @@ The node `vmgw` advertises CPUs = the pool's max (3, the `pool` fixture's): one 
 
 from __future__ import annotations
 
+import os
 import pwd
 import shutil
 import subprocess
@@ -344,3 +345,28 @@ def test_install_prints_slurm_conf_lines_above_the_hooks_worst_case(slurm: Slurm
     assert int(lines["KillWait"]) > s["KILL_GRACE"] + s["SSH_CONNECT_TIMEOUT"]
     lua = (slurm.root / "etc" / "job_submit.lua").read_text()
     assert f'local STARTER = "{hooks}/jobstarter"' in lua
+
+
+def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_without_its_epilog(
+        gw: Gateway) -> None:
+    """vmpool's `[batch] system = slurm` against the real scontrol: a held (pending) job is alive,
+    a cancelled one is gone; VMs held under their ids by hand play a lost epilog."""
+    env = {**os.environ, "SLURM_CONF": str(gw.slurm.conf)}
+    gw.pool.write_config(batch={"system": "slurm"}, pool={"job_gone_grace": 1})
+    pending = gw.submit("vmps-alice", "#!/bin/bash\ntrue\n", options=("--hold",))
+    ended = gw.submit("vmps-bob", "#!/bin/bash\ntrue\n", options=("--hold",))
+    gw.slurm.run("scancel", ended)
+    assert (gw.slurm.state(pending), gw.slurm.state(ended)) == ("PENDING", "CANCELLED")
+    for job, user in ((pending, "vmps-alice"), (ended, "vmps-bob")):
+        gw.pool.run("acquire", job, "--user", user, env=env)
+    lost = gw.vm_of(ended)
+
+    def reconciled() -> bool:  # cron's passes, with this cluster's slurm.conf
+        gw.pool.run("reconcile", env=env)
+        return lost["server_id"] not in {s.id for s in gw.pool.servers()}
+    wait_until(reconciled, 90, "the VM of the ended job deleted", interval=0.3)
+
+    assert [vm["job"] for vm in gw.pool.vms("busy")] == [pending], "the pending job keeps its VM"
+    assert "gone without epilogue" in Path(gw.pool.settings["pool"]["log_file"]).read_text()
+    gw.slurm.run("scancel", pending)
+    gw.pool.run("release", pending)
