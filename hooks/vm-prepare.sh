@@ -1,5 +1,5 @@
 # vm-prepare.sh — runs as root ON A POOL VM, sent by the prologue as `ssh root@vm bash -s`
-# preceded by `set -- USER UID GROUP GID HOME WORKDIR PUBKEY`.
+# preceded by `set -- USER UID GROUP GID HOME WORKDIR PUBKEY JOBID`.
 #
 # Gives the VM the job owner's account (same uid/gid as on the worker node, password field `*`:
 # sshd with UsePAM no refuses key logins to locked `!` accounts), the per-job public key as the
@@ -14,7 +14,7 @@ trap 'echo "vm-prepare failed at line $LINENO" >&2; exit 1' ERR
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 umask 022
 cd /
-user=$1 uid=$2 group=$3 gid=$4 home=$5 workdir=$6 pubkey=$7
+user=$1 uid=$2 group=$3 gid=$4 home=$5 workdir=$6 pubkey=$7 jobid=$8
 
 conflict() {
     echo "conflict: $*" >&2
@@ -75,6 +75,10 @@ as_user bash -c '
     printf "restrict %s\n" "$2" >"$1/.ssh/authorized_keys.new"
     mv -f -- "$1/.ssh/authorized_keys.new" "$1/.ssh/authorized_keys"
 ' vm-prepare "$home" "$pubkey"
+
+# An earlier attempt of this job on this VM (requeued without an epilogue) may have left its
+# "cancelled" mark (vm-kill.sh): it must not stop this attempt.
+as_user rm -f -- "$home/.vmpool-jobs/$jobid.cancelled" "$home/.vmpool-jobs/$jobid.sid"
 
 # --- the working directory ---
 

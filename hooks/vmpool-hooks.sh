@@ -1,15 +1,25 @@
-# vmpool-hooks.sh — code shared by vmpool's Torque hooks (prologue, jobstarter, epilogue).
+# vmpool-hooks.sh — code shared by vmpool's batch-system hooks (Torque's prologue, jobstarter and
+# epilogue; a Slurm prolog/epilog later).
 #
-# Sourced, never executed. The hooks find it beside themselves (jobstarter, and every hook in
+# Sourced, never executed. One function per call to vmpool or to a VM (vh_acquire, vh_write_record,
+# vh_prepare, vh_scrub, vh_release, vh_run_job, vh_kill_job) and for the "job ended" mark
+# (vh_mark_ended, vh_ended_since): every hook uses these, none hand-rolls an SSH call or a
+# release. They know nothing of Torque: the job id, user, uid, group, gid, home and working
+# directory come as arguments. The hooks find it beside themselves (jobstarter, and every hook in
 # the source tree) or in ./vmpool/ (prologue and epilogue installed in mom_priv). Its config,
 # vmpool-hooks.conf, lies beside it: KEY=value lines written by `hooks/install`.
 #
 # Per-job record on the worker node, JOB_DIR/<jobid>/ (root:root 0711), written by the prologue
-# right after `vmpool acquire` and removed by the epilogue:
+# right after `vmpool acquire` and removed by the epilogue once `vmpool release` has succeeded:
 #   root.env, root_known_hosts   root 0600   what the epilogue needs (VM, root key, job owner)
 #   job.env, known_hosts,        owner 0400  what the jobstarter needs: the VM's address, its
 #   id_ed25519                               pinned host key, the per-job private key
 # Root never reads a file the job owner owns: the owner may rewrite those.
+#
+# "Job ended" mark, JOB_DIR/.ended.<jobid> (root 0600): the time (ns since the epoch) an epilogue
+# of the job ran. pbs_mom runs the epilogue of a job deleted while its prologue waits for a VM
+# and leaves that prologue running; the prologue honours a mark newer than its own start (and
+# then gives everything back), and removes an older one (a requeued job's earlier epilogue).
 
 # shellcheck shell=bash disable=SC2034  # the variables are used by the hooks that source this
 
@@ -45,6 +55,8 @@ VH_REQUEUE=2
 VH_PREPARE_CONFLICT=97
 # jobstarter: the job could not be started on its VM (like ssh's own failures).
 VH_STARTER_FAILED=255
+# vmpool acquire: the job ended (its epilogue ran) while it waited; it holds nothing.
+VH_ACQUIRE_JOB_ENDED=8
 
 VH_HOOK=${VH_HOOK:-hook}
 VH_JOBID=
@@ -192,4 +204,276 @@ vh_read_record() {
             [[ $key == "$k" ]] && printf -v "$key" '%s' "${line#*=}"
         done
     done <"$file"
+}
+
+# Run a command holding the lock of JOB_DIR (flock on the directory itself: no lock file to
+# leave behind). Keeps "is there a record?" and "has the job ended?" apart from their writers.
+vh_locked() {
+    local rc=0 fd
+    exec {fd}<"$JOB_DIR"
+    flock "$fd"
+    "$@" || rc=$?
+    exec {fd}<&-
+    return "$rc"
+}
+
+# --- the "job ended" mark ---
+
+# Now, in nanoseconds since the epoch (a whole number bash can compare).
+vh_now_ns() {
+    date +%s%N
+}
+
+# ns as the float seconds vmpool takes (`--started`).
+vh_ns_as_seconds() {
+    printf '%s.%s' "${1:0:${#1}-9}" "${1: -9}"
+}
+
+vh_mark_file() {
+    printf '%s/.ended.%s' "$JOB_DIR" "$1"
+}
+
+# vh_mark_ended JOBID: an epilogue of the job runs now (call it under vh_locked).
+vh_mark_ended() {
+    local mark
+    mark=$(vh_mark_file "$1")
+    vh_now_ns >"$mark.tmp" && mv -f -- "$mark.tmp" "$mark"
+}
+
+# vh_ended_since JOBID STARTED_NS: true if an epilogue of the job ran after STARTED_NS. An older
+# mark (an earlier attempt's epilogue) is removed. Call it under vh_locked.
+vh_ended_since() {
+    local mark at=
+    mark=$(vh_mark_file "$1")
+    [[ -f $mark && ! -L $mark ]] || return 1
+    read -r at <"$mark" || true
+    if [[ $at =~ ^[0-9]{1,19}$ ]] && (( at > $2 )); then
+        return 0
+    fi
+    rm -f -- "$mark"
+    return 1
+}
+
+# Marks of jobs long gone (no prologue outlives a day): swept by every epilogue.
+vh_sweep_marks() {
+    find "$JOB_DIR" -maxdepth 1 -name '.ended.*' -type f -mmin +1440 -delete 2>/dev/null || true
+}
+
+# --- vmpool ---
+
+# vh_acquire JOBID USER STARTED_NS OUT ERR: `vmpool acquire`, its answer (--format env) in OUT,
+# its messages in ERR; returns vmpool's exit code (124/137: it did not finish in time). STARTED_NS:
+# when this attempt of the job started: an epilogue of the job after that ends the wait (exit 8).
+vh_acquire() {
+    local jobid=$1 user=$2 started=$3 out=$4 err=$5 rc=0 args=()
+    # A vmpool without --started (before the lead's change) still works: the prologue then
+    # learns of the job's end from the mark only, once acquire returns.
+    if [[ -n $started ]] && "$VMPOOL" acquire --help 2>/dev/null | grep -q -- '--started'; then
+        args=(--started "$(vh_ns_as_seconds "$started")")
+    fi
+    timeout --foreground -k 5 "$((ACQUIRE_TIMEOUT + 15))" "$VMPOOL" --config "$VMPOOL_CONFIG" \
+        acquire "$jobid" --user "$user" --timeout "$ACQUIRE_TIMEOUT" --format env "${args[@]}" \
+        >"$out" 2>"$err" || rc=$?
+    return "$rc"
+}
+
+# vh_read_acquired FILE: the VMPOOL_* variables from acquire's answer; false if incomplete.
+vh_read_acquired() {
+    VMPOOL_VM_NAME='' VMPOOL_SERVER_ID='' VMPOOL_ADDRESS='' VMPOOL_SSH_USER='' VMPOOL_SSH_PORT=''
+    VMPOOL_SSH_KEY='' VMPOOL_KNOWN_HOSTS='' VMPOOL_ALREADY_HELD=''
+    vh_read_record "$1" VMPOOL_VM_NAME VMPOOL_SERVER_ID VMPOOL_ADDRESS VMPOOL_SSH_USER \
+        VMPOOL_SSH_PORT VMPOOL_SSH_KEY VMPOOL_KNOWN_HOSTS VMPOOL_ALREADY_HELD
+    [[ $VMPOOL_ADDRESS =~ ^[A-Za-z0-9][A-Za-z0-9.:_-]*$ ]] && vh_valid_uint "$VMPOOL_SSH_PORT" \
+        && vh_valid_name "$VMPOOL_SSH_USER" && vh_valid_path "$VMPOOL_SSH_KEY" \
+        && vh_valid_path "$VMPOOL_KNOWN_HOSTS"
+}
+
+# vh_release JOBID [UNUSABLE_REASON]: `vmpool release` (--unusable with a reason), tried again
+# while it fails for a reason that passes (a busy state lock, a slow disk); 0 once vmpool has
+# recorded it. Bad input (2) and configuration (3) are not retried. Sets VH_RELEASE_ERROR.
+vh_release() {
+    local jobid=$1 reason=${2:-} rc=0 attempt args=() err
+    [[ -n $reason ]] && args=(--unusable "$reason")
+    err=$(mktemp)
+    for attempt in 1 2 3; do
+        rc=0
+        timeout --foreground -k 5 "$RELEASE_TIMEOUT" "$VMPOOL" --config "$VMPOOL_CONFIG" \
+            release "$jobid" "${args[@]}" >/dev/null 2>"$err" || rc=$?
+        (( rc == 0 || rc == 2 || rc == 3 )) && break
+        (( attempt < 3 )) && sleep $((attempt * 2))
+    done
+    VH_RELEASE_ERROR="exit $rc: $(grep -v '^$' "$err" | tail -n 1)"
+    rm -f -- "$err"
+    return "$rc"
+}
+
+# --- the per-job record (see the top of this file) ---
+
+# Write a file atomically with an owner and mode.
+vh_put_file() {
+    local path=$1 owner=$2 mode=$3
+    cat >"$path.tmp"
+    chown "$owner" "$path.tmp"
+    chmod "$mode" "$path.tmp"
+    mv -f -- "$path.tmp" "$path"
+}
+
+# The VM's pinned host key from vmpool's known_hosts, under the alias the hooks connect with.
+vh_pinned_host_key() {
+    local host line found=0 type key
+    for host in "$VMPOOL_ADDRESS" "[$VMPOOL_ADDRESS]:$VMPOOL_SSH_PORT"; do
+        while read -r line; do
+            [[ -z $line || $line == \#* ]] && continue
+            [[ $line == @* ]] && return 1    # @revoked or @cert-authority: not ours to handle
+            read -r _ type key _ <<<"$line"
+            printf '%s %s %s\n' "$VMPOOL_ADDRESS" "$type" "$key"
+            found=1
+        done < <(ssh-keygen -F "$host" -f "$VMPOOL_KNOWN_HOSTS" 2>/dev/null || true)
+    done
+    (( found ))
+}
+
+# vh_write_record JOBID USER UID GROUP GID HOME WORKDIR: the record of the VM in VMPOOL_*, fresh.
+# Returns 3 if vmpool pinned no host key for the VM (the record then holds root's part only).
+vh_write_record() {
+    local jobid=$1 user=$2 uid=$3 group=$4 gid=$5 home=$6 workdir=$7 dir host_keys
+    dir=$(vh_job_dir "$jobid")
+    [[ -d $JOB_DIR ]] || install -d -m 0711 -- "$JOB_DIR"
+    rm -rf -- "$dir"
+    mkdir -m 0711 -- "$dir"
+    vh_put_file "$dir/root.env" root 0600 <<EOF2
+VM_NAME=$VMPOOL_VM_NAME
+SERVER_ID=$VMPOOL_SERVER_ID
+ADDRESS=$VMPOOL_ADDRESS
+SSH_PORT=$VMPOOL_SSH_PORT
+SSH_USER=$VMPOOL_SSH_USER
+SSH_KEY=$VMPOOL_SSH_KEY
+JOB_USER=$user
+JOB_UID=$uid
+JOB_GROUP=$group
+JOB_GID=$gid
+JOB_HOME=$home
+WORKDIR=$workdir
+EOF2
+    host_keys=$(vh_pinned_host_key) || return 3
+    vh_put_file "$dir/root_known_hosts" root 0600 <<<"$host_keys"
+    vh_put_file "$dir/known_hosts" "$uid:$gid" 0400 <<<"$host_keys"
+    ssh-keygen -q -t ed25519 -N '' -C "vmpool job $jobid" -f "$dir/id_ed25519"
+    chown "$uid:$gid" "$dir/id_ed25519"
+    chmod 0400 "$dir/id_ed25519"
+    chmod 0644 "$dir/id_ed25519.pub"
+    vh_put_file "$dir/job.env" "$uid:$gid" 0400 <<EOF2
+VM_NAME=$VMPOOL_VM_NAME
+ADDRESS=$VMPOOL_ADDRESS
+SSH_PORT=$VMPOOL_SSH_PORT
+JOB_USER=$user
+EOF2
+}
+
+# vh_read_root_record JOBID USER: root's part of the record, checked (owned by root, for USER,
+# sane values); sets VM_NAME ADDRESS SSH_PORT SSH_USER SSH_KEY JOB_USER JOB_UID JOB_GROUP JOB_GID
+# JOB_HOME WORKDIR.
+vh_read_root_record() {
+    local file
+    file=$(vh_job_dir "$1")/root.env
+    [[ -f $file && ! -L $file && $(stat -c %u -- "$file") == 0 ]] || return 1
+    vh_read_record "$file" VM_NAME ADDRESS SSH_PORT SSH_USER SSH_KEY JOB_USER JOB_UID JOB_GROUP \
+        JOB_GID JOB_HOME WORKDIR
+    [[ ${JOB_USER:-} == "$2" ]] || { vh_say "record is for user ${JOB_USER:-?}, not $2"; return 1; }
+    [[ ${ADDRESS:-} =~ ^[A-Za-z0-9][A-Za-z0-9.:_-]*$ ]] && vh_valid_uint "${SSH_PORT:-}" \
+        && vh_valid_name "${SSH_USER:-}" && vh_valid_path "${SSH_KEY:-}" \
+        && vh_valid_uint "${JOB_UID:-}" && vh_valid_uint "${JOB_GID:-}" \
+        && vh_valid_name "${JOB_GROUP:-}" && vh_valid_path "${JOB_HOME:-}" \
+        && vh_valid_path "${WORKDIR:-}"
+}
+
+# vh_drop_owner_files JOBID: what the job's owner could use to reach the VM (key, address).
+vh_drop_owner_files() {
+    local dir
+    dir=$(vh_job_dir "$1")
+    rm -f -- "$dir/id_ed25519" "$dir/id_ed25519.pub" "$dir/job.env" "$dir/known_hosts"
+}
+
+# --- on the VM, as root (the record's root part) ---
+
+# vh_prepare JOBID USER UID GROUP GID HOME WORKDIR ERR: vm-prepare.sh on the VM in VMPOOL_*;
+# its messages in ERR; returns its exit code (124/137: no answer within PREPARE_TIMEOUT).
+vh_prepare() {
+    local jobid=$1 user=$2 uid=$3 group=$4 gid=$5 home=$6 workdir=$7 err=$8 dir rc=0
+    dir=$(vh_job_dir "$jobid")
+    vh_ssh_options "$dir/root_known_hosts" "$VMPOOL_ADDRESS" "$VMPOOL_SSH_KEY"
+    vh_remote_script vm-prepare.sh "$user" "$uid" "$group" "$gid" "$home" "$workdir" \
+            "$(cat "$dir/id_ed25519.pub")" "$jobid" \
+        | timeout --foreground -k 5 "$PREPARE_TIMEOUT" ssh "${VH_SSH_OPTS[@]}" -p "$VMPOOL_SSH_PORT" \
+            -l "$VMPOOL_SSH_USER" "$VMPOOL_ADDRESS" bash -s >/dev/null 2>"$err" || rc=$?
+    return "$rc"
+}
+
+# vh_scrub JOBID: vm-scrub.sh on the VM of the record read by vh_read_root_record. Prints the
+# reason on failure.
+vh_scrub() {
+    local dir rc=0 err
+    dir=$(vh_job_dir "$1")
+    err=$(mktemp)
+    vh_ssh_options "$dir/root_known_hosts" "$ADDRESS" "$SSH_KEY"
+    # shellcheck disable=SC2086  # SCRUB_DIRS is a list of checked absolute paths
+    vh_remote_script vm-scrub.sh "$JOB_USER" "$JOB_UID" "$JOB_GROUP" "$JOB_GID" "$JOB_HOME" \
+            "$WORKDIR" $SCRUB_DIRS \
+        | timeout --foreground -k 5 "$SCRUB_TIMEOUT" ssh "${VH_SSH_OPTS[@]}" -p "$SSH_PORT" \
+            -l "$SSH_USER" "$ADDRESS" bash -s >/dev/null 2>"$err" || rc=$?
+    case $rc in
+        0) ;;
+        124|137) echo "no answer within ${SCRUB_TIMEOUT}s" ;;
+        255) echo "ssh failed: $(grep -v '^$' "$err" | tail -n 1)" ;;
+        *) grep -v '^$' "$err" | paste -sd ';' ;;
+    esac
+    rm -f -- "$err"
+    return $(( rc != 0 ))
+}
+
+# --- on the VM, as the job's owner (the record's owner part) ---
+
+# vh_job_ssh JOBID ADDRESS PORT USER: VH_SSH_OPTS and VH_SSH_TARGET for the owner's login.
+vh_job_ssh() {
+    local dir
+    dir=$(vh_job_dir "$1")
+    vh_ssh_options "$dir/known_hosts" "$2" "$dir/id_ed25519"
+    VH_SSH_TARGET=(-p "$3" -l "$4" "$2")
+}
+
+# vh_run_job JOBID WORKDIR SHELL NODES SCRIPT EXEC_WORD ARGS NAME=VALUE...: vm-run.sh over the
+# owner's ssh (vh_job_ssh first); the job's output is ssh's. The ssh client runs in a session of
+# its own: a batch system's signals to the job's session on the node (pbs_mom's qdel) must not
+# cut the job's output short, the hook forwards them (vh_kill_job). It execs: run it in a
+# subshell, `(vh_run_job ...) &`, and $! is the ssh client.
+vh_run_job() {
+    exec setsid ssh "${VH_SSH_OPTS[@]}" "${VH_SSH_TARGET[@]}" bash -s < <(vh_remote_script vm-run.sh "$@")
+}
+
+# vh_kill_job JOBID SIGNAL: vm-kill.sh over the owner's ssh (vh_job_ssh first): SIGNAL to the
+# job's session on the VM, SIGKILL after KILL_GRACE. In a session of its own, so that the batch
+# system's SIGKILL to the job's session does not stop it. It execs: `(vh_kill_job ...) &`.
+vh_kill_job() {
+    exec setsid timeout -k 2 "$((KILL_GRACE + SSH_CONNECT_TIMEOUT + 15))" \
+        ssh "${VH_SSH_OPTS[@]}" "${VH_SSH_TARGET[@]}" bash -s \
+        < <(vh_remote_script vm-kill.sh "$1" "$2" "$KILL_GRACE") >/dev/null
+}
+
+# --- telling the job's owner ---
+
+# vh_tell_user JOBID USER UID GID DIR MESSAGE: append "<date> <jobid>: MESSAGE" to
+# DIR/vmpool-<jobid>.log (else the same file in USER's home), AS the user: TORQUE delivers no .o/.e
+# of a job its prologue aborts, and replaces a requeued attempt's .e with the rerun's. Best effort,
+# bounded in time; root never opens a path in the user's directories itself.
+vh_tell_user() {
+    local jobid=$1 user=$2 uid=$3 gid=$4 dir=$5 line home
+    line="$(date '+%F %T') vmpool $VH_HOOK $jobid: $6"
+    home=$(getent passwd -- "$user" | cut -d: -f6)
+    for dir in "$dir" "$home"; do
+        [[ -n $dir ]] || continue
+        timeout -k 1 10 setpriv --reuid="$uid" --regid="$gid" --clear-groups -- \
+            sh -c 'printf "%s\n" "$1" >>"$2"' vmpool-tell "$line" "$dir/vmpool-$jobid.log" \
+            2>/dev/null && return 0
+    done
+    return 0
 }

@@ -12,9 +12,19 @@ What a real pbs_mom does, and this driver does too (see issue 4 for the sources)
 - the job starter as the job's owner (uid, gid, no supplementary groups), with the job's full
   environment, cwd the owner's home, stdout/stderr the .OU/.ER files, argv ``[starter, shell]``
   and on stdin a pipe carrying one line ``<PBS_HOME>/mom_priv/jobs/<jobid>.SC [args]``; the
-  script file is mode 0700, owned by the job's owner; qdel sends SIGTERM to the job's session,
-  then SIGKILL after ``kill_delay``;
-- the epilogue as root with 11 args (``... session resources used queue account exit script``).
+  script file is mode 0700, owned by the job's owner (TORQUE's start_exec.c,
+  mom_jobstarter_execute_job: ``arg[0]`` = starter, ``arg[1]`` = the shell's full path; the
+  ``-bash`` that source_login_shells_or_not puts first for a plain node's login shell is
+  overwritten, so the starter must make the login shell itself: see ``login_shell_argv0``);
+- qdel/qsig: the signal to every process in the job's session, then SIGKILL after
+  ``kill_delay`` (src/resmom/linux/mom_mach.c, kill_task, walks /proc for the session id);
+- the job's exit status as pbs_mom records it: the exit code, or 256 + N for a job starter
+  killed by signal N (src/resmom/linux/mom_start.c, scan_for_terminated:
+  ``WTERMSIG(statloc) + 0x100``): 271 for SIGTERM;
+- the epilogue as root with 11 args (``... session resources used queue account exit script``);
+- qdel while the prologue runs (``delete_during_prologue``): pbs_mom's kill_job finds no job
+  process ("kill_job done (killed 0 processes)"), runs the epilogue and deletes the job, and
+  leaves the prologue running (seen under TORQUE 6.1, issue 9).
 
 Before TORQUE 5.1 (``PbsMom(version="4.2.10")``), pbs_mom passes no job script path: the prologue
 gets 7 arguments and the epilogue 10.
@@ -24,6 +34,7 @@ The driver needs root (it switches to the job owner for the job starter).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import signal
@@ -36,7 +47,43 @@ from pathlib import Path
 
 PBS_ENVIRONMENT = {"PATH": "/bin:/usr/bin", "LANG": "C"}
 RUN, ABORT = 0, 1
-KILL_DELAY = 2.0  # pbs_mom's default $kill_delay
+KILL_DELAY = 2.0  # the server's default kill_delay (seconds between qdel's SIGTERM and SIGKILL)
+KEEP_COMPLETED = 300  # the server's keep_completed in the job table (qstat shows C jobs that long)
+QSTAT = Path(__file__).resolve().parent / "bin" / "qstat"
+
+
+def torque_exit_status(returncode: int) -> int:
+    """A job starter's end as pbs_mom records it: its exit code, or 256 + N when signal N killed it
+    (src/resmom/linux/mom_start.c, scan_for_terminated)."""
+    return returncode if returncode >= 0 else 256 - returncode
+
+
+def session_processes(session: int) -> list[int]:
+    """Every process whose session id is `session`, read from /proc as pbs_mom's kill_task does."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat_line = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat_line.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session
+        if int(fields[3]) == session:
+            pids.append(int(entry))
+    return pids
+
+
+def signal_session(session: int, signum: int) -> int:
+    """Send a signal to every process of a session; how many got it."""
+    count = 0
+    for pid in session_processes(session):
+        try:
+            os.kill(pid, signum)
+            count += 1
+        except ProcessLookupError:
+            pass
+    return count
 
 
 def ensure_users(names: tuple[str, ...]) -> None:
@@ -130,28 +177,37 @@ class RunningJob:
         self.session = process.pid  # the starter leads its own session
 
     def signal(self, signum: int = signal.SIGTERM, kill_delay: float = KILL_DELAY) -> None:
-        """qdel: the signal to the whole session, SIGKILL to what is left after kill_delay."""
-        try:
-            os.killpg(self.session, signum)
-        except ProcessLookupError:
+        """qdel (or qsig): the signal to every process of the job's session, SIGKILL to what is
+        left of the session after kill_delay (kill_task; the server's kill_delay)."""
+        if self.process.poll() is not None:
             return
+        signal_session(self.session, signum)
         try:
             self.process.wait(timeout=kill_delay)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.session, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_session(self.session, signal.SIGKILL)
 
     def wait(self, timeout: float) -> int:
-        return self.process.wait(timeout=timeout)
+        """The job's exit status as pbs_mom records it (271 for a starter killed by SIGTERM)."""
+        return torque_exit_status(self.process.wait(timeout=timeout))
+
+
+class RunningHook:
+    """A prologue pbs_mom has started and not yet waited for."""
+
+    def __init__(self, mom: PbsMom, name: str, process: subprocess.Popen[bytes], started: float):
+        self.mom, self.name, self.process, self.started = mom, name, process, started
+
+    def finish(self, alarm: float | None = None) -> HookRun:
+        return self.mom._finish_hook(self.name, self.process, alarm, self.started)
 
 
 class PbsMom:
     """One pbs_mom with its PBS_HOME; hooks installed in PBS_HOME/mom_priv."""
 
     def __init__(self, pbs_home: Path, starter: Path | None = None, alarm: float = 300,
-                 server: str = "vmpool-test.example", version: str = "6.1.3"):
+                 server: str = "vmpool-test.example", version: str = "6.1.3",
+                 pbs_environment: dict[str, str] | None = None):
         self.pbs_home = Path(pbs_home)
         self.mom_priv = self.pbs_home / "mom_priv"
         self.jobs = self.mom_priv / "jobs"
@@ -161,12 +217,43 @@ class PbsMom:
         self.alarm = alarm
         self.server = server
         self.version = version  # TORQUE's; below 5.1 the hooks get no job script path
+        # mom_priv/pbs_environment: what the admin put there reaches every prologue and epilogue
+        self.pbs_environment = dict(PBS_ENVIRONMENT if pbs_environment is None else pbs_environment)
         self.host = socket.gethostname()
         for directory, mode in ((self.pbs_home, 0o755), (self.mom_priv, 0o751), (self.jobs, 0o751),
-                                (self.spool, 0o1777), (self.aux, 0o755)):
+                                (self.spool, 0o1777), (self.aux, 0o755), (self.pbs_home / "server_priv", 0o750),
+                                (self.pbs_home / "bin", 0o755)):
             directory.mkdir(parents=True, exist_ok=True)
             os.chown(directory, 0, 0)
             os.chmod(directory, mode)
+        # What pbs_server knows of the jobs, for tests/bin/qstat: PBS_HOME/bin/qstat answers
+        # `qstat -f -1 JOBID` as TORQUE 6.1 does (point vmpool's [batch] command at it).
+        self.job_table = self.pbs_home / "server_priv" / "jobs.json"
+        if not self.job_table.exists():
+            self.job_table.write_text(json.dumps({"keep_completed": KEEP_COMPLETED, "jobs": {}}))
+        self.qstat = self.pbs_home / "bin" / "qstat"
+        self.qstat.write_text(f"#!/bin/sh\nPBS_JOB_TABLE='{self.job_table}' exec '{QSTAT}' \"$@\"\n")
+        self.qstat.chmod(0o755)
+
+    # --- the server's view of the jobs (tests/bin/qstat) ---
+
+    def set_state(self, job: Job, state: str, exit_status: int | None = None) -> None:
+        """The job's job_state as qstat shows it: Q, R, E, or C (completed; kept keep_completed s)."""
+        table = json.loads(self.job_table.read_text())
+        entry: dict[str, object] = {"state": state, "name": job.name, "owner": f"{job.user}@{self.host}",
+                                    "queue": job.queue, "server": self.server}
+        if state == "C":
+            entry.update(completed_at=time.time(), exit_status=exit_status if exit_status is not None else 0)
+        table["jobs"][job.job_id] = entry
+        temporary = self.job_table.with_suffix(".tmp")
+        temporary.write_text(json.dumps(table))
+        temporary.replace(self.job_table)
+
+    def purge(self, job: Job) -> None:
+        """keep_completed has passed (or the job never existed): qstat no longer knows the job."""
+        table = json.loads(self.job_table.read_text())
+        table["jobs"].pop(job.job_id, None)
+        self.job_table.write_text(json.dumps(table))
 
     # --- files of a job ---
 
@@ -190,6 +277,7 @@ class PbsMom:
 
     def receive(self, job: Job) -> None:
         """What pbs_mom writes when a job arrives: the script, the nodefile, the spool files."""
+        self.set_state(job, "R")  # the server has sent it to this mom to run
         owner = job.owner
         script = self.script_path(job)
         script.write_text(job.script)
@@ -231,27 +319,38 @@ class PbsMom:
         return ""
 
     def _hook_env(self, job: Job) -> dict[str, str]:
-        return {**PBS_ENVIRONMENT, "PBS_NODEFILE": str(self.nodefile(job)), "PBS_O_WORKDIR": self._workdir(job),
+        return {**self.pbs_environment, "PBS_NODEFILE": str(self.nodefile(job)), "PBS_O_WORKDIR": self._workdir(job),
                 "PBS_NP": str(job.ppn), "PBS_NUM_PPN": str(job.ppn), "PBS_NUM_NODES": "1",
                 "PBS_JOBID": job.job_id, "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue}
 
-    def _run_hook(self, name: str, argv: list[str], job: Job, alarm: float | None) -> HookRun:
+    def _start_hook(self, name: str, argv: list[str], job: Job) -> subprocess.Popen[bytes] | str:
+        """The hook started as pbs_mom starts it, or why pbs_mom would not start it."""
         path = self.mom_priv / name
         problem = self.permission_problem(path)
         if problem:
-            return HookRun(None, problem)
-        alarm = self.alarm if alarm is None else alarm
-        started = time.monotonic()
+            return problem
         with open(self.out_path(job), "ab") as out, open(self.err_path(job), "ab") as err:
-            process = subprocess.Popen([str(path), *argv], cwd=self.mom_priv, stdin=subprocess.DEVNULL,
-                                       stdout=out, stderr=err, env=self._hook_env(job), start_new_session=True)
+            return subprocess.Popen([str(path), *argv], cwd=self.mom_priv, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, env=self._hook_env(job), start_new_session=True)
+
+    def _finish_hook(self, name: str, process: subprocess.Popen[bytes], alarm: float | None,
+                     started: float) -> HookRun:
+        """Wait for a hook; at the alarm, SIGKILL its session (pbs_mom: $prologalarm - 10 s)."""
+        alarm = self.alarm if alarm is None else alarm
         try:
-            code = process.wait(timeout=alarm)
+            code = process.wait(timeout=max(0.0, alarm - (time.monotonic() - started)))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            signal_session(process.pid, signal.SIGKILL)
             process.wait()
             return HookRun(None, f"{name} killed by the alarm after {alarm}s", time.monotonic() - started)
         return HookRun(code, "", time.monotonic() - started)
+
+    def _run_hook(self, name: str, argv: list[str], job: Job, alarm: float | None) -> HookRun:
+        started = time.monotonic()
+        process = self._start_hook(name, argv, job)
+        if isinstance(process, str):
+            return HookRun(None, process)
+        return self._finish_hook(name, process, alarm, started)
 
     @property
     def passes_script_path(self) -> bool:
@@ -280,7 +379,28 @@ class PbsMom:
         argv = self.epilogue_argv(job, exit_status, session) if argv is None else argv
         return self._run_hook("epilogue", argv, job, alarm)
 
+    def start_prologue(self, job: Job) -> RunningHook:
+        """The prologue, left running (to qdel the job meanwhile)."""
+        process = self._start_hook("prologue", self.prologue_argv(job), job)
+        if isinstance(process, str):
+            raise RuntimeError(process)
+        return RunningHook(self, "prologue", process, time.monotonic())
+
+    def delete_during_prologue(self, job: Job, exit_status: int = 0) -> HookRun:
+        """qdel while the prologue runs: pbs_mom kills no process (the prologue is no job task),
+        runs the epilogue and deletes the job; the prologue keeps running (issue 9)."""
+        self.set_state(job, "E")
+        epilogue = self.epilogue(job, exit_status)
+        self.set_state(job, "C", exit_status)
+        return epilogue
+
     # --- the job ---
+
+    @staticmethod
+    def login_shell_argv0(shell: str) -> str:
+        """argv[0] of a plain node's job shell: its name after a '-', a login shell (start_exec.c,
+        source_login_shells_or_not, with $source_login_batch true, the default)."""
+        return "-" + shell.rsplit("/", 1)[-1]
 
     def job_environment(self, job: Job) -> dict[str, str]:
         owner = job.owner
@@ -326,5 +446,7 @@ class PbsMom:
             running = self.start(job)
             session = running.session
             status = running.wait(timeout)
+        self.set_state(job, "E")
         epilogue = self.epilogue(job, status if status is not None else -1, session)
+        self.set_state(job, "C", status)
         return prologue, status, epilogue
