@@ -129,7 +129,7 @@ def gw(slurm: SlurmCluster, pool: PoolHandle) -> Iterator[Gateway]:
             assert TRACEBACK not in path.read_text(errors="replace"), path.name
     finally:
         slurm.run("scancel", "--full", "--partition", "vmpool", check=False)
-        wait_until(lambda: not slurm.run("squeue", "-h", check=False).stdout.strip(), 120,
+        wait_until(lambda: not slurm.run("squeue", "-h", check=False).stdout.strip(), 300,
                    "every job (and its epilog) to end")
         node = slurm.node()
         shutil.rmtree(handle.out_dir, ignore_errors=True)
@@ -370,3 +370,21 @@ def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_w
     assert "gone without epilogue" in Path(gw.pool.settings["pool"]["log_file"]).read_text()
     gw.slurm.run("scancel", pending)
     gw.pool.run("release", pending)
+
+
+def test_a_job_cancelled_while_its_prolog_waits_for_a_vm_holds_nothing_afterwards(gw: Gateway) -> None:
+    gw.pool.bed.set_behaviour(f"^{gw.pool.prefix}", spawn_delay=15)  # a slow boot
+    job = gw.submit("vmps-alice", "#!/bin/bash\necho ran\n")
+    wait_until(lambda: [w for w in gw.pool.status()["waiting"] if w["job"] == job], 60,
+               "the prolog's acquire waiting for a VM")
+
+    gw.slurm.run("scancel", job, user="vmps-alice")
+    info = gw.done(job, timeout=180)
+
+    assert info["JobState"] == "CANCELLED", info
+    assert gw.out(job) == "", "the job ran"
+    assert not [vm for vm in gw.pool.vms() if vm["job"] == job], gw.pool.vms()
+    assert gw.pool.status()["waiting"] == []
+    assert not (gw.slurm.root / "jobs" / job).exists()
+    assert f"epilog {job}: " in gw.log()
+    assert not gw.drained()
