@@ -134,6 +134,8 @@ class SlurmCluster:
             "SlurmdTimeout": "300",
             # The node advertises the pool's size, not this machine's cores.
             "SlurmdParameters": "config_overrides",
+            # A test waits for a requeued job: schedule every 5 s rather than every 60 s.
+            "SchedulerParameters": "sched_interval=5",
             **self.settings,
         }
         text = "".join(f"{key}={value}\n" for key, value in lines.items())

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 USERS = ("vmps-alice", "vmps-bob")
 CPUS = 3  # the pool fixture's [pool] max
-SETTINGS = {"REQUEUE_BACKOFF": 2, "ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3, "SCRUB_TIMEOUT": 20,
+SETTINGS = {"ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3, "SCRUB_TIMEOUT": 20,
             "PREPARE_TIMEOUT": 20, "KILL_GRACE": 2}
 
 
@@ -292,7 +292,7 @@ def test_a_cloud_failure_in_the_prolog_requeues_the_job_without_draining_the_nod
     info = wait_until(lambda: (i := gw.slurm.job(job)) and int(i.get("Restarts", "0")) >= 1 and i, 120,
                       f"the job to be requeued ({gw.slurm.job(job)})")
 
-    assert "no VM became free within 4s" in info.get("AdminComment", ""), info
+    assert "no VM became free within 4s; the job is requeued in 0s" in info.get("AdminComment", ""), info
     assert not gw.drained(), gw.slurm.node()
     wait_until(lambda: f"epilog {job}: " in gw.log(), 60, "the epilog of the requeued attempt")
     # the epilog of the job whose prolog failed: nothing held, nothing waiting, nothing of the job left
@@ -303,7 +303,7 @@ def test_a_cloud_failure_in_the_prolog_requeues_the_job_without_draining_the_nod
 
     gw.pool.bed.clear_behaviours()  # the cloud is back: the requeued job runs
     gw.install()
-    info = gw.done(job, timeout=180)
+    info = gw.done(job, timeout=400)  # eligible again after Slurm's CredExpire (120 s), then a boot
 
     assert info["JobState"] == "COMPLETED" and gw.out(job) == "ran\n", (info, gw.err(job), gw.log())
     assert not gw.drained()
@@ -342,7 +342,7 @@ def test_install_prints_slurm_conf_lines_above_the_hooks_worst_case(slurm: Slurm
     assert lines["Prolog"] == f"{hooks}/prolog" and lines["Epilog"] == f"{hooks}/epilog"
     assert lines["PrologFlags"] == "Alloc" and lines["JobSubmitPlugins"] == "lua"
     s = SETTINGS
-    worst_prolog = s["ACQUIRE_TIMEOUT"] + 15 + s["PREPARE_TIMEOUT"] + 30 + s["REQUEUE_BACKOFF"]
+    worst_prolog = s["ACQUIRE_TIMEOUT"] + 15 + s["PREPARE_TIMEOUT"] + 30
     assert int(lines["PrologEpilogTimeout"]) > worst_prolog
     assert int(lines["KillWait"]) > s["KILL_GRACE"] + s["SSH_CONNECT_TIMEOUT"]
     lua = (slurm.root / "etc" / "job_submit.lua").read_text()

@@ -76,14 +76,13 @@ vh_slurm_cancel() {
         || vh_slurm_log "scancel failed: $(tail -n 1 "$VH_SLURM_SCRATCH/slurm.err"); the job starts without a VM"
 }
 
-# Requeue the job (TORQUE's prologue has already waited REQUEUE_BACKOFF): eligible again at once.
+# Requeue the job. Slurm makes a requeued job eligible again only after CredExpire (120 s by
+# default; `scontrol update StartTime=now` does not shorten it): that is the back-off, without
+# holding a CPU of the node (hooks/slurm/install sets REQUEUE_BACKOFF=0 unless told otherwise).
 # A job that cannot be requeued (--no-requeue) is cancelled instead.
 vh_slurm_requeue() {
     vh_slurm_comment "$1"
-    if vh_slurm scontrol requeue "$VH_JOBID"; then
-        vh_slurm scontrol update "JobId=$VH_JOBID" StartTime=now || true
-        return 0
-    fi
+    vh_slurm scontrol requeue "$VH_JOBID" && return 0
     vh_slurm_log "scontrol requeue failed: $(tail -n 1 "$VH_SLURM_SCRATCH/slurm.err"); cancelling the job"
     vh_slurm_cancel "$1 (the job cannot be requeued: cancelled)"
 }
