@@ -103,6 +103,10 @@ class CloudError(VmpoolError):
     exit_code = 5
 
 
+class CloudRefused(CloudError):
+    """The cloud said no for good (authentication, a bad request, forbidden): retrying cannot help."""
+
+
 class QuotaExceeded(CloudError):
     """The cloud refused a create for quota: back off instead of retrying at once."""
 
@@ -387,6 +391,13 @@ def _check_key_permissions(path: str, ssh: SshConfig) -> None:
                           f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {ssh.private_key}")
 
 
+def require_private_key(config: Config) -> None:
+    """acquire and reconcile log in to VMs (the hooks too, with the same key): say so now if it is missing."""
+    if not os.path.isfile(config.ssh.private_key):
+        raise ConfigError(f"{config.path}: [ssh] private_key = {config.ssh.private_key!r}: no such file "
+                          "(the key root logs in to the VMs with, registered in Nova as [openstack] key_name)")
+
+
 def _check_secret_permissions(path: str, parser: configparser.ConfigParser, mode: int) -> None:
     has_secret = parser.has_section("openstack") and any(
         parser.get("openstack", key, fallback="") for key in SECRET_KEYS)
@@ -495,7 +506,9 @@ class PoolState:
     last_cloud_error: str = ""
     last_cloud_error_at: float | None = None
     ended_jobs: dict[str, float] = field(default_factory=dict)  # job -> when its release ran
-    dropped_creates: dict[str, float] = field(default_factory=dict)  # name -> when its intent was dropped
+    # name -> when the pool forgot a server that had served no unscrubbed job (a create intent
+    # that never showed up, a Free VM missing from two listings): should it show up, it is clean
+    dropped_clean: dict[str, float] = field(default_factory=dict)
     clock: dict[str, Any] = field(default_factory=dict)  # wall and boot clocks at the last write
 
     def vm_named(self, name: str) -> Vm | None:
@@ -773,7 +786,7 @@ def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name:
         if server is None:
             if now - vm.created_at > pool.create_grace and trust_absence:
                 state.vms.remove(vm)
-                state.dropped_creates[vm.name] = now  # should it show up after all, it never served a job
+                state.dropped_clean[vm.name] = now  # should it show up after all, it never served a job
                 return [Note(logging.WARNING, f"{describe_vm(vm)} never reached the cloud, dropped")]
             return []
         vm.server_id = server.id
@@ -848,6 +861,8 @@ def _server_gone(state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, 
                                                  "forgotten"))
         return actions
     state.vms.remove(vm)
+    if not vm.tainted:
+        state.dropped_clean[vm.name] = now
     return [Note(logging.WARNING, f"{describe_vm(vm)} vanished from the cloud (was {vm.state}), dropped")]
 
 
@@ -964,20 +979,21 @@ def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) ->
             _mark_delete(vm, vm.tainted, now)]
 
 
-DROPPED_CREATES_MAX_AGE = 86400.0
+DROPPED_CLEAN_MAX_AGE = 86400.0
 
 
 def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[Action]:
     """Servers with the pool's tag that the state does not know: adopt when seen twice.
 
-    A server whose create intent this pool dropped (it did not show up within create_grace)
-    never served a job: it is adopted clean. Any other has an unknown past (a lost or restored
-    state file, whatever its age: a young one may already run a job): it is adopted tainted and
+    A server this pool dropped while it was clean (a create that did not show up within
+    create_grace, a Free VM missing from two listings) is adopted clean. Any other has an
+    unknown past (a lost or restored state file, whatever its age: a young one may already run
+    a job): it is adopted tainted and
     deleted after unusable_timeout, never handed out. Nova's created_at is never compared with
     this node's clock.
     """
-    state.dropped_creates = {name: at for name, at in state.dropped_creates.items()
-                             if now - at < DROPPED_CREATES_MAX_AGE}
+    state.dropped_clean = {name: at for name, at in state.dropped_clean.items()
+                             if now - at < DROPPED_CLEAN_MAX_AGE}
     known = {vm.server_id for vm in state.vms}
     actions: list[Action] = []
     listed = set()
@@ -992,7 +1008,7 @@ def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[
             continue
         del state.orphans[server.id]
         name = server.vm_name or server.name
-        ours = state.dropped_creates.pop(name, None) is not None
+        ours = state.dropped_clean.pop(name, None) is not None
         vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=now,
                 server_id=server.id, address=server.address, tainted="" if ours else "adopted with unknown past")
         if vm.tainted:
@@ -1071,6 +1087,13 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
             _set_state(vm, UNUSABLE, BUILDING, now)
         return new, [Note(logging.INFO, f"vm {name} created (server {server_id})")]
     _record_cloud_error(new, str(error), now)
+    if isinstance(error, CloudRefused):
+        _back_off(new, pool, now)
+        if vm is not None and vm.server_id is None:
+            new.vms.remove(vm)  # refused: nothing was created, no need to wait out create_grace
+        return new, [Note(logging.ERROR, f"vm {name} not created: {error}; check [openstack] image, flavor, "
+                                         "network, key_name, security_groups; backing off until "
+                                         f"{fmt_time(new.backoff_until)}")]
     if isinstance(error, QuotaExceeded):
         _back_off(new, pool, now)
         if vm is not None and vm.server_id is None:
@@ -1213,7 +1236,7 @@ def _shift_times(state: PoolState, step: float) -> None:
     state.last_reconcile, state.last_pass = shifted(state.last_reconcile), shifted(state.last_pass)
     state.protected_since, state.backoff_until = shifted(state.protected_since), shifted(state.backoff_until)
     state.last_cloud_error_at = shifted(state.last_cloud_error_at)
-    for times in (state.orphans, state.ended_jobs, state.dropped_creates):
+    for times in (state.orphans, state.ended_jobs, state.dropped_clean):
         for key in times:
             times[key] += step
 
@@ -1238,6 +1261,17 @@ def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
     if waiting > 1:
         reasons.append(f"{waiting} jobs waiting")
     return "; ".join(reasons) or "no VM became free"
+
+
+def describe_action(action: Action) -> str:
+    """An action in the log's words, for `reconcile --dry-run`."""
+    if isinstance(action, CreateServer):
+        return f"would create server {action.name}"
+    if isinstance(action, DeleteServer):
+        return f"would delete vm {action.name} (server {action.server_id}): {action.reason}"
+    if isinstance(action, ProbeSsh):
+        return f"would probe vm {action.name} ({action.address}) over SSH"
+    return f"would log: {logging.getLevelName(action.level)} {action.message}"
 
 
 def fmt_time(timestamp: float | None) -> str:
@@ -1451,6 +1485,15 @@ def parse_nova_time(text: str | None) -> float | None:
         return None
 
 
+def next_page_marker(links: list[dict[str, Any]]) -> str:
+    """The marker of Nova's "next" link (its host may be one we cannot reach: only the marker is used)."""
+    from urllib.parse import parse_qs, urlsplit
+    for link in links:
+        if link.get("rel") == "next":
+            return parse_qs(urlsplit(str(link.get("href", ""))).query).get("marker", [""])[0]
+    return ""
+
+
 def first_ipv4(addresses: dict[str, Any]) -> str | None:
     for entries in addresses.values():
         for entry in entries:
@@ -1469,6 +1512,7 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         from keystoneauth1 import exceptions as ks_exc
         from novaclient import exceptions as nova_exc
         what = func.__name__.replace("_", " ")
+        auth_url = args[0].config.openstack.auth_url if args and hasattr(args[0], "config") else "?"
         try:
             return func(*args, **kwargs)
         except nova_exc.NotFound as error:
@@ -1476,7 +1520,9 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except nova_exc.Forbidden as error:
             if "quota" in str(error).lower():
                 raise QuotaExceeded(f"{what}: quota exceeded: {error}") from None
-            raise CloudError(f"{what}: forbidden: {error}") from None
+            raise CloudRefused(f"{what}: forbidden: {error}") from None
+        except (nova_exc.BadRequest, nova_exc.Unauthorized) as error:
+            raise CloudRefused(f"{what}: refused (HTTP {error.code}): {error}") from None
         except nova_exc.ClientException as error:
             raise CloudError(f"{what}: HTTP {getattr(error, 'code', '?')}: {error}") from None
         except (ks_exc.ConnectTimeout, ks_exc.RequestTimeout):  # keystoneauth1 reports read timeouts as connect
@@ -1484,9 +1530,14 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except ks_exc.ConnectFailure as error:
             raise CloudError(f"{what}: cannot connect to the cloud: {error}") from None
         except ks_exc.Unauthorized as error:
-            raise CloudError(f"{what}: authentication failed: {error}") from None
+            raise CloudRefused(f"{what}: authentication failed at {auth_url}: {error} "
+                               "(check [openstack] username, password, project_name or the application "
+                               "credential)") from None
+        except (ks_exc.NotFound, ks_exc.BadRequest, ks_exc.DiscoveryFailure) as error:
+            raise CloudRefused(f"{what}: Keystone at {auth_url} answered {type(error).__name__}: {error} "
+                               "(check [openstack] auth_url: the Keystone v3 URL, e.g. https://host:5000/v3)") from None
         except ks_exc.ClientException as error:
-            raise CloudError(f"{what}: {type(error).__name__}: {error}") from None
+            raise CloudError(f"{what}: {type(error).__name__} (auth_url {auth_url}): {error}") from None
     return wrapper
 
 
@@ -1528,25 +1579,36 @@ class NovaCloud:
 
     @translate_cloud_errors
     def list_servers(self) -> list[Server]:
-        """Every server of the pool: all pages (limit=-1 follows Nova's max_limit pages), matched by tag."""
-        found = self._client().servers.list(
-            detailed=True, search_opts={"name": "^" + re.escape(self.config.server_prefix)}, limit=-1)
-        servers = []
-        for raw in found:
-            if str(getattr(raw, "status", "")).upper() == "UNKNOWN":
-                # a down cell: Nova gives the id and little else (no tag): it may be ours
-                servers.append(Server(id=raw.id, name=getattr(raw, "name", "") or "", status=SERVER_UNKNOWN))
-                continue
-            metadata = getattr(raw, "metadata", {}) or {}
-            if metadata.get(METADATA_POOL_KEY) != self.config.pool.name:
-                continue  # not ours, whatever its name says (vmpool-gpu- also matches ^vmpool-)
-            fault = (getattr(raw, "fault", None) or {}).get("message", "")
-            servers.append(Server(
-                id=raw.id, name=raw.name, vm_name=metadata.get(METADATA_VM_KEY, ""),
-                created_at=parse_nova_time(getattr(raw, "created", None)),
-                status=server_status_from_nova(raw.status, getattr(raw, "OS-EXT-STS:task_state", None)),
-                address=first_ipv4(getattr(raw, "addresses", {}) or {}), fault=fault))
-        return servers
+        """Every server of the pool, matched by its tag, over every page Nova's max_limit cuts the list into.
+
+        Pages are followed by Nova's own "next" link (present only when a page is full), so a pool
+        that fits one page costs one request; novaclient's limit=-1 would always ask once more.
+        """
+        from urllib.parse import urlencode
+        query = {"name": "^" + re.escape(self.config.server_prefix)}
+        servers: list[Server] = []
+        marker = ""
+        while True:
+            params = {**query, "marker": marker} if marker else query
+            _, body = self._client().client.get("/servers/detail?" + urlencode(sorted(params.items())))
+            page = body.get("servers") or []
+            servers += [server for raw in page if (server := self._server(raw)) is not None]
+            marker = next_page_marker(body.get("servers_links") or [])
+            if not marker or not page:
+                return servers
+
+    def _server(self, raw: dict[str, Any]) -> Server | None:
+        if str(raw.get("status", "")).upper() == "UNKNOWN":
+            # a down cell: Nova gives the id and little else (no tag): it may be ours
+            return Server(id=raw["id"], name=raw.get("name") or "", status=SERVER_UNKNOWN)
+        metadata = raw.get("metadata") or {}
+        if metadata.get(METADATA_POOL_KEY) != self.config.pool.name:
+            return None  # not ours, whatever its name says (vmpool-gpu- also matches ^vmpool-)
+        return Server(
+            id=raw["id"], name=raw.get("name") or "", vm_name=metadata.get(METADATA_VM_KEY, ""),
+            created_at=parse_nova_time(raw.get("created")),
+            status=server_status_from_nova(raw.get("status") or "", raw.get("OS-EXT-STS:task_state")),
+            address=first_ipv4(raw.get("addresses") or {}), fault=(raw.get("fault") or {}).get("message", ""))
 
     @translate_cloud_errors
     def create_server(self, name: str) -> str:
@@ -1804,6 +1866,7 @@ class Pool:
         self._batch = batch
         self.host = socket.gethostname()
         self.list_error: CloudError | None = None  # the last pass could not see the cloud
+        self.create_refused: CloudRefused | None = None  # the last pass's create was refused for good
 
     def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]]) -> Any:
         """StateStore.update, with the state's times first kept true across a wall-clock step."""
@@ -1856,6 +1919,9 @@ class Pool:
                     raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
                                         f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
                 self._pass_if_due()
+                refused = self.list_error if isinstance(self.list_error, CloudRefused) else self.create_refused
+                if refused is not None:
+                    raise refused  # a wrong password or image stays wrong: no point waiting out the timeout
                 outcome = self.try_claim(job, user, started)
                 if isinstance(outcome, Waiting):
                     self.sleep(self.config.pool.acquire_poll)
@@ -1907,7 +1973,7 @@ class Pool:
 
         if dry_run:
             for action in decide(snapshot)[1]:
-                click.echo(f"would: {action}")
+                click.echo(describe_action(action))
             return
         actions = self._update(decide)
         self.apply_notes(actions)
@@ -1932,7 +1998,7 @@ class Pool:
 
     def _observe(self, probe_free: bool, dry_run: bool) -> tuple[list[Server] | None, frozenset[str]]:
         servers: list[Server] | None = None
-        self.list_error = None
+        self.list_error, self.create_refused = None, None
         try:
             servers = self.cloud.list_servers()
         except CloudError as error:
@@ -1986,6 +2052,8 @@ class Pool:
                 server_id = self.cloud.create_server(action.name)
             except CloudError as caught:
                 error = caught
+                if isinstance(caught, CloudRefused):
+                    self.create_refused = caught
             failpoint("after-create")
             self.apply_notes(self._update(functools.partial(
                 plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
@@ -2144,7 +2212,10 @@ def configured_pool(ctx: click.Context) -> Pool:
 
 
 def setup_logging(verbose: bool) -> None:
+    for old in [h for h in log.handlers if getattr(h, "vmpool_stderr", False)]:
+        log.removeHandler(old)  # `-v` after the subcommand sets logging up again
     handler = logging.StreamHandler(sys.stderr)
+    handler.vmpool_stderr = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -2153,7 +2224,7 @@ def setup_logging(verbose: bool) -> None:
     # print the traceback to stderr, and cron would mail it every minute. With -v it is shown.
     ssh_library = logging.getLogger("paramiko")
     ssh_library.propagate = False
-    ssh_library.addHandler(handler if verbose else logging.NullHandler())
+    ssh_library.handlers = [handler if verbose else logging.NullHandler()]
 
 
 def setup_file_log(path: str) -> None:
@@ -2184,12 +2255,32 @@ def cli(ctx: click.Context, config_path: str, verbose: bool) -> None:
     ctx.obj = {"config_path": config_path}
 
 
+def _config_after_subcommand(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_root().obj["config_path"] = value
+
+
+def _verbose_after_subcommand(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        setup_logging(True)
+
+
+def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--config and -v after the subcommand too (`vmpool status --config X`, `vmpool reconcile -v`)."""
+    command = click.option("--config", "config_after", default=None, expose_value=False, is_eager=True,
+                           callback=_config_after_subcommand, help="INI config file (as before the subcommand).")(
+        command)
+    return click.option("-v", "--verbose", "verbose_after", is_flag=True, expose_value=False,
+                        callback=_verbose_after_subcommand, help="Log debug detail.")(command)
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--user", default="", help="The job's owner (recorded; shown by status).")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for a VM [pool acquire_timeout].")
 @click.option("--format", "output", type=click.Choice(["address", "env"]), default="address",
               help="address: the VM's address; env: KEY=value lines for the hooks.")
+@common_options
 @click.option("--started", type=float, default=None, metavar="EPOCH",
               help="When this attempt of the job began (the prologue's start, seconds since the epoch); "
                    "a release of the job after it ends the wait with exit 8. Default: now.")
@@ -2214,6 +2305,7 @@ def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, o
     if user:
         validate_user_name(user)
     pool = configured_pool(ctx)
+    require_private_key(pool.config)
     claimed = pool.acquire(job_id, user, pool.config.pool.acquire_timeout if timeout is None else timeout, started)
     click.echo(claimed.vm.address if output == "address" else hook_env(claimed, pool.config))
 
@@ -2231,6 +2323,7 @@ def hook_env(claimed: Claimed, config: Config) -> str:
 @cli.command()
 @click.argument("job_id")
 @click.option("--unusable", "reason", default="", help="The VM may be dirty: never give it to another job.")
+@common_options
 @click.pass_context
 def release(ctx: click.Context, job_id: str, reason: str) -> None:
     """Give JOB_ID's VM back to the pool: it becomes Free (exit 0).
@@ -2246,6 +2339,7 @@ def release(ctx: click.Context, job_id: str, reason: str) -> None:
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
 @click.option("--clear-protection", is_flag=True, help="Leave protected mode and forget failed boots.")
+@common_options
 @click.pass_context
 def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None:
     """One pass for cron: scale the pool, re-check Unusable VMs, delete the dead.
@@ -2258,16 +2352,20 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
     with a message. The cloud cannot be listed: the pass does what it can, exit 5.
     """
     pool = configured_pool(ctx)
+    require_private_key(pool.config)
     if clear_protection:
         pool.store.update(functools.partial(_without_result, clear_protected_mode))
         log.warning("protected mode cleared by an admin")
     pool.reconcile(dry_run=dry_run)
     if pool.list_error is not None:
         raise CloudError(f"reconcile pass incomplete: {pool.list_error}")
+    if pool.create_refused is not None:
+        raise CloudError(f"reconcile could not create a VM: {pool.create_refused}")
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable (schema vmpool-status, version 1).")
+@common_options
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show every VM: state, reason, job and user, since when; and the pool summary.

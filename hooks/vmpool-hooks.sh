@@ -63,7 +63,8 @@ VH_JOBID=
 
 # --- messages ---
 
-# One line on stderr: pbs_mom appends it to the job's .e file (or the mom log for epilogues).
+# One line on stderr: pbs_mom appends it to the job's spool .ER, which TORQUE copies to the
+# owner's .e after the epilogue (not when the prologue aborts the job: see vh_tell_user).
 vh_say() {
     local where="vmpool $VH_HOOK"
     [[ -n $VH_JOBID ]] && where+=" $VH_JOBID"
@@ -266,11 +267,7 @@ vh_sweep_marks() {
 # when this attempt of the job started: an epilogue of the job after that ends the wait (exit 8).
 vh_acquire() {
     local jobid=$1 user=$2 started=$3 out=$4 err=$5 rc=0 args=()
-    # A vmpool without --started (before the lead's change) still works: the prologue then
-    # learns of the job's end from the mark only, once acquire returns.
-    if [[ -n $started ]] && "$VMPOOL" acquire --help 2>/dev/null | grep -q -- '--started'; then
-        args=(--started "$(vh_ns_as_seconds "$started")")
-    fi
+    [[ -n $started ]] && args=(--started "$(vh_ns_as_seconds "$started")")
     timeout --foreground -k 5 "$((ACQUIRE_TIMEOUT + 15))" "$VMPOOL" --config "$VMPOOL_CONFIG" \
         acquire "$jobid" --user "$user" --timeout "$ACQUIRE_TIMEOUT" --format env "${args[@]}" \
         >"$out" 2>"$err" || rc=$?

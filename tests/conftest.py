@@ -154,7 +154,7 @@ class PoolHandle:
 
     def servers(self) -> list[Any]:
         """This pool's servers as the cloud lists them (admin view, any tag)."""
-        return [s for s in self.bed.admin_nova().servers.list(search_opts={"all_tenants": True})
+        return [s for s in self.bed.admin_nova().servers.list(search_opts={"all_tenants": True}, limit=-1)
                 if s.metadata.get("vmpool_pool") == self.name]
 
     def reconcile_until(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:

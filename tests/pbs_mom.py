@@ -24,7 +24,21 @@ What a real pbs_mom does, and this driver does too (see issue 4 for the sources)
 - the epilogue as root with 11 args (``... session resources used queue account exit script``);
 - qdel while the prologue runs (``delete_during_prologue``): pbs_mom's kill_job finds no job
   process ("kill_job done (killed 0 processes)"), runs the epilogue and deletes the job, and
-  leaves the prologue running (seen under TORQUE 6.1, issue 9).
+  leaves the prologue running (seen under TORQUE 6.1, issue 9);
+- the prologue's exit status as the job's (src/resmom/start_exec.c, handle_prologs): exit 1
+  ends the job with JOB_EXEC_FAIL2 (-2), anything else (the alarm, a refused permission check)
+  with JOB_EXEC_RETRY_PROLOGUE (-14): the server requeues it;
+- the output the job's owner gets (``end``): after the epilogue, the mom's
+  send_back_std_and_staged_files (src/resmom/requests.c) copies the spool .OU/.ER, as the owner
+  (``/bin/cp -rp``: sys_copy), to the job's output and error paths and removes each spool file
+  once copied (copy_and_process); a copy that fails leaves the file in PBS_HOME/undelivered.
+  It copies nothing for exit statuses JOB_EXEC_FAIL1..JOB_EXEC_RETRY (-1..-3): a job its
+  prologue aborted gets no .o or .e at all, its spool files stay on the node. A requeued
+  attempt (-14) gets its files, and the rerun's overwrite them. The default paths are the
+  server's (src/server/svr_jobfunc.c, prefix_std_file and default_std):
+  ``$PBS_O_WORKDIR/<job name's last component>.o<sequence number>`` (``.e``; ``-<index>`` after
+  it for an array job); ``qsub -o``/``-e`` name others (``Job.stdout``/``Job.stderr``). While the
+  job runs its output is only in the spool ($spool_as_final_name is not set);
 
 Before TORQUE 5.1 (``PbsMom(version="4.2.10")``), pbs_mom passes no job script path: the prologue
 gets 7 arguments and the epilogue 10.
@@ -37,16 +51,21 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PBS_ENVIRONMENT = {"PATH": "/bin:/usr/bin", "LANG": "C"}
 RUN, ABORT = 0, 1
+# The mom's special exit statuses of a job (src/include/pbs_job.h).
+JOB_EXEC_FAIL1, JOB_EXEC_FAIL2, JOB_EXEC_RETRY = -1, -2, -3  # the job did not run: no output is copied
+JOB_EXEC_RETRY_PROLOGUE = -14  # the prologue failed other than by exit 1: the server requeues the job
 KILL_DELAY = 2.0  # the server's default kill_delay (seconds between qdel's SIGTERM and SIGKILL)
 KEEP_COMPLETED = 300  # the server's keep_completed in the job table (qstat shows C jobs that long)
 QSTAT = Path(__file__).resolve().parent / "bin" / "qstat"
@@ -139,8 +158,10 @@ class Job:
     account: str = ""
     walltime: str = "00:10:00"
     variables: dict[str, str] = field(default_factory=dict)  # qsub -v
-    workdir: str = ""  # the qsub caller's cwd (PBS_O_WORKDIR); default the owner's home
+    workdir: str = ""  # the qsub caller's cwd (PBS_O_WORKDIR); default the mom's submit_dir, else the home
     ppn: int = 1
+    stdout: str = ""  # qsub -o (a path on this host); default $PBS_O_WORKDIR/<name>.o<sequence number>
+    stderr: str = ""  # qsub -e; default $PBS_O_WORKDIR/<name>.e<sequence number>
 
     @property
     def owner(self) -> pwd.struct_passwd:
@@ -166,6 +187,12 @@ class HookRun:
         if self.exit_code == ABORT:
             return "abort"
         return "requeue"
+
+    @property
+    def job_exit_status(self) -> int | None:
+        """A prologue's run as the job's exit status (start_exec.c, handle_prologs): None if the
+        job runs, JOB_EXEC_FAIL2 for exit 1, JOB_EXEC_RETRY_PROLOGUE for anything else."""
+        return {"run": None, "abort": JOB_EXEC_FAIL2}.get(self.outcome, JOB_EXEC_RETRY_PROLOGUE)
 
 
 class RunningJob:
@@ -207,12 +234,16 @@ class PbsMom:
 
     def __init__(self, pbs_home: Path, starter: Path | None = None, alarm: float = 300,
                  server: str = "vmpool-test.example", version: str = "6.1.3",
-                 pbs_environment: dict[str, str] | None = None):
+                 pbs_environment: dict[str, str] | None = None,
+                 submit_dir: Callable[[pwd.struct_passwd], str] | None = None):
         self.pbs_home = Path(pbs_home)
         self.mom_priv = self.pbs_home / "mom_priv"
         self.jobs = self.mom_priv / "jobs"
         self.spool = self.pbs_home / "spool"
         self.aux = self.pbs_home / "aux"
+        self.undelivered = self.pbs_home / "undelivered"
+        # where a job owner runs qsub when a Job names no workdir (default: the owner's home)
+        self.submit_dir = submit_dir
         self.starter = starter
         self.alarm = alarm
         self.server = server
@@ -221,7 +252,8 @@ class PbsMom:
         self.pbs_environment = dict(PBS_ENVIRONMENT if pbs_environment is None else pbs_environment)
         self.host = socket.gethostname()
         for directory, mode in ((self.pbs_home, 0o755), (self.mom_priv, 0o751), (self.jobs, 0o751),
-                                (self.spool, 0o1777), (self.aux, 0o755), (self.pbs_home / "server_priv", 0o750),
+                                (self.spool, 0o1777), (self.aux, 0o755), (self.undelivered, 0o1777),
+                                (self.pbs_home / "server_priv", 0o750),
                                 (self.pbs_home / "bin", 0o755)):
             directory.mkdir(parents=True, exist_ok=True)
             os.chown(directory, 0, 0)
@@ -258,10 +290,40 @@ class PbsMom:
     # --- files of a job ---
 
     def out_path(self, job: Job) -> Path:
+        """The spool file the job's stdout goes to while it runs (and the hooks' stdout)."""
         return self.spool / f"{job.job_id}.OU"
 
     def err_path(self, job: Job) -> Path:
+        """The spool file the job's stderr goes to while it runs (and the hooks' stderr)."""
         return self.spool / f"{job.job_id}.ER"
+
+    def _default_std(self, job: Job, key: str) -> str:
+        """The server's default output path (svr_jobfunc.c, prefix_std_file and default_std):
+        $PBS_O_WORKDIR/<last component of the job name>.<o|e><sequence number>[-<array index>]."""
+        name = job.name.rsplit("/", 1)[-1]
+        sequence = re.sub(r"\D.*", "", job.job_id) or "0"  # strtol of the job id
+        index = re.search(r"\[(\d+)", job.job_id)
+        return f"{self.workdir(job)}/{name}.{key}{int(sequence)}" + (f"-{int(index.group(1))}" if index else "")
+
+    def delivered_out_path(self, job: Job) -> Path:
+        """Where the job's owner gets its .o: qsub -o, else the server's default path."""
+        return Path(job.stdout or self._default_std(job, "o"))
+
+    def delivered_err_path(self, job: Job) -> Path:
+        """Where the job's owner gets its .e: qsub -e, else the server's default path."""
+        return Path(job.stderr or self._default_std(job, "e"))
+
+    def delivered_out(self, job: Job) -> str:
+        """The .o the job's owner got (FileNotFoundError if none was delivered)."""
+        return self.delivered_out_path(job).read_text(errors="replace")
+
+    def delivered_err(self, job: Job) -> str:
+        """The .e the job's owner got (FileNotFoundError if none was delivered)."""
+        return self.delivered_err_path(job).read_text(errors="replace")
+
+    def delivered_nothing(self, job: Job) -> bool:
+        """Neither .o nor .e reached the job's owner."""
+        return not self.delivered_out_path(job).exists() and not self.delivered_err_path(job).exists()
 
     def script_path(self, job: Job) -> Path:
         return self.jobs / f"{job.job_id}.SC"
@@ -270,9 +332,12 @@ class PbsMom:
         return self.aux / job.job_id
 
     def out(self, job: Job) -> str:
+        """The spool .OU as it is now: what the job (and the hooks) wrote so far; the job's
+        owner never reads it (it is copied at the end, see end())."""
         return self.out_path(job).read_text(errors="replace") if self.out_path(job).exists() else ""
 
     def err(self, job: Job) -> str:
+        """The spool .ER as it is now (see out()); after an aborted prologue it stays on the node."""
         return self.err_path(job).read_text(errors="replace") if self.err_path(job).exists() else ""
 
     def receive(self, job: Job) -> None:
@@ -296,8 +361,11 @@ class PbsMom:
         import grp
         return grp.getgrgid(job.owner.pw_gid).gr_name
 
-    def _workdir(self, job: Job) -> str:
-        return job.workdir or job.owner.pw_dir
+    def workdir(self, job: Job) -> str:
+        """PBS_O_WORKDIR: the qsub caller's cwd."""
+        if job.workdir:
+            return job.workdir
+        return self.submit_dir(job.owner) if self.submit_dir else job.owner.pw_dir
 
     # --- the hooks ---
 
@@ -319,7 +387,7 @@ class PbsMom:
         return ""
 
     def _hook_env(self, job: Job) -> dict[str, str]:
-        return {**self.pbs_environment, "PBS_NODEFILE": str(self.nodefile(job)), "PBS_O_WORKDIR": self._workdir(job),
+        return {**self.pbs_environment, "PBS_NODEFILE": str(self.nodefile(job)), "PBS_O_WORKDIR": self.workdir(job),
                 "PBS_NP": str(job.ppn), "PBS_NUM_PPN": str(job.ppn), "PBS_NUM_NODES": "1",
                 "PBS_JOBID": job.job_id, "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue}
 
@@ -376,6 +444,7 @@ class PbsMom:
 
     def epilogue(self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None,
                  argv: list[str] | None = None) -> HookRun:
+        """The epilogue alone (as an admin runs it again); pbs_mom's end of a job is end()."""
         argv = self.epilogue_argv(job, exit_status, session) if argv is None else argv
         return self._run_hook("epilogue", argv, job, alarm)
 
@@ -388,11 +457,48 @@ class PbsMom:
 
     def delete_during_prologue(self, job: Job, exit_status: int = 0) -> HookRun:
         """qdel while the prologue runs: pbs_mom kills no process (the prologue is no job task),
-        runs the epilogue and deletes the job; the prologue keeps running (issue 9)."""
+        runs the epilogue, sends the output back and deletes the job; the prologue keeps running
+        (issue 9), writing to spool files that are gone once delivered."""
+        return self.end(job, exit_status)
+
+    # --- the end of a job: epilogue, output back to the owner ---
+
+    def end(self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None,
+            argv: list[str] | None = None) -> HookRun:
+        """What pbs_mom does when a job ends, ran or not (catch_child.c, preobit_preparation):
+        the epilogue, then its ji_mompost, send_back_std_and_staged_files: the job's output goes
+        to its owner. exit_status: the job's, or the prologue's (HookRun.job_exit_status)."""
         self.set_state(job, "E")
-        epilogue = self.epilogue(job, exit_status)
-        self.set_state(job, "C", exit_status)
+        epilogue = self.epilogue(job, exit_status, session, alarm, argv)
+        self.send_back_std_files(job, exit_status)
+        if exit_status == JOB_EXEC_RETRY_PROLOGUE:
+            self.set_state(job, "Q")  # req_jobobit.c, update_substate_from_exit_status: requeued
+        else:
+            self.set_state(job, "C", exit_status)
         return epilogue
+
+    def send_back_std_files(self, job: Job, exit_status: int) -> list[Path]:
+        """send_back_std_and_staged_files (src/resmom/requests.c): nothing for exit statuses
+        JOB_EXEC_FAIL1..JOB_EXEC_RETRY (the job did not run); else each spool file copied as the
+        job's owner with ``/bin/cp -rp`` (req_cpyfile, sys_copy) over whatever is at its path
+        (a requeued attempt's), then removed; one that cannot be copied goes to
+        PBS_HOME/undelivered (copy_and_process, copy_file_cleanup). The paths delivered."""
+        if JOB_EXEC_RETRY <= exit_status <= JOB_EXEC_FAIL1:
+            return []
+        owner = job.owner
+        delivered = []
+        for spool, path in ((self.out_path(job), self.delivered_out_path(job)),
+                            (self.err_path(job), self.delivered_err_path(job))):
+            if not spool.exists():
+                continue
+            copy = subprocess.run(["/bin/cp", "-rp", str(spool), str(path)], capture_output=True,
+                                  user=owner.pw_uid, group=owner.pw_gid, extra_groups=[])
+            if copy.returncode == 0:
+                spool.unlink()
+                delivered.append(path)
+            else:
+                spool.replace(self.undelivered / spool.name)
+        return delivered
 
     # --- the job ---
 
@@ -408,7 +514,7 @@ class PbsMom:
             **job.variables,
             "HOME": owner.pw_dir, "USER": job.user, "LOGNAME": job.user, "SHELL": owner.pw_shell,
             "PATH": "/bin:/usr/bin", "PBS_JOBID": job.job_id, "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue,
-            "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_O_WORKDIR": self._workdir(job), "PBS_O_HOME": owner.pw_dir,
+            "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_O_WORKDIR": self.workdir(job), "PBS_O_HOME": owner.pw_dir,
             "PBS_O_LOGNAME": job.user, "PBS_O_SHELL": owner.pw_shell, "PBS_O_HOST": self.host,
             "PBS_O_SERVER": self.server, "PBS_O_QUEUE": job.queue, "PBS_O_PATH": "/usr/local/bin:/usr/bin:/bin",
             "PBS_O_LANG": "C.UTF-8", "PBS_SERVER": self.server, "PBS_NODEFILE": str(self.nodefile(job)),
@@ -437,16 +543,15 @@ class PbsMom:
         return RunningJob(job, process)
 
     def run(self, job: Job, timeout: float = 120) -> tuple[HookRun, int | None, HookRun]:
-        """The whole life of a job on this mom: prologue, job (if it may run), epilogue."""
+        """The whole life of a job on this mom: prologue, job (if it may run), epilogue, output
+        back to the owner. The status: the job's, or the prologue's (-2, -14) if it did not run."""
         self.receive(job)
         prologue = self.prologue(job)
-        status: int | None = None
+        status = prologue.job_exit_status
         session = 0
-        if prologue.outcome == "run":
+        if status is None:
             running = self.start(job)
             session = running.session
             status = running.wait(timeout)
-        self.set_state(job, "E")
-        epilogue = self.epilogue(job, status if status is not None else -1, session)
-        self.set_state(job, "C", status)
+        epilogue = self.end(job, status, session)
         return prologue, status, epilogue

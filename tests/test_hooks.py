@@ -27,7 +27,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TRACEBACK, VMPOOL, PoolHandle, wait_until
-from tests.pbs_mom import HookRun, Job, PbsMom, ensure_user_with_group, ensure_users
+from tests.pbs_mom import (
+    JOB_EXEC_FAIL2,
+    JOB_EXEC_RETRY_PROLOGUE,
+    HookRun,
+    Job,
+    PbsMom,
+    ensure_user_with_group,
+    ensure_users,
+)
 
 HOOKS = ROOT / "hooks"
 USERS = ("vmpt-alice", "vmpt-bob")
@@ -50,7 +58,8 @@ class Mom:
         self.pool = pool
         self.pbs_home = root / "torque"
         self.job_dir = root / "jobs"
-        self.pbs = PbsMom(self.pbs_home, starter=self.pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=120)
+        self.pbs = PbsMom(self.pbs_home, starter=self.pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=120,
+                          submit_dir=self.submit_dir)
         settings = {"REQUEUE_BACKOFF": BACKOFF, "ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3,
                     "SCRUB_TIMEOUT": 20, "PREPARE_TIMEOUT": 20, "KILL_GRACE": 2, **settings}
         # The way the README tells a site to install them.
@@ -59,6 +68,24 @@ class Mom:
              f"VMPOOL_CONFIG={pool.config_path}", f"JOB_DIR={self.job_dir}",
              "HOOKS_SETTINGS=" + " ".join(f"{key}={value}" for key, value in settings.items())],
             capture_output=True, text=True, check=True)
+
+    def submit_dir(self, owner: pwd.struct_passwd) -> str:
+        """Where the job's owner ran qsub: a directory of this test's own in the owner's home
+        (others' test runs use the same users), created by the owner; its .o/.e and
+        vmpool-<jobid>.log land there."""
+        path = Path(owner.pw_dir) / self.root.name
+        if not path.is_dir():
+            subprocess.run(["mkdir", "-p", str(path)], check=True, user=owner.pw_uid, group=owner.pw_gid,
+                           extra_groups=[])
+        return str(path)
+
+    def told(self, job: Job) -> str:
+        """What the prologue told the job's owner in PBS_O_WORKDIR/vmpool-<jobid>.log ('' if nothing)."""
+        log = Path(self.pbs.workdir(job)) / f"vmpool-{job.job_id}.log"
+        if not log.exists():
+            return ""
+        assert log.stat().st_uid == job.owner.pw_uid, "written as the job's owner, not root"
+        return log.read_text()
 
     def vm_of(self, job: Job) -> dict:
         return next(vm for vm in self.pool.vms() if vm["job"] == job.job_id)
@@ -76,12 +103,28 @@ def mom(pool: PoolHandle, job_users: tuple[str, ...]) -> Iterator[Mom]:
     try:
         handle = Mom(root, pool)
         yield handle
-        # a job owner reads the hooks' messages in the .e file: never a Python traceback
-        for err in sorted(handle.pbs.spool.glob("*.ER")):
+        # a job owner reads the hooks' messages in the .e file and vmpool-<jobid>.log, an admin
+        # in the spool: never a Python traceback
+        submitted = [Path(entry.pw_dir) / root.name for entry in pwd.getpwall()
+                     if entry.pw_name in (*USERS, CAROL[0])]
+        for err in sorted([*handle.pbs.spool.glob("*.ER"), *handle.pbs.undelivered.glob("*"),
+                           *(path for directory in submitted if directory.is_dir() for path in directory.rglob("*")
+                             if path.is_file())]):
             text = err.read_text(errors="replace")
-            assert TRACEBACK not in text, f"{err.name}:\n{text}"
+            assert TRACEBACK not in text, f"{err}:\n{text}"
     finally:
+        for entry in pwd.getpwall():
+            if entry.pw_name in (*USERS, CAROL[0]):
+                shutil.rmtree(Path(entry.pw_dir) / root.name, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def messages(mom: Mom, job: Job) -> str:
+    """Every message about a job, wherever it is now (for an assertion's failure message)."""
+    found = {"spool .ER": mom.pbs.err(job), "log": mom.told(job)}
+    if mom.pbs.delivered_err_path(job).exists():
+        found["delivered .e"] = mom.pbs.delivered_err(job)
+    return "\n".join(f"{where}:\n{text}" for where, text in found.items() if text)
 
 
 def user_traces(mom: Mom, vm: dict, user: str) -> list[str]:
@@ -101,8 +144,9 @@ def user_traces(mom: Mom, vm: dict, user: str) -> list[str]:
 
 def test_a_job_runs_on_a_vm_as_its_owner_and_leaves_no_trace(mom: Mom) -> None:
     alice = pwd.getpwnam("vmpt-alice")
-    workdir = f"{alice.pw_dir}/project one"
-    job = Job("101.vmpool-test.example", "vmpt-alice", workdir=workdir, args='first "second arg"',
+    workdir = f"{mom.submit_dir(alice)}/project one"  # where she ran qsub: it exists on the node
+    subprocess.run(["mkdir", workdir], check=True, user=alice.pw_uid, group=alice.pw_gid, extra_groups=[])
+    job = Job("101.vmpool-test.example", "vmpt-alice", name="hooks", workdir=workdir, args='first "second arg"',
               variables={"MY_SETTING": "it's $HOME; `x`"}, script="""#!/bin/bash
 #PBS -N hooks
 echo "whoami=$(whoami)"
@@ -122,11 +166,11 @@ exit 3
 """)
     mom.pbs.receive(job)
     first = mom.pbs.prologue(job)
-    assert first.outcome == "run", mom.pbs.err(job)
+    assert first.outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     assert (vm["state"], vm["user"]) == ("busy", "vmpt-alice")
     again = mom.pbs.prologue(job)  # a requeued job runs its prologue again: same VM, still fine
-    assert again.outcome == "run", mom.pbs.err(job)
+    assert again.outcome == "run", messages(mom, job)
     assert mom.vm_of(job)["name"] == vm["name"]
 
     status = mom.pbs.start(job).wait(60)
@@ -144,9 +188,15 @@ exit 3
     assert mom.pbs.err(job) == "to stderr\n"
     assert sorted(user_traces(mom, vm, "vmpt-alice")) == ["account", "files", "home", "processes"]
 
-    epilogue = mom.pbs.epilogue(job, exit_status=status)
+    epilogue = mom.pbs.end(job, exit_status=status)
 
-    assert epilogue.exit_code == 0, mom.pbs.err(job)
+    assert epilogue.exit_code == 0, messages(mom, job)
+    # TORQUE copies the spool files, as Alice, to her workdir and removes them
+    delivered = {path: path.stat() for path in (mom.pbs.delivered_out_path(job), mom.pbs.delivered_err_path(job))}
+    assert sorted(path.name for path in delivered) == ["hooks.e101", "hooks.o101"]  # qsub took #PBS -N hooks
+    assert all(info.st_uid == alice.pw_uid for info in delivered.values())
+    assert (mom.pbs.delivered_out(job), mom.pbs.delivered_err(job)) == (out, "to stderr\n")
+    assert not mom.pbs.out_path(job).exists() and not mom.pbs.err_path(job).exists()
     assert user_traces(mom, vm, "vmpt-alice") == []
     assert mom.on_vm(vm, "test", "-e", workdir)[0] != 0
     assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
@@ -157,7 +207,7 @@ exit 3
 def test_output_streams_and_a_signalled_job_is_killed_on_its_vm(mom: Mom) -> None:
     job = Job("102", "vmpt-bob", script="echo started; echo oops >&2; exec sleep 1000\n")
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     uid = str(pwd.getpwnam("vmpt-bob").pw_uid)
     running = mom.pbs.start(job)
@@ -174,27 +224,28 @@ def test_output_streams_and_a_signalled_job_is_killed_on_its_vm(mom: Mom) -> Non
 
     # The job's shell died of SIGTERM on the VM; the starter dies of it too: 256 + 15 as on a
     # plain node, not a normal exit 143.
-    assert running.wait(60) == 256 + signal.SIGTERM, mom.pbs.err(job)
+    assert running.wait(60) == 256 + signal.SIGTERM, messages(mom, job)
     wait_until(lambda: mom.on_vm(vm, "pgrep", "-U", uid)[0] != 0, 10, "no process of the job owner on the VM")
-    assert "got SIGTERM" in mom.pbs.err(job)
     marker = f"/home/vmpt-bob/.vmpool-jobs/{job.job_id}.cancelled"
     assert mom.on_vm(vm, "test", "-e", marker)[0] != 0, "the cancelled mark outlived the job's run"
-    assert mom.pbs.epilogue(job, exit_status=256 + signal.SIGTERM).exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.end(job, exit_status=256 + signal.SIGTERM).exit_code == 0, messages(mom, job)
+    assert mom.pbs.delivered_out(job) == "started\n"
+    assert "oops\n" in mom.pbs.delivered_err(job) and "got SIGTERM" in mom.pbs.delivered_err(job)
     assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
 
 
 def test_a_failed_scrub_leaves_the_vm_unusable(mom: Mom) -> None:
     job = Job("103", "vmpt-alice", script="true\n")
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     assert mom.pbs.start(job).wait(60) == 0
     mom.pool.bed.vm_fault(vm["server_id"], "refuse")
 
-    epilogue = mom.pbs.epilogue(job, exit_status=0)
+    epilogue = mom.pbs.end(job, exit_status=0)
 
     assert epilogue.exit_code == 2
-    assert "scrub of VM" in mom.pbs.err(job) and "will serve no other job" in mom.pbs.err(job)
+    assert "scrub of VM" in mom.pbs.delivered_err(job) and "will serve no other job" in mom.pbs.delivered_err(job)
     after = next(v for v in mom.pool.vms() if v["name"] == vm["name"])
     assert after["state"] == "unusable" and "scrub failed" in (after["reason"] or ""), after
     assert after["job"] is None or after["job"] != job.job_id or after["state"] != "busy"
@@ -204,25 +255,33 @@ def test_a_failed_scrub_leaves_the_vm_unusable(mom: Mom) -> None:
 def test_no_vm_in_time_requeues_after_the_backoff(mom: Mom) -> None:
     mom.pool.bed.set_behaviour(f"^{mom.pool.prefix}", error=True)  # every boot fails
     Mom.__init__(mom, mom.root, mom.pool, ACQUIRE_TIMEOUT=3)
-    job = Job("104", "vmpt-alice", script="true\n")
-    mom.pbs.receive(job)
+    job = Job("104", "vmpt-alice", script="echo ran\n")
+    reason = "no VM became free within 3s; the job is requeued in 2s"
 
-    prologue = mom.pbs.prologue(job)
+    for attempt in (1, 2):  # TORQUE requeues the job; the next attempt fails the same way
+        mom.pbs.receive(job)
+        prologue = mom.pbs.prologue(job)
 
-    assert prologue.outcome == "requeue" and prologue.exit_code == 2, mom.pbs.err(job)
-    assert prologue.seconds >= 3 + BACKOFF
-    assert "the job is requeued in 2s" in mom.pbs.err(job)
-    # TORQUE replaces this attempt's .e with the rerun's: the reason also waits in the workdir
-    told = Path(job.owner.pw_dir) / f"vmpool-{job.job_id}.log"
-    try:
-        assert "no VM became free within 3s; the job is requeued in 2s" in told.read_text()
-        assert told.stat().st_uid == job.owner.pw_uid, "written as the job's owner, not root"
-    finally:
-        told.unlink(missing_ok=True)
-    assert not (mom.job_dir / job.job_id).exists()
-    assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
-    assert mom.pool.status().get("waiting", []) == []
-    assert mom.pbs.epilogue(job, exit_status=-1).exit_code == 0, mom.pbs.err(job)
+        assert prologue.outcome == "requeue" and prologue.exit_code == 2, messages(mom, job)
+        assert prologue.job_exit_status == JOB_EXEC_RETRY_PROLOGUE
+        assert prologue.seconds >= 3 + BACKOFF
+        assert not (mom.job_dir / job.job_id).exists()
+        assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
+        assert mom.pool.status().get("waiting", []) == []
+        assert mom.pbs.end(job, prologue.job_exit_status).exit_code == 0, messages(mom, job)
+        # TORQUE delivers a requeued attempt's .o/.e; the reason is in the .e, and in the log
+        assert reason in mom.pbs.delivered_err(job) and mom.pbs.delivered_out(job) == ""
+        assert mom.told(job).count(reason) == attempt
+
+    mom.pool.bed.clear_behaviours()  # the cloud boots VMs again
+    Mom.__init__(mom, mom.root, mom.pool)
+    prologue, status, epilogue = mom.pbs.run(job)
+
+    assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), messages(mom, job)
+    # the rerun's files replace the requeued attempts'; only the log keeps why they did not run
+    assert (mom.pbs.delivered_out(job), mom.pbs.delivered_err(job)) == ("ran\n", "")
+    told = mom.told(job).splitlines()
+    assert len(told) == 2 and all(line.endswith(f"vmpool prologue {job.job_id}: {reason}") for line in told), told
 
 
 # --- bad input, permissions ---
@@ -253,10 +312,13 @@ def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str
         argv[position] = value
 
     prologue = mom.pbs.prologue(job, argv=argv)
-    epilogue_argv = [*argv[:4], "0", job.resources, "walltime=0", job.queue, "", "-1", argv[7]]
-    epilogue = mom.pbs.epilogue(job, exit_status=-1, argv=epilogue_argv)
+    epilogue_argv = [*argv[:4], "0", job.resources, "walltime=0", job.queue, "", str(JOB_EXEC_FAIL2), argv[7]]
+    epilogue = mom.pbs.end(job, JOB_EXEC_FAIL2, argv=epilogue_argv)
 
-    assert prologue.outcome == "abort", mom.pbs.err(job)
+    assert prologue.outcome == "abort", messages(mom, job)
+    # TORQUE delivers nothing; the reason stays in the mom's spool .ER (and syslog), for the
+    # admin: the prologue writes nothing as a user it could not verify
+    assert mom.pbs.delivered_nothing(job) and mom.told(job) == ""
     assert "(job aborted)" in mom.pbs.err(job)
     calls = trace.read_text() if trace.exists() else ""
     assert "acquire" not in calls
@@ -276,9 +338,10 @@ def test_the_job_starter_fails_loudly_without_a_vm(mom: Mom) -> None:
     mom.pbs.receive(job)
 
     status = mom.pbs.start(job).wait(30)
+    mom.pbs.end(job, status)
 
     assert status == 255
-    assert "this job has no VM" in mom.pbs.err(job)
+    assert "this job has no VM" in mom.pbs.delivered_err(job)
     assert not os.path.exists(PWNED)
 
 
@@ -377,16 +440,17 @@ for other in vmpt-alice vmpt-bob; do cat "/home/$other/secret" 2>/dev/null; done
         thread.start()
     for thread in threads:
         thread.join(120)
-    assert all(p.outcome == "run" for p in prologues.values()), [mom.pbs.err(job) for job in jobs]
+    assert all(p.outcome == "run" for p in prologues.values()), [messages(mom, job) for job in jobs]
     vms = {job.user: mom.vm_of(job) for job in jobs}
     assert vms["vmpt-alice"]["name"] != vms["vmpt-bob"]["name"]
 
     running = [mom.pbs.start(jobs[0]), mom.pbs.start(jobs[1], exec_with_exec=True)]
     statuses = [job.wait(60) for job in running]
 
-    assert statuses == [0, 0], [mom.pbs.err(job) for job in jobs]
+    assert statuses == [0, 0], [messages(mom, job) for job in jobs]
+    outs = {job.job_id: mom.pbs.out(job) for job in jobs}
     for job, other in ((jobs[0], "vmpt-bob"), (jobs[1], "vmpt-alice")):
-        out = mom.pbs.out(job)
+        out = outs[job.job_id]
         assert f"homes={job.user} \n" in out, out
         assert other not in out.split("users=")[1].split("\n")[0], out
         assert f"tmp={job.user}-tmp \n" in out, out
@@ -404,7 +468,9 @@ for other in vmpt-alice vmpt-bob; do cat "/home/$other/secret" 2>/dev/null; done
                             user=alice.pw_uid, group=alice.pw_gid, extra_groups=[])
     assert stolen.returncode != 0 and not stolen.stdout
     for job, status in zip(jobs, statuses, strict=True):
-        assert mom.pbs.epilogue(job, status).exit_code == 0, mom.pbs.err(job)
+        assert mom.pbs.end(job, status).exit_code == 0, messages(mom, job)
+        assert mom.pbs.delivered_out(job) == outs[job.job_id], "each owner gets what the job wrote"
+        assert mom.pbs.delivered_out_path(job).stat().st_uid == job.owner.pw_uid
     assert sorted(vm["state"] for vm in mom.pool.vms()) == ["free", "free"]
 
 
@@ -421,8 +487,8 @@ def test_a_prologue_killed_by_the_alarm_while_waiting_is_requeued_and_holds_no_v
                "the killed prologue's acquire to be gone")
     mom.pool.run("reconcile")  # cron: drops the dead acquire's request, drives the VM it asked for
     assert mom.pool.status()["waiting"] == []
-    epilogue = mom.pbs.epilogue(job, exit_status=-1)
-    assert epilogue.exit_code == 0, mom.pbs.err(job)
+    epilogue = mom.pbs.end(job, prologue.job_exit_status)
+    assert epilogue.exit_code == 0, messages(mom, job)
     assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
     assert not (mom.job_dir / job.job_id).exists()
     assert mom.pool.servers(), "the VM booted for the job stays in the pool"
@@ -441,9 +507,11 @@ def test_a_prologue_killed_by_the_alarm_while_preparing_leaves_its_vm_unusable(m
 
     assert prologue.exit_code is None and prologue.outcome == "requeue"
     assert (mom.job_dir / job.job_id / "root.env").exists(), "the record is written right after acquire"
-    epilogue = mom.pbs.epilogue(job, exit_status=-1)
+    epilogue = mom.pbs.end(job, JOB_EXEC_RETRY_PROLOGUE)  # the alarm requeues the job
     assert epilogue.exit_code == 2
-    assert "did not finish preparing" in mom.pbs.err(job) and "no answer within 4s" in mom.pbs.err(job)
+    # TORQUE delivers the requeued attempt's .e (until the rerun's replaces it)
+    err = mom.pbs.delivered_err(job)
+    assert "did not finish preparing" in err and "no answer within 4s" in err, err
     after = next(v for v in mom.pool.vms() if v["name"] == vm["name"])
     assert after["state"] == "unusable" and after["tainted"] == "prologue did not finish preparing the VM", after
 
@@ -457,13 +525,14 @@ def test_root_creates_no_workdir_for_the_user_and_bash_env_runs_nothing_on_the_n
     (planted / "evil.sh").write_text(f"touch {marker}\n")
     (planted / "evil.sh").chmod(0o755)
     workdir = "/usr/local/lib/vmpt-planted/site-packages"
+    submitted = mom.submit_dir(pwd.getpwnam("vmpt-alice"))  # qsub -o/-e: the workdir is not hers on the node
     job = Job("121", "vmpt-alice", workdir=workdir, variables={"BASH_ENV": str(planted / "evil.sh")},
-              script="pwd\n")
+              script="pwd\n", stdout=f"{submitted}/planted.out", stderr=f"{submitted}/planted.err")
     try:
         prologue, status, epilogue = mom.pbs.run(job)
-        assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), mom.pbs.err(job)
-        assert mom.pbs.out(job) == "/home/vmpt-alice\n"
-        assert f"no directory {workdir} on the VM; the job runs in /home/vmpt-alice" in mom.pbs.err(job)
+        assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), messages(mom, job)
+        assert mom.pbs.delivered_out(job) == "/home/vmpt-alice\n"
+        assert f"no directory {workdir} on the VM; the job runs in /home/vmpt-alice" in mom.pbs.delivered_err(job)
         assert not marker.exists(), "BASH_ENV ran the user's code in the job starter"
         for vm in mom.pool.vms():
             assert mom.on_vm(vm, "test", "-e", "/usr/local/lib/vmpt-planted")[0] != 0
@@ -481,12 +550,20 @@ def test_a_job_whose_vm_preparation_keeps_failing_is_aborted_not_requeued_foreve
     mom.pbs.receive(job)
 
     first = mom.pbs.prologue(job)
-    assert first.outcome == "requeue", mom.pbs.err(job)
+    assert first.outcome == "requeue", messages(mom, job)
     assert next(v for v in mom.pool.vms() if v["name"] == broken["name"])["tainted"]
+    assert mom.pbs.end(job, first.job_exit_status).exit_code == 0, messages(mom, job)
+    first_err = mom.pbs.delivered_err(job)  # the requeued attempt's .e reaches Alice
+    assert "preparing VM" in first_err and "the job is requeued" in first_err, first_err
+    mom.pbs.receive(job)
     second = mom.pbs.prologue(job)  # Torque runs it again after the requeue: a new VM, but no more tries
+    mom.pbs.end(job, second.job_exit_status)
 
-    assert second.outcome == "abort", mom.pbs.err(job)
-    assert "preparing a VM failed 1 times; not trying again" in mom.pbs.err(job)
+    assert second.outcome == "abort", messages(mom, job)
+    # TORQUE delivers nothing of the aborted attempt (the first's .e stays): the log tells why
+    assert mom.pbs.delivered_err(job) == first_err
+    assert "preparing a VM failed 1 times; not trying again (job aborted)" in mom.told(job)
+    assert "the job is requeued" in mom.told(job), "the log keeps the first attempt's reason too"
     assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
     assert [vm for vm in mom.pool.vms("free") if vm["name"] != broken["name"]], "the untouched VM is Free again"
 
@@ -505,7 +582,7 @@ def test_a_vm_whose_host_key_changed_after_the_prologue_runs_no_job_and_serves_n
     marker = "/tmp/vmpt-hostkey-job-ran"
     job = Job("401", "vmpt-alice", script=f"touch {marker}\n")
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     record = mom.job_dir / job.job_id
     pinned = (record / "known_hosts").read_text()
@@ -529,10 +606,11 @@ def test_a_vm_whose_host_key_changed_after_the_prologue_runs_no_job_and_serves_n
     assert (record / "known_hosts").read_text() == pinned, "the job starter learned a new host key"
 
     # The epilogue does not trust the VM either: the scrub refuses it, the VM is taken out of the pool.
-    epilogue = mom.pbs.epilogue(job, exit_status=status)
+    epilogue = mom.pbs.end(job, exit_status=status)
 
-    err = mom.pbs.err(job)
+    err = mom.pbs.delivered_err(job)  # what Alice gets: the job starter's and the epilogue's reasons
     assert epilogue.exit_code == 2, err
+    assert "Host key verification failed" in err and f"ssh to VM {vm['name']} ({vm['address']}) exited 255" in err
     assert f"scrub of VM {vm['name']} ({vm['address']}) failed: ssh failed: Host key verification failed" in err
     assert "it will serve no other job" in err
     after = next(v for v in mom.pool.vms() if v["name"] == vm["name"])
@@ -554,19 +632,20 @@ def test_older_torque_arguments_without_a_script_path_run_and_clean_up_a_job(mom
 
     prologue = mom.pbs.prologue(job)
 
-    assert prologue.outcome == "run", mom.pbs.err(job)
+    assert prologue.outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     assert (vm["state"], vm["user"]) == ("busy", "vmpt-bob")
     status = mom.pbs.start(job).wait(60)
     vm_host = mom.on_vm(vm, "hostname")[1].strip()
-    assert status == 0, mom.pbs.err(job)
+    assert status == 0, messages(mom, job)
     assert mom.pbs.out(job) == f"host={vm_host} torque=TORQUE-4.2.10\n" and vm_host != os.uname().nodename
     assert sorted(user_traces(mom, vm, "vmpt-bob")) == ["account", "home"]
 
-    epilogue = mom.pbs.epilogue(job, exit_status=status)
+    epilogue = mom.pbs.end(job, exit_status=status)
 
-    assert epilogue.exit_code == 0, mom.pbs.err(job)
-    assert mom.pbs.err(job) == ""
+    assert epilogue.exit_code == 0, messages(mom, job)
+    assert mom.pbs.delivered_out(job) == f"host={vm_host} torque=TORQUE-4.2.10\n"
+    assert mom.pbs.delivered_err(job) == ""
     assert user_traces(mom, vm, "vmpt-bob") == []
     assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
     assert not (mom.job_dir / job.job_id).exists()
@@ -576,7 +655,7 @@ def test_the_job_record_is_readable_by_the_job_owner_only(mom: Mom) -> None:
     alice, bob = pwd.getpwnam("vmpt-alice"), pwd.getpwnam("vmpt-bob")
     job = Job("403", "vmpt-alice", script="true\n")
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     record = mom.job_dir / job.job_id
     info = record.lstat()
     assert stat.S_ISDIR(info.st_mode) and (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o711)
@@ -604,8 +683,8 @@ def test_the_job_record_is_readable_by_the_job_owner_only(mom: Mom) -> None:
     for name in ("root.env", "root_known_hosts"):
         assert read_as(alice.pw_name, record / name).returncode != 0, name
 
-    assert mom.pbs.start(job).wait(60) == 0, mom.pbs.err(job)
-    assert mom.pbs.epilogue(job, exit_status=0).exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.start(job).wait(60) == 0, messages(mom, job)
+    assert mom.pbs.end(job, exit_status=0).exit_code == 0, messages(mom, job)
 
 
 def test_the_job_owner_has_the_node_s_uid_and_primary_gid_on_the_vm(mom: Mom) -> None:
@@ -625,12 +704,12 @@ def test_the_job_owner_has_the_node_s_uid_and_primary_gid_on_the_vm(mom: Mom) ->
     job = Job("404", carol.pw_name,
               script='echo "uid=$(id -u) gid=$(id -g) user=$(id -un) group=$(id -gn) groups=$(id -G)"\n')
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     assert mom.vm_of(job)["name"] == vm["name"]
 
     status = mom.pbs.start(job).wait(60)
 
-    assert status == 0, mom.pbs.err(job)
+    assert status == 0, messages(mom, job)
     assert mom.pbs.out(job) == (f"uid={carol.pw_uid} gid={carol.pw_gid} user={carol.pw_name} "
                                 f"group={group.gr_name} groups={carol.pw_gid}\n")
     assert os.getgrouplist(carol.pw_name, carol.pw_gid) == [carol.pw_gid], "the node gives her no other group"
@@ -640,7 +719,7 @@ def test_the_job_owner_has_the_node_s_uid_and_primary_gid_on_the_vm(mom: Mom) ->
     assert rc == 0 and entry.split(":")[2] == str(group.gr_gid), entry
     rc, owner, _ = mom.on_vm(vm, "stat", "-c", "%u %g", carol.pw_dir)
     assert rc == 0 and owner.split() == [str(carol.pw_uid), str(carol.pw_gid)], owner
-    assert mom.pbs.epilogue(job, exit_status=status).exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.end(job, exit_status=status).exit_code == 0, messages(mom, job)
     assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
 
 
@@ -658,11 +737,13 @@ def test_a_job_deleted_while_its_prologue_waits_leaves_no_vm_key_or_record(mom: 
     # qdel: pbs_mom runs the epilogue and leaves the prologue running
     epilogue = mom.pbs.delete_during_prologue(job)
 
-    assert epilogue.exit_code == 0, mom.pbs.err(job)
+    assert epilogue.exit_code == 0, messages(mom, job)
     assert (mom.job_dir / f".ended.{job.job_id}").exists()
     ended = prologue.finish(alarm=120)  # the VM boots (or vmpool withdraws the wait): it gives up
-    assert ended.exit_code == 1, mom.pbs.err(job)
-    assert "the job ended while its prologue waited for a VM" in mom.pbs.err(job)
+    assert ended.exit_code == 1, messages(mom, job)
+    # its .o/.e went to Alice with the epilogue: the prologue's reason reaches her only in the log
+    assert "the job ended while its prologue waited for a VM" not in mom.pbs.delivered_err(job)
+    assert "the job ended while its prologue waited for a VM" in mom.told(job)
     assert not (mom.job_dir / job.job_id).exists(), "the record (and the job's key) must go"
     assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id or vm["state"] == "busy"]
     assert mom.pool.status()["waiting"] == []
@@ -672,14 +753,15 @@ def test_a_stale_end_mark_does_not_stop_a_later_prologue_of_the_same_job(mom: Mo
     job = Job("311", "vmpt-bob", script="echo ran\n")
     mom.pbs.receive(job)
     # An earlier attempt's epilogue (say after a requeue) left its mark.
-    assert mom.pbs.epilogue(job, exit_status=-1).exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.end(job, JOB_EXEC_RETRY_PROLOGUE).exit_code == 0, messages(mom, job)
+    assert mom.pbs.delivered_out(job) == ""  # that attempt's (empty) .o
     mark = mom.job_dir / f".ended.{job.job_id}"
     assert mark.exists()
 
     prologue, status, epilogue = mom.pbs.run(job)
 
-    assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), mom.pbs.err(job)
-    assert mom.pbs.out(job) == "ran\n"
+    assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), messages(mom, job)
+    assert mom.pbs.delivered_out(job) == "ran\n"  # the rerun's .o replaced it
     assert [v["state"] for v in mom.pool.vms()] == ["free"]
 
 
@@ -687,21 +769,21 @@ def test_a_failed_release_keeps_the_record_until_a_release_succeeds(mom: Mom) ->
     mom.pool.write_config(pool={"lock_timeout": 1})
     job = Job("312", "vmpt-bob", script="true\n")
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
-    assert mom.pbs.start(job).wait(60) == 0, mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
+    assert mom.pbs.start(job).wait(60) == 0, messages(mom, job)
     vm = mom.vm_of(job)
     record = mom.job_dir / job.job_id
     with open(mom.pool.state_file + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another vmpool holds the state lock, for too long
-        epilogue = mom.pbs.epilogue(job, exit_status=0)
+        epilogue = mom.pbs.end(job, exit_status=0)
 
-    assert epilogue.exit_code == 2, mom.pbs.err(job)
-    assert "vmpool release failed (exit 7" in mom.pbs.err(job)
+    assert epilogue.exit_code == 2, messages(mom, job)
+    assert "vmpool release failed (exit 7" in mom.pbs.delivered_err(job)
     assert (record / "root.env").exists(), "the record must stay until vmpool has the release"
     assert not (record / "id_ed25519").exists(), "the owner's key goes with the account on the VM"
     assert mom.vm_of(job)["state"] == "busy"
     again = mom.pbs.epilogue(job, exit_status=0)  # pbs_mom does not, an admin (or a re-run) does
-    assert again.exit_code == 0, mom.pbs.err(job)
+    assert again.exit_code == 0, messages(mom, job)
     assert not record.exists()
     assert [v["state"] for v in mom.pool.vms() if v["name"] == vm["name"]] == ["free"]
 
@@ -712,7 +794,7 @@ def test_a_failed_release_keeps_the_record_until_a_release_succeeds(mom: Mom) ->
 def test_the_job_shell_on_the_vm_is_a_login_shell_as_pbs_mom_starts_it(mom: Mom) -> None:
     job = Job("320", "vmpt-alice", script='echo "parent=$(ps -o args= -p $PPID)"; echo "site=$VMPT_SITE"\n')
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     # the image's /etc/profile.d, as environment modules or a site's paths would use it
     rc, _, err = mom.on_vm(vm, "sh", "-c", "echo 'export VMPT_SITE=loaded' >/etc/profile.d/vmpt-site.sh")
@@ -720,10 +802,11 @@ def test_the_job_shell_on_the_vm_is_a_login_shell_as_pbs_mom_starts_it(mom: Mom)
 
     status = mom.pbs.start(job).wait(60)
 
-    assert status == 0, mom.pbs.err(job)
+    assert status == 0, messages(mom, job)
     shell = job.owner.pw_shell
-    assert mom.pbs.out(job) == f"parent={PbsMom.login_shell_argv0(shell)}\nsite=loaded\n", mom.pbs.err(job)
-    assert mom.pbs.epilogue(job, exit_status=status).exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.end(job, exit_status=status).exit_code == 0, messages(mom, job)
+    assert mom.pbs.delivered_out(job) == f"parent={PbsMom.login_shell_argv0(shell)}\nsite=loaded\n", \
+        messages(mom, job)
 
 
 def test_a_job_s_term_trap_prints_and_gets_kill_grace_before_sigkill(mom: Mom) -> None:
@@ -735,7 +818,7 @@ sleep 1000 &
 wait
 """)
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     uid = str(job.owner.pw_uid)
     running = mom.pbs.start(job)
@@ -744,10 +827,10 @@ wait
 
     running.signal(signal.SIGTERM, kill_delay=60)  # kill_delay above KILL_GRACE, as the README asks
 
-    assert running.wait(60) == 256 + signal.SIGTERM, mom.pbs.err(job)
-    assert mom.pbs.out(job) == "started\ntrapped\nstill in the trap\n", mom.pbs.err(job)  # no "late"
+    assert running.wait(60) == 256 + signal.SIGTERM, messages(mom, job)
+    assert mom.pbs.out(job) == "started\ntrapped\nstill in the trap\n", messages(mom, job)  # no "late"
     wait_until(lambda: mom.on_vm(vm, "pgrep", "-U", uid)[0] != 0, 10, "no process of the job owner on the VM")
-    assert mom.pbs.epilogue(job, exit_status=256 + signal.SIGTERM).exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.end(job, exit_status=256 + signal.SIGTERM).exit_code == 0, messages(mom, job)
 
 
 def test_a_forwarded_sigint_reaches_a_job_that_starts_with_default_dispositions(mom: Mom) -> None:
@@ -761,7 +844,7 @@ sleep 1000
 echo not reached
 """)
     mom.pbs.receive(job)
-    assert mom.pbs.prologue(job).outcome == "run", mom.pbs.err(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
     uid = str(job.owner.pw_uid)
     running = mom.pbs.start(job)
@@ -775,9 +858,9 @@ echo not reached
     running.signal(signal.SIGINT, kill_delay=60)  # qsig -s INT
 
     # the job trapped it and exited 7: pbs_mom records 7, as on a plain node
-    assert running.wait(60) == 7, mom.pbs.err(job)
+    assert running.wait(60) == 7, messages(mom, job)
     assert mom.pbs.out(job).endswith("ready\ncaught INT\n"), mom.pbs.out(job)
-    assert mom.pbs.epilogue(job, exit_status=7).exit_code == 0, mom.pbs.err(job)
+    assert mom.pbs.end(job, exit_status=7).exit_code == 0, messages(mom, job)
 
 
 # --- the root hooks ignore what the environment would have bash run (issue 8.7) ---
@@ -794,9 +877,9 @@ def test_root_hooks_run_nothing_from_bash_env_shellopts_or_exported_functions(mo
     job = Job("330", "vmpt-bob", script="true\n")
     try:
         prologue, status, epilogue = mom.pbs.run(job)
-        assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), mom.pbs.err(job)
+        assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), messages(mom, job)
         assert not marker.exists(), "the environment ran code in a root hook"
-        assert "+ " not in mom.pbs.err(job), "SHELLOPTS=xtrace reached a root hook"
+        assert "+ " not in mom.pbs.delivered_err(job), "SHELLOPTS=xtrace reached a root hook"
     finally:
         shutil.rmtree(planted, ignore_errors=True)
 

@@ -493,7 +493,7 @@ def test_adopted_servers_of_unknown_past_are_never_handed_out(age: float, droppe
     """Only a server whose create intent this pool dropped is known clean; age proves nothing
     (after a state loss a young server may already run a job) and is never compared with our clock."""
     old = server("x", created_at=NOW - age)
-    state = PoolState(pool="p", dropped_creates={"x": NOW - 5} if dropped else {})
+    state = PoolState(pool="p", dropped_clean={"x": NOW - 5} if dropped else {})
     once, _ = vp.plan_reconcile(state, seen(old), config(), NOW)
     twice, _ = vp.plan_reconcile(once, seen(old), config(), NOW + 1)
     assert bool(twice.vm_named("x").tainted) == tainted

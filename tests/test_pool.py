@@ -109,7 +109,7 @@ def test_a_step_that_fails_unexpectedly_is_logged_and_the_later_steps_still_run(
     pool = with_pool(pool, min=1, unusable_timeout=0.001)  # a dirty VM is deleted on the next pass
     pool.reconcile()
     pool.reconcile()
-    doomed = pool.acquire("1", "u", 5)
+    doomed = pool.acquire("1", "u", 5).vm
     pool.release("1", "dirty")
 
     def broken_delete(server_id: str) -> None:
@@ -146,18 +146,62 @@ def test_free_vms_are_in_known_hosts_as_soon_as_the_state_says_free(
 
 def test_acquire_on_an_empty_pool_boots_and_claims(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
     pool, cloud, _ = setup
-    vm = pool.acquire("1", "alice", timeout=5)
+    vm = pool.acquire("1", "alice", timeout=5).vm
     assert vm.job == "1" and cloud.calls.count("create") == 1
     assert pool.store.read().requests == []
 
 
+class FakeTime:
+    """Injected clocks: sleep advances the monotonic clock at once; the wall clock may be stepped."""
+
+    def __init__(self) -> None:
+        self.mono = 100.0
+        self.wall = 1_800_000_000.0
+        self.sleeps = 0
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def clock(self) -> float:
+        return self.wall
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.mono += seconds
+        self.wall += seconds
+
+
+def timed(pool: vp.Pool, fake: FakeTime) -> vp.Pool:
+    return vp.Pool(pool.config, clock=fake.clock, cloud=pool.cloud, remote=pool.remote,
+                   monotonic=fake.monotonic, sleep=fake.sleep)
+
+
 def test_acquire_timeout_withdraws_the_request(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
     pool, cloud, _ = setup
+    fake = FakeTime()
     cloud.fail_create = vp.QuotaExceeded("create server: quota exceeded for instances")
     with pytest.raises(vp.NoVmAvailable, match="backing off"):
-        pool.acquire("1", "alice", timeout=2)  # well inside the 60 s back-off: one create, however slow the disk
+        timed(pool, fake).acquire("1", "alice", timeout=2)  # inside the 60 s back-off: one create
     state = pool.store.read()
     assert state.requests == [] and state.vms == [] and cloud.calls.count("create") == 1
+    assert fake.mono >= 102 and 199 <= fake.sleeps <= 201, "the wait is counted on the injected monotonic clock"
+
+
+def test_a_wall_clock_step_back_does_not_stretch_the_acquire_timeout(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, cloud, _ = setup
+    fake = FakeTime()
+    cloud.fail_create = vp.QuotaExceeded("create server: quota exceeded for instances")
+    stepping = timed(pool, fake)
+    real_sleep = fake.sleep
+
+    def sleep_and_step_back(seconds: float) -> None:
+        real_sleep(seconds)
+        fake.wall -= 3600 if fake.sleeps == 3 else 0  # NTP steps the clock back an hour mid-wait
+    stepping.sleep = sleep_and_step_back
+    with pytest.raises(vp.NoVmAvailable):
+        stepping.acquire("1", "alice", timeout=2)
+    assert fake.mono - 100 < 2.1, "the timeout fired after 2 s of real (monotonic) time"
 
 
 def test_delete_of_a_server_already_gone_drops_the_record(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:

@@ -516,6 +516,10 @@ class Bed:
     def _pctl(self, method, path, body=None):
         return _http(method, self.info["proxy_control_url"] + path, body)
 
+    def set_api_max_limit(self, max_limit: int) -> dict:
+        """Nova's [api] max_limit: servers per listing page (a client that reads one page misses the rest)."""
+        return self._nctl("PUT", "/api-max-limit", {"max_limit": max_limit})
+
     def add_fault(
         self,
         service: str,
@@ -526,8 +530,12 @@ class Bed:
         status: int = 500,
         delay: float = 0,
         times: int | None = None,
+        hide_regex: str = "",
     ) -> dict:
-        """Proxy rule: service nova|keystone|*, method or *, action status|reset|delay|swallow."""
+        """Proxy rule: service nova|keystone|*, method or *, action status|reset|delay|swallow|hide.
+
+        hide: forward, then drop the servers whose name matches hide_regex from a listing's answer.
+        """
         return self._pctl(
             "POST",
             "/faults",
@@ -539,6 +547,7 @@ class Bed:
                 "status": status,
                 "delay": delay,
                 "times": times,
+                "hide_regex": hide_regex,
             },
         )
 

@@ -586,6 +586,12 @@ def make_control_handler(behaviours, vms, info):
             if method == "DELETE":
                 behaviours.clear()
                 return 200, behaviours.dump()
+        if parts == ["api-max-limit"] and method in ("PUT", "POST"):
+            # Nova's [api] max_limit: how many servers one listing page holds (1000 by default)
+            from oslo_config import cfg
+
+            cfg.CONF.set_override("max_limit", int(body["max_limit"]), group="api")
+            return 200, {"max_limit": cfg.CONF.api.max_limit}
         if parts == ["behaviours", "default"] and method in ("PUT", "POST"):
             behaviours.set_default(body)
             return 200, behaviours.dump()

@@ -54,7 +54,7 @@ HOP_BY_HOP = {
     "upgrade",
     "content-length",
 }
-ACTIONS = ("status", "reset", "delay", "swallow")
+ACTIONS = ("status", "reset", "delay", "swallow", "hide")
 
 _ID_RE = re.compile(
     r"^(?:[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
@@ -90,6 +90,7 @@ class State:
             "action": action,
             "status": int(r.get("status") or 500),
             "delay": float(r.get("delay") or 0),
+            "hide_regex": r.get("hide_regex") or "",
             "times": None if times is None else int(times),
             "hits": 0,
         }
@@ -194,9 +195,9 @@ def make_proxy_handler(service, upstream_port, state):
                     return
                 if action == "delay":
                     time.sleep(rule["delay"])
-            self._forward(method, body)
+            self._forward(method, body, hide=rule["hide_regex"] if rule and rule["action"] == "hide" else None)
 
-        def _forward(self, method, body):
+        def _forward(self, method, body, hide=None):
             conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=600)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -205,6 +206,8 @@ def make_proxy_handler(service, upstream_port, state):
                 conn.request(method, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                if hide is not None:
+                    data = _hide_servers(data, hide)
                 out = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
                 self._reply(resp.status, data, out)
             except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
@@ -216,6 +219,18 @@ def make_proxy_handler(service, upstream_port, state):
         do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle  # noqa: N815
 
     return Handler
+
+
+def _hide_servers(data, name_regex):
+    """A listing that lacks some servers (a page not fetched, a cell down): drop those named so."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(body, dict) or not isinstance(body.get("servers"), list):
+        return data
+    body["servers"] = [s for s in body["servers"] if not re.search(name_regex, s.get("name") or "")]
+    return json.dumps(body).encode()
 
 
 def make_control_handler(state, services):
