@@ -21,7 +21,7 @@ system-deps:
 	  && command -v killall >/dev/null && command -v shellcheck >/dev/null || { \
 	  echo "installing openssh-server iptables psmisc procps util-linux shellcheck (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    openssh-server openssh-client iptables psmisc procps util-linux shellcheck >/dev/null; }
+	    openssh-server openssh-client iptables psmisc procps util-linux shellcheck slurmctld slurmd slurm-client munge >/dev/null; }
 
 lint: venv system-deps lint-hooks
 	$(VENV)/bin/ruff check vmpool.py tests bench
@@ -45,3 +45,4 @@ clean:
 
 -include tests/cloud/cloud.mk
 -include hooks/hooks.mk
+-include hooks/slurm/slurm.mk

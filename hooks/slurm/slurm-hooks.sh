@@ -1,0 +1,88 @@
+# slurm-hooks.sh — what vmpool's Slurm prolog and epilog share, on top of vmpool-hooks.sh.
+#
+# Sourced, never executed, after vmpool-hooks.sh. Reads the job from slurmd's environment, runs
+# TORQUE's prologue/epilogue (found beside the Slurm hooks once installed, one directory up in
+# the source tree), tells Slurm what became of the job (requeue, cancel) and logs.
+
+# shellcheck shell=bash disable=SC2034  # the variables are used by the hooks that source this
+
+VH_SLURM_USER=
+VH_SLURM_GROUP=
+VH_SLURM_WORKDIR=
+VH_SLURM_SCRATCH=
+VH_SLURM_CMD_TIMEOUT=30   # seconds for one scontrol/scancel call
+VH_SLURM_COMMENT_MAX=250  # AdminComment is for one line
+
+# The job from slurmd's environment; false (logged) if Slurm gave no usable job id. The user and
+# group are not checked here: TORQUE's prologue checks them (and aborts the job if they are bad).
+vh_slurm_job_from_env() {
+    local entry
+    if ! [[ ${SLURM_JOB_ID:-} =~ ^[0-9]{1,19}$ ]]; then
+        vh_log "SLURM_JOB_ID is missing or invalid: $(vh_show "${SLURM_JOB_ID:-}"); nothing done"
+        return 1
+    fi
+    VH_JOBID=$SLURM_JOB_ID
+    VH_SLURM_USER=${SLURM_JOB_USER:-}
+    VH_SLURM_GROUP=
+    if vh_valid_uint "${SLURM_JOB_GID:-}" && entry=$(getent group -- "$SLURM_JOB_GID"); then
+        VH_SLURM_GROUP=${entry%%:*}
+    fi
+    VH_SLURM_WORKDIR=${SLURM_JOB_WORK_DIR:-}
+    if [[ -z $VH_SLURM_WORKDIR ]] && vh_valid_name "$VH_SLURM_USER"; then
+        VH_SLURM_WORKDIR=$(getent passwd -- "$VH_SLURM_USER" | cut -d: -f6)
+    fi
+    vh_load_config 2>/dev/null || vh_log "the hooks' configuration is broken"
+    VH_SLURM_SCRATCH=$(mktemp -d)
+    trap 'rm -rf -- "$VH_SLURM_SCRATCH"' EXIT
+}
+
+# vh_slurm_torque_hook NAME DIR: the TORQUE hook NAME (prologue, epilogue) the Slurm hook in DIR
+# runs: beside it once installed, one directory up in the source tree.
+vh_slurm_torque_hook() {
+    local dir
+    for dir in "$2" "$2/.."; do
+        if [[ -f $dir/$1 && -x $dir/$1 ]]; then
+            printf '%s/%s' "$dir" "$1"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# One line for the admin: syslog and JOB_DIR/slurm-hooks.log (root 0600; Slurm keeps no output
+# of a Prolog or Epilog).
+vh_slurm_log() {
+    local log=$JOB_DIR/slurm-hooks.log
+    vh_log "$*"
+    [[ -d $JOB_DIR ]] || install -d -m 0711 -- "$JOB_DIR" 2>/dev/null || return 0
+    printf '%s vmpool %s %s: %s\n' "$(date '+%F %T')" "$VH_HOOK" "$VH_JOBID" "$*" >>"$log" 2>/dev/null || true
+}
+
+vh_slurm() {
+    timeout -k 5 "$VH_SLURM_CMD_TIMEOUT" "$@" >/dev/null 2>>"$VH_SLURM_SCRATCH/slurm.err"
+}
+
+# The job's AdminComment (shown by `scontrol show job`; only admins can set it): why vmpool
+# requeued or cancelled it.
+vh_slurm_comment() {
+    local text=${1//[[:cntrl:]]/ }
+    vh_slurm scontrol update "JobId=$VH_JOBID" "AdminComment=${text:0:$VH_SLURM_COMMENT_MAX}" \
+        || vh_slurm_log "could not set the job's AdminComment: $(tail -n 1 "$VH_SLURM_SCRATCH/slurm.err")"
+}
+
+vh_slurm_cancel() {
+    vh_slurm_comment "$1"
+    vh_slurm scancel "$VH_JOBID" \
+        || vh_slurm_log "scancel failed: $(tail -n 1 "$VH_SLURM_SCRATCH/slurm.err"); the job starts without a VM"
+}
+
+# Requeue the job. Slurm makes a requeued job eligible again only after CredExpire (120 s by
+# default; `scontrol update StartTime=now` does not shorten it): that is the back-off, without
+# holding a CPU of the node (hooks/slurm/install sets REQUEUE_BACKOFF=0 unless told otherwise).
+# A job that cannot be requeued (--no-requeue) is cancelled instead.
+vh_slurm_requeue() {
+    vh_slurm_comment "$1"
+    vh_slurm scontrol requeue "$VH_JOBID" && return 0
+    vh_slurm_log "scontrol requeue failed: $(tail -n 1 "$VH_SLURM_SCRATCH/slurm.err"); cancelling the job"
+    vh_slurm_cancel "$1 (the job cannot be requeued: cancelled)"
+}
