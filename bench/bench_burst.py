@@ -114,6 +114,35 @@ def double_assignments(config: str, outputs: dict[str, str]) -> int:
     return doubles
 
 
+def floor_burst(count: int) -> float:
+    """The machine's own ratio: `python -c "import click, filelock"` started together vs one after another."""
+    floor = [sys.executable, "-c", "import click, filelock"]
+
+    def one() -> tuple[float, float, str, int]:
+        started = time.perf_counter()
+        code = subprocess.run(floor, capture_output=True).returncode
+        return started, time.perf_counter(), "", code
+
+    cpu = children_cpu()
+    seq_wall = summary(f"floor: {count} one after another", [one() for _ in range(count)], children_cpu() - cpu)
+    results: list[tuple[float, float, str, int]] = []
+    barrier = threading.Barrier(count + 1)
+
+    def together() -> None:
+        barrier.wait()
+        results.append(one())
+
+    threads = [threading.Thread(target=together) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    cpu = children_cpu()
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    con_wall = summary(f"floor: {count} started together", results, children_cpu() - cpu)
+    return con_wall / seq_wall
+
+
 def burst(vms: int) -> tuple[float, int]:
     """(concurrent/sequential wall, problems)."""
     jobs = [str(1000 + n) for n in range(vms)]
@@ -231,6 +260,10 @@ def main() -> int:
         ratios.append(ratio)
         print(f"  ratio concurrent/sequential: {ratio:.2f}x (target <= {TARGET}x)")
         ok &= problems == 0
+        # what the machine gives any 200 new interpreters right now (other users' load included)
+        machine = floor_burst(args.vms)
+        print(f"  the import floor's own ratio in this run: {machine:.2f}x; vmpool's relative to it: "
+              f"{ratio / machine:.2f}x")
     ok &= statistics.median(ratios) <= TARGET
     if not args.skip_queue:
         problems = queue_burst(args.vms)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import subprocess
@@ -62,7 +63,9 @@ def main() -> int:
             state = pool.store.read()
             deepcopy = median_of(args.rounds, lambda _, state=state: copy.deepcopy(state))
             load = median_of(args.rounds, lambda _, pool=pool: pool.store.load())
-            text = median_of(args.rounds, lambda _, state=state: vp.state_text(state))
+            to_text = getattr(vp, "state_text", None) or (  # an older vmpool (a baseline run): its own format
+                lambda state: json.dumps(vp.state_to_json(state), indent=1, sort_keys=True))
+            text = median_of(args.rounds, lambda _, state=state, to_text=to_text: to_text(state))
             write = median_of(10, lambda _, pool=pool, state=state: pool.store.save(state))
 
             def cli(n: int, config: str = config) -> None:
