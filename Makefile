@@ -43,6 +43,9 @@ bench: venv system-deps
 	$(VENV)/bin/python bench/bench_state_size.py
 	$(VENV)/bin/python bench/bench_burst.py
 	$(VENV)/bin/python bench/bench_probes.py
+	$(VENV)/bin/python bench/bench_reconcile_scale.py
+	$(VENV)/bin/python bench/bench_cloud.py --baseline "$$(d=$$(mktemp -d) && git show 0c74bed:vmpool.py >$$d/vmpool.py && echo $$d)"
+	$(VENV)/bin/python bench/bench_job_start.py
 
 clean:
 	rm -rf $(VENV) $(CLOUD_VENV) run *.egg-info

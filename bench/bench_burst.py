@@ -179,7 +179,11 @@ def queue_burst(vms: int) -> int:
 
         def watch_queue() -> None:  # when each waiting job entered the queue (its request's since)
             while not stop.is_set():
-                with_requests = json.loads(Path(store.path).read_text())
+                try:
+                    with_requests = json.loads(Path(store.path).read_text())
+                except (OSError, ValueError) as error:
+                    ERRORS.append(f"queue watcher: {error!r}")
+                    continue
                 for request in with_requests["requests"]:
                     queued_at.setdefault(request["job"], request["since"])
                 time.sleep(0.01)
@@ -223,7 +227,7 @@ def queue_burst(vms: int) -> int:
               f"{percentile([s for s, _ in releases], 0.99) * 1000:.0f} ms; requests left {len(state.requests)}")
         waited = [results[job][1] - results[job][0] for job in second]
         print(f"  waiting jobs' acquire: p50 {statistics.median(waited):.2f} s  p99 {percentile(waited, 0.99):.2f} s")
-        addresses = [results[job][2] for job in second]
+        addresses = [results[job][2] for job in second if results[job][2]]
         doubles = len(addresses) - len(set(addresses))
         problems += (vms - served) + release_failures + len(state.requests) + doubles
         problems += sum(1 for job in first if results[job][3] != 0)
