@@ -36,9 +36,16 @@ test: venv cloud-venv system-deps lint
 demo: venv cloud-venv system-deps
 	$(VENV)/bin/python -m tests.demo
 
+# Each benchmark prints ratios against a baseline measured in the same run and exits 1 when it
+# misses its target; make -k bench runs them all regardless.
 bench: venv system-deps
 	$(VENV)/bin/python bench/bench_fast_path.py
+	$(VENV)/bin/python bench/bench_state_size.py
+	$(VENV)/bin/python bench/bench_burst.py
 	$(VENV)/bin/python bench/bench_probes.py
+	$(VENV)/bin/python bench/bench_reconcile_scale.py
+	$(VENV)/bin/python bench/bench_cloud.py --baseline "$$(d=$$(mktemp -d) && git show 0c74bed:vmpool.py >$$d/vmpool.py && echo $$d)"
+	$(VENV)/bin/python bench/bench_job_start.py
 
 clean:
 	rm -rf $(VENV) $(CLOUD_VENV) run *.egg-info
