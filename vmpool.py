@@ -465,6 +465,7 @@ class Vm:
     host_keys: list[str] = field(default_factory=list)
     job_missing_since: float | None = None
     absent_since: float | None = None  # first listing that lacked the server (one is not proof)
+    drained: str = ""  # an admin's "no new job": who, when and why; deleted once it holds no job
 
     @property
     def booting(self) -> bool:
@@ -510,6 +511,9 @@ class PoolState:
     # that never showed up, a Free VM missing from two listings): should it show up, it is clean
     dropped_clean: dict[str, float] = field(default_factory=dict)
     clock: dict[str, Any] = field(default_factory=dict)  # wall and boot clocks at the last write
+    paused_since: float | None = None  # an admin paused creates (vmpool pause)
+    paused_by: str = ""
+    paused_reason: str = ""
 
     def vm_named(self, name: str) -> Vm | None:
         return next((vm for vm in self.vms if vm.name == name), None)
@@ -661,7 +665,8 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     position = new.requests.index(request)
     # The most recently freed first: the others keep ageing, so a light load leaves the rest idle
     # long enough to be trimmed (cloud hours are the site's bill).
-    free = sorted((vm for vm in new.vms if vm.state == FREE), key=lambda vm: vm.since, reverse=True)
+    free = sorted((vm for vm in new.vms if vm.state == FREE and not vm.drained), key=lambda vm: vm.since,
+                  reverse=True)
     if len(free) <= position:
         return new, Waiting(position)
     vm = free[0]
@@ -805,6 +810,8 @@ def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name:
         actions += _check_job_alive(vm, seen, pool, now)
         if vm.deleting:
             return actions
+    if vm.drained and not vm.job:
+        return actions + [_mark_delete(vm, f"drained {vm.drained}", now)]
     return actions + _by_server_status(state, vm, server, seen, config, now)
 
 
@@ -1032,7 +1039,7 @@ def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
 
 def _scale(state: PoolState, config: Config, listed_names: set[str], now: float) -> list[Action]:
     pool = config.pool
-    live = [vm for vm in state.vms if not vm.deleting and not vm.tainted]
+    live = [vm for vm in state.vms if not vm.deleting and not vm.tainted and not vm.drained]
     capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
     desired = desired_size(state, pool)
     # max bounds what the cloud holds: servers being deleted, servers missing from one listing
@@ -1050,6 +1057,9 @@ def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, liste
     count = min(shortfall, room)
     if count <= 0:
         return []
+    if state.paused_since is not None:
+        return [Note(logging.INFO, f"not creating {count} VM(s): paused since {fmt_time(state.paused_since)} "
+                                   f"by {state.paused_by}: {state.paused_reason}")]
     if state.backoff_until is not None and now < state.backoff_until:
         return [Note(logging.INFO, f"not creating {count} VM(s): backing off until {fmt_time(state.backoff_until)}")]
     if state.protected_since is not None:
@@ -1137,6 +1147,81 @@ def clear_protected_mode(state: PoolState) -> PoolState:
     new.protected_since, new.boot_failures = None, 0
     new.backoff_until, new.backoff_delay = None, 0.0
     return new
+
+
+# Admin actions: plain state changes under the lock, idempotent; the reconcile pass does the cloud work.
+
+
+def _admin_vm(state: PoolState, name: str) -> Vm:
+    vm = state.vm_named(name)
+    if vm is None:
+        known = ", ".join(sorted(vm.name for vm in state.vms)) or "none"
+        raise BadInput(f"no VM named {name!r} in pool {state.pool} (its VMs: {known}; see `vmpool status`)")
+    return vm
+
+
+def plan_drain(state: PoolState, names: Sequence[str], by: str, reason: str,
+               now: float) -> tuple[PoolState, list[Action]]:
+    """No new job on these VMs; each is deleted by the next pass once it holds no job."""
+    new = copy.deepcopy(state)
+    vms = [_admin_vm(new, name) for name in names]
+    notes: list[Action] = []
+    for vm in vms:
+        if vm.drained or vm.deleting:
+            notes.append(Note(logging.INFO, f"{describe_vm(vm)} already {'drained' if vm.drained else 'deleting'}"))
+            continue
+        vm.drained = f"at {fmt_time(now)} by {by}: {reason}"
+        until = f"once job {vm.job} ends" if vm.job else "by the next reconcile pass"
+        notes.append(Note(logging.WARNING, f"{describe_vm(vm)} drained by {by}: {reason}; deleted {until}"))
+    return new, notes
+
+
+def plan_admin_delete(state: PoolState, name: str, by: str, reason: str, force: bool,
+                      now: float) -> tuple[PoolState, list[Action]]:
+    """Delete a VM by the next pass; a Busy one only with force (its job loses the VM)."""
+    vm = _admin_vm(state, name)
+    if vm.job and not force:
+        raise BadInput(f"{describe_vm(vm)} is busy with job {vm.job} of {vm.user or 'no user'}: "
+                       "use `vmpool drain` to delete it once the job ends, or --force to delete it now")
+    new, notes = plan_drain(state, [name], by, reason, now)
+    held = new.vm_named(name)
+    assert held is not None
+    if held.job:
+        job, user = held.job, held.user
+        _give_up_job(held, f"deleted by {by} under job {job}", now)
+        notes = [Note(logging.ERROR, f"{describe_vm(held)} deleted by {by} while busy with job {job} of "
+                                     f"{user or 'no user'}: {reason}; the job loses its VM")]
+    return new, notes
+
+
+def plan_pause(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
+    """No creates until resumed (deletes and probes go on)."""
+    if state.paused_since is not None:
+        return state, [Note(logging.INFO, f"already paused since {fmt_time(state.paused_since)} by "
+                                          f"{state.paused_by}: {state.paused_reason}")]
+    new = copy.deepcopy(state)
+    new.paused_since, new.paused_by, new.paused_reason = now, by, reason
+    return new, [Note(logging.WARNING, f"pool {state.pool} paused by {by}: {reason}; no VM is created until "
+                                       "`vmpool resume`")]
+
+
+def plan_resume(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
+    if state.paused_since is None:
+        return state, [Note(logging.INFO, f"pool {state.pool} is not paused")]
+    new = copy.deepcopy(state)
+    was = f"paused since {fmt_time(state.paused_since)} by {state.paused_by}"
+    new.paused_since, new.paused_by, new.paused_reason = None, "", ""
+    return new, [Note(logging.WARNING, f"pool {state.pool} resumed by {by} ({was}): {reason}")]
+
+
+def plan_clear_backoff(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
+    """Create again at the next pass, not at the end of the back-off (protected mode keeps its own switch)."""
+    if state.backoff_until is None and not state.backoff_delay:
+        return state, [Note(logging.INFO, f"pool {state.pool}: no back-off to clear")]
+    new = copy.deepcopy(state)
+    was = f"until {fmt_time(state.backoff_until)}, delay {state.backoff_delay:.0f}s"
+    new.backoff_until, new.backoff_delay = None, 0.0
+    return new, [Note(logging.WARNING, f"pool {state.pool}: back-off ({was}) cleared by {by}: {reason}")]
 
 
 def plan_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
@@ -1235,6 +1320,7 @@ def _shift_times(state: PoolState, step: float) -> None:
         request.since, request.started = request.since + step, request.started + step
     state.last_reconcile, state.last_pass = shifted(state.last_reconcile), shifted(state.last_pass)
     state.protected_since, state.backoff_until = shifted(state.protected_since), shifted(state.backoff_until)
+    state.paused_since = shifted(state.paused_since)
     state.last_cloud_error_at = shifted(state.last_cloud_error_at)
     for times in (state.orphans, state.ended_jobs, state.dropped_clean):
         for key in times:
@@ -2092,6 +2178,10 @@ class Pool:
             log.info(f"vm {action.name}: no console output ({error})")
             return []
 
+    def admin(self, plan: Callable[..., tuple[PoolState, list[Action]]], **kwargs: Any) -> None:
+        """An admin's state change, under the lock, logged with who asked and why."""
+        self.apply_notes(self._update(lambda state: plan(state, by=invoking_user(), now=self.clock(), **kwargs)))
+
     def apply_notes(self, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, Note):
@@ -2132,6 +2222,17 @@ def live_pids(state: PoolState) -> frozenset[int]:
     return frozenset(alive)
 
 
+def invoking_user() -> str:
+    """Who ran the command: the admin behind sudo, else this process's user."""
+    import pwd
+    if os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
+
+
 def read_boot_clock() -> tuple[str, float]:
     """This boot's id and the seconds since it (CLOCK_BOOTTIME: never stepped, counts suspend)."""
     try:
@@ -2165,10 +2266,13 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
         "last_reconcile": state.last_reconcile, "boot_failures": state.boot_failures,
         "protected_since": state.protected_since, "backoff_until": state.backoff_until,
         "backoff_delay": state.backoff_delay,
+        "paused": None if state.paused_since is None else {
+            "since": state.paused_since, "by": state.paused_by, "reason": state.paused_reason},
         "last_cloud_error": state.last_cloud_error or None, "last_cloud_error_at": state.last_cloud_error_at,
         "vms": [{"name": vm.name, "server_id": vm.server_id, "address": vm.address, "state": vm.state,
                  "reason": vm.reason or None, "job": vm.job, "user": vm.user, "since": vm.since,
-                 "created_at": vm.created_at, "last_healthy": vm.last_healthy, "tainted": vm.tainted or None}
+                 "created_at": vm.created_at, "last_healthy": vm.last_healthy, "tainted": vm.tainted or None,
+                 "drained": vm.drained or None}
                 for vm in sorted(state.vms, key=lambda vm: vm.name)],
     }
 
@@ -2176,7 +2280,8 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
 def status_text(state: PoolState, config: Config, now: float) -> str:
     rows = [("NAME", "ADDRESS", "STATE", "REASON", "JOB", "USER", "SINCE", "AGE")]
     for vm in sorted(state.vms, key=lambda vm: vm.name):
-        rows.append((vm.name, vm.address or "-", vm.state, vm.reason or "-", vm.job or "-", vm.user or "-",
+        reason = (vm.reason or "-") + (" (drained)" if vm.drained else "")
+        rows.append((vm.name, vm.address or "-", vm.state, reason, vm.job or "-", vm.user or "-",
                      fmt_time(vm.since), format_age(now - vm.since)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
@@ -2190,6 +2295,11 @@ def status_text(state: PoolState, config: Config, now: float) -> str:
     lines.append(f"waiting: {waiting}")
     last = state.last_reconcile
     lines.append(f"last reconcile: {fmt_time(last)}" + (f" ({format_age(now - last)} ago)" if last else " (never)"))
+    if state.paused_since is not None:
+        lines.append(f"PAUSED since {fmt_time(state.paused_since)} ({format_age(now - state.paused_since)} ago) "
+                     f"by {state.paused_by}: {state.paused_reason}; no VM is created (resume: vmpool resume)")
+    for vm in sorted((vm for vm in state.vms if vm.drained), key=lambda vm: vm.name):
+        lines.append(f"{describe_vm(vm)} drained {vm.drained}")
     if state.protected_since is not None:
         lines.append(f"PROTECTED MODE since {fmt_time(state.protected_since)}: {state.boot_failures} failed boots; "
                      "one canary boot at a time (clear: vmpool reconcile --clear-protection)")
@@ -2383,6 +2493,68 @@ def status(ctx: click.Context, as_json: bool) -> None:
     now = pool.clock()
     click.echo(json.dumps(status_json(state, pool.config, now), indent=1) if as_json
                else status_text(state, pool.config, now))
+
+
+def reason_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--reason", default="no reason given", show_default=True,
+                        help="Why: logged with the invoking user, shown by status.")(command)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--all", "every", is_flag=True, help="Every VM of the pool now.")
+@reason_option
+@common_options
+@click.pass_context
+def drain(ctx: click.Context, names: tuple[str, ...], every: bool, reason: str) -> None:
+    """No new job on the VM(s); each is deleted by reconcile once its job ends (at once if not busy).
+
+    Idempotent; no cloud call (the next reconcile pass deletes). Replacements are created as
+    demand asks, within max.
+    """
+    if bool(names) == every:
+        raise BadInput("name the VM(s) to drain, or give --all (not both)")
+    pool = configured_pool(ctx)
+    chosen = [vm.name for vm in pool.store.read().vms] if every else list(names)
+    pool.admin(plan_drain, names=chosen, reason=reason)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete it even if busy (its job loses the VM; the job is logged).")
+@reason_option
+@common_options
+@click.pass_context
+def delete(ctx: click.Context, name: str, force: bool, reason: str) -> None:
+    """Delete VM NAME by the next reconcile pass; a busy VM only with --force (exit 2 without)."""
+    configured_pool(ctx).admin(plan_admin_delete, name=name, reason=reason, force=force)
+
+
+@cli.command()
+@reason_option
+@common_options
+@click.pass_context
+def pause(ctx: click.Context, reason: str) -> None:
+    """Create no VM until `vmpool resume` (Free VMs still serve; deletes and probes go on)."""
+    configured_pool(ctx).admin(plan_pause, reason=reason)
+
+
+@cli.command()
+@reason_option
+@common_options
+@click.pass_context
+def resume(ctx: click.Context, reason: str) -> None:
+    """Create VMs again after `vmpool pause`."""
+    configured_pool(ctx).admin(plan_resume, reason=reason)
+
+
+@cli.command("clear-backoff")
+@reason_option
+@common_options
+@click.pass_context
+def clear_backoff(ctx: click.Context, reason: str) -> None:
+    """Forget the create back-off: the next pass creates again (protected mode: reconcile --clear-protection)."""
+    configured_pool(ctx).admin(plan_clear_backoff, reason=reason)
 
 
 # --- main ---
