@@ -811,3 +811,62 @@ def test_clear_backoff_lets_the_next_pass_create() -> None:
     _, actions = vp.plan_reconcile(cleared, seen(), config(min=1), NOW)
     assert len(kinds(actions, CreateServer)) == 1
     assert vp.plan_clear_backoff(cleared, by="x", reason="r", now=NOW)[0] == cleared
+
+
+# --- monitoring: counters and the acquire wait histogram kept in the state ---
+
+def test_counters_are_incremented_by_the_plans_that_decide_them() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("b")])
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset())
+    state, _ = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, frozenset())
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset())  # already held: not again
+    state, _ = vp.plan_release(state, "1", NOW)
+    state, _ = vp.plan_release(state, "2", NOW, unusable="scrub failed")
+    state, _ = vp.plan_created(state, "c", "id-c", None, config().pool, NOW)
+    state, _ = vp.plan_deleted(state, "b", None, NOW)
+    assert state.counters == {"acquires": 2, "releases": 2, "tainted_releases": 1, "boots": 1, "deletes": 1}
+    failing = PoolState(pool="p", vms=[vm("x", UNUSABLE, reason="building", healthy=False)])
+    failed, _ = vp.plan_reconcile(failing, seen(server("x", vp.SERVER_ERROR)), config(), NOW)
+    assert failed.counters["failed_boots"] == 1
+
+
+def test_a_claim_after_waiting_lands_in_the_wait_histogram() -> None:
+    state = PoolState(pool="p")
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset({10}))
+    state.vms.append(vm("a"))
+    state, outcome = vp.plan_acquire(state, "1", "alice", NOW + 42, 10, HOST, frozenset({10}))
+    assert isinstance(outcome, vp.Claimed)
+    buckets = state.acquire_wait["buckets"]
+    assert state.acquire_wait["count"] == 1 and state.acquire_wait["sum"] == 42
+    assert buckets[vp.ACQUIRE_WAIT_BUCKETS.index(60.0)] == 1 and sum(buckets) == 1
+
+
+def test_metrics_text_parses_and_carries_exactly_the_documented_names() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1"),
+                                     vm("c", UNUSABLE, reason="unreachable: ssh timeout after 10s")],
+                      requests=[vp.Request(job="2", user="bob", since=NOW - 30, pid=1, host=HOST)],
+                      protected_since=NOW - 5, backoff_until=NOW + 60, counters={"boots": 3})
+    state.vm_named("a").drained = "at 12:00:00 by x: r"
+    vp._observe_wait(state, 7.0)
+    families = {family.name: family for family in
+                text_string_to_metric_families(vp.metrics_text(state, config(), NOW))}
+    exported = {f"{name}_total" if family.type == "counter" else name for name, family in families.items()}
+    assert exported == set(vp.METRIC_NAMES)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("vmpool_vms", (("pool", "p"), ("reason", "unreachable"), ("state", "unusable")))] == 1
+    assert samples[("vmpool_waiting_jobs", (("pool", "p"),))] == 1
+    assert samples[("vmpool_oldest_wait_seconds", (("pool", "p"),))] == 30
+    assert samples[("vmpool_protected_mode", (("pool", "p"),))] == 1
+    assert samples[("vmpool_backoff_seconds", (("pool", "p"),))] == 60
+    assert samples[("vmpool_boots_total", (("pool", "p"),))] == 3
+    assert samples[("vmpool_vms_drained", (("pool", "p"),))] == 1
+    assert samples[("vmpool_acquire_wait_seconds_bucket", (("le", "15.0"), ("pool", "p")))] == 1
+    assert samples[("vmpool_acquire_wait_seconds_count", (("pool", "p"),))] == 1
+
+
+def test_pool_health_reports_what_the_check_judges() -> None:
+    state = PoolState(pool="p", vms=[vm("a")], last_reconcile=NOW - 12, paused_since=NOW)
+    health = vp.pool_health(state, config().pool, NOW)
+    assert (health.free, health.since_reconcile, health.paused, health.protected) == (1, 12, True, False)
+    assert vp.pool_health(PoolState(pool="p"), config().pool, NOW).since_reconcile is None
