@@ -2618,6 +2618,7 @@ def configured_pool(ctx: click.Context) -> Pool:
     if "pool" not in obj:
         config = load_config(obj["config_path"])
         setup_file_log(config.pool.log_file)
+        setup_syslog(config.logging)
         obj["pool"] = Pool(config)
     pool: Pool = obj["pool"]
     return pool
@@ -2647,6 +2648,29 @@ def setup_file_log(path: str) -> None:
     except OSError as error:
         raise ConfigError(f"[pool] log_file = {path!r}: cannot open: {error}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+def setup_syslog(logs: LoggingConfig) -> None:
+    """[logging] syslog: the same lines to the local syslog daemon, tagged vmpool[PID]."""
+    if not logs.syslog or any(getattr(h, "vmpool_syslog", False) for h in log.handlers):
+        return
+    import logging.handlers
+    address = logs.syslog_address
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(address).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise ConfigError(f"[logging] syslog = true but {address} is not a syslog socket (is rsyslog or "
+                          "systemd-journald running?): start one, set [logging] syslog_address, or syslog = false")
+    facility = logging.handlers.SysLogHandler.facility_names[logs.facility]
+    try:
+        handler = logging.handlers.SysLogHandler(address=address, facility=facility)
+    except OSError as error:
+        raise ConfigError(f"[logging] syslog_address = {address!r}: cannot connect: {error}") from None
+    handler.vmpool_syslog = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("vmpool[%(process)d]: %(levelname)s %(message)s"))
     log.addHandler(handler)
 
 

@@ -224,3 +224,30 @@ def test_every_query_of_the_grafana_dashboard_names_a_metric_vmpool_exports() ->
     assert queries and named <= exported, named - exported
     assert {name for name in exported if not name.startswith("vmpool_acquire_wait_seconds")} <= named | {
         "vmpool_acquire_wait_seconds"}, "every exported metric has a panel"
+
+
+# --- syslog ---
+
+def test_syslog_gets_the_same_lines_as_the_log_file_with_the_facility(pool: PoolHandle) -> None:
+    import socket
+    address = str(pool.dir / "log.sock")  # a stand-in for /dev/log: a datagram socket, as rsyslog makes
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(address)
+    receiver.settimeout(30)
+    try:
+        configure(pool, logging={"syslog": "true", "facility": "local3", "syslog_address": address})
+        pool.run("pause", "--reason", "syslog test", env=as_admin("carol"))
+        line = receiver.recv(65536).decode()
+    finally:
+        receiver.close()
+    message = f"pool {pool.name} paused by carol: syslog test"
+    assert line.startswith(f"<{19 * 8 + 4}>vmpool[") and line.rstrip("\x00").endswith(message + "; no VM is "
+                                                                                      "created until `vmpool resume`")
+    assert message in log_text(pool)
+
+
+def test_syslog_without_a_socket_is_one_sentence_naming_the_key(pool: PoolHandle) -> None:
+    configure(pool, logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")})
+    result = pool.run("status", check=False)
+    assert result.returncode == 3 and "[logging] syslog = true but" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
