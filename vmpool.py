@@ -1262,7 +1262,7 @@ def plan_drain(state: PoolState, names: Sequence[str], by: str, reason: str,
     """No new job on these VMs; each is deleted by the next pass once it holds no job."""
     new = copy.deepcopy(state)
     vms = [_admin_vm(new, name) for name in names]
-    notes: list[Action] = []
+    notes: list[Action] = [] if vms else [Note(logging.INFO, f"pool {state.pool}: no VM to drain")]
     for vm in vms:
         if vm.drained or vm.deleting:
             notes.append(Note(logging.INFO, f"{describe_vm(vm)} already {'drained' if vm.drained else 'deleting'}"))
@@ -2839,15 +2839,15 @@ def check(ctx: click.Context, **options: Any) -> None:
     Reads the state without its lock (the file is replaced whole), no cloud call. Thresholds
     are Nagios ranges (a number N alerts above N) from [check], overridden by the options.
     """
-    try:
+    try:  # whatever is wrong (config, state), Nagios gets one line on stdout and UNKNOWN
         pool = configured_pool(ctx)
         given = {key: value for key, value in options.items() if value is not None}
         thresholds = dataclasses.replace(pool.config.check, **given)
         _check_operations("options", thresholds, MetricsConfig(), LoggingConfig())
+        run_check(pool.store.read, pool.config, pool.clock, thresholds)
     except VmpoolError as error:
         click.echo(f"VMPOOL UNKNOWN - {error}")
         ctx.exit(3)
-    run_check(pool.store.read, pool.config, pool.clock, thresholds)
 
 
 @cli.command()

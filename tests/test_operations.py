@@ -166,6 +166,13 @@ def test_check_with_a_bad_threshold_or_config_is_unknown(pool: PoolHandle) -> No
     assert bad.returncode == 3 and bad.stdout.startswith("VMPOOL UNKNOWN - ") and "wait_critical" in bad.stdout
     configure(pool, check={"protected": "loud"})
     assert pool.run("check", check=False).returncode == 3
+    configure(pool, check={"protected": "critical"})
+    Path(pool.state_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(pool.state_file).write_text("garbage")
+    os.chmod(pool.state_file, 0o600)
+    corrupt = pool.run("check", check=False)
+    assert corrupt.returncode == 3 and corrupt.stdout.startswith("VMPOOL UNKNOWN - ")
+    assert "corrupt state" in corrupt.stdout
 
 
 # --- Prometheus ---
