@@ -6,6 +6,11 @@ the epilogue scrubs the VM and calls ``vmpool release JOBID``. ``vmpool reconcil
 every minute) keeps the pool between ``min`` and ``max``, re-checks Unusable VMs and
 deletes the dead. ``vmpool status`` shows what every VM is doing.
 
+For site operations: ``drain``, ``delete``, ``pause``, ``resume`` and ``clear-backoff`` are an
+admin's state changes (logged with who and why; reconcile does the cloud work); ``check`` is a
+Nagios/Icinga plugin; ``metrics`` (and ``[metrics] textfile``) the Prometheus exposition;
+``[logging] syslog`` sends the log lines to syslog too.
+
 Every VM is Free, Busy (held by one job) or Unusable (creating, building, deleting, error,
 shut off, unreachable over SSH, tainted by a failed scrub or a changed host key).
 
