@@ -2542,7 +2542,11 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
         nagiosplugin.ScalarContext("protected", *_levels(thresholds.protected, switch)),
         nagiosplugin.ScalarContext("paused", *_levels(thresholds.paused, switch)),
         Words())
-    check.main(timeout=thresholds.timeout)
+    try:
+        check.main(timeout=thresholds.timeout)
+    except nagiosplugin.Timeout:
+        raise VmpoolError(f"no answer within the plugin timeout ({thresholds.timeout:g}s) while reading "
+                          f"{config.pool.state_file}") from None
 
 
 def _levels(level: str, switch: Callable[[str], str | None]) -> tuple[str | None, str | None]:

@@ -171,6 +171,10 @@ def test_check_with_a_bad_threshold_or_config_is_unknown(pool: PoolHandle) -> No
     Path(pool.state_file).write_text("garbage")
     os.chmod(pool.state_file, 0o600)
     corrupt = pool.run("check", check=False)
+    os.unlink(pool.state_file)
+    os.mkfifo(pool.state_file, 0o600)  # a state file whose read never ends: the plugin timeout ends it
+    stuck = pool.run("check", "--timeout", "1", check=False)
+    assert stuck.returncode == 3 and stuck.stdout.startswith("VMPOOL UNKNOWN - no answer within the plugin timeout")
     assert corrupt.returncode == 3 and corrupt.stdout.startswith("VMPOOL UNKNOWN - ")
     assert "corrupt state" in corrupt.stdout
 
