@@ -6,6 +6,11 @@ the epilogue scrubs the VM and calls ``vmpool release JOBID``. ``vmpool reconcil
 every minute) keeps the pool between ``min`` and ``max``, re-checks Unusable VMs and
 deletes the dead. ``vmpool status`` shows what every VM is doing.
 
+For site operations: ``drain``, ``delete``, ``pause``, ``resume`` and ``clear-backoff`` are an
+admin's state changes (logged with who and why; reconcile does the cloud work); ``check`` is a
+Nagios/Icinga plugin; ``metrics`` (and ``[metrics] textfile``) the Prometheus exposition;
+``[logging] syslog`` sends the log lines to syslog too.
+
 Every VM is Free, Busy (held by one job) or Unusable (creating, building, deleting, error,
 shut off, unreachable over SSH, tainted by a failed scrub or a changed host key).
 
@@ -240,6 +245,42 @@ class BatchConfig:
         return self.command or BATCH_SYSTEMS.get(self.system, "")
 
 
+CHECK_LEVELS = ("ok", "warning", "critical")
+# A Nagios threshold range: 10, 10:, ~:10, 10:20, @10:20 (alert inside).
+NAGIOS_RANGE_RE = re.compile(r"^@?(~|[-+]?[0-9]+(\.[0-9]+)?)?(:([-+]?[0-9]+(\.[0-9]+)?)?)?$")
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Thresholds of `vmpool check` (Nagios ranges: a plain number N alerts above N)."""
+
+    reconcile_warning: str = "120"  # seconds since the last reconcile pass
+    reconcile_critical: str = "300"
+    wait_warning: str = "600"  # seconds the oldest waiting job has waited
+    wait_critical: str = "1800"
+    unusable_warning: str = ""  # number of Unusable VMs (empty: never alerts)
+    unusable_critical: str = ""
+    protected: str = "critical"  # protected mode on: ok, warning or critical
+    paused: str = "warning"  # paused by an admin: ok, warning or critical
+    timeout: float = 10.0  # the plugin gives up (UNKNOWN) after this long
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    textfile: str = ""  # node_exporter textfile collector file, written by each reconcile pass
+
+
+SYSLOG_FACILITIES = ("auth", "authpriv", "cron", "daemon", "kern", "lpr", "mail", "news", "syslog", "user",
+                     "uucp", "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    syslog: bool = False
+    facility: str = "daemon"
+    syslog_address: str = "/dev/log"
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -247,6 +288,9 @@ class Config:
     openstack: OpenStackConfig
     ssh: SshConfig
     batch: BatchConfig = BatchConfig()
+    check: CheckConfig = CheckConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @property
     def server_prefix(self) -> str:
@@ -267,7 +311,8 @@ def _parse_value(path: str, section: str, key: str, raw: str, default: Any) -> A
         if isinstance(default, float):
             return float(raw)
     except (ValueError, KeyError):
-        kind = "a whole number" if isinstance(default, int) else "a number of seconds"
+        kind = ("true or false" if isinstance(default, bool) else "a whole number" if isinstance(default, int)
+                else "a number of seconds")
         raise ConfigError(f"{where}: expected {kind}") from None
     if key == "job_gone_exit_codes":
         try:
@@ -378,6 +423,29 @@ def _check_batch(path: str, batch: BatchConfig) -> None:
         raise ConfigError(f"{path}: [batch] command = {batch.command!r}: must be an absolute path")
 
 
+def _check_operations(path: str, check: CheckConfig, metrics: MetricsConfig, logs: LoggingConfig) -> None:
+    for key in ("reconcile_warning", "reconcile_critical", "wait_warning", "wait_critical", "unusable_warning",
+                "unusable_critical"):
+        if not NAGIOS_RANGE_RE.match(getattr(check, key)):
+            raise ConfigError(f"{path}: [check] {key} = {getattr(check, key)!r}: expected a Nagios range "
+                              "(e.g. 300, 10:, @10:20) or nothing")
+    for key in ("protected", "paused"):
+        if getattr(check, key) not in CHECK_LEVELS:
+            raise ConfigError(f"{path}: [check] {key} = {getattr(check, key)!r}: one of {', '.join(CHECK_LEVELS)}")
+    if check.timeout <= 0:
+        raise ConfigError(f"{path}: [check] timeout = {check.timeout!r}: must be > 0 seconds")
+    if metrics.textfile:
+        directory = os.path.dirname(metrics.textfile)
+        if not os.path.isabs(metrics.textfile) or not metrics.textfile.endswith(".prom"):
+            raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: must be an absolute path "
+                              "ending in .prom (node_exporter's textfile collector reads only *.prom)")
+        if not os.path.isdir(directory):
+            raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: no directory {directory}; "
+                              "create it or point textfile at node_exporter's --collector.textfile.directory")
+    if logs.facility not in SYSLOG_FACILITIES:
+        raise ConfigError(f"{path}: [logging] facility = {logs.facility!r}: one of {', '.join(SYSLOG_FACILITIES)}")
+
+
 def _check_key_permissions(path: str, ssh: SshConfig) -> None:
     """OpenSSH refuses a private key others can read; say so now rather than at the first probe."""
     try:
@@ -422,10 +490,11 @@ def load_config(path: str) -> Config:
         parser.read_string(text, source=path)
     except configparser.Error as error:
         raise ConfigError(f"{path}: not a valid INI file: {error}") from None
-    unknown = set(parser.sections()) - {"pool", "openstack", "ssh", "batch"}
+    sections = ("pool", "openstack", "ssh", "batch", "check", "metrics", "logging")
+    unknown = set(parser.sections()) - set(sections)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: [pool], [openstack], [ssh], "
-                          "[batch]")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: "
+                          + ", ".join(f"[{name}]" for name in sections))
     _check_secret_permissions(path, parser, mode)
     config = Config(
         path=path,
@@ -433,11 +502,15 @@ def load_config(path: str) -> Config:
         openstack=_build_section(path, parser, "openstack", OpenStackConfig),
         ssh=_build_section(path, parser, "ssh", SshConfig),
         batch=_build_section(path, parser, "batch", BatchConfig),
+        check=_build_section(path, parser, "check", CheckConfig),
+        metrics=_build_section(path, parser, "metrics", MetricsConfig),
+        logging=_build_section(path, parser, "logging", LoggingConfig),
     )
     _check_pool_limits(path, config.pool)
     _check_openstack(path, config.openstack)
     _check_ssh(path, config.ssh)
     _check_batch(path, config.batch)
+    _check_operations(path, config.check, config.metrics, config.logging)
     _check_key_permissions(path, config.ssh)
     return config
 
@@ -465,6 +538,7 @@ class Vm:
     host_keys: list[str] = field(default_factory=list)
     job_missing_since: float | None = None
     absent_since: float | None = None  # first listing that lacked the server (one is not proof)
+    drained: str = ""  # an admin's "no new job": who, when and why; deleted once it holds no job
 
     @property
     def booting(self) -> bool:
@@ -510,6 +584,13 @@ class PoolState:
     # that never showed up, a Free VM missing from two listings): should it show up, it is clean
     dropped_clean: dict[str, float] = field(default_factory=dict)
     clock: dict[str, Any] = field(default_factory=dict)  # wall and boot clocks at the last write
+    paused_since: float | None = None  # an admin paused creates (vmpool pause)
+    paused_by: str = ""
+    paused_reason: str = ""
+    # Prometheus counters (only ever grow): boots, failed_boots, deletes, acquires, releases, tainted_releases
+    counters: dict[str, int] = field(default_factory=dict)
+    # acquire wait histogram: claims per ACQUIRE_WAIT_BUCKETS bucket (+ one for longer), their sum and count
+    acquire_wait: dict[str, Any] = field(default_factory=dict)
 
     def vm_named(self, name: str) -> Vm | None:
         return next((vm for vm in self.vms if vm.name == name), None)
@@ -519,6 +600,23 @@ class PoolState:
 
     def count(self, state: str) -> int:
         return sum(1 for vm in self.vms if vm.state == state)
+
+
+ACQUIRE_WAIT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)  # seconds
+
+
+def _count(state: PoolState, counter: str, amount: int = 1) -> None:
+    state.counters[counter] = state.counters.get(counter, 0) + amount
+
+
+def _observe_wait(state: PoolState, seconds: float) -> None:
+    """One claim into the acquire wait histogram kept in the state."""
+    histogram = state.acquire_wait
+    buckets = histogram.setdefault("buckets", [0] * (len(ACQUIRE_WAIT_BUCKETS) + 1))
+    index = next((i for i, bound in enumerate(ACQUIRE_WAIT_BUCKETS) if seconds <= bound), len(ACQUIRE_WAIT_BUCKETS))
+    buckets[index] += 1
+    histogram["sum"] = histogram.get("sum", 0.0) + max(0.0, seconds)
+    histogram["count"] = histogram.get("count", 0) + 1
 
 
 # Nova's statuses, translated at the boundary into the few that matter to the policy.
@@ -661,13 +759,16 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     position = new.requests.index(request)
     # The most recently freed first: the others keep ageing, so a light load leaves the rest idle
     # long enough to be trimmed (cloud hours are the site's bill).
-    free = sorted((vm for vm in new.vms if vm.state == FREE), key=lambda vm: vm.since, reverse=True)
+    free = sorted((vm for vm in new.vms if vm.state == FREE and not vm.drained), key=lambda vm: vm.since,
+                  reverse=True)
     if len(free) <= position:
         return new, Waiting(position)
     vm = free[0]
     _set_state(vm, BUSY, "", now)
     vm.job, vm.user, vm.job_missing_since = job, user, None
     new.requests.remove(request)
+    _count(new, "acquires")
+    _observe_wait(new, now - request.since)
     return new, Claimed(vm)
 
 
@@ -708,7 +809,10 @@ def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> 
         if withdrawn:
             return new, [Note(logging.WARNING, f"job {job}: ended while waiting for a VM; its request is withdrawn")]
         return new, [Note(logging.WARNING, f"job {job}: no VM held, nothing to release")]
-    return new, [_release_vm(vm, job, unusable, now) for vm in held]
+    notes: list[Action] = [_release_vm(vm, job, unusable, now) for vm in held]
+    _count(new, "releases", len(held))
+    _count(new, "tainted_releases", sum(1 for vm in held if vm.tainted))
+    return new, notes
 
 
 def _remember_end(state: PoolState, job: str, now: float) -> None:
@@ -805,6 +909,8 @@ def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name:
         actions += _check_job_alive(vm, seen, pool, now)
         if vm.deleting:
             return actions
+    if vm.drained and not vm.job:
+        return actions + [_mark_delete(vm, f"drained {vm.drained}", now)]
     return actions + _by_server_status(state, vm, server, seen, config, now)
 
 
@@ -885,6 +991,7 @@ def _count_boot_failure(state: PoolState, vm: Vm, pool: PoolConfig, now: float) 
     if vm.last_healthy is not None:
         return []
     state.boot_failures += 1
+    _count(state, "failed_boots")
     if state.boot_failures < pool.protect_after_failures:
         return []
     _back_off(state, pool, now)  # each failed canary waits longer: no create/delete loop
@@ -1032,7 +1139,7 @@ def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
 
 def _scale(state: PoolState, config: Config, listed_names: set[str], now: float) -> list[Action]:
     pool = config.pool
-    live = [vm for vm in state.vms if not vm.deleting and not vm.tainted]
+    live = [vm for vm in state.vms if not vm.deleting and not vm.tainted and not vm.drained]
     capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
     desired = desired_size(state, pool)
     # max bounds what the cloud holds: servers being deleted, servers missing from one listing
@@ -1050,6 +1157,9 @@ def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, liste
     count = min(shortfall, room)
     if count <= 0:
         return []
+    if state.paused_since is not None:
+        return [Note(logging.INFO, f"not creating {count} VM(s): paused since {fmt_time(state.paused_since)} "
+                                   f"by {state.paused_by}: {state.paused_reason}")]
     if state.backoff_until is not None and now < state.backoff_until:
         return [Note(logging.INFO, f"not creating {count} VM(s): backing off until {fmt_time(state.backoff_until)}")]
     if state.protected_since is not None:
@@ -1085,6 +1195,7 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
         if vm is not None and vm.server_id is None:
             vm.server_id = server_id
             _set_state(vm, UNUSABLE, BUILDING, now)
+        _count(new, "boots")
         return new, [Note(logging.INFO, f"vm {name} created (server {server_id})")]
     _record_cloud_error(new, str(error), now)
     if isinstance(error, CloudRefused):
@@ -1123,6 +1234,7 @@ def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: flo
     if vm is None or (server_id and vm.server_id != server_id):
         return new, []
     if error is None:
+        _count(new, "deletes")
         return new, [Note(logging.INFO, f"{describe_vm(vm)} delete requested")]
     if isinstance(error, ServerGone):
         new.vms.remove(vm)
@@ -1137,6 +1249,81 @@ def clear_protected_mode(state: PoolState) -> PoolState:
     new.protected_since, new.boot_failures = None, 0
     new.backoff_until, new.backoff_delay = None, 0.0
     return new
+
+
+# Admin actions: plain state changes under the lock, idempotent; the reconcile pass does the cloud work.
+
+
+def _admin_vm(state: PoolState, name: str) -> Vm:
+    vm = state.vm_named(name)
+    if vm is None:
+        known = ", ".join(sorted(vm.name for vm in state.vms)) or "none"
+        raise BadInput(f"no VM named {name!r} in pool {state.pool} (its VMs: {known}; see `vmpool status`)")
+    return vm
+
+
+def plan_drain(state: PoolState, names: Sequence[str], by: str, reason: str,
+               now: float) -> tuple[PoolState, list[Action]]:
+    """No new job on these VMs; each is deleted by the next pass once it holds no job."""
+    new = copy.deepcopy(state)
+    vms = [_admin_vm(new, name) for name in names]
+    notes: list[Action] = [] if vms else [Note(logging.INFO, f"pool {state.pool}: no VM to drain")]
+    for vm in vms:
+        if vm.drained or vm.deleting:
+            notes.append(Note(logging.INFO, f"{describe_vm(vm)} already {'drained' if vm.drained else 'deleting'}"))
+            continue
+        vm.drained = f"at {fmt_time(now)} by {by}: {reason}"
+        until = f"once job {vm.job} ends" if vm.job else "by the next reconcile pass"
+        notes.append(Note(logging.WARNING, f"{describe_vm(vm)} drained by {by}: {reason}; deleted {until}"))
+    return new, notes
+
+
+def plan_admin_delete(state: PoolState, name: str, by: str, reason: str, force: bool,
+                      now: float) -> tuple[PoolState, list[Action]]:
+    """Delete a VM by the next pass; a Busy one only with force (its job loses the VM)."""
+    vm = _admin_vm(state, name)
+    if vm.job and not force:
+        raise BadInput(f"{describe_vm(vm)} is busy with job {vm.job} of {vm.user or 'no user'}: "
+                       "use `vmpool drain` to delete it once the job ends, or --force to delete it now")
+    new, notes = plan_drain(state, [name], by, reason, now)
+    held = new.vm_named(name)
+    assert held is not None
+    if held.job:
+        job, user = held.job, held.user
+        _give_up_job(held, f"deleted by {by} under job {job}", now)
+        notes = [Note(logging.ERROR, f"{describe_vm(held)} deleted by {by} while busy with job {job} of "
+                                     f"{user or 'no user'}: {reason}; the job loses its VM")]
+    return new, notes
+
+
+def plan_pause(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
+    """No creates until resumed (deletes and probes go on)."""
+    if state.paused_since is not None:
+        return state, [Note(logging.INFO, f"already paused since {fmt_time(state.paused_since)} by "
+                                          f"{state.paused_by}: {state.paused_reason}")]
+    new = copy.deepcopy(state)
+    new.paused_since, new.paused_by, new.paused_reason = now, by, reason
+    return new, [Note(logging.WARNING, f"pool {state.pool} paused by {by}: {reason}; no VM is created until "
+                                       "`vmpool resume`")]
+
+
+def plan_resume(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
+    if state.paused_since is None:
+        return state, [Note(logging.INFO, f"pool {state.pool} is not paused")]
+    new = copy.deepcopy(state)
+    was = f"paused since {fmt_time(state.paused_since)} by {state.paused_by}"
+    new.paused_since, new.paused_by, new.paused_reason = None, "", ""
+    return new, [Note(logging.WARNING, f"pool {state.pool} resumed by {by} ({was}): {reason}")]
+
+
+def plan_clear_backoff(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
+    """Create again at the next pass, not at the end of the back-off (protected mode keeps its own switch)."""
+    if state.backoff_until is None and not state.backoff_delay:
+        return state, [Note(logging.INFO, f"pool {state.pool}: no back-off to clear")]
+    new = copy.deepcopy(state)
+    was = f"until {fmt_time(state.backoff_until)}, delay {state.backoff_delay:.0f}s"
+    new.backoff_until, new.backoff_delay = None, 0.0
+    return new, [Note(logging.WARNING, f"pool {state.pool}: back-off ({was}) cleared by {by}: {reason}")]
 
 
 def plan_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
@@ -1235,6 +1422,7 @@ def _shift_times(state: PoolState, step: float) -> None:
         request.since, request.started = request.since + step, request.started + step
     state.last_reconcile, state.last_pass = shifted(state.last_reconcile), shifted(state.last_pass)
     state.protected_since, state.backoff_until = shifted(state.protected_since), shifted(state.backoff_until)
+    state.paused_since = shifted(state.paused_since)
     state.last_cloud_error_at = shifted(state.last_cloud_error_at)
     for times in (state.orphans, state.ended_jobs, state.dropped_clean):
         for key in times:
@@ -1261,6 +1449,44 @@ def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
     if waiting > 1:
         reasons.append(f"{waiting} jobs waiting")
     return "; ".join(reasons) or "no VM became free"
+
+
+def reason_kind(vm: Vm) -> str:
+    """A VM's reason as a short fixed word (a metric label must not carry free text)."""
+    if vm.tainted:
+        return "tainted"
+    if vm.reason.startswith("status "):
+        return "other"
+    return vm.reason.partition(":")[0].strip()
+
+
+@dataclass(frozen=True)
+class Health:
+    """What monitoring reads from the state: `vmpool check`'s perfdata and the Prometheus gauges."""
+
+    free: int
+    busy: int
+    unusable: int
+    drained: int
+    waiting: int
+    oldest_wait: float  # seconds the longest-waiting job has waited (0: none waits)
+    since_reconcile: float | None  # seconds since the last reconcile pass saw the cloud (None: never)
+    backoff: float  # seconds of create back-off left
+    protected: bool
+    paused: bool
+    desired: int
+
+
+def pool_health(state: PoolState, pool: PoolConfig, now: float) -> Health:
+    oldest = min((request.since for request in state.requests), default=now)
+    backoff = max(0.0, state.backoff_until - now) if state.backoff_until is not None else 0.0
+    return Health(
+        free=state.count(FREE), busy=state.count(BUSY), unusable=state.count(UNUSABLE),
+        drained=sum(1 for vm in state.vms if vm.drained), waiting=len(state.requests),
+        oldest_wait=max(0.0, now - oldest),
+        since_reconcile=None if state.last_reconcile is None else max(0.0, now - state.last_reconcile),
+        backoff=backoff, protected=state.protected_since is not None, paused=state.paused_since is not None,
+        desired=desired_size(state, pool))
 
 
 def describe_action(action: Action) -> str:
@@ -2094,6 +2320,8 @@ class Pool:
         self._step("create servers", self._create, [a for a in actions if isinstance(a, CreateServer)])
         self._step("probe VMs", self._probe, [a for a in actions if isinstance(a, ProbeSsh)])
         self._step("known_hosts", self._sync_known_hosts, [])
+        if probe_free and self.config.metrics.textfile:  # cron's passes; an acquire's waiting passes stay light
+            self._step("metrics", lambda _: write_metrics_file(self.store.read(), self.config, self.clock()), [])
 
     def _sync_known_hosts(self, _: object) -> None:
         """Under the state lock, so a slower pass never writes an older known_hosts over a newer one."""
@@ -2232,6 +2460,10 @@ class Pool:
             log.info(f"vm {action.name}: no console output ({error})")
             return []
 
+    def admin(self, plan: Callable[..., tuple[PoolState, list[Action]]], **kwargs: Any) -> None:
+        """An admin's state change, under the lock, logged with who asked and why."""
+        self.apply_notes(self._update(lambda state: plan(state, by=invoking_user(), now=self.clock(), **kwargs)))
+
     def apply_notes(self, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, Note):
@@ -2272,6 +2504,17 @@ def live_pids(state: PoolState) -> frozenset[int]:
     return frozenset(alive)
 
 
+def invoking_user() -> str:
+    """Who ran the command: the admin behind sudo, else this process's user."""
+    import pwd
+    if os.environ.get("SUDO_USER"):
+        return os.environ["SUDO_USER"]
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
+
+
 def read_boot_clock() -> tuple[str, float]:
     """This boot's id and the seconds since it (CLOCK_BOOTTIME: never stepped, counts suspend)."""
     try:
@@ -2280,6 +2523,175 @@ def read_boot_clock() -> tuple[str, float]:
     except OSError:
         boot_id = ""
     return boot_id, time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+# --- monitoring: the Nagios/Icinga plugin and Prometheus metrics ---
+# nagiosplugin and prometheus_client are imported only here, in `check`, `metrics` and the metrics
+# step of cron's reconcile pass: never on the acquire/release path.
+
+COUNTERS = {
+    "boots": "Servers the cloud accepted to create",
+    "failed_boots": "Boots that failed (ERROR, BUILD or no SSH past their timeout, failed creates)",
+    "deletes": "Server deletes the cloud accepted",
+    "acquires": "VMs claimed by jobs",
+    "releases": "VMs released by jobs",
+    "tainted_releases": "Releases that left the VM tainted (never reused)",
+}
+# Every metric name vmpool exports (a histogram adds _bucket, _sum and _count; a counter _total).
+METRIC_NAMES = ("vmpool_vms", "vmpool_vms_drained", "vmpool_waiting_jobs", "vmpool_oldest_wait_seconds",
+                "vmpool_desired_vms", "vmpool_max_vms", "vmpool_min_vms", "vmpool_protected_mode",
+                "vmpool_consecutive_failed_boots", "vmpool_backoff_seconds", "vmpool_paused",
+                "vmpool_last_reconcile_timestamp_seconds", "vmpool_acquire_wait_seconds",
+                *(f"vmpool_{name}_total" for name in COUNTERS))
+
+
+def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
+    """The pool as Prometheus metric families (built fresh from the state on each call)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    pool, health, name = config.pool, pool_health(state, config.pool, now), config.pool.name
+    vms = GaugeMetricFamily("vmpool_vms", "VMs per state and reason", labels=["pool", "state", "reason"])
+    by_kind: dict[tuple[str, str], int] = {(FREE, ""): 0, (BUSY, ""): 0, (UNUSABLE, ""): 0}
+    for vm in state.vms:
+        key = (vm.state, reason_kind(vm))
+        by_kind[key] = by_kind.get(key, 0) + 1
+    for (vm_state, kind), count in sorted(by_kind.items()):
+        vms.add_metric([name, vm_state, kind], count)
+    families: list[Any] = [vms]
+
+    def gauge(metric: str, help_text: str, value: float) -> None:
+        family = GaugeMetricFamily(metric, help_text, labels=["pool"])
+        family.add_metric([name], value)
+        families.append(family)
+    gauge("vmpool_vms_drained", "VMs drained by an admin (no new job; deleted once free)", health.drained)
+    gauge("vmpool_waiting_jobs", "Jobs waiting in acquire for a VM", health.waiting)
+    gauge("vmpool_oldest_wait_seconds", "How long the longest-waiting job has waited", health.oldest_wait)
+    gauge("vmpool_desired_vms", "VMs the pool aims at: clamp(busy + waiting + min_free, min, max)", health.desired)
+    gauge("vmpool_max_vms", "[pool] max", pool.max)
+    gauge("vmpool_min_vms", "[pool] min", pool.min)
+    gauge("vmpool_protected_mode", "1 while in protected mode (one canary boot at a time)", int(health.protected))
+    gauge("vmpool_consecutive_failed_boots", "Failed boots since the last good one", state.boot_failures)
+    gauge("vmpool_backoff_seconds", "Seconds of create back-off left", health.backoff)
+    gauge("vmpool_paused", "1 while an admin paused creates", int(health.paused))
+    gauge("vmpool_last_reconcile_timestamp_seconds", "When a reconcile pass last saw the cloud (0: never)",
+          state.last_reconcile or 0)
+    for counter, help_text in COUNTERS.items():
+        family = CounterMetricFamily(f"vmpool_{counter}", help_text, labels=["pool"])
+        family.add_metric([name], state.counters.get(counter, 0))
+        families.append(family)
+    histogram = state.acquire_wait
+    counts = histogram.get("buckets") or [0] * (len(ACQUIRE_WAIT_BUCKETS) + 1)
+    cumulative, buckets = 0, []
+    for bound, count in zip([*(str(bound) for bound in ACQUIRE_WAIT_BUCKETS), "+Inf"], counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    waits = HistogramMetricFamily("vmpool_acquire_wait_seconds", "How long acquire waited for a VM",
+                                  labels=["pool"])
+    waits.add_metric([name], buckets, sum_value=histogram.get("sum", 0.0))
+    families.append(waits)
+    return families
+
+
+def metrics_registry(state: PoolState, config: Config, now: float) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    class PoolCollector:
+        def collect(self) -> list[Any]:
+            return metric_families(state, config, now)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolCollector())
+    return registry
+
+
+def metrics_text(state: PoolState, config: Config, now: float) -> str:
+    from prometheus_client import generate_latest
+    return str(generate_latest(metrics_registry(state, config, now)).decode("utf-8"))
+
+
+def write_metrics_file(state: PoolState, config: Config, now: float) -> None:
+    """Replace the textfile collector's file whole (prometheus_client writes a temp file and renames it)."""
+    from prometheus_client import write_to_textfile
+    try:
+        write_to_textfile(config.metrics.textfile, metrics_registry(state, config, now))
+    except OSError as error:
+        raise ConfigError(f"[metrics] textfile = {config.metrics.textfile!r}: cannot write: {error}") from None
+
+
+def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[], float],
+              thresholds: CheckConfig) -> None:
+    """`vmpool check` as a Nagios/Icinga plugin; nagiosplugin prints the result and exits 0-3."""
+    import nagiosplugin
+
+    class PoolResource(nagiosplugin.Resource):
+        name = "VMPOOL"
+
+        def probe(self) -> list[nagiosplugin.Metric]:
+            health = pool_health(state_of(), config.pool, now())
+            since = health.since_reconcile
+            return [
+                nagiosplugin.Metric("free", health.free, min=0, context="count"),
+                nagiosplugin.Metric("busy", health.busy, min=0, context="count"),
+                nagiosplugin.Metric("unusable", health.unusable, min=0, context="unusable"),
+                nagiosplugin.Metric("waiting", health.waiting, min=0, context="count"),
+                nagiosplugin.Metric("oldest_wait", round(health.oldest_wait), "s", min=0, context="oldest_wait"),
+                # never reconciled: reported as -1 and judged by its own context
+                nagiosplugin.Metric("since_reconcile", -1 if since is None else round(since), "s",
+                                    context="since_reconcile"),
+                nagiosplugin.Metric("backoff", round(health.backoff), "s", min=0, context="count"),
+                nagiosplugin.Metric("protected", int(health.protected), min=0, max=1, context="protected"),
+                nagiosplugin.Metric("paused", int(health.paused), min=0, max=1, context="paused"),
+            ]
+
+    class SinceReconcile(nagiosplugin.ScalarContext):
+        def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+            if metric.value < 0:
+                return self.result_cls(nagiosplugin.Critical, "no reconcile pass has seen the cloud yet", metric)
+            return super().evaluate(metric, resource)
+
+    def switch(level: str) -> str | None:  # a 0/1 metric: alert when it is 1
+        return None if level == "ok" else "0:0"
+
+    class Words(nagiosplugin.Summary):
+        def ok(self, results: Any) -> str:
+            values = {result.metric.name: result.metric.value for result in results}
+            return (f"{values['free']} free, {values['busy']} busy, {values['unusable']} unusable, "
+                    f"{values['waiting']} waiting; last reconcile {values['since_reconcile']}s ago")
+
+        def problem(self, results: Any) -> str:
+            return "; ".join(self.describe(result) for result in results.most_significant)
+
+        def describe(self, result: Any) -> str:
+            metric, value = result.metric.name, result.metric.value
+            if result.hint and metric == "since_reconcile" and value < 0:
+                return str(result.hint)
+            words = {"since_reconcile": f"no reconcile pass for {value}s",
+                     "oldest_wait": f"a job has waited {value}s for a VM",
+                     "unusable": f"{value} VM(s) unusable", "protected": "protected mode: boots keep failing",
+                     "paused": "paused by an admin (vmpool resume)"}
+            limit = f" (threshold {result.hint.split('range ')[-1].rstrip(')')})" if result.hint else ""
+            return words.get(metric, str(result)) + (limit if metric not in ("protected", "paused") else "")
+
+    check = nagiosplugin.Check(
+        PoolResource(),
+        nagiosplugin.ScalarContext("count"),
+        nagiosplugin.ScalarContext("unusable", thresholds.unusable_warning or None,
+                                   thresholds.unusable_critical or None),
+        nagiosplugin.ScalarContext("oldest_wait", thresholds.wait_warning or None, thresholds.wait_critical or None),
+        SinceReconcile("since_reconcile", thresholds.reconcile_warning or None,
+                       thresholds.reconcile_critical or None),
+        nagiosplugin.ScalarContext("protected", *_levels(thresholds.protected, switch)),
+        nagiosplugin.ScalarContext("paused", *_levels(thresholds.paused, switch)),
+        Words())
+    try:
+        check.main(timeout=thresholds.timeout)
+    except nagiosplugin.Timeout:
+        raise VmpoolError(f"no answer within the plugin timeout ({thresholds.timeout:g}s) while reading "
+                          f"{config.pool.state_file}") from None
+
+
+def _levels(level: str, switch: Callable[[str], str | None]) -> tuple[str | None, str | None]:
+    """(warning, critical) ranges of a 0/1 metric that alerts at the given level."""
+    return (switch(level) if level == "warning" else None, switch(level) if level == "critical" else None)
 
 
 # --- the CLI ---
@@ -2305,10 +2717,13 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
         "last_reconcile": state.last_reconcile, "boot_failures": state.boot_failures,
         "protected_since": state.protected_since, "backoff_until": state.backoff_until,
         "backoff_delay": state.backoff_delay,
+        "paused": None if state.paused_since is None else {
+            "since": state.paused_since, "by": state.paused_by, "reason": state.paused_reason},
         "last_cloud_error": state.last_cloud_error or None, "last_cloud_error_at": state.last_cloud_error_at,
         "vms": [{"name": vm.name, "server_id": vm.server_id, "address": vm.address, "state": vm.state,
                  "reason": vm.reason or None, "job": vm.job, "user": vm.user, "since": vm.since,
-                 "created_at": vm.created_at, "last_healthy": vm.last_healthy, "tainted": vm.tainted or None}
+                 "created_at": vm.created_at, "last_healthy": vm.last_healthy, "tainted": vm.tainted or None,
+                 "drained": vm.drained or None}
                 for vm in sorted(state.vms, key=lambda vm: vm.name)],
     }
 
@@ -2316,7 +2731,8 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
 def status_text(state: PoolState, config: Config, now: float) -> str:
     rows = [("NAME", "ADDRESS", "STATE", "REASON", "JOB", "USER", "SINCE", "AGE")]
     for vm in sorted(state.vms, key=lambda vm: vm.name):
-        rows.append((vm.name, vm.address or "-", vm.state, vm.reason or "-", vm.job or "-", vm.user or "-",
+        reason = (vm.reason or "-") + (" (drained)" if vm.drained else "")
+        rows.append((vm.name, vm.address or "-", vm.state, reason, vm.job or "-", vm.user or "-",
                      fmt_time(vm.since), format_age(now - vm.since)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
@@ -2330,6 +2746,11 @@ def status_text(state: PoolState, config: Config, now: float) -> str:
     lines.append(f"waiting: {waiting}")
     last = state.last_reconcile
     lines.append(f"last reconcile: {fmt_time(last)}" + (f" ({format_age(now - last)} ago)" if last else " (never)"))
+    if state.paused_since is not None:
+        lines.append(f"PAUSED since {fmt_time(state.paused_since)} ({format_age(now - state.paused_since)} ago) "
+                     f"by {state.paused_by}: {state.paused_reason}; no VM is created (resume: vmpool resume)")
+    for vm in sorted((vm for vm in state.vms if vm.drained), key=lambda vm: vm.name):
+        lines.append(f"{describe_vm(vm)} drained {vm.drained}")
     if state.protected_since is not None:
         lines.append(f"PROTECTED MODE since {fmt_time(state.protected_since)}: {state.boot_failures} failed boots; "
                      "one canary boot at a time (clear: vmpool reconcile --clear-protection)")
@@ -2346,6 +2767,7 @@ def configured_pool(ctx: click.Context) -> Pool:
     if "pool" not in obj:
         config = load_config(obj["config_path"])
         setup_file_log(config.pool.log_file)
+        setup_syslog(config.logging)
         obj["pool"] = Pool(config)
     pool: Pool = obj["pool"]
     return pool
@@ -2375,6 +2797,29 @@ def setup_file_log(path: str) -> None:
     except OSError as error:
         raise ConfigError(f"[pool] log_file = {path!r}: cannot open: {error}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+def setup_syslog(logs: LoggingConfig) -> None:
+    """[logging] syslog: the same lines to the local syslog daemon, tagged vmpool[PID]."""
+    if not logs.syslog or any(getattr(h, "vmpool_syslog", False) for h in log.handlers):
+        return
+    import logging.handlers
+    address = logs.syslog_address
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(address).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise ConfigError(f"[logging] syslog = true but {address} is not a syslog socket (is rsyslog or "
+                          "systemd-journald running?): start one, set [logging] syslog_address, or syslog = false")
+    facility = logging.handlers.SysLogHandler.facility_names[logs.facility]
+    try:
+        handler = logging.handlers.SysLogHandler(address=address, facility=facility)
+    except OSError as error:
+        raise ConfigError(f"[logging] syslog_address = {address!r}: cannot connect: {error}") from None
+    handler.vmpool_syslog = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("vmpool[%(process)d]: %(levelname)s %(message)s"))
     log.addHandler(handler)
 
 
@@ -2523,6 +2968,106 @@ def status(ctx: click.Context, as_json: bool) -> None:
     now = pool.clock()
     click.echo(json.dumps(status_json(state, pool.config, now), indent=1) if as_json
                else status_text(state, pool.config, now))
+
+
+@cli.command()
+@click.option("--reconcile-warning", default=None, metavar="RANGE", help="Seconds since the last pass [check].")
+@click.option("--reconcile-critical", default=None, metavar="RANGE", help="Seconds since the last pass [check].")
+@click.option("--wait-warning", default=None, metavar="RANGE", help="Oldest waiting job, seconds [check].")
+@click.option("--wait-critical", default=None, metavar="RANGE", help="Oldest waiting job, seconds [check].")
+@click.option("--unusable-warning", default=None, metavar="RANGE", help="Unusable VMs [check].")
+@click.option("--unusable-critical", default=None, metavar="RANGE", help="Unusable VMs [check].")
+@click.option("--protected", type=click.Choice(CHECK_LEVELS), default=None, help="Protected mode is [check].")
+@click.option("--paused", type=click.Choice(CHECK_LEVELS), default=None, help="Paused is [check].")
+@click.option("--timeout", type=float, default=None, help="Plugin timeout, seconds [check].")
+@common_options
+@click.pass_context
+def check(ctx: click.Context, **options: Any) -> None:
+    """Nagios/Icinga plugin: one status line and perfdata; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+
+    Reads the state without its lock (the file is replaced whole), no cloud call. Thresholds
+    are Nagios ranges (a number N alerts above N) from [check], overridden by the options.
+    """
+    try:  # whatever is wrong (config, state), Nagios gets one line on stdout and UNKNOWN
+        pool = configured_pool(ctx)
+        given = {key: value for key, value in options.items() if value is not None}
+        thresholds = dataclasses.replace(pool.config.check, **given)
+        _check_operations("options", thresholds, MetricsConfig(), LoggingConfig())
+        run_check(pool.store.read, pool.config, pool.clock, thresholds)
+    except VmpoolError as error:
+        click.echo(f"VMPOOL UNKNOWN - {error}")
+        ctx.exit(3)
+
+
+@cli.command()
+@common_options
+@click.pass_context
+def metrics(ctx: click.Context) -> None:
+    """Print the Prometheus metrics (what each reconcile pass writes to [metrics] textfile)."""
+    pool = configured_pool(ctx)
+    click.echo(metrics_text(pool.store.read(), pool.config, pool.clock()), nl=False)
+
+
+def reason_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--reason", default="no reason given", show_default=True,
+                        help="Why: logged with the invoking user, shown by status.")(command)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--all", "every", is_flag=True, help="Every VM of the pool now.")
+@reason_option
+@common_options
+@click.pass_context
+def drain(ctx: click.Context, names: tuple[str, ...], every: bool, reason: str) -> None:
+    """No new job on the VM(s); each is deleted by reconcile once its job ends (at once if not busy).
+
+    Idempotent; no cloud call (the next reconcile pass deletes). Replacements are created as
+    demand asks, within max.
+    """
+    if bool(names) == every:
+        raise BadInput("name the VM(s) to drain, or give --all (not both)")
+    pool = configured_pool(ctx)
+    chosen = [vm.name for vm in pool.store.read().vms] if every else list(names)
+    pool.admin(plan_drain, names=chosen, reason=reason)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete it even if busy (its job loses the VM; the job is logged).")
+@reason_option
+@common_options
+@click.pass_context
+def delete(ctx: click.Context, name: str, force: bool, reason: str) -> None:
+    """Delete VM NAME by the next reconcile pass; a busy VM only with --force (exit 2 without)."""
+    configured_pool(ctx).admin(plan_admin_delete, name=name, reason=reason, force=force)
+
+
+@cli.command()
+@reason_option
+@common_options
+@click.pass_context
+def pause(ctx: click.Context, reason: str) -> None:
+    """Create no VM until `vmpool resume` (Free VMs still serve; deletes and probes go on)."""
+    configured_pool(ctx).admin(plan_pause, reason=reason)
+
+
+@cli.command()
+@reason_option
+@common_options
+@click.pass_context
+def resume(ctx: click.Context, reason: str) -> None:
+    """Create VMs again after `vmpool pause`."""
+    configured_pool(ctx).admin(plan_resume, reason=reason)
+
+
+@cli.command("clear-backoff")
+@reason_option
+@common_options
+@click.pass_context
+def clear_backoff(ctx: click.Context, reason: str) -> None:
+    """Forget the create back-off: the next pass creates again (protected mode: reconcile --clear-protection)."""
+    configured_pool(ctx).admin(plan_clear_backoff, reason=reason)
 
 
 # --- main ---

@@ -103,3 +103,24 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
         vp.load_config(path)
     key.chmod(0o600)
     assert vp.load_config(path).ssh.private_key == str(key)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("[check]\nwait_critical = ten", r"\[check\] wait_critical = 'ten': expected a Nagios range"),
+    ("[check]\nprotected = loud", r"\[check\] protected = 'loud': one of ok, warning, critical"),
+    ("[metrics]\ntextfile = /nonexistent-dir/vmpool.prom", r"\[metrics\] textfile = .*: no directory /nonexistent"),
+    ("[metrics]\ntextfile = /tmp/vmpool.txt", r"\[metrics\] textfile = .*ending in \.prom"),
+    ("[logging]\nfacility = kernel", r"\[logging\] facility = 'kernel': one of auth"),
+    ("[logging]\nsyslog = maybe", r"\[logging\] syslog = 'maybe': expected true or false"),
+])
+def test_operations_sections_are_validated(tmp_path: Path, section: str, message: str) -> None:
+    with pytest.raises(vp.ConfigError, match=message):
+        vp.load_config(write(tmp_path, GOOD + "\n" + section + "\n"))
+
+
+def test_operations_sections_load(tmp_path: Path) -> None:
+    text = (GOOD + f"\n[check]\nwait_critical = @10:20\n[metrics]\ntextfile = {tmp_path}/v.prom\n"
+            "[logging]\nsyslog = yes\n")
+    config = vp.load_config(write(tmp_path, text))
+    assert (config.check.wait_critical, config.metrics.textfile, config.logging.syslog) == (
+        "@10:20", f"{tmp_path}/v.prom", True)

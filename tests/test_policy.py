@@ -735,3 +735,138 @@ def test_torque_job_state_reads_qstat(exit_code: int, stdout: str, stderr: str, 
 ])
 def test_slurm_job_state_reads_scontrol(exit_code: int, stdout: str, stderr: str, answer: str) -> None:
     assert vp.slurm_job_state(exit_code, stdout, stderr).split(":")[0] == answer
+
+
+# --- admin actions: drain, delete, pause, resume, clear-backoff ---
+
+def test_a_drained_free_vm_is_never_claimed_and_deleted_by_the_next_pass() -> None:
+    state = PoolState(pool="p", vms=[vm("a")])
+    drained, notes = vp.plan_drain(state, ["a"], by="admin", reason="kernel update", now=NOW)
+    assert "drained by admin: kernel update" in notes[0].message and not state.vm_named("a").drained
+    _, outcome = vp.plan_acquire(drained, "1", "alice", NOW, 10, HOST, frozenset())
+    assert isinstance(outcome, vp.Waiting)
+    _, actions = vp.plan_reconcile(drained, seen(server("a")), config(max=1), NOW)
+    assert [d.name for d in kinds(actions, DeleteServer)] == ["a"] and not kinds(actions, CreateServer)
+    assert "drained" in kinds(actions, DeleteServer)[0].reason
+
+
+def test_a_drained_busy_vm_keeps_its_job_and_is_deleted_once_released() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    drained, notes = vp.plan_drain(state, ["a"], by="admin", reason="r", now=NOW)
+    assert "once job 1 ends" in notes[0].message
+    still, actions = vp.plan_reconcile(drained, seen(server("a")), config(), NOW)
+    assert not kinds(actions, DeleteServer) and still.vm_named("a").job == "1"
+    released, _ = vp.plan_release(still, "1", NOW)
+    _, actions = vp.plan_reconcile(released, seen(server("a")), config(), NOW)
+    assert [d.name for d in kinds(actions, DeleteServer)] == ["a"]
+
+
+def test_drain_is_idempotent_and_an_unknown_name_is_bad_input() -> None:
+    state, _ = vp.plan_drain(PoolState(pool="p", vms=[vm("a")]), ["a"], by="x", reason="r", now=NOW)
+    again, notes = vp.plan_drain(state, ["a"], by="y", reason="s", now=NOW + 5)
+    assert again == state and "already drained" in notes[0].message
+    with pytest.raises(vp.BadInput, match="no VM named 'zz' in pool p"):
+        vp.plan_drain(state, ["zz"], by="x", reason="r", now=NOW)
+
+
+def test_drained_vms_are_not_capacity_but_max_still_bounds_the_cloud() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("b")])
+    drained, _ = vp.plan_drain(state, ["a", "b"], by="x", reason="r", now=NOW)
+    _, actions = vp.plan_reconcile(drained, seen(server("a"), server("b")), config(min=2, max=3), NOW)
+    assert len(kinds(actions, DeleteServer)) == 2 and len(kinds(actions, CreateServer)) == 1
+
+
+def test_delete_refuses_a_busy_vm_without_force_and_names_the_job_with_it() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="7")])
+    with pytest.raises(vp.BadInput, match="busy with job 7 of alice"):
+        vp.plan_admin_delete(state, "a", by="x", reason="r", force=False, now=NOW)
+    new, notes = vp.plan_admin_delete(state, "a", by="x", reason="broken", force=True, now=NOW)
+    assert new.vm_named("a").job is None and new.vm_named("a").tainted and "job 7 of alice" in notes[0].message
+    _, actions = vp.plan_reconcile(new, seen(server("a")), config(), NOW)
+    assert [d.name for d in kinds(actions, DeleteServer)] == ["a"]
+
+
+def test_pause_stops_creates_not_claims_and_resume_restarts_them() -> None:
+    state = PoolState(pool="p", vms=[vm("a")])
+    paused, notes = vp.plan_pause(state, by="x", reason="maintenance", now=NOW)
+    assert (paused.paused_since, paused.paused_by, paused.paused_reason) == (NOW, "x", "maintenance")
+    again, notes = vp.plan_pause(paused, by="y", reason="other", now=NOW + 1)
+    assert again == paused and "already paused" in notes[0].message
+    _, actions = vp.plan_reconcile(paused, seen(server("a")), config(min=3), NOW)
+    assert not kinds(actions, CreateServer) and "paused" in kinds(actions, Note)[-1].message
+    _, outcome = vp.plan_acquire(paused, "1", "alice", NOW, 10, HOST, frozenset())
+    assert isinstance(outcome, vp.Claimed)
+    resumed, _ = vp.plan_resume(paused, by="x", reason="done", now=NOW)
+    assert resumed.paused_since is None
+    _, actions = vp.plan_reconcile(resumed, seen(server("a")), config(min=3), NOW)
+    assert len(kinds(actions, CreateServer)) == 2
+
+
+def test_clear_backoff_lets_the_next_pass_create() -> None:
+    state = PoolState(pool="p", backoff_until=NOW + 600, backoff_delay=600)
+    _, actions = vp.plan_reconcile(state, seen(), config(min=1), NOW)
+    assert not kinds(actions, CreateServer)
+    cleared, notes = vp.plan_clear_backoff(state, by="x", reason="quota raised", now=NOW)
+    assert "cleared by x: quota raised" in notes[0].message
+    _, actions = vp.plan_reconcile(cleared, seen(), config(min=1), NOW)
+    assert len(kinds(actions, CreateServer)) == 1
+    assert vp.plan_clear_backoff(cleared, by="x", reason="r", now=NOW)[0] == cleared
+
+
+# --- monitoring: counters and the acquire wait histogram kept in the state ---
+
+def test_counters_are_incremented_by_the_plans_that_decide_them() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("b")])
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset())
+    state, _ = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, frozenset())
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset())  # already held: not again
+    state, _ = vp.plan_release(state, "1", NOW)
+    state, _ = vp.plan_release(state, "2", NOW, unusable="scrub failed")
+    state, _ = vp.plan_created(state, "c", "id-c", None, config().pool, NOW)
+    state, _ = vp.plan_deleted(state, "b", None, NOW)
+    assert state.counters == {"acquires": 2, "releases": 2, "tainted_releases": 1, "boots": 1, "deletes": 1}
+    failing = PoolState(pool="p", vms=[vm("x", UNUSABLE, reason="building", healthy=False)])
+    failed, _ = vp.plan_reconcile(failing, seen(server("x", vp.SERVER_ERROR)), config(), NOW)
+    assert failed.counters["failed_boots"] == 1
+
+
+def test_a_claim_after_waiting_lands_in_the_wait_histogram() -> None:
+    state = PoolState(pool="p")
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset({10}))
+    state.vms.append(vm("a"))
+    state, outcome = vp.plan_acquire(state, "1", "alice", NOW + 42, 10, HOST, frozenset({10}))
+    assert isinstance(outcome, vp.Claimed)
+    buckets = state.acquire_wait["buckets"]
+    assert state.acquire_wait["count"] == 1 and state.acquire_wait["sum"] == 42
+    assert buckets[vp.ACQUIRE_WAIT_BUCKETS.index(60.0)] == 1 and sum(buckets) == 1
+
+
+def test_metrics_text_parses_and_carries_exactly_the_documented_names() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1"),
+                                     vm("c", UNUSABLE, reason="unreachable: ssh timeout after 10s")],
+                      requests=[vp.Request(job="2", user="bob", since=NOW - 30, pid=1, host=HOST)],
+                      protected_since=NOW - 5, backoff_until=NOW + 60, counters={"boots": 3})
+    state.vm_named("a").drained = "at 12:00:00 by x: r"
+    vp._observe_wait(state, 7.0)
+    families = {family.name: family for family in
+                text_string_to_metric_families(vp.metrics_text(state, config(), NOW))}
+    exported = {f"{name}_total" if family.type == "counter" else name for name, family in families.items()}
+    assert exported == set(vp.METRIC_NAMES)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("vmpool_vms", (("pool", "p"), ("reason", "unreachable"), ("state", "unusable")))] == 1
+    assert samples[("vmpool_waiting_jobs", (("pool", "p"),))] == 1
+    assert samples[("vmpool_oldest_wait_seconds", (("pool", "p"),))] == 30
+    assert samples[("vmpool_protected_mode", (("pool", "p"),))] == 1
+    assert samples[("vmpool_backoff_seconds", (("pool", "p"),))] == 60
+    assert samples[("vmpool_boots_total", (("pool", "p"),))] == 3
+    assert samples[("vmpool_vms_drained", (("pool", "p"),))] == 1
+    assert samples[("vmpool_acquire_wait_seconds_bucket", (("le", "15.0"), ("pool", "p")))] == 1
+    assert samples[("vmpool_acquire_wait_seconds_count", (("pool", "p"),))] == 1
+
+
+def test_pool_health_reports_what_the_check_judges() -> None:
+    state = PoolState(pool="p", vms=[vm("a")], last_reconcile=NOW - 12, paused_since=NOW)
+    health = vp.pool_health(state, config().pool, NOW)
+    assert (health.free, health.since_reconcile, health.paused, health.protected) == (1, 12, True, False)
+    assert vp.pool_health(PoolState(pool="p"), config().pool, NOW).since_reconcile is None

@@ -1,0 +1,264 @@
+"""Site operations over the real parts (the vmpool CLI against the local OpenStack test bed):
+admin actions, the Nagios/Icinga plugin, Prometheus metrics and syslog."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, PoolHandle, wait_until
+
+
+def log_text(pool: PoolHandle) -> str:
+    return Path(pool.settings["pool"]["log_file"]).read_text()
+
+
+def configure(pool: PoolHandle, **sections: dict[str, object]) -> None:
+    """write_config, also for the sections the fixture does not write ([check], [metrics], [logging])."""
+    for section in sections:
+        pool.settings.setdefault(section, {})
+    pool.write_config(**sections)
+
+
+def as_admin(name: str) -> dict[str, str]:
+    return {**os.environ, "SUDO_USER": name}
+
+
+# --- admin actions ---
+
+def test_drain_keeps_a_busy_vm_for_its_job_then_reconcile_deletes_it(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1, "max": 2})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    pool.run("acquire", "1", "--user", "alice")
+    name = pool.vms("busy")[0]["name"]
+    refused = pool.run("delete", name, check=False)
+    assert refused.returncode == 2 and "busy with job 1 of alice" in refused.stderr
+    pool.run("drain", name, "--reason", "kernel update", env=as_admin("carol"))
+    assert pool.run("drain", name, env=as_admin("dave")).returncode == 0  # idempotent
+    assert pool.vms("busy")[0]["drained"].endswith("by carol: kernel update")
+    assert "(drained)" in pool.run("status").stdout
+    pool.run("reconcile")
+    assert pool.vms("busy")[0]["name"] == name, "the job keeps its drained VM"
+    assert pool.run("acquire", "2", "--user", "bob", "--timeout", "1", check=False).returncode == 6
+    pool.run("release", "1")
+    pool.reconcile_until(lambda: name not in {s.name for s in pool.servers()}, 60, "the drained VM deleted")
+    assert f"{name} " in log_text(pool) and "drained by carol: kernel update; deleted once job 1 ends" in log_text(pool)
+
+
+def test_delete_force_takes_a_busy_vm_and_names_its_job(pool: PoolHandle) -> None:
+    pool.write_config(pool={"max": 1})
+    pool.run("acquire", "5", "--user", "alice")
+    vm = pool.vms("busy")[0]
+    pool.run("delete", vm["name"], "--force", "--reason", "disk broken", env=as_admin("carol"))
+    assert "deleted by carol while busy with job 5 of alice: disk broken" in log_text(pool)
+    pool.reconcile_until(lambda: not pool.servers(), 60, "the VM deleted")
+    assert "nothing to release" in pool.run("release", "5").stderr
+
+
+def test_an_unknown_vm_name_is_one_sentence_and_exit_2(pool: PoolHandle) -> None:
+    for command in (["drain", "nosuchvm"], ["delete", "nosuchvm"]):
+        result = pool.run(*command, check=False)
+        assert result.returncode == 2 and "no VM named 'nosuchvm'" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert pool.run("drain", check=False).returncode == 2
+
+
+def test_pause_creates_nothing_until_resume_and_status_says_who_and_why(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1})
+    pool.run("pause", "--reason", "cloud maintenance", env=as_admin("carol"))
+    pool.run("pause", "--reason", "again", env=as_admin("dave"))  # idempotent: the first word stays
+    text = pool.run("status").stdout
+    assert "PAUSED since" in text and "by carol: cloud maintenance" in text
+    assert pool.status()["paused"]["by"] == "carol"
+    pool.run("reconcile")
+    assert not pool.servers() and "not creating 1 VM(s): paused" in log_text(pool)
+    pool.run("resume", "--reason", "done", env=as_admin("carol"))
+    assert pool.status()["paused"] is None and "resumed by carol" in log_text(pool)
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM after resume")
+
+
+def test_clear_backoff_after_a_quota_refusal_creates_at_the_next_pass(pool: PoolHandle) -> None:
+    pool.write_config(pool={"min": 1, "backoff_initial": 600, "backoff_max": 600})
+    pool.bed.set_quota(instances=0)
+    try:
+        pool.run("reconcile", check=False)
+        assert pool.status()["backoff_until"] is not None
+    finally:
+        pool.bed.set_quota(instances=100)
+    pool.run("reconcile", check=False)
+    assert not pool.servers(), "backing off"
+    pool.run("clear-backoff", "--reason", "quota raised", env=as_admin("carol"))
+    assert "cleared by carol: quota raised" in log_text(pool)
+    assert "no back-off to clear" in pool.run("clear-backoff").stderr
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM after clear-backoff")
+
+
+# --- the Nagios/Icinga plugin ---
+
+def set_state(pool: PoolHandle, **fields: object) -> None:
+    """Play a pool in trouble: change the state file as vmpool would (under its lock)."""
+    import dataclasses
+
+    import vmpool as vp
+    store = vp.StateStore(pool.state_file, pool.name, 10)
+    store.update(lambda state: (dataclasses.replace(state, **fields), None))
+
+
+def plugin_output(result: subprocess.CompletedProcess[str]) -> tuple[str, dict[str, str]]:
+    """The status line and its perfdata (label -> value with its unit)."""
+    status, _, perfdata = result.stdout.strip().partition(" | ")
+    return status, dict(item.split(";")[0].split("=", 1) for item in perfdata.split())
+
+
+def test_check_is_a_monitoring_plugin_over_the_pools_state(pool: PoolHandle) -> None:
+    first = pool.run("check", check=False)
+    assert first.returncode == 2 and first.stdout.startswith("VMPOOL CRITICAL - no reconcile pass has seen the cloud")
+    pool.write_config(pool={"min": 1})
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
+    ok = pool.run("check")
+    status, perfdata = plugin_output(ok)
+    assert status.startswith("VMPOOL OK - 1 free, 0 busy, 0 unusable, 0 waiting; last reconcile")
+    assert set(perfdata) == {"free", "busy", "unusable", "waiting", "oldest_wait", "since_reconcile", "backoff",
+                             "protected", "paused"}
+    assert perfdata["free"] == "1" and perfdata["protected"] == "0"
+    pool.run("pause", "--reason", "maintenance")
+    paused = pool.run("check", check=False)
+    assert paused.returncode == 1 and "VMPOOL WARNING - paused by an admin" in paused.stdout
+    assert pool.run("check", "--paused", "ok").returncode == 0
+    configure(pool, check={"paused": "critical"})
+    assert pool.run("check", check=False).returncode == 2
+    pool.run("resume")
+    set_state(pool, last_reconcile=time.time() - 1000)
+    stale = pool.run("check", check=False)
+    assert stale.returncode == 2 and "no reconcile pass for 10" in stale.stdout and "threshold" in stale.stdout
+    assert pool.run("check", "--reconcile-critical", "2000", "--reconcile-warning", "2000").returncode == 0
+    pool.run("reconcile")
+    set_state(pool, protected_since=time.time())
+    protected = pool.run("check", check=False)
+    assert protected.returncode == 2 and "protected mode" in protected.stdout
+    assert plugin_output(protected)[1]["protected"] == "1"
+
+
+def test_check_reports_a_long_wait_and_never_waits_for_the_state_lock(pool: PoolHandle) -> None:
+    import filelock
+    pool.write_config(pool={"max": 1})
+    pool.run("reconcile")
+    pool.run("pause", "--reason", "test")
+    waiter = pool.spawn("acquire", "9", "--user", "bob", "--timeout", "120")
+    wait_until(lambda: pool.status()["waiting"], 30, "job 9 to wait")
+    long_wait = wait_until(lambda: (r := pool.run("check", "--paused", "ok", "--wait-critical", "1", check=False))
+                           .returncode == 2 and r, 60, "a wait longer than 1s to be critical")
+    assert "a job has waited" in long_wait.stdout and int(plugin_output(long_wait)[1]["waiting"]) == 1
+    waiter.kill()
+    waiter.communicate()
+    with filelock.FileLock(pool.state_file + ".lock", timeout=5):  # another vmpool holds the lock
+        held = pool.run("check", "--paused", "ok", "--wait-critical", "", "--wait-warning", "", check=False)
+    assert held.returncode == 0, held.stdout + held.stderr
+
+
+def test_check_with_a_bad_threshold_or_config_is_unknown(pool: PoolHandle) -> None:
+    bad = pool.run("check", "--wait-critical", "ten", check=False)
+    assert bad.returncode == 3 and bad.stdout.startswith("VMPOOL UNKNOWN - ") and "wait_critical" in bad.stdout
+    configure(pool, check={"protected": "loud"})
+    assert pool.run("check", check=False).returncode == 3
+    configure(pool, check={"protected": "critical"})
+    Path(pool.state_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(pool.state_file).write_text("garbage")
+    os.chmod(pool.state_file, 0o600)
+    corrupt = pool.run("check", check=False)
+    os.unlink(pool.state_file)
+    os.mkfifo(pool.state_file, 0o600)  # a state file whose read never ends: the plugin timeout ends it
+    stuck = pool.run("check", "--timeout", "1", check=False)
+    assert stuck.returncode == 3 and stuck.stdout.startswith("VMPOOL UNKNOWN - no answer within the plugin timeout")
+    assert corrupt.returncode == 3 and corrupt.stdout.startswith("VMPOOL UNKNOWN - ")
+    assert "corrupt state" in corrupt.stdout
+
+
+# --- Prometheus ---
+
+def test_reconcile_writes_the_metrics_file_that_parses_and_counts_the_pools_life(pool: PoolHandle) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    textfile = pool.dir / "textfile" / "vmpool.prom"
+    textfile.parent.mkdir()
+    configure(pool, metrics={"textfile": str(textfile)})
+    pool.run("acquire", "3", "--user", "alice")
+    pool.run("release", "3")
+    pool.run("reconcile")
+
+    def samples(text: str) -> dict[str, float]:
+        return {s.name + ("" if "le" not in s.labels else f"[{s.labels['le']}]"): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+    written = samples(textfile.read_text())
+    assert written["vmpool_acquires_total"] == 1 and written["vmpool_releases_total"] == 1
+    assert written["vmpool_boots_total"] >= 1 and written["vmpool_acquire_wait_seconds_count"] == 1
+    assert written["vmpool_acquire_wait_seconds_bucket[+Inf]"] == 1 and written["vmpool_paused"] == 0
+    assert written["vmpool_last_reconcile_timestamp_seconds"] > 0
+    printed = samples(pool.run("metrics").stdout)
+    assert set(printed) == set(written) and printed["vmpool_acquires_total"] == 1
+    assert not [name for name in os.listdir(textfile.parent) if name != "vmpool.prom"], "no temp file left"
+
+
+def test_acquire_and_release_never_import_the_monitoring_libraries(pool: PoolHandle) -> None:
+    textfile = pool.dir / "vmpool.prom"
+    configure(pool, metrics={"textfile": str(textfile)})
+    heavy = "('prometheus_client', 'nagiosplugin')"
+    for args in (["acquire", "4", "--user", "alice", "--timeout", "90"], ["release", "4"]):
+        # the acquire waits for a boot: its own reconcile passes run, without the metrics step
+        code = (f"import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], *sys.argv[2:]]); "
+                f"print('IMPORTED', sorted(m for m in {heavy} if m in sys.modules)); sys.exit(rc)")
+        result = subprocess.run([sys.executable, "-c", code, pool.config_path, *args], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "IMPORTED []" in result.stdout
+    assert not textfile.exists(), "only cron's passes write the metrics"
+
+
+def test_a_metrics_path_in_a_missing_directory_is_one_sentence_naming_the_key(pool: PoolHandle) -> None:
+    configure(pool, metrics={"textfile": str(pool.dir / "nowhere" / "vmpool.prom")})
+    result = pool.run("status", check=False)
+    assert result.returncode == 3 and "[metrics] textfile" in result.stderr and "no directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_query_of_the_grafana_dashboard_names_a_metric_vmpool_exports() -> None:
+    import vmpool as vp
+    dashboard = json.loads((ROOT / "contrib" / "grafana-vmpool.json").read_text())
+    exported = set(vp.METRIC_NAMES) | {f"vmpool_acquire_wait_seconds_{suffix}" for suffix in ("bucket", "sum", "count")}
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queries += [variable["definition"] for variable in dashboard["templating"]["list"] if "definition" in variable]
+    named = {name for query in queries for name in re.findall(r"\bvmpool_[a-z_]+", query)}
+    assert queries and named <= exported, named - exported
+    assert {name for name in exported if not name.startswith("vmpool_acquire_wait_seconds")} <= named | {
+        "vmpool_acquire_wait_seconds"}, "every exported metric has a panel"
+
+
+# --- syslog ---
+
+def test_syslog_gets_the_same_lines_as_the_log_file_with_the_facility(pool: PoolHandle) -> None:
+    import socket
+    address = str(pool.dir / "log.sock")  # a stand-in for /dev/log: a datagram socket, as rsyslog makes
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(address)
+    receiver.settimeout(30)
+    try:
+        configure(pool, logging={"syslog": "true", "facility": "local3", "syslog_address": address})
+        pool.run("pause", "--reason", "syslog test", env=as_admin("carol"))
+        line = receiver.recv(65536).decode()
+    finally:
+        receiver.close()
+    message = f"pool {pool.name} paused by carol: syslog test"
+    assert line.startswith(f"<{19 * 8 + 4}>vmpool[") and line.rstrip("\x00").endswith(message + "; no VM is "
+                                                                                      "created until `vmpool resume`")
+    assert message in log_text(pool)
+
+
+def test_syslog_without_a_socket_is_one_sentence_naming_the_key(pool: PoolHandle) -> None:
+    configure(pool, logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")})
+    result = pool.run("status", check=False)
+    assert result.returncode == 3 and "[logging] syslog = true but" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
