@@ -36,7 +36,6 @@ Exit codes (the same for every command):
 
 from __future__ import annotations
 
-import _socket as socket  # gethostname and two constants; socket.py itself adds 8 ms to every command's start
 import configparser
 import contextlib
 import copy
@@ -777,6 +776,22 @@ def _give_up_job(vm: Vm, taint: str, now: float) -> None:
     vm.last_job, vm.job, vm.user, vm.job_missing_since = vm.job, None, None, None
     vm.tainted = vm.tainted or taint
     _set_state(vm, UNUSABLE, vm.tainted, now)
+
+
+def claim_may_succeed(state: PoolState, job: str, pid: int, host: str) -> bool:
+    """Seen in an unlocked snapshot: could a locked try now claim a VM, or end the wait?
+
+    Waiting acquires poll; a full locked read-modify-write per poll would saturate the state lock
+    with a few hundred waiters, so they look first and lock only when something changed for them.
+    """
+    request = next((r for r in state.requests if r.job == job and r.pid == pid and r.host == host), None)
+    if request is None:
+        return True  # withdrawn (the job's release) or pruned: the locked try says which
+    ended = state.ended_jobs.get(job)
+    if ended is not None and ended >= request.started:
+        return True
+    free = sum(1 for vm in state.vms if vm.state == FREE and not vm.drained)
+    return free > state.requests.index(request)
 
 
 def withdraw_request(state: PoolState, job: str) -> PoolState:
@@ -2037,6 +2052,7 @@ class FabricRemote:
         learned = self._pin(connection, address, host_keys)
         try:
             connection.open()
+            import socket
             connection.client.get_transport().sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             result = connection.run("true", hide=True, warn=True, in_stream=False, timeout=self.ssh.command_timeout)
             if result.exited != 0:
@@ -2187,6 +2203,9 @@ class UnreachableBatch:
 # --- the executor: applies the policy's actions through the adapters ---
 
 
+WAITER_HEARTBEAT = 5.0  # seconds between a waiting acquire's locked tries when nothing changed for it
+
+
 class Pool:
     """Wires config, store and adapters; every decision comes from the pure policy above."""
 
@@ -2203,7 +2222,7 @@ class Pool:
         self._cloud = cloud
         self._remote = remote
         self._batch = batch
-        self.host = socket.gethostname()
+        self.host = os.uname().nodename  # socket.gethostname(), without importing socket (8 ms a command)
         self.list_error: CloudError | None = None  # the last pass could not see the cloud
         self.create_refused: CloudRefused | None = None  # the last pass's create was refused for good
 
@@ -2250,6 +2269,7 @@ class Pool:
         deadline = self.monotonic() + timeout
         started = self.clock() if started is None else started
         outcome = self.try_claim(job, user, started)
+        heartbeat = self.monotonic() + WAITER_HEARTBEAT
         if isinstance(outcome, Waiting):
             log.info(f"job {job}: no free VM, waiting (position {outcome.position + 1}, timeout {timeout:.0f}s)")
         try:
@@ -2261,7 +2281,9 @@ class Pool:
                 refused = self.list_error if isinstance(self.list_error, CloudRefused) else self.create_refused
                 if refused is not None:
                     raise refused  # a wrong password or image stays wrong: no point waiting out the timeout
-                outcome = self.try_claim(job, user, started)
+                if self._worth_a_locked_try(job, heartbeat):
+                    heartbeat = self.monotonic() + WAITER_HEARTBEAT
+                    outcome = self.try_claim(job, user, started)
                 if isinstance(outcome, Waiting):
                     self.sleep(self.config.pool.acquire_poll)
         except BaseException:
@@ -2275,6 +2297,15 @@ class Pool:
         held = " (already held: an earlier run of its prologue may have prepared it)" if outcome.already_held else ""
         log.info(f"{describe_vm(vm)} acquired by job {job} for {user}{held}")
         return outcome
+
+    def _worth_a_locked_try(self, job: str, heartbeat: float) -> bool:
+        """An unlocked look first; a locked try every WAITER_HEARTBEAT anyway (it prunes dead waiters)."""
+        if self.monotonic() >= heartbeat:
+            return True
+        try:
+            return claim_may_succeed(self.store.read(), job, os.getpid(), self.host)
+        except StateError:
+            return True  # the locked try reports it
 
     def _pass_if_due(self) -> None:
         """While waiting, drive boots forward, but leave room between passes for other waiters."""

@@ -870,3 +870,17 @@ def test_pool_health_reports_what_the_check_judges() -> None:
     health = vp.pool_health(state, config().pool, NOW)
     assert (health.free, health.since_reconcile, health.paused, health.protected) == (1, 12, True, False)
     assert vp.pool_health(PoolState(pool="p"), config().pool, NOW).since_reconcile is None
+
+
+def test_a_waiter_looks_before_it_locks() -> None:
+    """Waiting acquires take the state lock only when a locked try could change something for them."""
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")],
+                      requests=[vp.Request("2", "bob", NOW, 10, HOST, started=NOW),
+                                vp.Request("3", "eve", NOW, 11, HOST)])
+    assert not vp.claim_may_succeed(state, "3", 11, HOST), "nothing free, nothing ended: keep waiting unlocked"
+    state.vms.append(vm("b"))
+    assert vp.claim_may_succeed(state, "2", 10, HOST), "a Free VM for the head of the queue"
+    assert not vp.claim_may_succeed(state, "3", 11, HOST), "one Free VM is the head's: the second waits"
+    state.ended_jobs["3"] = NOW + 1
+    assert vp.claim_may_succeed(state, "3", 11, HOST), "its release ran: the locked try ends the wait"
+    assert vp.claim_may_succeed(state, "4", 12, HOST), "no request of its own any more: ask under the lock"
