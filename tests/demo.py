@@ -102,8 +102,17 @@ def run_burst(mom: PbsMom, config: str) -> dict[str, tuple[int | None, int | Non
         show_status(config)
     for thread in threads:
         thread.join()
-    for job in jobs[:2]:
-        print(f"--- {job.job_id} .OU:\n{mom.out(job)}", end="")
+    for job in jobs[:2]:  # what the job's owner got back, as TORQUE delivers it
+        print(f"--- {mom.delivered_out_path(job)}:\n{mom.delivered_out(job)}", end="")
+    for job in jobs:
+        prologue_exit, status = results[job.job_id]
+        if prologue_exit != 0 or status != 0:
+            delivered = mom.delivered_err_path(job)
+            why = delivered.read_text(errors="replace") if delivered.exists() else mom.err(job)
+            print(f"--- {job.job_id}: prologue exit {prologue_exit}, job status {status}:\n{why}", end="")
+    for job in jobs:  # the demo leaves nothing in its users' homes
+        mom.delivered_out_path(job).unlink(missing_ok=True)
+        mom.delivered_err_path(job).unlink(missing_ok=True)
     return results
 
 

@@ -56,6 +56,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -261,6 +262,7 @@ class PbsMom:
         # What pbs_server knows of the jobs, for tests/bin/qstat: PBS_HOME/bin/qstat answers
         # `qstat -f -1 JOBID` as TORQUE 6.1 does (point vmpool's [batch] command at it).
         self.job_table = self.pbs_home / "server_priv" / "jobs.json"
+        self._table_lock = threading.Lock()  # pbs_server changes its jobs one at a time (a demo's burst runs threads)
         if not self.job_table.exists():
             self.job_table.write_text(json.dumps({"keep_completed": KEEP_COMPLETED, "jobs": {}}))
         self.qstat = self.pbs_home / "bin" / "qstat"
@@ -271,21 +273,24 @@ class PbsMom:
 
     def set_state(self, job: Job, state: str, exit_status: int | None = None) -> None:
         """The job's job_state as qstat shows it: Q, R, E, or C (completed; kept keep_completed s)."""
-        table = json.loads(self.job_table.read_text())
         entry: dict[str, object] = {"state": state, "name": job.name, "owner": f"{job.user}@{self.host}",
                                     "queue": job.queue, "server": self.server}
         if state == "C":
             entry.update(completed_at=time.time(), exit_status=exit_status if exit_status is not None else 0)
-        table["jobs"][job.job_id] = entry
-        temporary = self.job_table.with_suffix(".tmp")
-        temporary.write_text(json.dumps(table))
-        temporary.replace(self.job_table)
+        self._change_table(lambda jobs: jobs.__setitem__(job.job_id, entry))
 
     def purge(self, job: Job) -> None:
         """keep_completed has passed (or the job never existed): qstat no longer knows the job."""
-        table = json.loads(self.job_table.read_text())
-        table["jobs"].pop(job.job_id, None)
-        self.job_table.write_text(json.dumps(table))
+        self._change_table(lambda jobs: jobs.pop(job.job_id, None))
+
+    def _change_table(self, change: Callable[[dict], object]) -> None:
+        """One change at a time, replaced whole: qstat never reads half a table."""
+        with self._table_lock:
+            table = json.loads(self.job_table.read_text())
+            change(table["jobs"])
+            temporary = self.job_table.with_suffix(".tmp")
+            temporary.write_text(json.dumps(table))
+            temporary.replace(self.job_table)
 
     # --- files of a job ---
 
