@@ -1937,19 +1937,22 @@ class NovaCloud:
 
         Pages are followed by Nova's own "next" link (present only when a page is full), so a pool
         that fits one page costs one request; novaclient's limit=-1 would always ask once more.
+        A server can come twice: one still being scheduled is listed from its build request, and
+        when the marker is such a request, Nova lists every instance on the next page, that server
+        included once it has reached its cell. Each server counts once, as its latest page shows it.
         """
         from urllib.parse import urlencode
         query = {"name": "^" + re.escape(self.config.server_prefix)}
-        servers: list[Server] = []
+        servers: dict[str, Server] = {}
         marker = ""
         while True:
             params = {**query, "marker": marker} if marker else query
             _, body = self._client().client.get("/servers/detail?" + urlencode(sorted(params.items())))
             page = body.get("servers") or []
-            servers += [server for raw in page if (server := self._server(raw)) is not None]
+            servers.update((server.id, server) for raw in page if (server := self._server(raw)) is not None)
             marker = next_page_marker(body.get("servers_links") or [])
             if not marker or not page:
-                return servers
+                return list(servers.values())
 
     def _server(self, raw: dict[str, Any]) -> Server | None:
         if str(raw.get("status", "")).upper() == "UNKNOWN":
@@ -2410,10 +2413,14 @@ class Pool:
 
     def _create(self, creates: list[CreateServer]) -> None:
         """Send the creates side by side (a real Nova takes 0.5-2 s per POST), each still between
-        its intent record (made by the decision) and its outcome record (made here, as it returns)."""
+        its intent record (made by the decision) and its outcome record (made here, as it returns).
+
+        The first goes alone: a cloud that refuses (quota, a bad image) is asked once per pass,
+        not once per VM wanted, and the back-off its answer starts stops the rest unsent.
+        """
         if not creates:
             return
-        from concurrent.futures import ThreadPoolExecutor, as_completed
+        from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
         cloud = self.cloud  # one client, made before the threads share it
 
         def send(action: CreateServer) -> tuple[str | None, CloudError | None] | None:
@@ -2435,23 +2442,30 @@ class Pool:
 
         skipped: list[str] = []
         unexpected: Exception | None = None
-        # 10 at a time: 50 creates take ~5 POSTs' time, and the API is not flooded
+
+        def record(action: CreateServer, future: Future[tuple[str | None, CloudError | None] | None]) -> None:
+            nonlocal unexpected
+            try:
+                outcome = future.result()
+            except Exception as bug:  # not the cloud: the intent stays; later passes bind or drop it
+                unexpected = unexpected or bug
+                return
+            if outcome is None:
+                skipped.append(action.name)
+                return
+            server_id, error = outcome
+            self.apply_notes(self._update(functools.partial(
+                plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
+                now=self.clock())))
+
+        # 10 at a time: 50 creates take ~6 POSTs' time, and the API is not flooded
         with ThreadPoolExecutor(max_workers=min(len(creates), 10)) as executor:
-            sent = {executor.submit(send, action): action for action in creates}
+            first = executor.submit(send, creates[0])
+            wait([first])
+            record(creates[0], first)
+            sent = {executor.submit(send, action): action for action in creates[1:]}
             for future in as_completed(sent):
-                action = sent[future]
-                try:
-                    outcome = future.result()
-                except Exception as bug:  # not the cloud: the intent stays; later passes bind or drop it
-                    unexpected = unexpected or bug
-                    continue
-                if outcome is None:
-                    skipped.append(action.name)
-                    continue
-                server_id, error = outcome
-                self.apply_notes(self._update(functools.partial(
-                    plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
-                    now=self.clock())))
+                record(sent[future], future)
         if skipped:
             self._update(functools.partial(_without_result, plan_not_created, names=skipped))
             log.info(f"not creating {', '.join(sorted(skipped))}: backing off")

@@ -153,9 +153,10 @@ class PoolHandle:
         return [line.split()[1] for line in out.splitlines()]
 
     def servers(self) -> list[Any]:
-        """This pool's servers as the cloud lists them (admin view, any tag)."""
-        return [s for s in self.bed.admin_nova().servers.list(search_opts={"all_tenants": True}, limit=-1)
-                if s.metadata.get("vmpool_pool") == self.name]
+        """This pool's servers as the cloud lists them (admin view, any tag), each once: novaclient's
+        paging (limit=-1) lists a server twice when it leaves its build request between two pages."""
+        listed = self.bed.admin_nova().servers.list(search_opts={"all_tenants": True}, limit=-1)
+        return list({s.id: s for s in listed if s.metadata.get("vmpool_pool") == self.name}.values())
 
     def reconcile_until(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
         """Run reconcile passes (as cron would, only faster) until the condition holds."""
