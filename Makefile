@@ -5,6 +5,10 @@ PY ?= python3
 VENV = .venv
 CLOUD_VENV = .cloud-venv
 PYTEST_ARGS ?=
+# Most of the suite waits on boots, SSH and jobs, not on the CPU: three workers, each with its own
+# test bed. Tests that share this machine's users and home directories (the Torque node's, the
+# Slurm node's) or fixed addresses keep to one worker each (xdist_group marks).
+PYTEST_WORKERS ?= -n 3 --dist loadgroup
 
 .PHONY: venv system-deps lint test unit demo bench clean
 
@@ -31,7 +35,7 @@ unit: venv
 	$(VENV)/bin/pytest -q tests/test_policy.py tests/test_store.py tests/test_config.py
 
 test: venv cloud-venv system-deps lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 demo: venv cloud-venv system-deps
 	$(VENV)/bin/python -m tests.demo

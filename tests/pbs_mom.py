@@ -48,6 +48,8 @@ The driver needs root (it switches to the job owner for the job starter).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -58,7 +60,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,31 +108,42 @@ def signal_session(session: int, signum: int) -> int:
     return count
 
 
+@contextlib.contextmanager
+def _one_useradd_at_a_time() -> Iterator[None]:
+    """Across test workers: a useradd that finds /etc/passwd locked by another one fails."""
+    with open("/tmp/vmpool-tests-useradd.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_users(names: tuple[str, ...]) -> None:
     """Job owners are real non-root users of the worker node (this machine): create missing ones."""
-    for name in names:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True)
+    with _one_useradd_at_a_time():
+        for name in names:
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name],
+                               check=True)
 
 
 def ensure_user_with_group(name: str, group: str) -> None:
     """A job owner whose primary group is `group` (not named after the user), its gid other than
     the user's uid (useradd --user-group gives uid == gid here, which hides a uid/gid mix-up)."""
     import grp
-    try:
-        grp.getgrnam(group)
-    except KeyError:
-        subprocess.run(["groupadd", group], check=False)  # another test run may be adding it too
-    gid = grp.getgrnam(group).gr_gid
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        taken = {entry.pw_uid for entry in pwd.getpwall()}
-        uid = next(uid for uid in range(1000, 60000) if uid != gid and uid not in taken)
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--no-user-group", "--gid", group,
-                        "--uid", str(uid), name], check=False)
+    with _one_useradd_at_a_time():
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            subprocess.run(["groupadd", group], check=False)  # another test run may be adding it too
+        gid = grp.getgrnam(group).gr_gid
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            taken = {entry.pw_uid for entry in pwd.getpwall()}
+            uid = next(uid for uid in range(1000, 60000) if uid != gid and uid not in taken)
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--no-user-group", "--gid", group,
+                            "--uid", str(uid), name], check=False)
     owner = pwd.getpwnam(name)
     if owner.pw_gid != gid or owner.pw_uid == gid:
         raise RuntimeError(f"user {name} exists with uid {owner.pw_uid} gid {owner.pw_gid}; "

@@ -37,6 +37,10 @@ from tests.pbs_mom import (
     ensure_users,
 )
 
+# The node's job owners, home directories and job ids are this machine's: one worker runs these tests
+# (and test_promises', which use the same node), one after another, as one pbs_mom runs its jobs.
+pytestmark = pytest.mark.xdist_group("torque-node")
+
 HOOKS = ROOT / "hooks"
 USERS = ("vmpt-alice", "vmpt-bob")
 CAROL = ("vmpt-carol", "vmpt-staff")  # user, primary group: gid != uid

@@ -12,9 +12,13 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PoolHandle, wait_until
 from tests.pbs_mom import Job
 from tests.test_hooks import Mom, job_users, mom  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.xdist_group("torque-node")  # the same node as test_hooks'
 
 
 def fill(pool: PoolHandle, count: int) -> list[dict]:
