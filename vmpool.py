@@ -194,16 +194,18 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class OpenStackConfig:
+    # One source of credentials (see credentials_source): a clouds.yaml entry, these keys, or OS_*.
+    cloud: str = ""
     auth_url: str = ""
     username: str = ""
     password: str = ""
-    user_domain_name: str = "Default"
+    user_domain_name: str = ""  # "Default" when empty
     project_name: str = ""
-    project_domain_name: str = "Default"
+    project_domain_name: str = ""  # "Default" when empty
     application_credential_id: str = ""
     application_credential_secret: str = ""
     region_name: str = ""
-    interface: str = "public"
+    interface: str = ""  # "public" when empty (and clouds.yaml does not say)
     cacert: str = ""
     api_timeout: float = 30.0
     image: str = ""
@@ -377,10 +379,44 @@ def _check_pool_limits(path: str, pool: PoolConfig) -> None:
         raise ConfigError(f"{path}: [pool] state_file = {pool.state_file!r}: must be an absolute path")
 
 
+IDENTITY_KEYS = ("auth_url", "username", "password", "user_domain_name", "project_name", "project_domain_name",
+                 "application_credential_id", "application_credential_secret")
+OS_ENVIRONMENT = ("OS_CLOUD", "OS_AUTH_URL")  # either one: openstack.config has credentials to read
+
+
+def credentials_source(cloud: OpenStackConfig) -> str:
+    """Where the cloud credentials come from, the first that applies: [openstack] cloud (clouds.yaml
+    and secure.yaml), [openstack] auth_url and its keys, else the OS_* environment (an openrc)."""
+    if cloud.cloud:
+        return f"[openstack] cloud = {cloud.cloud} (clouds.yaml)"
+    if cloud.auth_url:
+        return f"[openstack] auth_url = {cloud.auth_url}"
+    named = [f"{key}={os.environ[key]}" for key in OS_ENVIRONMENT if os.environ.get(key)]
+    return f"the OS_* environment ({', '.join(named)})"
+
+
 def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
-    for key in ("auth_url", "image", "flavor", "network"):
+    for key in ("image", "flavor", "network"):
         if not getattr(cloud, key):
             raise ConfigError(f"{path}: [openstack] {key} is required")
+    if cloud.api_timeout <= 0:
+        raise ConfigError(f"{path}: [openstack] api_timeout = {cloud.api_timeout!r}: must be > 0 seconds")
+    _check_server_prefix(path, cloud)
+    if cloud.cloud:
+        both = [key for key in IDENTITY_KEYS if getattr(cloud, key)]
+        if both:
+            raise ConfigError(f"{path}: [openstack] cloud = {cloud.cloud!r} takes the credentials from clouds.yaml; "
+                              f"leave {', '.join(both)} empty (one source of credentials)")
+        return
+    if not cloud.auth_url:
+        if any(getattr(cloud, key) for key in IDENTITY_KEYS):
+            raise ConfigError(f"{path}: [openstack] auth_url is required with username/password or an "
+                              "application credential")
+        if not any(os.environ.get(key) for key in OS_ENVIRONMENT):
+            raise ConfigError(f"{path}: [openstack] no cloud credentials: set cloud = NAME (an entry of "
+                              "clouds.yaml), or auth_url with a password or application credential, or run with "
+                              "an openrc's OS_* variables in the environment")
+        return
     password_auth = bool(cloud.username or cloud.password)
     app_cred_auth = bool(cloud.application_credential_id or cloud.application_credential_secret)
     if password_auth == app_cred_auth:
@@ -393,8 +429,9 @@ def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
     for key in needed:
         if not getattr(cloud, key):
             raise ConfigError(f"{path}: [openstack] {key} is required with this kind of authentication")
-    if cloud.api_timeout <= 0:
-        raise ConfigError(f"{path}: [openstack] api_timeout = {cloud.api_timeout!r}: must be > 0 seconds")
+
+
+def _check_server_prefix(path: str, cloud: OpenStackConfig) -> None:
     if cloud.server_prefix and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", cloud.server_prefix):
         raise ConfigError(f"{path}: [openstack] server_prefix = {cloud.server_prefix!r}: "
                           "letters, digits, '-', '_', '.'")
@@ -1866,7 +1903,8 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         from keystoneauth1 import exceptions as ks_exc
         from novaclient import exceptions as nova_exc
         what = func.__name__.replace("_", " ")
-        auth_url = args[0].config.openstack.auth_url if args and hasattr(args[0], "config") else "?"
+        auth_url = getattr(args[0], "auth_url", "?") if args else "?"
+        hint = getattr(args[0], "credentials_hint", "check the cloud credentials") if args else ""
         try:
             return func(*args, **kwargs)
         except nova_exc.NotFound as error:
@@ -1884,9 +1922,7 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except ks_exc.ConnectFailure as error:
             raise CloudError(f"{what}: cannot connect to the cloud: {error}") from None
         except ks_exc.Unauthorized as error:
-            raise CloudRefused(f"{what}: authentication failed at {auth_url}: {error} "
-                               "(check [openstack] username, password, project_name or the application "
-                               "credential)") from None
+            raise CloudRefused(f"{what}: authentication failed at {auth_url}: {error} ({hint})") from None
         except (ks_exc.NotFound, ks_exc.BadRequest, ks_exc.DiscoveryFailure) as error:
             raise CloudRefused(f"{what}: Keystone at {auth_url} answered {type(error).__name__}: {error} "
                                "(check [openstack] auth_url: the Keystone v3 URL, e.g. https://host:5000/v3)") from None
@@ -1904,28 +1940,86 @@ class NovaCloud:
     def __init__(self, config: Config):
         self.config = config
         self._nova: Any = None
+        self._region: str | None = None
+        self._interface = "public"
+        self.auth_url = config.openstack.auth_url or "?"  # known once a clouds.yaml or OS_* is read
+
+    @property
+    def credentials_hint(self) -> str:
+        cloud = self.config.openstack
+        if cloud.cloud:
+            return f"check the auth of cloud {cloud.cloud!r} in clouds.yaml and secure.yaml"
+        if cloud.auth_url:
+            return "check [openstack] username, password, project_name or the application credential"
+        return "check OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME or OS_APPLICATION_CREDENTIAL_* (or OS_CLOUD)"
 
     def _client(self) -> Any:
         if self._nova is None:
-            from keystoneauth1 import session as ks_session
-            from keystoneauth1.identity import v3
             from novaclient import client as nova_client
-            cloud = self.config.openstack
-            auth: Any
-            if cloud.application_credential_id:
-                auth = v3.ApplicationCredential(
-                    auth_url=cloud.auth_url, application_credential_id=cloud.application_credential_id,
-                    application_credential_secret=cloud.application_credential_secret)
-            else:
-                auth = v3.Password(
-                    auth_url=cloud.auth_url, username=cloud.username, password=cloud.password,
-                    user_domain_name=cloud.user_domain_name, project_name=cloud.project_name,
-                    project_domain_name=cloud.project_domain_name)
             # keystoneauth1 re-authenticates on a 401 (an expired token) and retries once by itself.
-            session = ks_session.Session(auth=auth, timeout=cloud.api_timeout, verify=cloud.cacert or True)
-            self._nova = nova_client.Client(self.MICROVERSION, session=session,
-                                            region_name=cloud.region_name or None, endpoint_type=cloud.interface)
+            session = self._session()
+            self._nova = nova_client.Client(self.MICROVERSION, session=session, region_name=self._region,
+                                            endpoint_type=self._interface)
         return self._nova
+
+    def _session(self) -> Any:
+        """A keystoneauth1 session from the one source of credentials the config names."""
+        cloud = self.config.openstack
+        if not cloud.auth_url:
+            return self._session_from_openstack_config()
+        from keystoneauth1 import session as ks_session
+        from keystoneauth1.identity import v3
+        auth: Any
+        if cloud.application_credential_id:
+            auth = v3.ApplicationCredential(
+                auth_url=cloud.auth_url, application_credential_id=cloud.application_credential_id,
+                application_credential_secret=cloud.application_credential_secret)
+        else:
+            auth = v3.Password(
+                auth_url=cloud.auth_url, username=cloud.username, password=cloud.password,
+                user_domain_name=cloud.user_domain_name or "Default", project_name=cloud.project_name,
+                project_domain_name=cloud.project_domain_name or "Default")
+        self._region, self._interface = cloud.region_name or None, cloud.interface or "public"
+        return ks_session.Session(auth=auth, timeout=cloud.api_timeout, verify=cloud.cacert or True)
+
+    def _session_from_openstack_config(self) -> Any:
+        """[openstack] cloud's clouds.yaml entry (with secure.yaml), else the OS_* environment, read by
+        OpenStack's own loader: its search path (./, ~/.config/openstack/, /etc/openstack/, or
+        $OS_CLIENT_CONFIG_FILE), auth plugins, region, interface, cacert and verify (insecure).
+        [openstack] region_name, interface and cacert, when set, override what it read."""
+        import openstack.config
+        import openstack.exceptions
+        cloud = self.config.openstack
+        source = credentials_source(cloud)
+        overrides: dict[str, Any] = {key: value for key, value in (("region_name", cloud.region_name),
+                                                                   ("cacert", cloud.cacert)) if value}
+        # The loader skips a clouds.yaml that does not parse with a warning only: keep it for the error.
+        skipped: list[str] = []
+        collect = logging.Handler(logging.WARNING)
+        collect.emit = lambda record: skipped.append(" ".join(record.getMessage().split()))  # type: ignore[method-assign]
+        loader_log = logging.getLogger("openstack.config")
+        loader_log.addHandler(collect)
+        try:
+            region = openstack.config.get_cloud_region(cloud=cloud.cloud or None, api_timeout=cloud.api_timeout,
+                                                       **overrides)
+            session = region.get_session()
+        except openstack.exceptions.ConfigException as error:
+            because = f" ({'; '.join(skipped)})" if skipped else ""
+            raise ConfigError(f"{self.config.path}: {source}: {error}{because} (clouds.yaml is read from ./, "
+                              "~/.config/openstack/, /etc/openstack/ or $OS_CLIENT_CONFIG_FILE)") from None
+        except Exception as error:  # a file it cannot read, an auth plugin it does not know
+            raise ConfigError(f"{self.config.path}: {source}: cannot be read: {type(error).__name__}: "
+                              f"{' '.join(str(error).split())}") from None
+        finally:
+            loader_log.removeHandler(collect)
+        for warning in skipped:
+            log.warning(f"{source}: {warning}")
+        self.auth_url = str((region.config.get("auth") or {}).get("auth_url") or "?")
+        self._region = region.get_region_name("compute") or None
+        read = region.get_interface("compute")  # a list when clouds.yaml gives several
+        self._interface = cloud.interface or (read[0] if isinstance(read, list) and read else str(read or "")) \
+            or "public"
+        return session
 
     def _metadata(self, name: str) -> dict[str, str]:
         return {**dict(self.config.openstack.metadata), METADATA_POOL_KEY: self.config.pool.name,
@@ -1989,6 +2083,57 @@ class NovaCloud:
     @translate_cloud_errors
     def console_output(self, server_id: str) -> str:
         return str(self._client().servers.get_console_output(server_id) or "")
+
+    @translate_cloud_errors
+    def check_setup(self, public_key: str | None) -> list[tuple[str, str]]:
+        """What the cloud says of each [openstack] key vmpool's creates name: (key, what is wrong,
+        "" when right). Authenticates first: wrong credentials or auth_url raise, naming the keys.
+
+        Looked up through Nova's API at microversion 2.1, whose image and network proxies reach
+        Glance and Neutron without a client for each. The key pair must hold public_key (the
+        private key's), or root could not log in to any VM.
+        """
+        from urllib.parse import quote
+
+        from novaclient import client as nova_client
+        from novaclient import exceptions as nova_exc
+        cloud = self.config.openstack
+        session = self._client().client.session
+        session.get_auth_headers()  # authenticate now
+        legacy = nova_client.Client("2.1", session=session, region_name=self._region,
+                                    endpoint_type=self._interface)
+
+        def get(path: str) -> dict[str, Any] | None:
+            try:
+                body: dict[str, Any] = legacy.client.get(path)[1]
+                return body
+            except nova_exc.NotFound:
+                return None
+
+        def by_id(key: str, value: str, collection: str) -> str:
+            if get(f"/{collection}/{quote(value, safe='')}") is not None:
+                return ""
+            named = [item["id"] for item in (get(f"/{collection}") or {}).get(collection, [])
+                     if item.get("name") == value]
+            if named:
+                return f"{value!r} is the name of {key} {named[0]}; give its ID: {key} = {named[0]}"
+            return f"the cloud has no {key} with ID {value!r} (`openstack {key} list` shows them)"
+
+        findings = [("flavor", by_id("flavor", cloud.flavor, "flavors")),
+                    ("image", by_id("image", cloud.image, "images")),
+                    ("network", "" if get(f"/os-networks/{quote(cloud.network, safe='')}") is not None else
+                     f"the cloud has no network with ID {cloud.network!r} (`openstack network list` shows them)")]
+        if cloud.key_name:
+            keypair = (get(f"/os-keypairs/{quote(cloud.key_name, safe='')}") or {}).get("keypair")
+            if keypair is None:
+                problem = f"no key pair {cloud.key_name!r} in this project (`openstack keypair list`)"
+            elif public_key is not None and keypair.get("public_key", "").split()[:2] != public_key.split()[:2]:
+                problem = (f"key pair {cloud.key_name!r} does not hold the public half of [ssh] private_key: "
+                           "root could not log in to the VMs")
+            else:
+                problem = ""
+            findings.append(("key_name", problem))
+        return findings
 
 
 HOST_KEY_BLOCK_RE = re.compile(
@@ -2086,6 +2231,18 @@ class FabricRemote:
         finally:
             connection.close()
             connection.client.close()  # after a failed open() fabric's close() leaves the socket behind
+
+
+def public_key_of(path: str) -> tuple[str | None, str]:
+    """The OpenSSH public line of a private key file, or why it cannot be used (passphrase, format)."""
+    import paramiko
+    try:
+        key = paramiko.PKey.from_path(path)
+    except paramiko.PasswordRequiredException:
+        return None, "is protected by a passphrase: cron and the hooks cannot type it; use a key without one"
+    except (OSError, paramiko.SSHException, ValueError) as error:
+        return None, f"cannot be read as an SSH private key: {error}"
+    return f"{key.get_name()} {key.get_base64()}", ""
 
 
 def _b64(data: str) -> bytes:
@@ -2991,6 +3148,54 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
         raise CloudError(f"reconcile pass incomplete: {pool.list_error}")
     if pool.create_refused is not None:
         raise CloudError(f"reconcile could not create a VM: {pool.create_refused}")
+
+
+@cli.command()
+@common_options
+@click.pass_context
+def verify(ctx: click.Context) -> None:
+    """Check the whole set-up once, as acquire and reconcile will use it (exit 0: all good).
+
+    Reads the config, the state file's directory and the private key; authenticates to the
+    cloud; looks up the flavor, image, network and key pair the config names (the key pair must
+    hold the private key's public half). One line per check. A wrong value is named by its
+    config key: exit 3. The cloud cannot be reached or refuses the credentials: exit 5.
+    """
+    config = configured_pool(ctx).config  # a config that does not parse: exit 3 here
+    problems: list[str] = []
+
+    def report(what: str, problem: str) -> None:
+        click.echo(f"{'FAILED' if problem else 'ok':<7} {what}{': ' + problem if problem else ''}")
+        if problem:
+            problems.append(what)
+
+    report(f"config {config.path}", "")
+    existing = os.path.dirname(os.path.abspath(config.pool.state_file))
+    while not os.path.exists(existing):  # vmpool makes the missing directories
+        existing = os.path.dirname(existing)
+    report(f"[pool] state_file = {config.pool.state_file}",
+           "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user")
+    public_key: str | None = None
+    if not os.path.isfile(config.ssh.private_key):
+        report(f"[ssh] private_key = {config.ssh.private_key}", "no such file")
+    else:
+        public_key, problem = public_key_of(config.ssh.private_key)
+        report(f"[ssh] private_key = {config.ssh.private_key}", problem)
+    cloud, nova = config.openstack, NovaCloud(config)
+    source = credentials_source(cloud)
+    try:
+        findings = nova.check_setup(public_key)
+    except CloudError as error:  # credentials refused, no cloud at auth_url: exit 5
+        report(source, str(error))
+        raise CloudError(f"{config.path}: the cloud cannot be checked: see the FAILED line") from None
+    except ConfigError as error:  # no such cloud in clouds.yaml, a clouds.yaml that does not parse
+        report(source, str(error))
+        raise
+    report(f"{source}: authenticated at {nova.auth_url}", "")
+    for key, problem in findings:
+        report(f"[openstack] {key} = {getattr(cloud, key)}", problem)
+    if problems:
+        raise ConfigError(f"{config.path}: {len(problems)} check(s) failed: {'; '.join(problems)}")
 
 
 @cli.command()

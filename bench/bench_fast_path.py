@@ -4,7 +4,8 @@ Each command runs as a new process, as the hooks run it, against a state-seeded 
 VMs; the baseline, measured in the same run and interleaved with it, is the floor of the
 mandated imports: `python -c "import click, filelock"`. Target: median acquire and median
 release each <= 1.3x that floor. Then `-X importtime` of an acquire and a release: novaclient,
-keystoneauth1, fabric and paramiko must not be imported. The config points the cloud at a
+keystoneauth1, openstacksdk, fabric, paramiko, prometheus_client and nagiosplugin must not be
+imported. The config points the cloud at a
 closed loopback port: if the fast path ever called the cloud, the benchmark would fail loudly.
 Exit 1 when a target or a check fails.
 
@@ -26,7 +27,7 @@ import vmpool as vp
 
 VMPOOL = str(Path(sys.executable).parent / "vmpool")
 FLOOR = [sys.executable, "-c", "import click, filelock"]
-HEAVY = ("novaclient", "keystoneauth1", "fabric", "paramiko")
+HEAVY = ("novaclient", "keystoneauth1", "openstack", "fabric", "paramiko", "prometheus_client", "nagiosplugin")
 TARGET = 1.3
 
 

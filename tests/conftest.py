@@ -107,10 +107,10 @@ class PoolHandle:
     def prefix(self) -> str:
         return f"{self.name}-"
 
-    def run(self, *args: str, check: bool = True, timeout: float = 180,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, check: bool = True, timeout: float = 180, env: dict[str, str] | None = None,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([VMPOOL, "--config", self.config_path, *args], capture_output=True, text=True,
-                                timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+                                timeout=timeout, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
         # whatever went wrong, an admin (or cron's mail) gets vmpool's message, never a traceback
         assert TRACEBACK not in result.stderr, f"vmpool {' '.join(args)} printed a traceback:\n{result.stderr}"
         if check and result.returncode != 0:

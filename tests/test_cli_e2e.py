@@ -58,8 +58,8 @@ def test_acquire_of_a_free_vm_never_touches_the_cloud_nor_imports_its_client(poo
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     pool.bed.reset_counts()
     code = ("import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], 'acquire', '7', '--format', 'env']); "
-            "print('IMPORTED', sorted(m for m in ('novaclient', 'fabric', 'paramiko', 'keystoneauth1') "
-            "if m in sys.modules)); sys.exit(rc)")
+            "print('IMPORTED', sorted(m for m in ('novaclient', 'fabric', 'paramiko', 'keystoneauth1', 'openstack', "
+            "'prometheus_client', 'nagiosplugin') if m in sys.modules)); sys.exit(rc)")
     result = subprocess.run([sys.executable, "-c", code, pool.config_path], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -367,3 +367,48 @@ def test_a_missing_private_key_is_a_config_error_naming_it(pool: PoolHandle) -> 
         result = pool.run(*command, check=False)
         assert result.returncode == 3 and "private_key = '/nonexistent/id_ed25519': no such file" in result.stderr
     assert pool.run("status").returncode == 0, "status needs no key"
+
+
+def verdicts(stdout: str) -> dict[str, str]:
+    """`vmpool verify`'s lines as {what it checked (up to ' = '): 'ok' or 'FAILED: why'}."""
+    found = {}
+    for line in stdout.splitlines():
+        verdict, what = line.split(None, 1)
+        key, _, rest = what.partition(" = ")
+        found[key] = verdict if verdict == "ok" else f"FAILED: {rest.partition(': ')[2]}"
+    return found
+
+
+def test_verify_checks_the_whole_setup_and_names_each_wrong_key(pool: PoolHandle, tmp_path: Path) -> None:
+    good = pool.run("verify")
+    assert set(verdicts(good.stdout).values()) == {"ok"} and len(verdicts(good.stdout)) == 8, good.stdout
+
+    from novaclient import client as nova_client  # the image's name, through Nova's image proxy
+    legacy = nova_client.Client("2.1", session=pool.bed.session(admin=True),
+                                endpoint_override=pool.bed.info["admin_compute_url"])
+    image_name = legacy.client.get(f"/images/{pool.bed.info['image_id']}")[1]["image"]["name"]
+    other_key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)], check=True)
+    pool.write_config(openstack={"flavor": "bed.small", "image": image_name, "network": "no-such-network"},
+                      ssh={"private_key": str(other_key)})
+    bad = pool.run("verify", check=False)
+    assert bad.returncode == 3, bad.stderr
+    found = verdicts(bad.stdout)
+    assert found["[openstack] flavor"] == (f"FAILED: 'bed.small' is the name of flavor {pool.bed.info['flavor_id']}; "
+                                           f"give its ID: flavor = {pool.bed.info['flavor_id']}")
+    assert found["[openstack] image"].endswith(f"give its ID: image = {pool.bed.info['image_id']}")
+    assert found["[openstack] network"].startswith("FAILED: the cloud has no network with ID 'no-such-network'")
+    assert "does not hold the public half of [ssh] private_key" in found["[openstack] key_name"]
+    assert found["[ssh] private_key"] == "ok" and found["[openstack] auth_url"] == "ok"
+    assert "4 check(s) failed" in bad.stderr
+
+    pool.write_config(openstack={"key_name": "no-such-key"}, ssh={"private_key": str(tmp_path / "missing")})
+    found = verdicts(pool.run("verify", check=False).stdout)
+    assert found["[openstack] key_name"].startswith("FAILED: no key pair 'no-such-key'")
+    assert found["[ssh] private_key"] == "FAILED: no such file"
+
+    pool.write_config(openstack={"password": "not-the-password"})
+    refused = pool.run("verify", check=False)
+    assert refused.returncode == 5, refused.stderr
+    assert "authentication failed" in verdicts(refused.stdout)["[openstack] auth_url"]
+    assert "[openstack] flavor" not in refused.stdout, "nothing is looked up without a token"

@@ -58,8 +58,9 @@ FIRST_HOST, LAST_HOST = 2, 254
 LEASE_DIR = "/run/vmpool-bed-addresses"  # machine-wide address leases (see lease_address)
 
 IMAGE_ID = "155d900f-4e14-4e4c-a73d-069cbf4541e6"  # GlanceFixture.image1
-FLAVOR_ID = "bed.small"
-FLAVOR_TOO_BIG_ID = "bed.too-big"
+# IDs as a real cloud gives them (a name like bed.small in `flavor =` would look like a name to a reader)
+FLAVOR_ID = "0b5ed000-5a11-4f1a-9c0e-000000000001"  # bed.small
+FLAVOR_TOO_BIG_ID = "0b5ed000-5a11-4f1a-9c0e-000000000002"  # bed.too-big
 
 
 # ---------------------------------------------------------------- behaviour
