@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Slurm node's) or fixed addresses keep to one worker each (xdist_group marks).
 PYTEST_WORKERS ?= -n 3 --dist loadgroup
 
-.PHONY: venv system-deps lint test unit demo bench clean
+.PHONY: venv system-deps lint test unit demo bench clean install
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
@@ -22,10 +22,10 @@ $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
 # The stand-in VMs are real sshd processes; drop faults use iptables.
 system-deps:
 	@command -v /usr/sbin/sshd >/dev/null && command -v iptables >/dev/null && command -v nsenter >/dev/null \
-	  && command -v killall >/dev/null && command -v shellcheck >/dev/null || { \
+	  && command -v killall >/dev/null && command -v shellcheck >/dev/null && command -v systemd-analyze >/dev/null || { \
 	  echo "installing openssh-server iptables psmisc procps util-linux shellcheck (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    openssh-server openssh-client iptables psmisc procps util-linux shellcheck slurmctld slurmd slurm-client munge >/dev/null; }
+	    openssh-server openssh-client iptables psmisc procps util-linux shellcheck slurmctld slurmd slurm-client munge systemd >/dev/null; }
 
 lint: venv system-deps lint-hooks
 	$(VENV)/bin/ruff check vmpool.py tests bench
@@ -50,6 +50,28 @@ bench: venv system-deps
 	$(VENV)/bin/python bench/bench_reconcile_scale.py
 	$(VENV)/bin/python bench/bench_cloud.py --baseline "$$(d=$$(mktemp -d) && git show 0c74bed:vmpool.py >$$d/vmpool.py && echo $$d)"
 	$(VENV)/bin/python bench/bench_job_start.py
+
+# A site's install: a venv in PREFIX with vmpool and the dependency versions it was tested with
+# (constraints.txt), `vmpool` on PATH, the config example if there is no config yet (0600: it
+# will hold the cloud password), bash completion, and the cron.d file and systemd units with
+# BINDIR's path, to copy into place (see README, "Install on a site").
+PREFIX ?= /opt/vmpool
+BINDIR ?= /usr/local/bin
+SYSCONFDIR ?= /etc
+install:
+	$(PY) -m venv '$(PREFIX)'
+	'$(PREFIX)/bin/pip' install -q --upgrade pip
+	'$(PREFIX)/bin/pip' install -q -c constraints.txt .
+	install -d '$(BINDIR)' '$(PREFIX)/share/vmpool/cron.d' '$(PREFIX)/share/vmpool/systemd' '$(SYSCONFDIR)/bash_completion.d'
+	ln -sfn '$(PREFIX)/bin/vmpool' '$(BINDIR)/vmpool'
+	install -d -m 700 '$(SYSCONFDIR)/vmpool'
+	test -e '$(SYSCONFDIR)/vmpool/vmpool.conf' || install -m 600 vmpool.conf.example '$(SYSCONFDIR)/vmpool/vmpool.conf'
+	install -m 644 vmpool.conf.example '$(PREFIX)/share/vmpool/vmpool.conf.example'
+	for f in contrib/cron.d/vmpool contrib/systemd/vmpool-reconcile.service contrib/systemd/vmpool-reconcile.timer; do \
+	  sed 's|/usr/local/bin/vmpool|$(BINDIR)/vmpool|g' "$$f" > '$(PREFIX)/share/vmpool/'"$${f#contrib/}"; done
+	_VMPOOL_COMPLETE=bash_source '$(PREFIX)/bin/vmpool' > '$(SYSCONFDIR)/bash_completion.d/vmpool'
+	@echo "vmpool installed: $(BINDIR)/vmpool -> $(PREFIX)/bin/vmpool; config $(SYSCONFDIR)/vmpool/vmpool.conf"
+	@echo "next: edit the config, run 'vmpool verify', then schedule reconcile (README, Install on a site)"
 
 clean:
 	rm -rf $(VENV) $(CLOUD_VENV) run *.egg-info

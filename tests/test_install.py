@@ -1,0 +1,83 @@
+"""`make install` as a site runs it (README, "Install on a site"), into a scratch PREFIX, BINDIR and
+SYSCONFDIR: a venv with the tested dependency versions, the command on PATH, the config example
+kept private, completion, and the cron.d file and systemd units a site copies into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("site")
+    dirs = {"PREFIX": base / "opt" / "vmpool", "BINDIR": base / "bin", "SYSCONFDIR": base / "etc"}
+    subprocess.run(["make", "-s", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
+                   check=True, capture_output=True, text=True, timeout=600)
+    return dirs
+
+
+def test_the_command_is_on_path_and_runs_as_a_module_too(site: dict[str, Path]) -> None:
+    import vmpool
+    on_path = subprocess.run([str(site["BINDIR"] / "vmpool"), "--version"], capture_output=True, text=True)
+    as_module = subprocess.run([str(site["PREFIX"] / "bin" / "python"), "-m", "vmpool", "--version"],
+                               capture_output=True, text=True)
+    assert on_path.stdout == as_module.stdout == f"vmpool, version {vmpool.__version__}\n"
+
+
+def test_the_venv_holds_the_dependency_versions_the_tests_ran_with(site: dict[str, Path]) -> None:
+    pinned = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    frozen = subprocess.run([str(site["PREFIX"] / "bin" / "pip"), "freeze"], capture_output=True, text=True,
+                            check=True).stdout
+    installed = dict(line.split("==") for line in frozen.splitlines() if "==" in line)
+    for name in ("click", "filelock", "python-novaclient", "keystoneauth1", "fabric", "paramiko"):
+        assert installed[name] == pinned[name], name
+
+
+def test_the_config_example_lands_private_and_an_existing_config_is_kept(site: dict[str, Path]) -> None:
+    config = site["SYSCONFDIR"] / "vmpool" / "vmpool.conf"
+    assert config.read_text() == (ROOT / "vmpool.conf.example").read_text()
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
+    config.write_text(config.read_text() + "\n# the site's own edit\n")
+    subprocess.run(["make", "-s", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in site.items())],
+                   check=True, capture_output=True, text=True, timeout=600)
+    assert config.read_text().endswith("# the site's own edit\n"), "a second install overwrote the config"
+
+
+def test_bash_completion_completes_subcommands(site: dict[str, Path]) -> None:
+    script = site["SYSCONFDIR"] / "bash_completion.d" / "vmpool"
+    # what bash does on TAB once the script is sourced: calls its function (with the command
+    # name) and COMP_WORDS set
+    probe = (f"source {script}; COMP_WORDS=(vmpool rec); COMP_CWORD=1; PATH={site['BINDIR']}:$PATH; "
+             "_vmpool_completion vmpool; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    completed = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
+    assert completed.stdout.split() == ["reconcile"]
+
+
+def test_the_systemd_units_verify_and_point_at_the_installed_command(site: dict[str, Path]) -> None:
+    units = site["PREFIX"] / "share" / "vmpool" / "systemd"
+    service, timer = units / "vmpool-reconcile.service", units / "vmpool-reconcile.timer"
+    assert f"ExecStart={site['BINDIR']}/vmpool reconcile\n" in service.read_text()
+    assert "OnCalendar=minutely\n" in timer.read_text() and "Persistent=true\n" in timer.read_text()
+    verify = shutil.which("systemd-analyze")
+    assert verify, "systemd-analyze missing: `make system-deps` installs systemd"
+    checked = subprocess.run([verify, "verify", str(service), str(timer)], capture_output=True, text=True,
+                             env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_the_cron_d_line_runs_reconcile_as_root_every_minute(site: dict[str, Path]) -> None:
+    lines = [line for line in (site["PREFIX"] / "share" / "vmpool" / "cron.d" / "vmpool").read_text().splitlines()
+             if line and not line.startswith("#") and "=" not in line.split()[0]]
+    assert len(lines) == 1
+    fields = lines[0].split(None, 6)
+    assert fields[:6] == ["*", "*", "*", "*", "*", "root"]
+    assert fields[6].startswith(f"{site['BINDIR']}/vmpool reconcile ")
