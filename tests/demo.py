@@ -70,9 +70,13 @@ def write_config(bed: Bed, directory: Path) -> str:
 def install_hooks(directory: Path, config: str) -> PbsMom:
     pbs_home = directory / "torque"
     mom = PbsMom(pbs_home, starter=pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=200)  # makes PBS_HOME
+    # as a site installs them; the lines the installer asks a site to add to mom_priv/config
+    # ($job_starter, $prologalarm) are what the demo's pbs_mom stand-in was just given
     subprocess.run([str(ROOT / "hooks" / "install"), "install", "--pbs-home", str(pbs_home), "--vmpool", VMPOOL,
                     "--vmpool-config", config, "--job-dir", str(directory / "jobs"),
-                    "--set", "REQUEUE_BACKOFF=5", "--set", "ACQUIRE_TIMEOUT=120"], check=True)
+                    "--set", "REQUEUE_BACKOFF=5", "--set", "ACQUIRE_TIMEOUT=120"], check=True, capture_output=True)
+    print(f"hooks installed in {pbs_home / 'mom_priv'} with hooks/install, as on a site (the demo's pbs_mom "
+          "stand-in already has the $job_starter line the installer tells a site to add)")
     return mom
 
 
@@ -81,8 +85,8 @@ def counts(config: str) -> dict[str, int]:
     return data
 
 
-def show_status(config: str) -> None:
-    print(vmpool(config, "status"), flush=True)
+def show_status(config: str, caption: str) -> None:
+    print(f"--- vmpool status: {caption}\n{vmpool(config, 'status')}", flush=True)
 
 
 def run_burst(mom: PbsMom, config: str) -> dict[str, tuple[int | None, int | None]]:
@@ -96,10 +100,13 @@ def run_burst(mom: PbsMom, config: str) -> dict[str, tuple[int | None, int | Non
     threads = [threading.Thread(target=one, args=(job,)) for job in jobs]
     for thread in threads:
         thread.start()
+    started = time.monotonic()
     while any(thread.is_alive() for thread in threads):
         time.sleep(4)
         vmpool(config, "reconcile")  # cron does this every minute; the demo is in a hurry
-        show_status(config)
+        running = sum(thread.is_alive() for thread in threads)
+        show_status(config, f"{time.monotonic() - started:.0f}s into the burst, {running} of {JOBS} jobs "
+                            "not finished (reconcile every 4 s)")
     for thread in threads:
         thread.join()
     for job in jobs[:2]:  # what the job's owner got back, as TORQUE delivers it
@@ -126,7 +133,7 @@ def demo(bed: Bed, directory: Path, started: float) -> int:
     while counts(config)["free"] < 1 and time.monotonic() < deadline:
         vmpool(config, "reconcile")
         time.sleep(1)
-    show_status(config)
+    show_status(config, "the pool filled to min = 1, before any job")
     say(f"a burst of {JOBS} jobs of {' and '.join(USERS)}: the pool scales up to max = 4")
     results = run_burst(mom, config)
     ok = sum(1 for prologue, status in results.values() if prologue == 0 and status == 0)
@@ -139,7 +146,7 @@ def demo(bed: Bed, directory: Path, started: float) -> int:
         if len(servers) <= 1 and sum(counts(config).values()) <= 1:
             break
         time.sleep(3)
-    show_status(config)
+    show_status(config, "after the burst, idle VMs deleted down to min = 1")
     say(f"demo finished in {time.monotonic() - started:.0f}s; stopping the cloud")
     return 0 if ok == JOBS else 1
 

@@ -699,8 +699,11 @@ def _cmd_up(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = run_dir / "bed.pid"
     if pidfile.exists() and _pid_alive(int(pidfile.read_text() or 0)):
-        print(f"bed already running (pid {pidfile.read_text()}); `down` it first", file=sys.stderr)
-        return 1
+        # `make cloud-up` again: the config sections once more, for an admin who lost them
+        print(config_snippet(json.loads((run_dir / "bed.json").read_text())))
+        print(f"# bed already running (pid {pidfile.read_text()}); "
+              f"stop: python {Path(__file__).resolve()} down {run_dir}")
+        return 0
 
     def run_bed(on_ready=None):
         stop = threading.Event()
