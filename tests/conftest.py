@@ -47,6 +47,19 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+LONG_GROUPS = ("torque-node", "slurm")  # minutes of jobs each, on one worker
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long ones first: the tests of one machine-wide node (an xdist_group, which one worker
+    runs one after another) and the `slow` ones start while the short ones fill the other workers,
+    rather than running alone at the end."""
+    def long_first(item: pytest.Item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        return 0 if item.get_closest_marker("slow") or (group and group.args[0] in LONG_GROUPS) else 1
+    items.sort(key=long_first)
+
+
 @pytest.fixture(scope="session")
 def bed() -> Iterator[Any]:
     from tests.cloud.bed import Bed, leftovers

@@ -32,7 +32,7 @@ def as_admin(name: str) -> dict[str, str]:
 # --- admin actions ---
 
 def test_drain_keeps_a_busy_vm_for_its_job_then_reconcile_deletes_it(pool: PoolHandle) -> None:
-    pool.write_config(pool={"min": 1, "max": 2})
+    pool.write_config(pool={"min": 1, "max": 1})  # at max: a new job can only get the drained VM, or none
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     pool.run("acquire", "1", "--user", "alice")
     name = pool.vms("busy")[0]["name"]
@@ -44,7 +44,8 @@ def test_drain_keeps_a_busy_vm_for_its_job_then_reconcile_deletes_it(pool: PoolH
     assert "(drained)" in pool.run("status").stdout
     pool.run("reconcile")
     assert pool.vms("busy")[0]["name"] == name, "the job keeps its drained VM"
-    assert pool.run("acquire", "2", "--user", "bob", "--timeout", "1", check=False).returncode == 6
+    refused = pool.run("acquire", "2", "--user", "bob", "--timeout", "1", check=False)
+    assert refused.returncode == 6 and "pool at max" in refused.stderr, refused.stderr
     pool.run("release", "1")
     pool.reconcile_until(lambda: name not in {s.name for s in pool.servers()}, 60, "the drained VM deleted")
     assert f"{name} " in log_text(pool) and "drained by carol: kernel update; deleted once job 1 ends" in log_text(pool)

@@ -45,6 +45,7 @@ def settle(pool: PoolHandle, passes: int = 3, timeout: float = 120) -> None:
 
 # --- concurrency ---
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # its own waits add up to more than the default 300 s
 def test_fifty_concurrent_acquires_against_thirty_free_vms(pool: PoolHandle) -> None:
     pool.write_config(pool={"min": 30, "max": 30, "lock_timeout": 60, "ready_timeout": 120, "build_timeout": 240})
@@ -236,17 +237,18 @@ def test_an_admin_clears_protected_mode_and_lifts_the_one_canary_limit(pool: Poo
 
 
 def test_quota_back_off_grows_with_each_refusal_and_status_shows_it(pool: PoolHandle) -> None:
-    pool.write_config(pool={"min": 1, "backoff_initial": 1, "backoff_max": 3})
+    # the last back-off (8 s) outlasts the status calls that read it, even on a busy machine
+    pool.write_config(pool={"min": 1, "backoff_initial": 2, "backoff_max": 8})
     pool.bed.set_quota(instances=0)
     try:
         delays = []
-        for _ in range(3):
-            wait_until(lambda: (pool.status()["backoff_until"] or 0) < time.time(), 10, "the back-off to pass")
+        for _ in range(4):
+            wait_until(lambda: (pool.status()["backoff_until"] or 0) < time.time(), 20, "the back-off to pass")
             result = pool.run("reconcile")
             assert "Quota exceeded" in result.stderr, result.stderr
             delays.append(pool.status()["backoff_delay"])
-        assert delays == [1, 2, 3]  # doubled, capped at backoff_max
-        assert "(delay 3s, doubling per refusal up to 3s)" in pool.run("status").stdout
+        assert delays == [2, 4, 8, 8]  # doubled, capped at backoff_max
+        assert "(delay 8s, doubling per refusal up to 8s)" in pool.run("status").stdout
     finally:
         pool.bed.set_quota(instances=100)
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM once the quota allows")
@@ -458,6 +460,7 @@ esac
 
 # --- the randomized fault run ---
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # its own waits add up to more than the default 300 s
 def test_randomized_fault_run_ends_consistent(pool: PoolHandle) -> None:
     rng = random.Random(int(os.environ.get("VMPOOL_FAULT_SEED", "20261127")))
