@@ -3191,7 +3191,7 @@ def verify(ctx: click.Context) -> None:
     except ConfigError as error:  # no such cloud in clouds.yaml, a clouds.yaml that does not parse
         report(source, str(error))
         raise
-    report(f"{source}: authenticated at {nova.auth_url}", "")
+    report(f"{source}: authenticated" + ("" if cloud.auth_url else f" at {nova.auth_url}"), "")
     for key, problem in findings:
         report(f"[openstack] {key} = {getattr(cloud, key)}", problem)
     if problems:
