@@ -638,6 +638,33 @@ class PoolState:
         return sum(1 for vm in self.vms if vm.state == state)
 
 
+def copy_state(state: PoolState) -> PoolState:
+    """A deep copy for a plan_* function to change. copy.deepcopy's generic walk (memo, reduce)
+    took ~6 ms of each claim's lock hold at 200 VMs; the state holds only records, lists, dicts
+    and immutable values, which _copied rebuilds directly, ~10x faster."""
+    copied: PoolState = _copied(state)
+    return copied
+
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), tuple})  # the state's tuples hold only these
+
+
+def _copied(value: Any) -> Any:
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is list:
+        return [item if type(item) in _IMMUTABLE else _copied(item) for item in value]
+    if kind is dict:
+        return {key: item if type(item) in _IMMUTABLE else _copied(item) for key, item in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        new = copy.copy(value)
+        new.__dict__.update({name: item if type(item) in _IMMUTABLE else _copied(item)
+                             for name, item in value.__dict__.items()})
+        return new
+    return copy.deepcopy(value)  # anything else a future field might hold
+
+
 ACQUIRE_WAIT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)  # seconds
 
 
@@ -769,7 +796,7 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     `started` is when this attempt of the job began: a release of the job after it means the
     job's epilogue ran (the job was deleted while it waited) and the attempt gets nothing.
     """
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     waiting = next((r for r in new.requests if r.job == job and r.pid == pid and r.host == host), None)
     # the stored start moves with a wall-clock step (plan_clock); the caller's copy would not
     started = waiting.started if waiting is not None else (now if started is None else started)
@@ -832,7 +859,7 @@ def claim_may_succeed(state: PoolState, job: str, pid: int, host: str) -> bool:
 
 
 def withdraw_request(state: PoolState, job: str) -> PoolState:
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     new.requests = [r for r in new.requests if r.job != job]
     return new
 
@@ -852,7 +879,7 @@ def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> 
     The release is also the job's end: a prologue of this attempt still waiting for a VM
     (pbs_mom runs the epilogue of a deleted job while its prologue runs on) gives up.
     """
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     withdrawn = [r for r in new.requests if r.job == job]
     new.requests = [r for r in new.requests if r.job != job]
     _remember_end(new, job, now)
@@ -903,7 +930,7 @@ def desired_size(state: PoolState, pool: PoolConfig) -> int:
 def plan_reconcile(state: PoolState, seen: Observation, config: Config,
                    now: float) -> tuple[PoolState, list[Action]]:
     """One reconcile decision: compare the state with the cloud and decide what to do."""
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     actions: list[Action] = []
     _prune_requests(new, seen.live_pids, seen.host)
     if seen.servers is None:
@@ -1239,7 +1266,7 @@ def _scale_down(state: PoolState, pool: PoolConfig, excess: int, now: float) -> 
 def plan_created(state: PoolState, name: str, server_id: str | None, error: CloudError | None,
                  pool: PoolConfig, now: float) -> tuple[PoolState, list[Action]]:
     """Record the outcome of a create call."""
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     vm = new.vm_named(name)
     if error is None:
         if new.protected_since is None:
@@ -1274,14 +1301,14 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
 
 def plan_not_created(state: PoolState, names: Sequence[str]) -> PoolState:
     """Withdraw create intents that were never sent to the cloud."""
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     new.vms = [vm for vm in new.vms if not (vm.name in names and vm.server_id is None)]
     return new
 
 
 def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: float,
                  server_id: str = "") -> tuple[PoolState, list[Action]]:
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     vm = new.vm_named(name)
     if vm is None or (server_id and vm.server_id != server_id):
         return new, []
@@ -1297,7 +1324,7 @@ def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: flo
 
 def clear_protected_mode(state: PoolState) -> PoolState:
     """An admin's word: forget failed boots and back-off; create again."""
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     new.protected_since, new.boot_failures = None, 0
     new.backoff_until, new.backoff_delay = None, 0.0
     return new
@@ -1317,7 +1344,7 @@ def _admin_vm(state: PoolState, name: str) -> Vm:
 def plan_drain(state: PoolState, names: Sequence[str], by: str, reason: str,
                now: float) -> tuple[PoolState, list[Action]]:
     """No new job on these VMs; each is deleted by the next pass once it holds no job."""
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     vms = [_admin_vm(new, name) for name in names]
     notes: list[Action] = [] if vms else [Note(logging.INFO, f"pool {state.pool}: no VM to drain")]
     for vm in vms:
@@ -1353,7 +1380,7 @@ def plan_pause(state: PoolState, by: str, reason: str, now: float) -> tuple[Pool
     if state.paused_since is not None:
         return state, [Note(logging.INFO, f"already paused since {fmt_time(state.paused_since)} by "
                                           f"{state.paused_by}: {state.paused_reason}")]
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     new.paused_since, new.paused_by, new.paused_reason = now, by, reason
     return new, [Note(logging.WARNING, f"pool {state.pool} paused by {by}: {reason}; no VM is created until "
                                        "`vmpool resume`")]
@@ -1362,7 +1389,7 @@ def plan_pause(state: PoolState, by: str, reason: str, now: float) -> tuple[Pool
 def plan_resume(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
     if state.paused_since is None:
         return state, [Note(logging.INFO, f"pool {state.pool} is not paused")]
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     was = f"paused since {fmt_time(state.paused_since)} by {state.paused_by}"
     new.paused_since, new.paused_by, new.paused_reason = None, "", ""
     return new, [Note(logging.WARNING, f"pool {state.pool} resumed by {by} ({was}): {reason}")]
@@ -1372,7 +1399,7 @@ def plan_clear_backoff(state: PoolState, by: str, reason: str, now: float) -> tu
     """Create again at the next pass, not at the end of the back-off (protected mode keeps its own switch)."""
     if state.backoff_until is None and not state.backoff_delay:
         return state, [Note(logging.INFO, f"pool {state.pool}: no back-off to clear")]
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     was = f"until {fmt_time(state.backoff_until)}, delay {state.backoff_delay:.0f}s"
     new.backoff_until, new.backoff_delay = None, 0.0
     return new, [Note(logging.WARNING, f"pool {state.pool}: back-off ({was}) cleared by {by}: {reason}")]
@@ -1380,7 +1407,7 @@ def plan_clear_backoff(state: PoolState, by: str, reason: str, now: float) -> tu
 
 def plan_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
     """Remember the last cloud failure: status and acquire's timeout message show it."""
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     _record_cloud_error(new, message, now)
     return new
 
@@ -1391,7 +1418,7 @@ def _record_cloud_error(state: PoolState, message: str, now: float) -> None:
 
 def plan_probed(state: PoolState, results: Sequence[ProbeResult], now: float) -> tuple[PoolState, list[Action]]:
     """Apply SSH probe outcomes to VMs that are still in the state they were probed in."""
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     actions: list[Action] = []
     for result in results:
         vm = new.vm_named(result.name)
@@ -1454,7 +1481,7 @@ def plan_clock(state: PoolState, now: float, boot_id: str, boot_seconds: float) 
         step = now - (float(last["wall"]) + boot_seconds - float(last["boot"]))
     if abs(step) <= CLOCK_STEP_TOLERANCE and not stale:
         return state, notes
-    new = copy.deepcopy(state)
+    new = copy_state(state)
     if abs(step) > CLOCK_STEP_TOLERANCE:
         _shift_times(new, step)
         notes.append(Note(logging.WARNING, f"the wall clock stepped by {step:+.0f}s since the state was last "

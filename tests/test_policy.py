@@ -884,3 +884,35 @@ def test_a_waiter_looks_before_it_locks() -> None:
     state.ended_jobs["3"] = NOW + 1
     assert vp.claim_may_succeed(state, "3", 11, HOST), "its release ran: the locked try ends the wait"
     assert vp.claim_may_succeed(state, "4", 12, HOST), "no request of its own any more: ask under the lock"
+
+
+def _mutables(value: object, path: str = "state") -> list[tuple[str, object]]:
+    """Every list, dict and record inside a state, with where it is."""
+    if isinstance(value, list):
+        return [(path, value)] + [m for i, item in enumerate(value) for m in _mutables(item, f"{path}[{i}]")]
+    if isinstance(value, dict):
+        return [(path, value)] + [m for key, item in value.items() for m in _mutables(item, f"{path}[{key!r}]")]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(path, value)] + [m for f in dataclasses.fields(value)
+                                  for m in _mutables(getattr(value, f.name), f"{path}.{f.name}")]
+    return []
+
+
+def test_copy_state_shares_nothing_mutable_with_the_original() -> None:
+    # every field set, so that a field added later without a copy would show here
+    state = vp.PoolState(pool="p", vms=[vm("a", BUSY, job="1.srv", host_keys=["ssh-ed25519 AAAA"], drained="x")],
+                         requests=[vp.Request("2.srv", "bob", NOW, 42, "node", 7, NOW)])
+    for f in dataclasses.fields(state):
+        if getattr(state, f.name) in ({}, None, 0, 0.0, ""):
+            setattr(state, f.name, {"k": [1.0, {"n": 2}]} if f.type.startswith("dict") else
+                    (NOW if "float" in f.type else 1 if f.type == "int" else "set"))
+    vp._observe_wait(state, 3.0)
+
+    copied = vp.copy_state(state)
+
+    assert copied == state
+    shared = [where for (where, a), (_, b) in zip(_mutables(state), _mutables(copied), strict=True) if a is b]
+    assert shared == []
+    copied.vms[0].host_keys.append("changed")
+    copied.acquire_wait["buckets"][0] += 1
+    assert state.vms[0].host_keys == ["ssh-ed25519 AAAA"] and copied != state
