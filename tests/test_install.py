@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import ROOT
 
+# one worker: every install builds in the repository's build/ directory
+pytestmark = pytest.mark.xdist_group("install")
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
