@@ -881,6 +881,10 @@ def test_a_waiter_looks_before_it_locks() -> None:
     state.vms.append(vm("b"))
     assert vp.claim_may_succeed(state, "2", 10, HOST), "a Free VM for the head of the queue"
     assert not vp.claim_may_succeed(state, "3", 11, HOST), "one Free VM is the head's: the second waits"
+    head_died = lambda request: request.pid != 10  # noqa: E731
+    assert vp.claim_may_succeed(state, "3", 11, HOST, head_died), "a dead head holds no place: lock, prune, claim"
+    state.requests[0].host = "other-node"
+    assert not vp.claim_may_succeed(state, "3", 11, HOST, head_died), "another node's waiter cannot be asked"
     state.ended_jobs["3"] = NOW + 1
     assert vp.claim_may_succeed(state, "3", 11, HOST), "its release ran: the locked try ends the wait"
     assert vp.claim_may_succeed(state, "4", 12, HOST), "no request of its own any more: ask under the lock"
