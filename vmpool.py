@@ -3025,6 +3025,16 @@ def setup_logging(verbose: bool) -> None:
     ssh_library = logging.getLogger("paramiko")
     ssh_library.propagate = False
     ssh_library.handlers = [handler if verbose else logging.NullHandler()]
+    threading.excepthook = _background_thread_failed
+
+
+def _background_thread_failed(args: Any) -> None:
+    """fabric ends a command that overran command_timeout from a timer thread, whose close of a
+    transport that died meanwhile raises EOFError there; the probe itself already reported the
+    VM in one line. Python would print that thread's traceback to stderr (cron mail, a job's .e):
+    vmpool logs it as a debug line instead (shown with -v)."""
+    log.debug(f"background thread {getattr(args.thread, 'name', '?')}: {args.exc_type.__name__}: {args.exc_value}",
+              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def setup_file_log(path: str) -> None:

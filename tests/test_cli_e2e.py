@@ -412,3 +412,16 @@ def test_verify_checks_the_whole_setup_and_names_each_wrong_key(pool: PoolHandle
     assert refused.returncode == 5, refused.stderr
     assert "authentication failed" in verdicts(refused.stdout)["[openstack] auth_url"]
     assert "[openstack] flavor" not in refused.stdout, "nothing is looked up without a token"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failing_background_thread_is_a_debug_line_not_a_traceback_on_stderr(verbose: bool) -> None:
+    # as fabric's command-timeout timer thread fails when it closes a transport that already died
+    code = (f"import threading, vmpool; vmpool.setup_logging({verbose}); "
+            "t = threading.Thread(target=lambda: 1 / 0, name='timer'); t.start(); t.join()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    if verbose:
+        assert "DEBUG background thread timer: ZeroDivisionError: division by zero" in result.stderr
+    else:
+        assert result.stderr == ""
