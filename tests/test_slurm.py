@@ -199,7 +199,10 @@ def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
     wait_until(lambda: gw.on_vm(vm, "pgrep", "-U", uid)[0] != 0, 30, "no process of the job owner on the VM")
     info = gw.done(job)
     assert info["JobState"] == "CANCELLED", info
-    assert "got SIGTERM: ending the job on VM" in gw.err(job)
+    # slurmstepd signals the step's processes one by one: the starter hears SIGTERM first ("got
+    # SIGTERM: ending the job on VM") or sees its ssh killed first ("ssh ... exited 255 ...; ending
+    # the job on VM"); either way it ends the job on its VM (checked above: nothing of bob runs)
+    assert "ending the job on VM" in gw.err(job), gw.err(job)
     assert user_traces(gw, vm, "vmps-bob") == []  # type: ignore[arg-type]
     assert vm_state(gw, vm) == "free"
     assert not gw.drained()
