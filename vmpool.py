@@ -777,6 +777,8 @@ class Ended:
 # These functions take a state and observations and return a new state plus actions.
 # They never touch the network, the disk or the clock.
 
+WAITER_POLL_STRETCH = 8  # a waiter far back in the queue looks at most every 8 acquire_polls
+
 
 def describe_vm(vm: Vm) -> str:
     return f"vm {vm.name} ({vm.address or 'no address'})"
@@ -842,26 +844,48 @@ def _give_up_job(vm: Vm, taint: str, now: float) -> None:
     _set_state(vm, UNUSABLE, vm.tainted, now)
 
 
-def claim_may_succeed(state: PoolState, job: str, pid: int, host: str,
-                      alive: Callable[[Request], bool] = lambda request: True) -> bool:
-    """Seen in an unlocked snapshot: could a locked try now claim a VM, or end the wait?
+def vms_still_to_free(state: PoolState, job: str, pid: int, host: str,
+                      alive: Callable[[Request], bool] = lambda request: True) -> int:
+    """Seen in an unlocked snapshot: how many more VMs must come Free before a locked try can
+    claim one for this waiter; 0 when a locked try could claim now, or end the wait.
 
     Waiting acquires poll; a full locked read-modify-write per poll would saturate the state lock
     with a few hundred waiters, so they look first and lock only when something changed for them.
     A request ahead whose acquire died (alive says so; only this host's can be asked) does not
-    hold a place: the locked try prunes it.
+    hold a place: the locked try prunes it. The count also spaces the waiter's looks: the tenth
+    in line need not look as often as the first.
     """
     request = next((r for r in state.requests if r.job == job and r.pid == pid and r.host == host), None)
     if request is None:
-        return True  # withdrawn (the job's release) or pruned: the locked try says which
+        return 0  # withdrawn (the job's release) or pruned: the locked try says which
     ended = state.ended_jobs.get(job)
     if ended is not None and ended >= request.started:
-        return True
+        return 0
     free = sum(1 for vm in state.vms if vm.state == FREE and not vm.drained)
-    if free == 0:
-        return False
     ahead = state.requests[:state.requests.index(request)]
-    return free > sum(1 for other in ahead if other.host != host or alive(other))
+    return max(0, sum(1 for other in ahead if other.host != host or alive(other)) + 1 - free)
+
+
+def waiter_sleep(to_free: int, claims_per_second: float | None, poll: float) -> float:
+    """How long a waiter sleeps before its next unlocked look (each look parses the whole state).
+
+    Next in line (or nearly): one acquire_poll, so a freed VM is taken at once. Further back: about
+    half the time the queue needs, at the rate it moved since the last look, to reach it; at most
+    WAITER_POLL_STRETCH polls. 200 waiters looking every poll would spend both cores of a node
+    parsing the state; spaced out, a burst's claims and releases get the CPU and the lock instead.
+    """
+    if to_free <= 1:
+        return poll
+    if not claims_per_second:
+        return poll * WAITER_POLL_STRETCH  # the queue does not move: nothing to be quick for
+    return min(max(poll, to_free / claims_per_second / 2), poll * WAITER_POLL_STRETCH)
+
+
+def waiting_pass_may_help(state: PoolState, pool: PoolConfig) -> bool:
+    """Can a pass run by a waiting acquire bring a VM nearer? Not when the pool is at max and
+    every VM is Free or Busy: nothing boots, nothing can be created, and nothing waits for a probe
+    (such a pass would only cost each waiter the cloud client's import; cron's pass still runs)."""
+    return len(state.vms) < pool.max or any(vm.state == UNUSABLE for vm in state.vms)
 
 
 def withdraw_request(state: PoolState, job: str) -> PoolState:
@@ -1721,13 +1745,19 @@ def wait_for_flock(fd: int, deadline: float) -> bool:
     return True
 
 
+LOCK_PATIENCE = 10  # lock_timeouts a command waits at most while the state keeps changing (a burst)
+
+
 class StateStore:
     """The pool state on disk: locked read-modify-write, atomic replace, never a damaged file.
 
     The lock of record is a filelock.FileLock on ``<state_file>.lock``. vmpool's own waiters
     first queue in the kernel on ``<state_file>.queue.lock`` (a blocking flock), so only the head
     of the queue ever asks for the FileLock: a burst of 200 prologues waits asleep and is handed
-    the lock one by one, instead of 200 processes retrying it every 50 ms.
+    the lock one by one, instead of 200 processes retrying it every 50 ms. A wait past
+    lock_timeout fails (exit 7) only if the state did not change meanwhile: a stuck holder.
+    While it keeps changing (commands taking their turns in a burst), a command waits on, up to
+    LOCK_PATIENCE lock_timeouts; acquire, which has a deadline of its own, retries itself.
     """
 
     def __init__(self, path: str, pool_name: str, lock_timeout: float):
@@ -1775,7 +1805,8 @@ class StateStore:
         write_atomically(self.path, state_text(state))
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the state lock; LockTimeout after `timeout` seconds (default: lock_timeout)."""
         depth = getattr(self._held, "depth", 0)
         if depth:
             self._held.depth = depth + 1
@@ -1786,17 +1817,28 @@ class StateStore:
             return
         self._ensure_dir()
         started = time.monotonic()
-        deadline = started + self.lock_timeout
+        window = self.lock_timeout if timeout is None else timeout
+        deadline = started + window
         queue = os.open(self._queue_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:  # closing the queue descriptor, last, hands the turn to the next waiter
-            if not wait_for_flock(queue, deadline):
-                raise self._timeout()
+            seen = self._stamp()
+            while not wait_for_flock(queue, deadline):
+                # A stuck holder writes nothing; a burst of commands taking turns keeps changing the
+                # state. A release lost to a burst would leave its VM Busy: wait on, while it moves.
+                now = self._stamp()
+                moved, seen = now != seen, now
+                waited = time.monotonic() - started
+                if timeout is not None or not moved or waited >= LOCK_PATIENCE * window:
+                    raise self._timeout(waited)
+                log.warning(f"{self.path}.lock: busy for {waited:.0f}s while other vmpool commands take "
+                            "their turns; waiting on")
+                deadline = time.monotonic() + window
             try:
                 # Only the head of the queue polls here, and only while something outside the queue
                 # (an older vmpool, an admin's script) holds the FileLock.
                 self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()), poll_interval=0.01)
             except filelock.Timeout:
-                raise self._timeout() from None
+                raise self._timeout(time.monotonic() - started) from None
             got = time.monotonic()
             try:
                 self._held.depth = 1
@@ -1810,8 +1852,16 @@ class StateStore:
         finally:
             os.close(queue)
 
-    def _timeout(self) -> LockTimeout:
-        return LockTimeout(f"{self.path}.lock: could not lock the state within {self.lock_timeout:.0f}s "
+    def _stamp(self) -> tuple[int, int] | None:
+        """Which state file is there: every write replaces it (a new inode and mtime)."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
+    def _timeout(self, waited: float) -> LockTimeout:
+        return LockTimeout(f"{self.path}.lock: could not lock the state within {waited:.0f}s "
                            "(another vmpool holds it; see `fuser -v` on the lock file)")
 
     def _sweep_temp_files(self) -> None:
@@ -1822,9 +1872,9 @@ class StateStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
 
-    def update(self, change: Callable[[PoolState], tuple[PoolState, Any]]) -> Any:
+    def update(self, change: Callable[[PoolState], tuple[PoolState, Any]], lock_timeout: float | None = None) -> Any:
         """Read, change and write the state under the lock; return what change returned beside it."""
-        with self.locked():
+        with self.locked(lock_timeout):
             state, before = self._load()
             new, result = change(state)
             text = state_text(new)
@@ -2188,6 +2238,7 @@ def host_keys_from_console(console: str) -> list[str]:
 
 class Remote(Protocol):
     def probe(self, address: str, host_keys: Sequence[str]) -> ProbeResult: ...
+    def probe_all(self, targets: Sequence[tuple[str, Sequence[str]]]) -> list[ProbeResult]: ...
 
 
 class FabricRemote:
@@ -2225,6 +2276,24 @@ class FabricRemote:
         else:
             client.set_missing_host_key_policy(_learning_policy(learned))
         return learned
+
+    def probe_all(self, targets: Sequence[tuple[str, Sequence[str]]]) -> list[ProbeResult]:
+        """Probe many VMs at once (address, pinned keys), at most probe_parallelism at a time.
+
+        Threads wait out the dead VMs together, but paramiko runs each handshake in Python under
+        the GIL (~40-50 ms of CPU): past PROBES_PER_PROCESS VMs one process is bound to one core,
+        so the probes are shared out over worker processes, one per core. Should the workers fail
+        to start, this process probes them all itself.
+        """
+        processes = min(os.cpu_count() or 1, -(-len(targets) // PROBES_PER_PROCESS))
+        threads = -(-self.ssh.probe_parallelism // max(processes, 1))
+        if processes > 1:
+            try:
+                return _probe_in_processes(self.ssh, list(targets), processes, threads)
+            except Exception as error:  # a worker killed (OOM), no /dev/shm...: slower, but probed
+                log.warning(f"probing in {processes} processes failed ({type(error).__name__}: {error}); "
+                            "probing in this one")
+        return probe_in_threads(self.ssh, list(targets), self.ssh.probe_parallelism)
 
     def probe(self, address: str, host_keys: Sequence[str]) -> ProbeResult:
         import paramiko
@@ -2264,6 +2333,39 @@ class FabricRemote:
         finally:
             connection.close()
             connection.client.close()  # after a failed open() fabric's close() leaves the socket behind
+
+
+PROBES_PER_PROCESS = 100  # one process's handshakes keep up with this many VMs in a pass
+
+
+def probe_in_threads(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], threads: int) -> list[ProbeResult]:
+    """FabricRemote.probe over the targets, `threads` at a time; results in the targets' order."""
+    from concurrent.futures import ThreadPoolExecutor
+    remote = FabricRemote(ssh)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(targets)))) as executor:
+        return list(executor.map(lambda target: remote.probe(*target), targets))
+
+
+def _probe_in_processes(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], processes: int,
+                        threads: int) -> list[ProbeResult]:
+    """Every processes-th target to each worker; a fresh interpreter each (forkserver: no fork of
+    this process's threads and locks), quiet as this one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    shares = [targets[start::processes] for start in range(processes)]
+    verbose = log.isEnabledFor(logging.DEBUG)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"),
+                             initializer=_probe_worker_started, initargs=(verbose,)) as executor:
+        answers = list(executor.map(probe_in_threads, [ssh] * processes, shares, [threads] * processes))
+    results: list[ProbeResult] = [ProbeResult("", False)] * len(targets)
+    for start, answer in enumerate(answers):
+        results[start::processes] = answer
+    return results
+
+
+def _probe_worker_started(verbose: bool) -> None:
+    """A probe worker logs as the command does: paramiko's tracebacks only with -v."""
+    setup_logging(verbose)
 
 
 def public_key_of(path: str) -> tuple[str | None, str]:
@@ -2422,14 +2524,14 @@ class Pool:
         self.list_error: CloudError | None = None  # the last pass could not see the cloud
         self.create_refused: CloudRefused | None = None  # the last pass's create was refused for good
 
-    def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]]) -> Any:
+    def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]], lock_timeout: float | None = None) -> Any:
         """StateStore.update, with the state's times first kept true across a wall-clock step."""
         def checked(state: PoolState) -> tuple[PoolState, Any]:
             boot_id, boot_seconds = self.boot_clock()
             state, notes = plan_clock(state, self.clock(), boot_id, boot_seconds)
             self.apply_notes(notes)
             return change(state)
-        return self.store.update(checked)
+        return self.store.update(checked, lock_timeout)
 
     @property
     def cloud(self) -> Cloud:
@@ -2451,37 +2553,43 @@ class Pool:
 
     # -- acquire / release --
 
-    def try_claim(self, job: str, user: str, started: float | None = None) -> Claimed | Waiting | Ended:
+    def try_claim(self, job: str, user: str, started: float | None = None,
+                  lock_timeout: float | None = None) -> Claimed | Waiting | Ended:
         pid = os.getpid()
 
         def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting | Ended]:
             return plan_acquire(state, job, user, self.clock(), pid, self.host, live_pids(state),
                                 started=started, pid_start=process_start(pid))
-        outcome: Claimed | Waiting | Ended = self._update(change)
+        outcome: Claimed | Waiting | Ended = self._update(change, lock_timeout)
         return outcome
 
     def acquire(self, job: str, user: str, timeout: float, started: float | None = None) -> Claimed:
         """Claim a VM for the job, waiting up to timeout seconds (monotonic: a clock step changes nothing)."""
         deadline = self.monotonic() + timeout
         started = self.clock() if started is None else started
-        outcome = self.try_claim(job, user, started)
+        outcome = self._try_claim_by(deadline, job, user, started)
         heartbeat = self.monotonic() + WAITER_HEARTBEAT
         if isinstance(outcome, Waiting):
             log.info(f"job {job}: no free VM, waiting (position {outcome.position + 1}, timeout {timeout:.0f}s)")
         try:
+            last_look: tuple[float, int] | None = None  # (when, claims counted so far) at the last look
             while isinstance(outcome, Waiting):
                 if self.monotonic() >= deadline:
                     raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
                                         f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
-                self._pass_if_due()
+                to_free, claims = self._look(job)
                 refused = self.list_error if isinstance(self.list_error, CloudRefused) else self.create_refused
                 if refused is not None:
                     raise refused  # a wrong password or image stays wrong: no point waiting out the timeout
-                if self._worth_a_locked_try(job, heartbeat):
+                if to_free == 0 or self.monotonic() >= heartbeat:  # the heartbeat's try prunes dead waiters
                     heartbeat = self.monotonic() + WAITER_HEARTBEAT
-                    outcome = self.try_claim(job, user, started)
+                    outcome = self._try_claim_by(deadline, job, user, started)
                 if isinstance(outcome, Waiting):
-                    self.sleep(self.config.pool.acquire_poll)
+                    rate = None
+                    if last_look is not None and self.monotonic() > last_look[0]:
+                        rate = max(0, claims - last_look[1]) / (self.monotonic() - last_look[0])
+                    last_look = (self.monotonic(), claims)
+                    self.sleep(waiter_sleep(to_free, rate, self.config.pool.acquire_poll))
         except BaseException:
             with contextlib.suppress(VmpoolError):
                 self._update(functools.partial(_without_result, withdraw_request, job=job))
@@ -2494,21 +2602,38 @@ class Pool:
         log.info(f"{describe_vm(vm)} acquired by job {job} for {user}{held}")
         return outcome
 
-    def _worth_a_locked_try(self, job: str, heartbeat: float) -> bool:
-        """An unlocked look first; a locked try every WAITER_HEARTBEAT anyway (it prunes dead waiters)."""
-        if self.monotonic() >= heartbeat:
-            return True
-        try:
-            return claim_may_succeed(self.store.read(), job, os.getpid(), self.host, request_alive)
-        except StateError:
-            return True  # the locked try reports it
+    def _try_claim_by(self, deadline: float, job: str, user: str, started: float) -> Claimed | Waiting | Ended:
+        """try_claim; a state lock still busy after lock_timeout is contention (a few hundred prologues
+        at once on a loaded node), not a failure, while the acquire may still wait. A lock wait
+        ends by the acquire's deadline (the hook's own timeout follows it), after at least a second."""
+        lock_timeout = self.config.pool.lock_timeout
+        while True:
+            try:
+                return self.try_claim(job, user, started, min(lock_timeout, max(deadline - self.monotonic(), 1.0)))
+            except LockTimeout as error:
+                if self.monotonic() >= deadline:
+                    raise
+                log.warning(f"job {job}: {error}; trying again until the acquire's timeout")
 
-    def _pass_if_due(self) -> None:
-        """While waiting, drive boots forward, but leave room between passes for other waiters."""
-        last = self.store.read().last_pass
-        if last is not None and self.clock() - last < self.config.pool.pass_interval:
-            return
-        self.reconcile(probe_free=False, quiet=True)
+    def _look(self, job: str) -> tuple[int, int]:
+        """A waiter's unlocked look: how many VMs must still come Free before its locked try can
+        claim one (0: try now), and the pool's claims so far. It also runs the waiter's own pass
+        when one is due and can help."""
+        try:
+            state = self.store.read()
+        except StateError:
+            return 0, 0  # the locked try reports it
+        last = state.last_pass
+        if waiting_pass_may_help(state, self.config.pool) and (
+                last is None or self.clock() - last >= self.config.pool.pass_interval):
+            try:  # drive boots forward, leaving room between passes for other waiters
+                self.reconcile(probe_free=False, quiet=True)
+            except LockTimeout as error:
+                log.warning(f"job {job}: skipping a waiting pass: {error}")
+            with contextlib.suppress(StateError):
+                state = self.store.read()
+        return (vms_still_to_free(state, job, os.getpid(), self.host, request_alive),
+                state.counters.get("acquires", 0))
 
     def release(self, job: str, unusable: str = "") -> None:
         actions = self._update(lambda state: plan_release(state, job, self.clock(), unusable))
@@ -2669,8 +2794,18 @@ class Pool:
         if not probes:
             return
         from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=self.config.ssh.probe_parallelism) as executor:
-            results = list(executor.map(self._probe_one, probes))
+        with ThreadPoolExecutor(max_workers=min(len(probes), 16)) as executor:  # console reads, first contact only
+            pinned = list(executor.map(self._keys_to_pin, probes))
+        unpinned = [(action, keys) for action, keys in zip(probes, pinned, strict=True) if keys is None]
+        to_probe = [(action, keys) for action, keys in zip(probes, pinned, strict=True) if keys is not None]
+        answers = self.remote.probe_all([(action.address, keys) for action, keys in to_probe])
+        results = [ProbeResult(action.name, False, "no pinned host key (console shows none)",
+                               server_id=action.server_id) for action, _ in unpinned]
+        for (action, keys), result in zip(to_probe, answers, strict=True):
+            learned = tuple(keys) if keys and not action.host_keys else result.host_keys
+            results.append(dataclasses.replace(result, name=action.name, host_keys=learned,
+                                               server_id=action.server_id))
+
         def record(state: PoolState) -> tuple[PoolState, list[Action]]:
             new, notes = plan_probed(state, results, self.clock())
             # known_hosts first: once the state says Free, a prologue may claim the VM and ssh to it
@@ -2679,17 +2814,15 @@ class Pool:
 
         self.apply_notes(self._update(record))
 
-    def _probe_one(self, action: ProbeSsh) -> ProbeResult:
+    def _keys_to_pin(self, action: ProbeSsh) -> list[str] | None:
+        """The host keys to trust for the probe (none: learn on first contact); None: do not probe."""
         keys = list(action.host_keys)
         if not keys:
             keys = self._console_host_keys(action)
             if not keys and not action.first_contact:
                 # Learning a key is only safe right after boot; later it would trust whoever answers.
-                return ProbeResult(action.name, False, "no pinned host key (console shows none)",
-                                   server_id=action.server_id)
-        result = self.remote.probe(action.address, keys)
-        learned = tuple(keys) if keys and not action.host_keys else result.host_keys
-        return dataclasses.replace(result, name=action.name, host_keys=learned, server_id=action.server_id)
+                return None
+        return keys
 
     def _console_host_keys(self, action: ProbeSsh) -> list[str]:
         try:

@@ -877,17 +877,38 @@ def test_a_waiter_looks_before_it_locks() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")],
                       requests=[vp.Request("2", "bob", NOW, 10, HOST, started=NOW),
                                 vp.Request("3", "eve", NOW, 11, HOST)])
-    assert not vp.claim_may_succeed(state, "3", 11, HOST), "nothing free, nothing ended: keep waiting unlocked"
+    assert vp.vms_still_to_free(state, "3", 11, HOST) == 2, "nothing free, one ahead: two VMs must come Free"
     state.vms.append(vm("b"))
-    assert vp.claim_may_succeed(state, "2", 10, HOST), "a Free VM for the head of the queue"
-    assert not vp.claim_may_succeed(state, "3", 11, HOST), "one Free VM is the head's: the second waits"
+    assert vp.vms_still_to_free(state, "2", 10, HOST) == 0, "a Free VM for the head of the queue"
+    assert vp.vms_still_to_free(state, "3", 11, HOST) == 1, "one Free VM is the head's: the second waits"
     head_died = lambda request: request.pid != 10  # noqa: E731
-    assert vp.claim_may_succeed(state, "3", 11, HOST, head_died), "a dead head holds no place: lock, prune, claim"
+    assert vp.vms_still_to_free(state, "3", 11, HOST, head_died) == 0, "a dead head holds no place: lock, prune, claim"
     state.requests[0].host = "other-node"
-    assert not vp.claim_may_succeed(state, "3", 11, HOST, head_died), "another node's waiter cannot be asked"
+    assert vp.vms_still_to_free(state, "3", 11, HOST, head_died) == 1, "another node's waiter cannot be asked"
     state.ended_jobs["3"] = NOW + 1
-    assert vp.claim_may_succeed(state, "3", 11, HOST), "its release ran: the locked try ends the wait"
-    assert vp.claim_may_succeed(state, "4", 12, HOST), "no request of its own any more: ask under the lock"
+    assert vp.vms_still_to_free(state, "3", 11, HOST) == 0, "its release ran: the locked try ends the wait"
+    assert vp.vms_still_to_free(state, "4", 12, HOST) == 0, "no request of its own any more: ask under the lock"
+
+
+def test_a_waiter_far_back_looks_less_often_as_fast_as_the_queue_moves() -> None:
+    assert vp.waiter_sleep(1, None, 0.5) == 0.5, "next in line: every poll, a freed VM is taken at once"
+    assert vp.waiter_sleep(0, 3.0, 0.5) == 0.5
+    assert vp.waiter_sleep(9, 0.0, 0.5) == 0.5 * vp.WAITER_POLL_STRETCH, "a queue that does not move: the longest"
+    assert vp.waiter_sleep(9, None, 0.5) == 0.5 * vp.WAITER_POLL_STRETCH
+    assert vp.waiter_sleep(6, 2.0, 0.5) == 1.5, "6 claims away at 2 a second: half of the 3 s it needs"
+    assert vp.waiter_sleep(2, 100.0, 0.5) == 0.5, "never below one poll"
+    assert vp.waiter_sleep(500, 1.0, 0.5) == 0.5 * vp.WAITER_POLL_STRETCH, "never above the stretch"
+
+
+def test_a_waiting_pass_runs_only_when_it_can_bring_a_vm_nearer() -> None:
+    """At max with every VM Free or Busy a waiter's pass can do nothing (cron's pass still runs)."""
+    pool = config(max=2).pool
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
+    assert vp.waiting_pass_may_help(state, pool), "below max: the pass may create a VM"
+    state.vms.append(vm("b", BUSY, job="2"))
+    assert not vp.waiting_pass_may_help(state, pool), "at max, all Busy: only a release brings a VM"
+    state.vms[1].state = UNUSABLE
+    assert vp.waiting_pass_may_help(state, pool), "an Unusable VM may pass its probe, or be deleted to make room"
 
 
 def _mutables(value: object, path: str = "state") -> list[tuple[str, object]]:

@@ -68,6 +68,9 @@ class FakeRemote:
             return vp.ProbeResult(address, False, "ssh: connection refused")
         return vp.ProbeResult(address, True)
 
+    def probe_all(self, targets: Sequence[tuple[str, Sequence[str]]]) -> list[vp.ProbeResult]:
+        return [self.probe(address, keys) for address, keys in targets]
+
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[vp.Pool, FakeCloud, FakeRemote]:
@@ -172,8 +175,9 @@ class FakeTime:
 
 
 def timed(pool: vp.Pool, fake: FakeTime) -> vp.Pool:
+    # the boot clock too: against the real one, a slow (loaded) run would look like a wall-clock step
     return vp.Pool(pool.config, clock=fake.clock, cloud=pool.cloud, remote=pool.remote,
-                   monotonic=fake.monotonic, sleep=fake.sleep)
+                   monotonic=fake.monotonic, sleep=fake.sleep, boot_clock=lambda: ("fake-boot", fake.mono))
 
 
 def test_acquire_timeout_withdraws_the_request(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
@@ -226,3 +230,87 @@ def test_unreachable_free_vm_is_not_handed_out(setup: tuple[vp.Pool, FakeCloud, 
     assert pool.store.read().vms[0].state == vp.UNUSABLE
     with pytest.raises(vp.NoVmAvailable):
         pool.acquire("1", "alice", timeout=0.2)
+
+
+def test_an_acquire_outlasts_a_state_lock_busy_past_lock_timeout(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote], caplog: pytest.LogCaptureFixture) -> None:
+    """A few hundred prologues at once can keep the lock busy past lock_timeout: that is contention,
+    and the acquire tries again until its own deadline instead of failing the job (exit 7)."""
+    import threading
+    pool, _, _ = setup
+    pool = with_pool(pool, min=1, max=1, lock_timeout=0.3)
+    pool.reconcile()
+    pool.reconcile()
+    other = vp.StateStore(pool.config.pool.state_file, "p", 10)  # another process's view of the same lock
+    taken, warned = threading.Event(), threading.Event()
+
+    def hold_until_warned() -> None:
+        with other.locked():
+            taken.set()
+            warned.wait(timeout=30)
+
+    holder = threading.Thread(target=hold_until_warned)
+    holder.start()
+    assert taken.wait(timeout=10)
+    caplog.set_level("WARNING")
+    watcher = threading.Thread(target=lambda: warned.set() if _wait_for_log(caplog, "trying again") else None)
+    watcher.start()
+    claimed = pool.acquire("1", "alice", timeout=30)
+    holder.join()
+    watcher.join()
+    assert warned.is_set(), "the acquire waited past lock_timeout and said it would try again"
+    assert claimed.vm.job == "1" and pool.store.read().vm_of_job("1") is not None
+
+
+def test_an_acquire_gives_up_on_a_stuck_lock_at_its_own_deadline(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    import threading
+    import time
+    pool, _, _ = setup
+    pool = with_pool(pool, min=1, max=1, lock_timeout=0.3)
+    pool.reconcile()
+    pool.reconcile()
+    other = vp.StateStore(pool.config.pool.state_file, "p", 10)
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with other.locked():
+            taken.set()
+            done.wait(timeout=30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(timeout=10)
+    began = time.monotonic()
+    try:
+        with pytest.raises(vp.LockTimeout):
+            pool.acquire("1", "alice", timeout=1.5)
+        assert time.monotonic() - began >= 1.5, "it kept trying until the acquire's timeout"
+    finally:
+        done.set()
+        holder.join()
+    assert pool.store.read().vm_of_job("1") is None
+
+
+def test_a_waiter_at_max_with_every_vm_busy_runs_no_pass_of_its_own(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    """Only a release can bring it a VM; a pass would cost every waiter the cloud client's import."""
+    pool, cloud, _ = setup
+    pool = with_pool(pool, min=1, max=1)
+    pool.reconcile()
+    pool.reconcile()
+    pool.acquire("1", "alice", timeout=1)
+    cloud.calls.clear()
+    with pytest.raises(vp.NoVmAvailable):
+        pool.acquire("2", "bob", timeout=0.3)
+    assert cloud.calls == [], "no listing, no create: the pool is at max and nothing is Unusable"
+
+
+def _wait_for_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 20) -> bool:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in record.getMessage() for record in list(caplog.records)):
+            return True
+        time.sleep(0.01)
+    return False

@@ -99,10 +99,12 @@ def test_a_state_lock_held_too_long_gives_exit_7_and_loses_nothing(pool: PoolHan
     pool.run("acquire", "70", "--user", "ida")
     before = Path(pool.state_file).read_bytes()
     with filelock.FileLock(f"{pool.state_file}.lock"):  # another vmpool, stuck while holding the lock
-        for args in (("acquire", "71"), ("release", "70"), ("reconcile",)):
+        for args in (("acquire", "71", "--timeout", "3"), ("release", "70"), ("reconcile",)):
             result = pool.run(*args, check=False)
             assert result.returncode == 7, (args, result.stderr)
             assert "could not lock the state within 1s" in result.stderr, result.stderr
+            # an acquire takes a busy lock for contention and tries again, until its own timeout
+            assert ("trying again until the acquire's timeout" in result.stderr) == (args[0] == "acquire")
         assert pool.run("status").returncode == 0  # status reads without the lock
     assert Path(pool.state_file).read_bytes() == before
     assert pool.run("release", "70").returncode == 0
@@ -381,6 +383,27 @@ def test_a_vm_that_logs_in_but_never_finishes_a_command_is_unusable_after_comman
     rc, _, err = pool.bed.vm_exec(vm["server_id"], ["usermod", "-s", shell, "root"])
     assert rc == 0, err
     pool.reconcile_until(lambda: pool.vms("free"), 30, "recovery once commands finish again")
+
+
+def test_probes_shared_out_over_worker_processes_classify_each_vm_as_one_process_does(pool: PoolHandle) -> None:
+    """Past PROBES_PER_PROCESS VMs a pass probes in one worker process per core (paramiko's handshakes
+    hold the GIL): the same real fabric probes there, each answer back in its VM's place."""
+    pool.write_config(pool={"min": 2})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "2 Free VMs")
+    config = vp.load_config(pool.config_path)
+    good, refusing = vp.Pool(config).store.read().vms
+    pool.bed.vm_fault(refusing.server_id, "refuse")
+    assert good.address and refusing.address and good.host_keys != refusing.host_keys
+    targets = [(good.address, good.host_keys), (refusing.address, refusing.host_keys),
+               (good.address, refusing.host_keys), (good.address, good.host_keys)]
+    answers = vp._probe_in_processes(config.ssh, targets, processes=2, threads=2)
+    assert [(a.ok, a.host_key_changed) for a in answers] == [(True, False), (False, False), (False, True),
+                                                             (True, False)], answers
+    assert "refused" in answers[1].detail and "not pinned" in answers[2].detail
+    in_one = vp.probe_in_threads(config.ssh, targets, threads=4)
+    assert [(a.ok, a.host_key_changed, a.detail) for a in answers] == \
+        [(a.ok, a.host_key_changed, a.detail) for a in in_one]
+    pool.bed.vm_fault(refusing.server_id, "ok")
 
 
 def test_changed_host_key_makes_the_vm_unusable_for_good(pool: PoolHandle) -> None:

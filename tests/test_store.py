@@ -6,7 +6,9 @@ import json
 import multiprocessing
 import os
 import stat
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -170,3 +172,42 @@ def test_temp_files_of_a_killed_writer_are_swept_under_the_lock(tmp_path: Path) 
     other.write_text("not ours")
     s.update(add_vm)
     assert not leftover.exists() and other.exists()
+
+
+def _hold_lock_writing(path: str, ready: Any, seconds: float) -> None:
+    """Hold the lock for `seconds`, replacing the state every 50 ms: a lock that is busy, not stuck."""
+    s = vp.StateStore(path, "p", 30)
+    with s.locked():
+        ready.set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            s.save(s.load())
+            time.sleep(0.05)
+
+
+def test_a_lock_busy_past_lock_timeout_while_the_state_keeps_changing_is_waited_for(tmp_path: Path) -> None:
+    """A burst of commands taking their turns is not a stuck holder: a release must not be lost to it."""
+    s = store(tmp_path, lock_timeout=0.4)
+    os.makedirs(os.path.dirname(s.path), mode=0o700)
+    s.save(vp.PoolState(pool="p"))
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock_writing, args=(s.path, ready, 1.5))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        began = time.monotonic()
+        s.update(add_vm)
+        assert time.monotonic() - began > 0.4, "it waited past lock_timeout, as the state kept changing"
+    finally:
+        holder.join(10)
+    assert [vm.name for vm in s.load().vms] == ["v0"]
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock_writing, args=(s.path, ready, 1.5))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(vp.LockTimeout):  # a caller with a deadline of its own (acquire) retries itself
+            s.update(add_vm, lock_timeout=0.4)
+    finally:
+        holder.join(10)
