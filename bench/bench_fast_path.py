@@ -59,9 +59,10 @@ private_key = {directory}/key
 known_hosts = {directory}/known_hosts
 {ssh}""")
     path.chmod(0o600)
-    key = directory / "key"  # acquire insists the key exists; no VM is ever logged in to here
-    key.write_text("not a key: the bench never logs in to a VM\n")
-    key.chmod(0o600)
+    key = directory / "key"  # acquire insists the key exists; bench_reconcile_scale.py made a real one
+    if not key.exists():
+        key.write_text("not a key: this bench never logs in to a VM\n")
+        key.chmod(0o600)
     return str(path)
 
 
