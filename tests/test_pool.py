@@ -6,8 +6,11 @@ real Nova API and sshd VMs in test_cli_e2e.py and test_reliability.py.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -232,63 +235,57 @@ def test_unreachable_free_vm_is_not_handed_out(setup: tuple[vp.Pool, FakeCloud, 
         pool.acquire("1", "alice", timeout=0.2)
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(pool: vp.Pool, until: threading.Event) -> Iterator[None]:
+    """Another process's view of the pool's state lock holds it from a thread until `until` is set."""
+    other = vp.StateStore(pool.config.pool.state_file, "p", 10)
+    taken = threading.Event()
+
+    def hold() -> None:
+        with other.locked():
+            taken.set()
+            until.wait(timeout=30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(timeout=10)
+    try:
+        yield
+    finally:
+        until.set()
+        holder.join()
+
+
 def test_an_acquire_outlasts_a_state_lock_busy_past_lock_timeout(
         setup: tuple[vp.Pool, FakeCloud, FakeRemote], caplog: pytest.LogCaptureFixture) -> None:
     """A few hundred prologues at once can keep the lock busy past lock_timeout: that is contention,
     and the acquire tries again until its own deadline instead of failing the job (exit 7)."""
-    import threading
     pool, _, _ = setup
     pool = with_pool(pool, min=1, max=1, lock_timeout=0.3)
     pool.reconcile()
     pool.reconcile()
-    other = vp.StateStore(pool.config.pool.state_file, "p", 10)  # another process's view of the same lock
-    taken, warned = threading.Event(), threading.Event()
-
-    def hold_until_warned() -> None:
-        with other.locked():
-            taken.set()
-            warned.wait(timeout=30)
-
-    holder = threading.Thread(target=hold_until_warned)
-    holder.start()
-    assert taken.wait(timeout=10)
+    warned = threading.Event()
     caplog.set_level("WARNING")
-    watcher = threading.Thread(target=lambda: warned.set() if _wait_for_log(caplog, "trying again") else None)
-    watcher.start()
-    claimed = pool.acquire("1", "alice", timeout=30)
-    holder.join()
-    watcher.join()
-    assert warned.is_set(), "the acquire waited past lock_timeout and said it would try again"
+    with lock_held_elsewhere(pool, until=warned):
+        watcher = threading.Thread(target=lambda: warned.set() if _wait_for_log(caplog, "trying again") else None)
+        watcher.start()
+        claimed = pool.acquire("1", "alice", timeout=30)
+        watcher.join()
+        assert warned.is_set(), "the acquire waited past lock_timeout and said it would try again"
     assert claimed.vm.job == "1" and pool.store.read().vm_of_job("1") is not None
 
 
 def test_an_acquire_gives_up_on_a_stuck_lock_at_its_own_deadline(
         setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
-    import threading
-    import time
     pool, _, _ = setup
     pool = with_pool(pool, min=1, max=1, lock_timeout=0.3)
     pool.reconcile()
     pool.reconcile()
-    other = vp.StateStore(pool.config.pool.state_file, "p", 10)
-    taken, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with other.locked():
-            taken.set()
-            done.wait(timeout=30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert taken.wait(timeout=10)
-    began = time.monotonic()
-    try:
+    with lock_held_elsewhere(pool, until=threading.Event()):
+        began = time.monotonic()
         with pytest.raises(vp.LockTimeout):
             pool.acquire("1", "alice", timeout=1.5)
         assert time.monotonic() - began >= 1.5, "it kept trying until the acquire's timeout"
-    finally:
-        done.set()
-        holder.join()
     assert pool.store.read().vm_of_job("1") is None
 
 
@@ -307,7 +304,6 @@ def test_a_waiter_at_max_with_every_vm_busy_runs_no_pass_of_its_own(
 
 
 def _wait_for_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 20) -> bool:
-    import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(text in record.getMessage() for record in list(caplog.records)):
