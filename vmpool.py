@@ -41,6 +41,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import ipaddress
 import json
 import logging
@@ -53,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import click
 import filelock
@@ -687,8 +688,11 @@ def _observe_wait(state: PoolState, seconds: float) -> None:
 SERVER_ACTIVE, SERVER_BUILDING, SERVER_ERROR, SERVER_DOWN, SERVER_DELETING, SERVER_OTHER, SERVER_UNKNOWN = (
     "active", "building", "error", "down", "deleting", "other", "unknown")
 
+# The observations, actions and outcomes below are made once and only read, yet not frozen:
+# frozen=True generates three more methods per class, ~2 ms of every command's start-up in all.
 
-@dataclass(frozen=True)
+
+@dataclass
 class Server:
     """One server as the cloud lists it."""
 
@@ -701,7 +705,7 @@ class Server:
     created_at: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProbeResult:
     name: str
     ok: bool
@@ -711,7 +715,7 @@ class ProbeResult:
     server_id: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Observation:
     """What a reconcile pass saw outside the state: the cloud, local processes, jobs."""
 
@@ -723,19 +727,19 @@ class Observation:
 
 
 # Actions: decisions as data, applied by the executor through the adapters.
-@dataclass(frozen=True)
+@dataclass
 class CreateServer:
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeleteServer:
     name: str
     server_id: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProbeSsh:
     name: str
     server_id: str
@@ -744,7 +748,7 @@ class ProbeSsh:
     first_contact: bool = False  # never healthy yet: a key may be learned if the console has none
 
 
-@dataclass(frozen=True)
+@dataclass
 class Note:
     """A log line the policy wants an admin to see."""
 
@@ -755,18 +759,18 @@ class Note:
 Action = CreateServer | DeleteServer | ProbeSsh | Note
 
 
-@dataclass(frozen=True)
+@dataclass
 class Claimed:
     vm: Vm
     already_held: bool = False  # the job held it before: an earlier run of its prologue may have prepared it
 
 
-@dataclass(frozen=True)
+@dataclass
 class Waiting:
     position: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ended:
     """The job's release ran after this attempt began: its epilogue is done, it gets nothing."""
 
@@ -1569,7 +1573,7 @@ def reason_kind(vm: Vm) -> str:
     return vm.reason.partition(":")[0].strip()
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen, for start-up time (as Server)
 class Health:
     """What monitoring reads from the state: `vmpool check`'s perfdata and the Prometheus gauges."""
 
@@ -3528,5 +3532,14 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def run() -> NoReturn:
+    """The `vmpool` command (its console script): main(), then exit with its code."""
+    code = main()
+    # The process ends here and the OS frees its memory: freezing the objects spares the exit's
+    # collection of them all. That collection was ~10 ms, a sixth of every acquire and release.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

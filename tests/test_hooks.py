@@ -921,7 +921,7 @@ def fake_vmpool_install(mom: Mom) -> dict[str, Path]:
     (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
     (venv / "bin" / "python3").symlink_to(os.path.realpath(sys.executable))
     command = venv / "bin" / "vmpool"
-    command.write_text(f"#!{venv}/bin/python3\nimport sys\nfrom vmpool import main\nsys.exit(main())\n")
+    command.write_text(f"#!{venv}/bin/python3\nimport sys\nfrom vmpool import run\nrun()\n")
     command.chmod(0o755)
     (site / "__editable__.vmpool-0.1.0.pth").write_text(f"{source}\n")
     shutil.copy(ROOT / "vmpool.py", source / "vmpool.py")
