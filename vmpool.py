@@ -2352,24 +2352,58 @@ def probe_in_threads(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], t
 
 def _probe_in_processes(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], processes: int,
                         threads: int) -> list[ProbeResult]:
-    """Every processes-th target to each worker; a fresh interpreter each (forkserver: no fork of
-    this process's threads and locks), quiet as this one."""
+    """The targets through `processes` workers of `threads` threads each, every thread taking the
+    next target from one queue: a dead VM holds one thread for its timeout wherever it is, and the
+    rest flow to the free threads. (Dealt out in fixed shares, dead VMs that fell into one share
+    starved its healthy ones: the pass waited for its last dead VM to start.) Each worker is a fresh
+    interpreter (forkserver: no fork of this process's threads and locks), quiet as this one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    shares = [targets[start::processes] for start in range(processes)]
+    context = multiprocessing.get_context("forkserver")
+    todo = context.Queue()  # a feeder thread writes it: put() never blocks on the pipe
+    for item in enumerate(targets):
+        todo.put(item)
+    for _ in range(processes * threads):
+        todo.put(None)  # one end mark per thread
     verbose = log.isEnabledFor(logging.DEBUG)
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"),
-                             initializer=_probe_worker_started, initargs=(verbose,)) as executor:
-        answers = list(executor.map(probe_in_threads, [ssh] * processes, shares, [threads] * processes))
-    results: list[ProbeResult] = [ProbeResult("", False)] * len(targets)
-    for start, answer in enumerate(answers):
-        results[start::processes] = answer
-    return results
+    try:
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=_probe_worker_started,
+                                 initargs=(verbose, todo)) as executor:
+            answers = list(executor.map(_probe_from_queue, [ssh] * processes, [threads] * processes))
+    finally:
+        todo.cancel_join_thread()  # what a broken worker left in it is not waited for
+        todo.close()
+    by_index = dict(pair for answer in answers for pair in answer)
+    if len(by_index) != len(targets):  # a thread died mid-probe: its target is not known
+        raise RuntimeError(f"{len(targets) - len(by_index)} of {len(targets)} probes got no answer from the workers")
+    return [by_index[index] for index in range(len(targets))]
 
 
-def _probe_worker_started(verbose: bool) -> None:
+_probe_queue: Any = None  # a probe worker's queue of (index, target), set as the worker starts
+
+
+def _probe_worker_started(verbose: bool, todo: Any) -> None:
     """A probe worker logs as the command does: paramiko's tracebacks only with -v."""
+    global _probe_queue
+    _probe_queue = todo
     setup_logging(verbose)
+
+
+def _probe_from_queue(ssh: SshConfig, threads: int) -> list[tuple[int, ProbeResult]]:
+    """In a probe worker: `threads` threads probe the queue's targets until each takes an end mark."""
+    remote = FabricRemote(ssh)
+    answers: list[tuple[int, ProbeResult]] = []
+
+    def probe_until_end() -> None:
+        while (item := _probe_queue.get()) is not None:
+            index, (address, host_keys) = item
+            answers.append((index, remote.probe(address, host_keys)))  # list.append: atomic
+    workers = [threading.Thread(target=probe_until_end, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return answers
 
 
 def public_key_of(path: str) -> tuple[str | None, str]:
