@@ -2251,7 +2251,8 @@ class FabricRemote:
     def __init__(self, ssh: SshConfig):
         self.ssh = ssh
 
-    def _connection(self, address: str) -> Any:
+    def _connection(self, address: str, sock: Any = None) -> Any:
+        """A fabric connection to the VM; over `sock` if given (connected already, by _reach)."""
         import fabric
         ssh = self.ssh
         return fabric.Connection(
@@ -2263,6 +2264,7 @@ class FabricRemote:
                 "banner_timeout": ssh.banner_timeout, "auth_timeout": ssh.auth_timeout,
                 # a dead peer otherwise holds a channel open for paramiko's default hour
                 "channel_timeout": ssh.command_timeout,
+                **({"sock": sock} if sock is not None else {}),
             })
 
     def _pin(self, connection: Any, address: str, host_keys: Sequence[str]) -> list[str]:
@@ -2282,32 +2284,67 @@ class FabricRemote:
         return learned
 
     def probe_all(self, targets: Sequence[tuple[str, Sequence[str]]]) -> list[ProbeResult]:
-        """Probe many VMs at once (address, pinned keys), at most probe_parallelism at a time.
+        """Probe many VMs at once (address, pinned keys), at most probe_parallelism logins at a time.
 
-        Threads wait out the dead VMs together, but paramiko runs each handshake in Python under
+        A probe first waits for the VM's TCP connect and SSH banner without a login slot (_reach),
+        so dead VMs all wait out their timeouts together from the start of the pass, whatever their
+        number, while the live ones go through the slots. Paramiko runs each login in Python under
         the GIL (~40-50 ms of CPU): past PROBES_PER_PROCESS VMs one process is bound to one core,
         so the probes are shared out over worker processes, one per core. Should the workers fail
         to start, this process probes them all itself.
         """
         processes = min(os.cpu_count() or 1, -(-len(targets) // PROBES_PER_PROCESS))
-        threads = -(-self.ssh.probe_parallelism // max(processes, 1))
+        logins = -(-self.ssh.probe_parallelism // max(processes, 1))
         if processes > 1:
             try:
-                return _probe_in_processes(self.ssh, list(targets), processes, threads)
+                return _probe_in_processes(self.ssh, list(targets), processes, logins)
             except Exception as error:  # a worker killed (OOM), no /dev/shm...: slower, but probed
                 log.warning(f"probing in {processes} processes failed ({type(error).__name__}: {error}); "
                             "probing in this one")
         return probe_in_threads(self.ssh, list(targets), self.ssh.probe_parallelism)
 
-    def probe(self, address: str, host_keys: Sequence[str]) -> ProbeResult:
+    def _reach(self, address: str) -> Any:
+        """A TCP connection to the VM's sshd once its banner is there to read (paramiko reads it), or
+        the ProbeResult of a VM that is not reached: no connection within connect_timeout, or no
+        banner within banner_timeout."""
+        import socket
+        ssh = self.ssh
+        try:
+            sock = socket.create_connection((address, ssh.port), timeout=max(1, int(ssh.connect_timeout)))
+        except TimeoutError:
+            return ProbeResult(address, False, f"ssh timeout after {ssh.connect_timeout:.0f}s")
+        except OSError as error:
+            return ProbeResult(address, False, f"ssh: {(error.strerror or str(error)).lower()}")
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(ssh.banner_timeout)
+            sock.recv(1, socket.MSG_PEEK)  # the server speaks first; b"" (closed): paramiko says why
+        except TimeoutError:
+            sock.close()
+            log.debug(f"ssh {address} port {ssh.port}: TCP connected, but no SSH protocol banner within "
+                      f"{ssh.banner_timeout:g}s (a hung sshd, or one refusing over MaxStartups)")
+            return ProbeResult(address, False, f"ssh: no SSH banner within {ssh.banner_timeout:.0f}s")
+        except OSError as error:
+            sock.close()
+            return ProbeResult(address, False, f"ssh: {(error.strerror or str(error)).lower()}")
+        return sock
+
+    def probe(self, address: str, host_keys: Sequence[str], logins: Any = None) -> ProbeResult:
+        """Whether the VM takes a login and runs `true`. `logins` (a semaphore): the login waits for
+        a slot in it once the VM is reached."""
+        reached = self._reach(address)
+        if isinstance(reached, ProbeResult):
+            return reached
+        with logins or contextlib.nullcontext():
+            return self._log_in(address, host_keys, reached)
+
+    def _log_in(self, address: str, host_keys: Sequence[str], sock: Any) -> ProbeResult:
         import paramiko
         from invoke.exceptions import CommandTimedOut
-        connection = self._connection(address)
+        connection = self._connection(address, sock)
         learned = self._pin(connection, address, host_keys)
         try:
             connection.open()
-            import socket
-            connection.client.get_transport().sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             result = connection.run("true", hide=True, warn=True, in_stream=False, timeout=self.ssh.command_timeout)
             if result.exited != 0:
                 return ProbeResult(address, False, f"`true` exited {result.exited}")
@@ -2337,39 +2374,53 @@ class FabricRemote:
         finally:
             connection.close()
             connection.client.close()  # after a failed open() fabric's close() leaves the socket behind
+            sock.close()
 
 
-PROBES_PER_PROCESS = 100  # one process's handshakes keep up with this many VMs in a pass
+PROBES_PER_PROCESS = 100  # one process's logins keep up with this many VMs in a pass
+WAITS_PER_LOGIN = 4  # VMs waited on (TCP connect, SSH banner) per login slot: a sleeping thread and a socket each
 
 
-def probe_in_threads(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], threads: int) -> list[ProbeResult]:
-    """FabricRemote.probe over the targets, `threads` at a time; results in the targets' order."""
+def probe_threads(logins: int, targets: int) -> int:
+    """A probing process's threads: WAITS_PER_LOGIN per login slot, no more than the targets, nor
+    than half its file descriptor limit (each thread holds a socket; the rest is for the logins)."""
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    budget = soft // 2 if soft != resource.RLIM_INFINITY else WAITS_PER_LOGIN * logins
+    return max(1, min(WAITS_PER_LOGIN * logins, targets, budget))
+
+
+def probe_in_threads(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], logins: int) -> list[ProbeResult]:
+    """FabricRemote.probe over the targets, `logins` logins at a time; results in the targets' order."""
     from concurrent.futures import ThreadPoolExecutor
-    remote = FabricRemote(ssh)
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(targets)))) as executor:
-        return list(executor.map(lambda target: remote.probe(*target), targets))
+    remote, slots = FabricRemote(ssh), threading.BoundedSemaphore(logins)
+    with ThreadPoolExecutor(max_workers=probe_threads(logins, len(targets))) as executor:
+        return list(executor.map(lambda target: remote.probe(target[0], target[1], slots), targets))
 
 
 def _probe_in_processes(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], processes: int,
-                        threads: int) -> list[ProbeResult]:
-    """The targets through `processes` workers of `threads` threads each, every thread taking the
-    next target from one queue: a dead VM holds one thread for its timeout wherever it is, and the
-    rest flow to the free threads. (Dealt out in fixed shares, dead VMs that fell into one share
-    starved its healthy ones: the pass waited for its last dead VM to start.) Each worker is a fresh
-    interpreter (forkserver: no fork of this process's threads and locks), quiet as this one."""
+                        logins: int) -> list[ProbeResult]:
+    """The targets through `processes` workers of `logins` login slots (and probe_threads threads)
+    each, every thread taking the next target from one queue: a dead VM holds a thread for its
+    timeout wherever it is, and the rest flow to the free threads. (Dealt out in fixed shares,
+    dead VMs that fell into one share starved its healthy ones: the pass waited for its last
+    dead VM to start.) Each worker is a fresh interpreter (forkserver: no fork of this process's
+    threads and locks), quiet as this one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     context = multiprocessing.get_context("forkserver")
     todo = context.Queue()  # a feeder thread writes it: put() never blocks on the pipe
     for item in enumerate(targets):
         todo.put(item)
+    threads = probe_threads(logins, len(targets))
     for _ in range(processes * threads):
         todo.put(None)  # one end mark per thread
     verbose = log.isEnabledFor(logging.DEBUG)
     try:
         with ProcessPoolExecutor(processes, mp_context=context, initializer=_probe_worker_started,
                                  initargs=(verbose, todo)) as executor:
-            answers = list(executor.map(_probe_from_queue, [ssh] * processes, [threads] * processes))
+            answers = list(executor.map(_probe_from_queue, [ssh] * processes, [logins] * processes,
+                                        [threads] * processes))
     finally:
         todo.cancel_join_thread()  # what a broken worker left in it is not waited for
         todo.close()
@@ -2389,15 +2440,16 @@ def _probe_worker_started(verbose: bool, todo: Any) -> None:
     setup_logging(verbose)
 
 
-def _probe_from_queue(ssh: SshConfig, threads: int) -> list[tuple[int, ProbeResult]]:
-    """In a probe worker: `threads` threads probe the queue's targets until each takes an end mark."""
-    remote = FabricRemote(ssh)
+def _probe_from_queue(ssh: SshConfig, logins: int, threads: int) -> list[tuple[int, ProbeResult]]:
+    """In a probe worker: `threads` threads probe the queue's targets, `logins` logins at a time,
+    until each thread takes an end mark."""
+    remote, slots = FabricRemote(ssh), threading.BoundedSemaphore(logins)
     answers: list[tuple[int, ProbeResult]] = []
 
     def probe_until_end() -> None:
         while (item := _probe_queue.get()) is not None:
             index, (address, host_keys) = item
-            answers.append((index, remote.probe(address, host_keys)))  # list.append: atomic
+            answers.append((index, remote.probe(address, host_keys, slots)))  # list.append: atomic
     workers = [threading.Thread(target=probe_until_end, daemon=True) for _ in range(threads)]
     for worker in workers:
         worker.start()

@@ -10,7 +10,9 @@ process and its probe workers) and the machine's busy CPU, the stand-in sshds' i
 
 Baseline in the same run: the same pass at the old default probe_parallelism = 16. Target: the
 pass at the defaults takes <= connect_timeout + 5 s; every VM is classified right; the peak
-number of threads and file descriptors is bounded by probe_parallelism, not by the pool.
+number of threads and file descriptors is bounded by probe_parallelism (WAITS_PER_LOGIN threads
+and sockets per login slot, and the logins' own), not by the pool. The stand-in sshds that play
+many VMs each take as many unauthenticated connections as those VMs' own sshds would together.
 Needs root (namespaces, iptables). Exit 1 when a target or a check fails.
 
     .venv/bin/python bench/bench_reconcile_scale.py [--vms 500] [--drop 50] [--frozen 10] [--sshds 30]
@@ -151,7 +153,9 @@ def main() -> int:
         directory = Path(tmp)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / "key")], check=True)
         public_key = (directory / "key.pub").read_text()
-        sup = VmSupervisor(directory / "vms")
+        # One stand-in sshd plays ~15 VMs, each of which would have its own sshd and its own
+        # MaxStartups (10 unauthenticated connections): this one takes theirs together.
+        sup = VmSupervisor(directory / "vms", sshd_options="MaxStartups 200:30:400\n")
         try:
             started = time.perf_counter()
             kinds = {"ok": args.sshds, "drop": max(1, args.drop // 10), "hang": max(1, args.frozen // 5)}

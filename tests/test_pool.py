@@ -310,3 +310,17 @@ def _wait_for_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 
             return True
         time.sleep(0.01)
     return False
+
+
+def test_probe_threads_are_bounded_by_the_login_slots_the_targets_and_the_open_files_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    assert vp.probe_threads(logins=64, targets=500) == vp.WAITS_PER_LOGIN * 64 == 256
+    assert vp.probe_threads(logins=128, targets=500) == 500
+    assert vp.probe_threads(logins=128, targets=30) == 30
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, 4096))
+    assert vp.probe_threads(logins=128, targets=500) == 128  # half the limit: the rest is for the logins
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert vp.probe_threads(logins=2, targets=500) == 8
+    assert vp.probe_threads(logins=1, targets=0) == 1

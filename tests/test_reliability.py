@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -353,13 +354,13 @@ def test_unreachable_vms_are_classified_within_the_timeouts(pool: PoolHandle, mo
     assert symptom in after["reason"].lower()
     ssh = pool.settings["ssh"]
     assert took < ssh["connect_timeout"] + ssh["banner_timeout"] + ssh["auth_timeout"] + 10
-    if mode == "hang":  # an admin chasing it down gets the SSH library's own account with -v
+    if mode == "hang":  # an admin chasing it down gets the account of what was seen with -v
         def verbose_pass_shows_the_banner_error() -> bool:
             # On a busy machine one probe may time out in the TCP connect instead; a later one shows it.
             verbose = subprocess.run([VMPOOL, "--config", pool.config_path, "-v", "reconcile"], capture_output=True,
                                      text=True, timeout=60, stdin=subprocess.DEVNULL)
-            return "Error reading SSH protocol banner" in verbose.stderr
-        wait_until(verbose_pass_shows_the_banner_error, 120, "paramiko's banner error in a -v reconcile's stderr")
+            return f"{vm['address']} port 22: TCP connected, but no SSH protocol banner within" in verbose.stderr
+        wait_until(verbose_pass_shows_the_banner_error, 120, "the banner wait's account in a -v reconcile's stderr")
     pool.bed.vm_fault(vm["server_id"], "ok")
     pool.reconcile_until(lambda: pool.vms("free"), 30, "recovery once SSH answers again")
 
@@ -396,14 +397,39 @@ def test_probes_shared_out_over_worker_processes_classify_each_vm_as_one_process
     assert good.address and refusing.address and good.host_keys != refusing.host_keys
     targets = [(good.address, good.host_keys), (refusing.address, refusing.host_keys),
                (good.address, refusing.host_keys), (good.address, good.host_keys)]
-    answers = vp._probe_in_processes(config.ssh, targets, processes=2, threads=2)
+    answers = vp._probe_in_processes(config.ssh, targets, processes=2, logins=1)
     assert [(a.ok, a.host_key_changed) for a in answers] == [(True, False), (False, False), (False, True),
                                                              (True, False)], answers
     assert "refused" in answers[1].detail and "not pinned" in answers[2].detail
-    in_one = vp.probe_in_threads(config.ssh, targets, threads=4)
+    in_one = vp.probe_in_threads(config.ssh, targets, logins=4)
     assert [(a.ok, a.host_key_changed, a.detail) for a in answers] == \
         [(a.ok, a.host_key_changed, a.detail) for a in in_one]
     pool.bed.vm_fault(refusing.server_id, "ok")
+
+
+@pytest.mark.parametrize(("mode", "symptom"), [("hang", "no SSH banner within 3s"), ("drop", "timeout after 3s")])
+def test_a_dead_vm_is_waited_out_without_a_login_slot(pool: PoolHandle, mode: str, symptom: str) -> None:
+    """A probe waits for the TCP connect and the SSH banner before it takes one of the pass's
+    probe_parallelism login slots: dead VMs wait out their timeouts together from the start of the
+    pass, however many they are, and never hold the slots the live VMs' logins need."""
+    pool.write_config(pool={"min": 2})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "2 Free VMs")
+    config = vp.load_config(pool.config_path)
+    dead, live = vp.Pool(config).store.read().vms
+    pool.bed.vm_fault(dead.server_id, mode)
+    remote, slots = vp.FabricRemote(config.ssh), threading.BoundedSemaphore(1)
+    slots.acquire()  # every login slot taken: only a probe that needs none can end
+    answers: list[vp.ProbeResult] = []
+    probing = threading.Thread(target=lambda: answers.append(remote.probe(dead.address, dead.host_keys, slots)),
+                               daemon=True)
+    probing.start()
+    probing.join(60)
+    assert answers, "the dead VM's probe waited for a login slot"
+    assert not answers[0].ok and answers[0].detail.endswith(symptom), answers
+    slots.release()
+    assert remote.probe(live.address, live.host_keys, slots).ok
+    assert slots.acquire(blocking=False), "the live VM's login kept its slot"
+    pool.bed.vm_fault(dead.server_id, "ok")
 
 
 def test_changed_host_key_makes_the_vm_unusable_for_good(pool: PoolHandle) -> None:

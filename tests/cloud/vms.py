@@ -409,7 +409,10 @@ class VmSupervisor:
     thread.  If the process holding the supervisor dies, all its VMs die with it.
     """
 
-    def __init__(self, base_dir: str | Path):
+    def __init__(self, base_dir: str | Path, sshd_options: str = ""):
+        """``sshd_options``: lines added to every VM's sshd_config (a benchmark whose one sshd plays
+        many VMs raises ``MaxStartups`` with it, as each of those VMs would have its own sshd)."""
+        self.sshd_options = sshd_options
         self.base_dir = Path(base_dir).resolve()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._tag = rule_tag(self.base_dir)
@@ -650,7 +653,7 @@ class VmSupervisor:
             src = d / "keys" / f"ssh_host_{t}_key"
             self._write(etc_ssh / src.name, src.read_bytes(), 0o600)
             self._write(etc_ssh / (src.name + ".pub"), (d / "keys" / (src.name + ".pub")).read_bytes(), 0o644)
-        self._write(etc_ssh / "sshd_config", _SSHD_CONFIG.format(address=address, port=port), 0o644)
+        self._write(etc_ssh / "sshd_config", _SSHD_CONFIG.format(address=address, port=port) + self.sshd_options, 0o644)
         etc = self._upper_dir(upper, "/etc")
         self._write(etc / "hostname", hn + "\n", 0o644)
         hosts = Path("/etc/hosts").read_text() if not (etc / "hosts").exists() else (etc / "hosts").read_text()
