@@ -2335,8 +2335,11 @@ class FabricRemote:
         reached = self._reach(address)
         if isinstance(reached, ProbeResult):
             return reached
-        with logins or contextlib.nullcontext():
-            return self._log_in(address, host_keys, reached)
+        try:
+            with logins or contextlib.nullcontext():
+                return self._log_in(address, host_keys, reached)
+        finally:
+            reached.close()
 
     def _log_in(self, address: str, host_keys: Sequence[str], sock: Any) -> ProbeResult:
         import paramiko
@@ -2374,7 +2377,6 @@ class FabricRemote:
         finally:
             connection.close()
             connection.client.close()  # after a failed open() fabric's close() leaves the socket behind
-            sock.close()
 
 
 PROBES_PER_PROCESS = 100  # one process's logins keep up with this many VMs in a pass
