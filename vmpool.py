@@ -782,6 +782,7 @@ class Ended:
 # They never touch the network, the disk or the clock.
 
 WAITER_POLL_STRETCH = 8  # a waiter far back in the queue looks at most every 8 acquire_polls
+FREED_MARK_RESET = 1 << 20  # the freed mark starts again past this many VMs
 
 
 def describe_vm(vm: Vm) -> str:
@@ -883,6 +884,18 @@ def waiter_sleep(to_free: int, claims_per_second: float | None, poll: float) -> 
     if not claims_per_second:
         return poll * WAITER_POLL_STRETCH  # the queue does not move: nothing to be quick for
     return min(max(poll, to_free / claims_per_second / 2), poll * WAITER_POLL_STRETCH)
+
+
+def newly_free(before: PoolState, after: PoolState) -> int:
+    """VMs a change made Free (a release, a boot, a recovery): what waiters are woken for."""
+    was_free = {vm.name for vm in before.vms if vm.state == FREE and not vm.drained}
+    return sum(1 for vm in after.vms if vm.state == FREE and not vm.drained and vm.name not in was_free)
+
+
+def vms_freed_since(mark: int, now: int) -> int:
+    """VMs that came Free between two readings of the store's freed mark (a mark that went back
+    was reset: take it as many, so the waiter looks)."""
+    return now - mark if now >= mark else FREED_MARK_RESET
 
 
 def waiting_pass_may_help(state: PoolState, pool: PoolConfig) -> bool:
@@ -1770,6 +1783,7 @@ class StateStore:
         self.lock_timeout = lock_timeout
         self._lock = filelock.FileLock(f"{path}.lock", timeout=lock_timeout, mode=0o600)
         self._queue_path = f"{path}.queue.lock"
+        self._freed_path = f"{path}.freed"
         self._held = threading.local()  # depth of locked() in this thread: nested, it holds both already
 
     def _ensure_dir(self) -> None:
@@ -1855,6 +1869,28 @@ class StateStore:
                           f"held {(time.monotonic() - got) * 1000:.0f} ms")
         finally:
             os.close(queue)
+
+    def note_freed(self, count: int) -> None:
+        """Tell waiting acquires that `count` VMs came Free: one byte each, appended to
+        ``<state_file>.freed`` (its size is the mark). Waiters far back in the queue sleep long
+        between looks at the state; a stat of this file each acquire_poll wakes them when enough
+        VMs came Free for their place. A hint, never the record: no lock, no fsync."""
+        try:
+            fd = os.open(self._freed_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if os.fstat(fd).st_size >= FREED_MARK_RESET:
+                    os.ftruncate(fd, 0)
+                os.write(fd, b"." * count)
+            finally:
+                os.close(fd)
+        except OSError as error:  # the waiters still look on their own schedule
+            log.debug(f"{self._freed_path}: {error}")
+
+    def freed_mark(self) -> int:
+        try:
+            return os.stat(self._freed_path).st_size
+        except OSError:
+            return 0
 
     def _stamp(self) -> tuple[int, int] | None:
         """Which state file is there: every write replaces it (a new inode and mtime)."""
@@ -2619,12 +2655,20 @@ class Pool:
 
     def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]], lock_timeout: float | None = None) -> Any:
         """StateStore.update, with the state's times first kept true across a wall-clock step."""
+        freed = 0
+
         def checked(state: PoolState) -> tuple[PoolState, Any]:
+            nonlocal freed
             boot_id, boot_seconds = self.boot_clock()
             state, notes = plan_clock(state, self.clock(), boot_id, boot_seconds)
             self.apply_notes(notes)
-            return change(state)
-        return self.store.update(checked, lock_timeout)
+            new, result = change(state)
+            freed = newly_free(state, new)
+            return new, result
+        result = self.store.update(checked, lock_timeout)
+        if freed:  # once the state says so: a woken waiter must find the VMs Free
+            self.store.note_freed(freed)
+        return result
 
     @property
     def cloud(self) -> Cloud:
@@ -2670,6 +2714,7 @@ class Pool:
                 if self.monotonic() >= deadline:
                     raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
                                         f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
+                mark = self.store.freed_mark()  # before the look: a VM freed meanwhile wakes it early
                 to_free, claims = self._look(job)
                 refused = self.list_error if isinstance(self.list_error, CloudRefused) else self.create_refused
                 if refused is not None:
@@ -2682,7 +2727,8 @@ class Pool:
                     if last_look is not None and self.monotonic() > last_look[0]:
                         rate = max(0, claims - last_look[1]) / (self.monotonic() - last_look[0])
                     last_look = (self.monotonic(), claims)
-                    self.sleep(waiter_sleep(to_free, rate, self.config.pool.acquire_poll))
+                    self._sleep_unless_freed(waiter_sleep(to_free, rate, self.config.pool.acquire_poll),
+                                             to_free, mark)
         except BaseException:
             with contextlib.suppress(VmpoolError):
                 self._update(functools.partial(_without_result, withdraw_request, job=job))
@@ -2694,6 +2740,17 @@ class Pool:
         held = " (already held: an earlier run of its prologue may have prepared it)" if outcome.already_held else ""
         log.info(f"{describe_vm(vm)} acquired by job {job} for {user}{held}")
         return outcome
+
+    def _sleep_unless_freed(self, seconds: float, to_free: int, mark: int) -> None:
+        """A waiter's sleep between looks, cut short (within an acquire_poll) once `to_free` VMs
+        came Free after its look: a waiter far back sleeps long while the queue stands still,
+        yet a burst of releases brings it its VM at once, in queue order."""
+        poll = self.config.pool.acquire_poll
+        end = self.monotonic() + seconds
+        while (left := end - self.monotonic()) > 0:
+            self.sleep(min(left, poll))
+            if vms_freed_since(mark, self.store.freed_mark()) >= to_free:
+                return
 
     def _try_claim_by(self, deadline: float, job: str, user: str, started: float) -> Claimed | Waiting | Ended:
         """try_claim; a state lock still busy after lock_timeout is contention (a few hundred prologues

@@ -900,6 +900,24 @@ def test_a_waiter_far_back_looks_less_often_as_fast_as_the_queue_moves() -> None
     assert vp.waiter_sleep(500, 1.0, 0.5) == 0.5 * vp.WAITER_POLL_STRETCH, "never above the stretch"
 
 
+def test_newly_free_counts_the_vms_a_change_made_free_for_waiters() -> None:
+    before = PoolState(pool="p", vms=[vm("a", BUSY, job="1"), vm("b", BUSY, job="2"), vm("c"), vm("d", UNUSABLE)])
+    after = vp.plan_release(before, "1", NOW)[0]
+    assert vp.newly_free(before, after) == 1, "a release"
+    after.vms[3].state = FREE
+    after.vms.append(vm("e"))
+    assert vp.newly_free(before, after) == 3, "and a recovery, and a boot; c was Free already"
+    after.vms[4].drained = True
+    assert vp.newly_free(before, after) == 2, "a drained VM serves no waiter"
+    assert vp.newly_free(after, before) == 0, "a claim frees nothing"
+
+
+def test_vms_freed_since_a_mark_and_a_reset_mark_wakes_the_waiter() -> None:
+    assert vp.vms_freed_since(10, 13) == 3
+    assert vp.vms_freed_since(10, 10) == 0
+    assert vp.vms_freed_since(10, 2) >= 10**6, "the mark started again: look"
+
+
 def test_a_waiting_pass_runs_only_when_it_can_bring_a_vm_nearer() -> None:
     """At max with every VM Free or Busy a waiter's pass can do nothing (cron's pass still runs)."""
     pool = config(max=2).pool

@@ -324,3 +324,35 @@ def test_probe_threads_are_bounded_by_the_login_slots_the_targets_and_the_open_f
     monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert vp.probe_threads(logins=2, targets=500) == 8
     assert vp.probe_threads(logins=1, targets=0) == 1
+
+
+def test_a_waiter_far_back_looks_again_within_a_poll_of_the_vms_its_place_needs_coming_free(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    """While the queue stands still it sleeps WAITER_POLL_STRETCH polls between looks; the
+    releases that free the VMs its place needs wake it within one poll (the store's freed mark)."""
+    import dataclasses
+    import os
+    pool, _, _ = setup
+    fake = FakeTime()
+    pool = timed(with_pool(pool, min=3, max=3), fake)
+    pool.reconcile()
+    pool.reconcile()
+    for job in ("1", "2", "3"):
+        pool.acquire(job, "alice", timeout=1)
+    ahead = vp.Request(job="9", user="carol", since=fake.wall, pid=os.getpid(), host=pool.host,
+                       pid_start=vp.process_start(os.getpid()))  # a live waiter ahead: this one needs 2 VMs
+    pool.store.update(lambda state: (dataclasses.replace(state, requests=[ahead]), None))
+    poll = pool.config.pool.acquire_poll
+    released_at: list[float] = []
+
+    def sleep_while_two_jobs_end(seconds: float) -> None:
+        assert seconds <= poll * 1.001, "the long sleep is taken one poll at a time"
+        fake.sleep(seconds)
+        if not released_at:
+            pool.release("1")
+            pool.release("2")
+            released_at.append(fake.mono)
+    pool.sleep = sleep_while_two_jobs_end
+    claimed = pool.acquire("4", "dave", timeout=60)
+    assert claimed.vm.job == "4" and released_at
+    assert fake.mono - released_at[0] < poll, "it looked again at once, not after its stretched sleep"
