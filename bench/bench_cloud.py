@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*, from a checkout
 
@@ -34,16 +35,40 @@ from tests.conftest import PoolHandle, wait_until
 TARGET = 0.25
 
 
+def settings_known_to(vmpool_py: Path, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The config sections and keys an older vmpool.py knows (its *Config dataclasses' fields)."""
+    import dataclasses
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("vmpool_baseline", vmpool_py)
+    assert spec and spec.loader
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["vmpool_baseline"] = old  # dataclasses look their module up
+    spec.loader.exec_module(old)
+    known = {name.removesuffix("Config").lower(): {f.name for f in dataclasses.fields(cls)}
+             for name, cls in vars(old).items() if name.endswith("Config") and dataclasses.is_dataclass(cls)}
+    return {section: {key: value for key, value in values.items() if key in known[section]}
+            for section, values in settings.items() if section in known}
+
+
 def scale_up(bed: Bed, directory: Path, name: str, vms: int, env: dict[str, str]) -> tuple[float, float, int]:
     """(seconds until every create was sent and recorded, seconds until all Free, requests per pass)."""
     directory.mkdir()
     pool = PoolHandle(bed, directory, name)
-    pool.write_config(pool={"min": vms, "max": vms, "min_free": 0, "build_timeout": 300, "ready_timeout": 300,
-                            "create_grace": 120})
+    pool.settings["pool"].update({"min": vms, "max": vms, "min_free": 0, "build_timeout": 300, "ready_timeout": 300,
+                                  "create_grace": 120})
+    baseline = env.get("PYTHONPATH")
+    if baseline:  # an older vmpool refuses what it does not know: its config holds only its own keys
+        pool.settings = settings_known_to(Path(baseline) / "vmpool.py", pool.settings)
+    pool.write_config()
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "vmpool", "--config", pool.config_path, *args],
-                              capture_output=True, text=True, env=env, check=True)
+        # cwd: `python -m` puts it first on sys.path, before PYTHONPATH: run from the checkout, the
+        # baseline would be this vmpool.py
+        done = subprocess.run([sys.executable, "-m", "vmpool", "--config", pool.config_path, *args],
+                              capture_output=True, text=True, env=env, cwd=directory)
+        if done.returncode:
+            raise SystemExit(f"vmpool {' '.join(args)} ({name}) exited {done.returncode}: {done.stderr.strip()}")
+        return done
 
     started = time.monotonic()
     run("reconcile")
