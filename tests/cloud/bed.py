@@ -128,7 +128,8 @@ class Bed:
                 # a free port picked here was taken by someone else before the child bound it
                 if "Address already in use" not in str(e) or attempt == 2:
                     raise
-            except BaseException:
+            except BaseException:  # a test runner's timeout, ^C: say where the start stood
+                print(bed._start_report(), file=sys.stderr)
                 bed.stop()
                 raise
         raise AssertionError("unreachable")
@@ -172,8 +173,17 @@ class Bed:
                 return json.loads(path.read_text())
             self._check_alive()
             if time.monotonic() > deadline:
-                raise BedError(f"timed out waiting for {path}")
+                raise BedError(f"timed out waiting for {path}\n{self._start_report()}")
             time.sleep(0.1)
+
+    def _start_report(self) -> str:
+        """Each process of a start that did not finish: running or not, and its last output (the
+        run dir, with the full logs, is removed with the bed)."""
+        parts = []
+        for name, p in self.procs.items():
+            state = "running" if p.poll() is None else f"exited {p.returncode}"
+            parts.append(f"--- {name} (pid {p.pid}, {state}), last output:\n{_tail(self.run_dir / f'{name}.out')}")
+        return "bed start did not finish:\n" + "\n".join(parts)
 
     def _start(self, token_expiration, default_spawn_delay, timeout):
         t0 = time.monotonic()
