@@ -2327,7 +2327,7 @@ class FabricRemote:
         A probe first waits for the VM's TCP connect and SSH banner without a login slot (_reach),
         so dead VMs all wait out their timeouts together from the start of the pass, whatever their
         number, while the live ones go through the slots. Paramiko runs each login in Python under
-        the GIL (~40-50 ms of CPU): past PROBES_PER_PROCESS VMs one process is bound to one core,
+        the GIL (~10-40 ms of CPU): past PROBES_PER_PROCESS VMs one process is bound to one core,
         so the probes are shared out over worker processes, one per core. Should the workers fail
         to start, this process probes them all itself.
         """
@@ -2352,7 +2352,7 @@ class FabricRemote:
         except TimeoutError:
             return ProbeResult(address, False, f"ssh timeout after {ssh.connect_timeout:.0f}s")
         except OSError as error:
-            return ProbeResult(address, False, f"ssh: {(error.strerror or str(error)).lower()}")
+            return ProbeResult(address, False, _ssh_failure(error))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(ssh.banner_timeout)
@@ -2364,7 +2364,7 @@ class FabricRemote:
             return ProbeResult(address, False, f"ssh: no SSH banner within {ssh.banner_timeout:.0f}s")
         except OSError as error:
             sock.close()
-            return ProbeResult(address, False, f"ssh: {(error.strerror or str(error)).lower()}")
+            return ProbeResult(address, False, _ssh_failure(error))
         return sock
 
     def probe(self, address: str, host_keys: Sequence[str], logins: Any = None) -> ProbeResult:
@@ -2403,18 +2403,17 @@ class FabricRemote:
                 # TCP connected, SSH never answered (a hung sshd); paramiko words it either way
                 return ProbeResult(address, False, f"ssh: no SSH banner within {self.ssh.banner_timeout:.0f}s")
             return ProbeResult(address, False, f"ssh: {error or type(error).__name__}")
-        except paramiko.ssh_exception.NoValidConnectionsError as error:
-            reasons = sorted({getattr(cause, "strerror", None) or str(cause) for cause in error.errors.values()})
-            return ProbeResult(address, False, f"ssh: {', '.join(reasons).lower()}")
-        except TimeoutError:
-            return ProbeResult(address, False, f"ssh timeout after {self.ssh.connect_timeout:.0f}s")
-        except OSError as error:
-            return ProbeResult(address, False, f"ssh: {error.strerror or error}")
+        except OSError as error:  # connected already (_reach): a reset, a timeout mid-login
+            return ProbeResult(address, False, _ssh_failure(error))
         except Exception as error:  # invoke's CommandTimedOut and friends
             return ProbeResult(address, False, f"ssh: {type(error).__name__}: {error}")
         finally:
             connection.close()
             connection.client.close()  # after a failed open() fabric's close() leaves the socket behind
+
+
+def _ssh_failure(error: OSError) -> str:
+    return f"ssh: {(error.strerror or str(error)).lower()}"
 
 
 PROBES_PER_PROCESS = 100  # one process's logins keep up with this many VMs in a pass
