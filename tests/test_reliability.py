@@ -83,6 +83,28 @@ def test_fifty_concurrent_acquires_against_thirty_free_vms(pool: PoolHandle) -> 
     assert len(pool.servers()) == 30
 
 
+def test_a_waiter_far_back_is_woken_by_the_releases_that_free_the_vms_its_place_needs(pool: PoolHandle) -> None:
+    """Real acquire processes: job 4 queues behind job 3, so it needs two VMs to come Free and,
+    the queue standing still, sleeps WAITER_POLL_STRETCH polls (8 x 5 s) between looks. The two
+    releases append to the state's freed mark, which it checks each poll: it is served within a
+    poll or two of them, long before its stretched sleep would end."""
+    pool.write_config(pool={"min": 2, "max": 2, "acquire_poll": 5})
+    pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "2 Free VMs")
+    pool.run("acquire", "1", "--user", "u")
+    pool.run("acquire", "2", "--user", "u")
+    waiting = [pool.spawn("acquire", "3", "--user", "u", "--timeout", "120")]
+    wait_until(lambda: [r["job"] for r in pool.status()["waiting"]] == ["3"], 30, "job 3 queued")
+    waiting.append(pool.spawn("acquire", "4", "--user", "u", "--timeout", "120"))
+    wait_until(lambda: [r["job"] for r in pool.status()["waiting"]] == ["3", "4"], 30, "job 4 queued behind it")
+    pool.run("release", "1")
+    pool.run("release", "2")
+    # 5 s polls: its stretched sleep would last 40 s; a poll, process start-up and the claim far less
+    wait_until(lambda: all(proc.poll() is not None for proc in waiting), 20,
+               "both waiters served, woken by the releases")
+    assert [proc.returncode for proc in waiting] == [0, 0], [proc.communicate() for proc in waiting]
+    assert {vm["job"] for vm in pool.vms("busy")} == {"3", "4"}
+
+
 # --- crashes ---
 
 CRASH_POINTS = [
