@@ -2481,17 +2481,30 @@ def _probe_worker_started(verbose: bool, todo: Any) -> None:
 
 def _probe_from_queue(ssh: SshConfig, logins: int, threads: int) -> list[tuple[int, ProbeResult]]:
     """In a probe worker: `threads` threads probe the queue's targets, `logins` logins at a time,
-    until each thread takes an end mark."""
-    remote, slots = FabricRemote(ssh), threading.BoundedSemaphore(logins)
+    until each thread takes an end mark. Each thread starts with its first target taken, and no
+    login begins before every thread has started: logins are CPU-bound under the GIL, and begun
+    early they held back the other threads' connects, so dead VMs began their waits seconds late."""
+    remote, slots, all_started = FabricRemote(ssh), threading.BoundedSemaphore(logins), threading.Event()
     answers: list[tuple[int, ProbeResult]] = []
 
-    def probe_until_end() -> None:
-        while (item := _probe_queue.get()) is not None:
+    @contextlib.contextmanager
+    def login_slot() -> Iterator[None]:
+        all_started.wait()
+        with slots:
+            yield
+
+    def probe_until_end(item: Any) -> None:
+        while item is not None:
             index, (address, host_keys) = item
-            answers.append((index, remote.probe(address, host_keys, slots)))  # list.append: atomic
-    workers = [threading.Thread(target=probe_until_end, daemon=True) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
+            answers.append((index, remote.probe(address, host_keys, login_slot())))  # list.append: atomic
+            item = _probe_queue.get()
+    workers = [threading.Thread(target=probe_until_end, args=(_probe_queue.get(),), daemon=True)
+               for _ in range(threads)]
+    try:
+        for worker in workers:
+            worker.start()
+    finally:
+        all_started.set()  # even if a thread could not start: the started ones must not wait forever
     for worker in workers:
         worker.join()
     return answers
