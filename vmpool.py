@@ -2384,15 +2384,21 @@ class FabricRemote:
         from invoke.exceptions import CommandTimedOut
         connection = self._connection(address, sock)
         learned = self._pin(connection, address, host_keys)
+        # logged in, then the VM stopped answering (or a hung shell): no better than no SSH
+        timed_out = ProbeResult(address, False, f"ssh: `true` did not finish within {self.ssh.command_timeout:g}s")
         try:
             connection.open()
+            started = time.monotonic()
             result = connection.run("true", hide=True, warn=True, in_stream=False, timeout=self.ssh.command_timeout)
+            # invoke's timer closes the channel (exit status -1) and raises CommandTimedOut only if
+            # the timer thread has ended by the time run() checks it: under load it often has not
+            if result.exited == -1 and time.monotonic() - started >= self.ssh.command_timeout:
+                return timed_out
             if result.exited != 0:
                 return ProbeResult(address, False, f"`true` exited {result.exited}")
             return ProbeResult(address, True, host_keys=tuple(learned))
         except CommandTimedOut:
-            # logged in, then the VM stopped answering (or a hung shell): no better than no SSH
-            return ProbeResult(address, False, f"ssh: `true` did not finish within {self.ssh.command_timeout:g}s")
+            return timed_out
         except paramiko.BadHostKeyException as error:
             return ProbeResult(address, False, f"presented {error.key.get_name()} key not pinned",
                                host_key_changed=True)
@@ -2405,7 +2411,7 @@ class FabricRemote:
             return ProbeResult(address, False, f"ssh: {error or type(error).__name__}")
         except OSError as error:  # connected already (_reach): a reset, a timeout mid-login
             return ProbeResult(address, False, _ssh_failure(error))
-        except Exception as error:  # invoke's CommandTimedOut and friends
+        except Exception as error:  # invoke's other failures (ThreadException...)
             return ProbeResult(address, False, f"ssh: {type(error).__name__}: {error}")
         finally:
             connection.close()
