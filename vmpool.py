@@ -608,6 +608,9 @@ class PoolState:
     pool: str
     vms: list[Vm] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
+    # waiters a freed VM was handed to while they slept (the VM is Busy for their job): each takes
+    # its VM at its next look; should its acquire end first, the VM, untouched, is Free again
+    handed: list[Request] = field(default_factory=list)
     serial: int = 0
     orphans: dict[str, float] = field(default_factory=dict)  # server id -> first seen
     last_reconcile: float | None = None
@@ -765,6 +768,7 @@ Action = CreateServer | DeleteServer | ProbeSsh | Note
 class Claimed:
     vm: Vm
     already_held: bool = False  # the job held it before: an earlier run of its prologue may have prepared it
+    handed: bool = False  # freed while the job waited, it was handed over at once (plan_hand_over)
 
 
 @dataclass
@@ -813,15 +817,17 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     if ended is not None and ended >= started:
         new.requests = [r for r in new.requests if r.job != job]
         return new, Ended(ended)
+    handed = next((r for r in new.handed if r.job == job and r.pid == pid and r.host == host), None)
+    new.handed = [r for r in new.handed if r.job != job]  # from here on the job's VM is this process's
     held = new.vm_of_job(job)
     if held is not None and held.state == BUSY and held.user == user:
-        return new, Claimed(held, already_held=True)
+        return new, Claimed(held, already_held=handed is None, handed=handed is not None)
     for stale in (vm for vm in new.vms if vm.job == job):
         # Nobody scrubbed this VM: the job asks again while an Unusable VM is still its own, or
         # a reused job id (a reset pbs_server) of another user finds the first owner's VM.
         owner = f" of {stale.user or 'no user'}" if stale.user != user else ""
         _give_up_job(stale, f"held by job {job}{owner} when it asked for a VM again", now)
-    _prune_requests(new, live_pids, host)
+    _prune_requests(new, live_pids, host, now)
     request = next((r for r in new.requests if r.job == job), None)
     if request is None:
         request = Request(job=job, user=user, since=now, pid=pid, host=host, pid_start=pid_start, started=started)
@@ -829,19 +835,60 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     else:  # a re-run of the prologue: this process now waits for the job
         request.pid, request.host, request.pid_start, request.user = pid, host, pid_start, user
     position = new.requests.index(request)
-    # The most recently freed first: the others keep ageing, so a light load leaves the rest idle
-    # long enough to be trimmed (cloud hours are the site's bill).
-    free = sorted((vm for vm in new.vms if vm.state == FREE and not vm.drained), key=lambda vm: vm.since,
-                  reverse=True)
+    free = free_vms(new)
     if len(free) <= position:
         return new, Waiting(position)
     vm = free[0]
-    _set_state(vm, BUSY, "", now)
-    vm.job, vm.user, vm.job_missing_since = job, user, None
-    new.requests.remove(request)
-    _count(new, "acquires")
-    _observe_wait(new, now - request.since)
+    _claim(new, vm, request, now)
     return new, Claimed(vm)
+
+
+def _claim(state: PoolState, vm: Vm, request: Request, now: float) -> None:
+    _set_state(vm, BUSY, "", now)
+    vm.job, vm.user, vm.job_missing_since = request.job, request.user, None
+    state.requests.remove(request)
+    _count(state, "acquires")
+    _observe_wait(state, now - request.since)
+
+
+def free_vms(state: PoolState) -> list[Vm]:
+    """The VMs a job may be given, the most recently freed first: the others keep ageing, so a
+    light load leaves the rest idle long enough to be trimmed (cloud hours are the site's bill)."""
+    return sorted((vm for vm in state.vms if vm.state == FREE and not vm.drained), key=lambda vm: vm.since,
+                  reverse=True)
+
+
+def plan_hand_over(state: PoolState, now: float, host: str,
+                   alive: Callable[[Request], bool]) -> tuple[PoolState, list[Action]]:
+    """Hand the Free VMs to the jobs at the head of the queue, in queue order, as they come Free.
+
+    A waiter only learns of a freed VM at its next look, and takes the state lock after others
+    woken with it, in whatever order the lock goes: claimed by the waiters themselves, a burst's
+    VMs went out of queue order by seconds. Handed over by the change that frees them (a release,
+    a boot, a recovery), each goes to the first waiter in line at once; the waiter finds it Busy
+    for its job. A request ahead whose acquire died (alive says so; only this host's can be asked)
+    is pruned rather than given a VM.
+    """
+    if not state.requests or not any(vm.state == FREE and not vm.drained for vm in state.vms):
+        return state, []
+    new = copy_state(state)
+    free = free_vms(new)
+    notes: list[Action] = []
+    for request in list(new.requests):
+        if not free:
+            break
+        if request.host == host and not alive(request):
+            new.requests.remove(request)
+            continue
+        ended = new.ended_jobs.get(request.job)
+        if (ended is not None and ended >= request.started) or new.vm_of_job(request.job) is not None:
+            continue  # its own locked try ends the wait, or sorts out the VM it still holds
+        vm = free.pop(0)
+        _claim(new, vm, request, now)
+        new.handed.append(request)
+        notes.append(Note(logging.INFO, f"{describe_vm(vm)} handed to job {request.job} ({request.user}), "
+                                        f"first in line after {now - request.since:.1f}s"))
+    return new, notes
 
 
 def _give_up_job(vm: Vm, taint: str, now: float) -> None:
@@ -907,15 +954,28 @@ def waiting_pass_may_help(state: PoolState, pool: PoolConfig) -> bool:
     return len(state.vms) < pool.max or any(vm.state == UNUSABLE for vm in state.vms)
 
 
-def withdraw_request(state: PoolState, job: str) -> PoolState:
+def withdraw_request(state: PoolState, job: str, now: float) -> PoolState:
+    """The job's acquire gives up: its request goes, and a VM handed to it, never used, is Free again."""
     new = copy_state(state)
     new.requests = [r for r in new.requests if r.job != job]
+    _take_back(new, [r for r in new.handed if r.job == job], now)
     return new
 
 
-def _prune_requests(state: PoolState, live_pids: frozenset[int], host: str) -> None:
-    """Drop requests whose acquire process died (on this host): they would block the queue."""
+def _prune_requests(state: PoolState, live_pids: frozenset[int], host: str, now: float) -> None:
+    """Drop requests whose acquire process died (on this host): they would block the queue. A VM
+    handed to such a process was never touched: Free again."""
     state.requests = [r for r in state.requests if r.host != host or r.pid in live_pids]
+    _take_back(state, [r for r in state.handed if r.host == host and r.pid not in live_pids], now)
+
+
+def _take_back(state: PoolState, handed: list[Request], now: float) -> None:
+    for request in handed:
+        state.handed.remove(request)
+        vm = state.vm_of_job(request.job)
+        if vm is not None and vm.state == BUSY and vm.user == request.user and not vm.tainted:
+            vm.job, vm.user = None, None
+            _set_state(vm, FREE, "", now)
 
 
 ENDED_JOBS_KEPT = 2000  # releases remembered (a deleted job's prologue may wake much later)
@@ -931,6 +991,7 @@ def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> 
     new = copy_state(state)
     withdrawn = [r for r in new.requests if r.job == job]
     new.requests = [r for r in new.requests if r.job != job]
+    new.handed = [r for r in new.handed if r.job != job]  # its VM, handed over, is released below
     _remember_end(new, job, now)
     held = [vm for vm in new.vms if vm.job == job]
     if not held:
@@ -981,7 +1042,7 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
     """One reconcile decision: compare the state with the cloud and decide what to do."""
     new = copy_state(state)
     actions: list[Action] = []
-    _prune_requests(new, seen.live_pids, seen.host)
+    _prune_requests(new, seen.live_pids, seen.host, now)
     if seen.servers is None:
         return new, actions
     servers = {server.id: server for server in seen.servers}
@@ -1687,6 +1748,7 @@ def state_from_json(data: Any, path: str, pool_name: str) -> PoolState:
         body = {k: v for k, v in data.items() if k not in ("schema", "version")}
         body["vms"] = [Vm(**vm) for vm in body.get("vms", [])]
         body["requests"] = [Request(**request) for request in body.get("requests", [])]
+        body["handed"] = [Request(**request) for request in body.get("handed", [])]
         return PoolState(**body)
     except TypeError as error:
         raise StateError(f"{path}: malformed state ({error}); left untouched") from None
@@ -2674,20 +2736,25 @@ class Pool:
         self.create_refused: CloudRefused | None = None  # the last pass's create was refused for good
 
     def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]], lock_timeout: float | None = None) -> Any:
-        """StateStore.update, with the state's times first kept true across a wall-clock step."""
+        """StateStore.update, with the state's times first kept true across a wall-clock step, and
+        the VMs the change frees handed to the queue's head in the same write."""
         freed = 0
+        handed: list[Action] = []
 
         def checked(state: PoolState) -> tuple[PoolState, Any]:
-            nonlocal freed
+            nonlocal freed, handed
             boot_id, boot_seconds = self.boot_clock()
             state, notes = plan_clock(state, self.clock(), boot_id, boot_seconds)
             self.apply_notes(notes)
             new, result = change(state)
             freed = newly_free(state, new)
+            if freed:
+                new, handed = plan_hand_over(new, self.clock(), self.host, request_alive)
             return new, result
         result = self.store.update(checked, lock_timeout)
-        if freed:  # once the state says so: a woken waiter must find the VMs Free
+        if freed:  # once the state says so: a woken waiter must find its VM Free, or handed to it
             self.store.note_freed(freed)
+        self.apply_notes(handed)
         return result
 
     @property
@@ -2732,8 +2799,11 @@ class Pool:
             last_look: tuple[float, int] | None = None  # (when, claims counted so far) at the last look
             while isinstance(outcome, Waiting):
                 if self.monotonic() >= deadline:
-                    raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
-                                        f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
+                    outcome = self._try_claim_by(deadline, job, user, started)  # a VM handed over meanwhile?
+                    if isinstance(outcome, Waiting):
+                        raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
+                                            f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
+                    break
                 mark = self.store.freed_mark()  # before the look: a VM freed meanwhile wakes it early
                 to_free, claims = self._look(job)
                 refused = self.list_error if isinstance(self.list_error, CloudRefused) else self.create_refused
@@ -2751,13 +2821,14 @@ class Pool:
                                              to_free, mark)
         except BaseException:
             with contextlib.suppress(VmpoolError):
-                self._update(functools.partial(_without_result, withdraw_request, job=job))
+                self._update(functools.partial(_without_result, withdraw_request, job=job, now=self.clock()))
             raise
         if isinstance(outcome, Ended):
             raise JobEnded(f"job {job}: its epilogue released it at {fmt_time(outcome.at)}, after this attempt "
                            f"began at {fmt_time(started)}: the job is over, no VM taken")
         vm = outcome.vm
-        held = " (already held: an earlier run of its prologue may have prepared it)" if outcome.already_held else ""
+        held = " (already held: an earlier run of its prologue may have prepared it)" if outcome.already_held else (
+            f" (handed over when it came Free, at {fmt_time(vm.since)})" if outcome.handed else "")
         log.info(f"{describe_vm(vm)} acquired by job {job} for {user}{held}")
         return outcome
 
@@ -3033,7 +3104,7 @@ def process_start(pid: int) -> int:
 
 def live_pids(state: PoolState) -> frozenset[int]:
     """Which waiting acquire processes on this host still exist (zombies and reused pids count as dead)."""
-    return frozenset(request.pid for request in state.requests if request_alive(request))
+    return frozenset(request.pid for request in (*state.requests, *state.handed) if request_alive(request))
 
 
 def request_alive(request: Request) -> bool:

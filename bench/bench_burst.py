@@ -256,16 +256,18 @@ def queue_burst(vms: int) -> int:
         doubles = len(addresses) - len(set(addresses)) + sum(
             1 for job in everyone if job not in holders and results[job][3] == 0 and job not in claimed_at)
         problems += len(failed) + release_failures + len(state.requests) + doubles + (vms - len(releases))
-        # FCFS: a later-queued job claiming first is only allowed while a VM was there for the earlier one
-        # too, i.e. the earlier one claims within one acquire poll (0.5 s) plus scheduling slack. Both
-        # times come from the acquires' own log lines.
-        order = sorted((job for job in waiters if job in CLAIMED_AT), key=QUEUED_AT.__getitem__)
+        # FCFS: a later-queued job getting a VM first is only allowed while a VM was there for the
+        # earlier one too, i.e. the earlier one gets its VM within one acquire poll (0.5 s) plus
+        # scheduling slack. Queued: the acquire's own log line. Served: when the state made the VM
+        # the job's (a release hands it over; the job still holds it), else the acquire's claim line.
+        served_at = {job: at for job in waiters if (at := claimed_at.get(job, CLAIMED_AT.get(job))) is not None}
+        order = sorted(served_at, key=QUEUED_AT.__getitem__)
         overtaken = 0
         latest_claim = 0.0
         for job in order:
-            if CLAIMED_AT[job] < latest_claim - 1.5:
+            if served_at[job] < latest_claim - 1.5:
                 overtaken += 1
-            latest_claim = max(latest_claim, CLAIMED_AT[job])
+            latest_claim = max(latest_claim, served_at[job])
         print(f"  FCFS: {overtaken} of {len(order)} queued jobs served > 1.5 s after a later-queued job; "
               f"double assignments {doubles}")
         problems += overtaken + (len(waiters) - len(order))

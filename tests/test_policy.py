@@ -104,6 +104,64 @@ def test_requests_from_another_host_are_not_pruned_by_pid() -> None:
     assert outcome == vp.Waiting(1) and len(new.requests) == 2
 
 
+def queued(*jobs: str, host: str = HOST) -> list[vp.Request]:
+    """Waiting requests, in queue order: job N's acquire is pid 100 + N."""
+    return [vp.Request(job, "bob", NOW - 30 + n, 100 + n, host) for n, job in enumerate(jobs)]
+
+
+def test_freed_vms_are_handed_to_the_head_of_the_queue_in_order() -> None:
+    state = PoolState(pool="p", vms=[vm("a", since=NOW - 50), vm("b", since=NOW - 5), vm("c", BUSY, job="9")],
+                      requests=queued("1", "2", "3"))
+    new, notes = vp.plan_hand_over(state, NOW, HOST, alive=lambda request: True)
+    assert (new.vm_named("b").job, new.vm_named("a").job) == ("1", "2"), "most recently freed to the first in line"
+    assert all(new.vm_named(name).state == BUSY and new.vm_named(name).user == "bob" for name in "ab")
+    assert [r.job for r in new.requests] == ["3"] and [r.job for r in new.handed] == ["1", "2"]
+    assert new.counters["acquires"] == 2 and new.acquire_wait["count"] == 2
+    assert [n.message.split(" handed to ")[1].split()[1] for n in notes] == ["1", "2"]
+    assert state.vm_named("b").state == FREE and len(state.requests) == 3  # input untouched
+
+
+def test_a_dead_waiter_of_this_host_is_pruned_not_handed_a_vm_and_another_host_s_is_served() -> None:
+    state = PoolState(pool="p", vms=[vm("a")], requests=queued("1") + queued("2", host="other")[:1])
+    new, _ = vp.plan_hand_over(state, NOW, HOST, alive=lambda request: request.job != "1")
+    assert new.vm_named("a").job == "2" and new.requests == []
+
+
+def test_nothing_is_handed_to_an_ended_job_or_to_one_that_still_holds_a_vm() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("x", UNUSABLE, job="2")], requests=queued("1", "2", "3"),
+                      ended_jobs={"1": NOW - 1})
+    new, _ = vp.plan_hand_over(state, NOW, HOST, alive=lambda request: True)
+    assert new.vm_named("a").job == "3" and [r.job for r in new.requests] == ["1", "2"]
+
+
+def test_a_waiter_takes_the_vm_handed_to_it_as_not_already_held() -> None:
+    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
+                                 alive=lambda request: True)
+    new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, frozenset({100}))
+    assert outcome == vp.Claimed(new.vm_named("a"), already_held=False, handed=True) and new.handed == []
+    # the next run of its prologue finds it held: it may have prepared it
+    _, again = vp.plan_acquire(new, "1", "bob", NOW + 2, 200, HOST, frozenset({200}))
+    assert again == vp.Claimed(new.vm_named("a"), already_held=True, handed=False)
+
+
+def test_a_handed_vm_its_waiter_never_took_is_free_again_when_the_waiter_gives_up_or_dies() -> None:
+    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
+                                 alive=lambda request: True)
+    withdrawn = vp.withdraw_request(state, "1", NOW + 1)
+    assert withdrawn.vm_named("a").state == FREE and withdrawn.vm_named("a").job is None and withdrawn.handed == []
+    pruned, _ = vp.plan_acquire(state, "2", "carol", NOW + 1, 300, HOST, live_pids=frozenset({300}))
+    assert pruned.vm_named("a").job == "2" and pruned.handed == [], "the dead waiter's VM went to the next job"
+    elsewhere, _ = vp.plan_acquire(state, "2", "carol", NOW + 1, 300, "other-node", live_pids=frozenset({300}))
+    assert elsewhere.vm_named("a").job == "1", "another host's waiter cannot be asked: its VM stays handed"
+
+
+def test_the_job_s_release_while_its_vm_is_handed_frees_it() -> None:
+    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
+                                 alive=lambda request: True)
+    new, _ = vp.plan_release(state, "1", NOW + 1)
+    assert new.vm_named("a").state == FREE and new.handed == [] and new.ended_jobs["1"] == NOW + 1
+
+
 def test_release_frees_the_vm() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
     new, _ = vp.plan_release(state, "1", NOW)

@@ -356,3 +356,52 @@ def test_a_waiter_far_back_looks_again_within_a_poll_of_the_vms_its_place_needs_
     claimed = pool.acquire("4", "dave", timeout=60)
     assert claimed.vm.job == "4" and released_at
     assert fake.mono - released_at[0] < poll, "it looked again at once, not after its stretched sleep"
+
+
+def _waiting(pool: vp.Pool, *jobs: str) -> None:
+    """Queue live requests (this test process) for the jobs, in order, as sleeping acquires would."""
+    import dataclasses
+    import os
+    requests = [vp.Request(job=job, user="carol", since=time.time(), pid=os.getpid(), host=pool.host,
+                           pid_start=vp.process_start(os.getpid())) for job in jobs]
+    pool.store.update(lambda state: (dataclasses.replace(state, requests=requests), None))
+
+
+def test_a_release_hands_its_vm_to_the_first_waiter_in_the_same_write(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, _, _ = setup
+    pool = with_pool(pool, min=2, max=2)
+    pool.reconcile()
+    pool.reconcile()
+    first, second = (pool.acquire(job, "alice", timeout=1).vm.name for job in ("1", "2"))
+    _waiting(pool, "8", "9")
+    mark = pool.store.freed_mark()
+    pool.release("2")
+    state = pool.store.read()
+    assert state.vm_named(second).job == "8" and state.vm_named(second).state == vp.BUSY
+    assert [r.job for r in state.requests] == ["9"] and [r.job for r in state.handed] == ["8"]
+    assert vp.vms_freed_since(mark, pool.store.freed_mark()) == 1, "the sleeping waiters are woken"
+    pool.release("1")
+    claimed = pool.acquire("9", "carol", timeout=1)
+    assert claimed.vm.name == first and claimed.handed and not claimed.already_held
+    assert [r.job for r in pool.store.read().handed] == ["8"]
+
+
+def test_a_vm_handed_over_as_the_acquire_times_out_is_taken_not_dropped(
+        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    pool, _, _ = setup
+    fake = FakeTime()
+    pool = timed(with_pool(pool, min=1, max=1), fake)
+    pool.reconcile()
+    pool.reconcile()
+    held = pool.acquire("1", "alice", timeout=1).vm.name
+
+    def sleep_past_the_deadline_while_job_1_ends(seconds: float) -> None:
+        fake.sleep(10)
+        if pool.store.read().vm_named(held).job == "1":
+            pool.release("1")  # handed to job 2 after its last look, before its deadline's check
+    pool.sleep = sleep_past_the_deadline_while_job_1_ends
+    claimed = pool.acquire("2", "bob", timeout=5)
+    assert claimed.vm.name == held and claimed.handed
+    state = pool.store.read()
+    assert state.vm_named(held).job == "2" and state.handed == [] and state.requests == []

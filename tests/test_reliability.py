@@ -83,26 +83,35 @@ def test_fifty_concurrent_acquires_against_thirty_free_vms(pool: PoolHandle) -> 
     assert len(pool.servers()) == 30
 
 
-def test_a_waiter_far_back_is_woken_by_the_releases_that_free_the_vms_its_place_needs(pool: PoolHandle) -> None:
+def test_releases_hand_their_vms_to_the_waiters_in_queue_order_and_wake_even_one_far_back(
+        pool: PoolHandle) -> None:
     """Real acquire processes: job 4 queues behind job 3, so it needs two VMs to come Free and,
-    the queue standing still, sleeps WAITER_POLL_STRETCH polls (8 x 5 s) between looks. The two
-    releases append to the state's freed mark, which it checks each poll: it is served within a
-    poll or two of them, long before its stretched sleep would end."""
+    the queue standing still, sleeps WAITER_POLL_STRETCH polls (8 x 5 s) between looks. Each
+    release hands its VM, in its own write, to the first job in line; and it appends to the
+    state's freed mark, which the waiters check each poll: both are served within a poll or two
+    of the releases, long before job 4's stretched sleep would end."""
     pool.write_config(pool={"min": 2, "max": 2, "acquire_poll": 5})
     pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 90, "2 Free VMs")
-    pool.run("acquire", "1", "--user", "u")
-    pool.run("acquire", "2", "--user", "u")
-    waiting = [pool.spawn("acquire", "3", "--user", "u", "--timeout", "120")]
+    addresses = {job: pool.run("acquire", job, "--user", "u").stdout.strip() for job in ("1", "2")}
+    waiting = [pool.spawn("acquire", "3", "--user", "v", "--timeout", "120", "--format", "env")]
     wait_until(lambda: [r["job"] for r in pool.status()["waiting"]] == ["3"], 30, "job 3 queued")
-    waiting.append(pool.spawn("acquire", "4", "--user", "u", "--timeout", "120"))
+    waiting.append(pool.spawn("acquire", "4", "--user", "w", "--timeout", "120", "--format", "env"))
     wait_until(lambda: [r["job"] for r in pool.status()["waiting"]] == ["3", "4"], 30, "job 4 queued behind it")
-    pool.run("release", "1")
     pool.run("release", "2")
-    # 5 s polls: its stretched sleep would last 40 s; a poll, process start-up and the claim far less
+    # the release's own write gave the VM to the first in line, whichever waiter wakes first
+    assert {(vm["job"], vm["address"]) for vm in pool.vms("busy")} == {("1", addresses["1"]), ("3", addresses["2"])}
+    assert [r["job"] for r in pool.status()["waiting"]] == ["4"]
+    pool.run("release", "1")
+    assert {(vm["job"], vm["address"]) for vm in pool.vms("busy")} == {("3", addresses["2"]), ("4", addresses["1"])}
+    # 5 s polls: job 4's stretched sleep would last 40 s; a poll, process start-up and the claim far less
     wait_until(lambda: all(proc.poll() is not None for proc in waiting), 20,
                "both waiters served, woken by the releases")
-    assert [proc.returncode for proc in waiting] == [0, 0], [proc.communicate() for proc in waiting]
-    assert {vm["job"] for vm in pool.vms("busy")} == {"3", "4"}
+    outputs = [proc.communicate() for proc in waiting]
+    assert [proc.returncode for proc in waiting] == [0, 0], outputs
+    for (out, err), address in zip(outputs, (addresses["2"], addresses["1"]), strict=True):
+        env = dict(line.split("=", 1) for line in out.split())
+        assert env["VMPOOL_ADDRESS"] == address and env["VMPOOL_ALREADY_HELD"] == "no", out
+        assert "handed over when it came Free" in err, err
 
 
 # --- crashes ---
