@@ -95,6 +95,14 @@ def with_pool(pool: vp.Pool, **changes: object) -> vp.Pool:
     return vp.Pool(config, cloud=pool.cloud, remote=pool.remote)
 
 
+def filled(pool: vp.Pool, vms: int) -> vp.Pool:
+    """The pool at min = max = vms, every VM Free: one pass creates them, the next probes them."""
+    pool = with_pool(pool, min=vms, max=vms)
+    pool.reconcile()
+    pool.reconcile()
+    return pool
+
+
 def test_reconcile_creates_to_min_with_one_listing_per_pass(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
     pool, cloud, _ = setup
     pool = with_pool(pool, min=2)
@@ -293,9 +301,7 @@ def test_a_waiter_at_max_with_every_vm_busy_runs_no_pass_of_its_own(
         setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
     """Only a release can bring it a VM; a pass would cost every waiter the cloud client's import."""
     pool, cloud, _ = setup
-    pool = with_pool(pool, min=1, max=1)
-    pool.reconcile()
-    pool.reconcile()
+    pool = filled(pool, 1)
     pool.acquire("1", "alice", timeout=1)
     cloud.calls.clear()
     with pytest.raises(vp.NoVmAvailable):
@@ -370,9 +376,7 @@ def _waiting(pool: vp.Pool, *jobs: str) -> None:
 def test_a_release_hands_its_vm_to_the_first_waiter_in_the_same_write(
         setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
     pool, _, _ = setup
-    pool = with_pool(pool, min=2, max=2)
-    pool.reconcile()
-    pool.reconcile()
+    pool = filled(pool, 2)
     first, second = (pool.acquire(job, "alice", timeout=1).vm.name for job in ("1", "2"))
     _waiting(pool, "8", "9")
     mark = pool.store.freed_mark()
