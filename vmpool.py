@@ -36,6 +36,86 @@ Exit codes (the same for every command):
 
 from __future__ import annotations
 
+import os
+import sys
+
+# --- start-up admission ---
+# A burst of prologues starts hundreds of `vmpool` processes at once, and most of each one's CPU
+# goes to importing modules (click, logging, this file). Hundreds importing at once on a few
+# cores thrash the caches and the scheduler: 200 bare interpreters importing click and filelock
+# took 0.64x of their time one after another, where 2 cores could do 0.5x; with one start slot
+# per core (flock), taken before the imports, 0.55x. The command takes a slot here, before its
+# imports, and lets it go when main() begins (run()): the slot is never held across a wait for
+# the state lock, a VM or the cloud, so it cannot hold up the releases that waiters need.
+
+START_SLOTS_DIR = "/run/vmpool"  # root's (the hooks' and cron's commands); VMPOOL_START_SLOTS: another, or "off"
+START_SLOT_WAIT = 10.0  # seconds: a holder stuck in its imports holds up the others this long at most
+
+
+class _SlotWaitOver(Exception):
+    pass
+
+
+def take_start_slot(directory: str, slots: int, wait: float) -> int | None:
+    """The fd of a flocked start slot in `directory`, or None: the command goes on without one
+    (the directory unsafe or unusable, or no slot within `wait` seconds). Never an error."""
+    import fcntl
+    import signal
+    import stat
+    fds: list[int] = []
+    try:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            return None  # whoever else could hold the slots could stall every prologue
+        first = os.getpid() % slots  # where the waiters queue: spread over the slots
+        for index in (*range(first, slots), *range(first)):
+            fds.append(os.open(os.path.join(directory, f"start-slot.{index}"),
+                               os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            try:
+                fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fds.pop()
+            except BlockingIOError:
+                pass
+
+        def over(signum: int, frame: object) -> None:
+            raise _SlotWaitOver
+        previous = signal.signal(signal.SIGALRM, over)
+        signal.setitimer(signal.ITIMER_REAL, wait)
+        try:
+            fcntl.flock(fds[0], fcntl.LOCK_EX)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        return fds.pop(0)  # only now: an alarm that beat the disarming leaves it in fds, to be closed
+    except (OSError, _SlotWaitOver):
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _start_slot() -> int | None:
+    """The `vmpool` command's slot (its console script, or `python -m vmpool`); none for an import."""
+    directory = os.environ.get("VMPOOL_START_SLOTS", START_SLOTS_DIR if os.geteuid() == 0 else "off")
+    if directory == "off" or not (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "vmpool"):
+        return None
+    return take_start_slot(directory, len(os.sched_getaffinity(0)), START_SLOT_WAIT)
+
+
+START_SLOT = _start_slot()
+
+
+def admitted() -> None:
+    """The command has started: its start slot goes to the next command starting. Its children
+    take none: a probe worker (forkserver) imports vmpool again, with this command's argv."""
+    if START_SLOT is not None:
+        os.close(START_SLOT)
+    os.environ["VMPOOL_START_SLOTS"] = "off"
+
 import configparser
 import contextlib
 import copy
@@ -45,11 +125,9 @@ import gc
 import ipaddress
 import json
 import logging
-import os
 import re
 import signal
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -3770,6 +3848,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> NoReturn:
     """The `vmpool` command (its console script): main(), then exit with its code."""
+    admitted()
     code = main()
     # The process ends here and the OS frees its memory: freezing the objects spares the exit's
     # collection of them all. That collection was ~10 ms, a sixth of every acquire and release.

@@ -4,6 +4,8 @@ Keystone and Nova API, fabric over SSH against sshd VMs, state on disk."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +72,102 @@ def test_acquire_of_a_free_vm_never_touches_the_cloud_nor_imports_its_client(poo
     pool.bed.reset_counts()
     pool.run("release", "7")
     assert sum(pool.bed.counts().values()) == 0
+
+
+# --- start-up admission: one start slot per core for the imports ---
+
+def _slots(directory: Path, indexes: range) -> list[int]:
+    """Hold these start slots of the directory, as commands in their imports would."""
+    import fcntl
+    fds = [os.open(directory / f"start-slot.{index}", os.O_RDWR | os.O_CREAT, 0o600) for index in indexes]
+    for fd in fds:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fds
+
+
+def _waits_for_a_flock(pid: int) -> bool:
+    """/proc/locks lists a process blocked on a flock as '-> FLOCK ADVISORY WRITE <pid> ...'."""
+    return any(fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid)
+               for fields in map(str.split, Path("/proc/locks").read_text().splitlines()))
+
+
+def test_a_start_slot_is_taken_while_one_is_free_and_none_once_the_wait_is_over(tmp_path: Path) -> None:
+    import signal
+    slots = tmp_path / "slots"
+    handler = signal.getsignal(signal.SIGALRM)
+    first, second = vp.take_start_slot(str(slots), 2, 5), vp.take_start_slot(str(slots), 2, 5)
+    assert first is not None and second is not None, "two slots, both free"
+    assert stat.S_IMODE(slots.stat().st_mode) == 0o700
+    assert vp.take_start_slot(str(slots), 2, 0.2) is None, "both held: the command goes on without one"
+    os.close(first)
+    third = vp.take_start_slot(str(slots), 2, 5)
+    assert third is not None
+    os.close(second)
+    os.close(third)
+    assert signal.getsignal(signal.SIGALRM) is handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_no_start_slot_in_a_directory_another_user_could_hold_them_in(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    assert vp.take_start_slot(str(shared), 2, 5) is None and list(shared.iterdir()) == []
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(private)
+    assert vp.take_start_slot(str(tmp_path / "link"), 2, 5) is None and list(private.iterdir()) == []
+
+
+def test_the_command_waits_for_a_start_slot_and_goes_on_without_one_after_start_slot_wait(tmp_path: Path) -> None:
+    """The real console script: with every slot held by commands in their imports, it waits on a
+    slot (the kernel lists it as blocked on the flock); a slot let go lets it in; a holder that
+    never lets go holds it up START_SLOT_WAIT at most."""
+    slots = tmp_path / "slots"
+    slots.mkdir(mode=0o700)
+    cores = len(os.sched_getaffinity(0))
+    held = _slots(slots, range(cores))
+    env = {**os.environ, "VMPOOL_START_SLOTS": str(slots)}
+    waiting = subprocess.Popen([VMPOOL, "--version"], env=env, stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: _waits_for_a_flock(waiting.pid), 30, "the command waiting on a start slot")
+    assert waiting.poll() is None
+    os.close(held.pop())
+    assert waiting.wait(60) == 0 and vp.__version__ in waiting.communicate()[0]
+    held += _slots(slots, range(cores - 1, cores))  # every slot held again, for good this time
+    stuck = subprocess.Popen([VMPOOL, "--version"], env=env, stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: _waits_for_a_flock(stuck.pid), 30, "the command waiting on a start slot")
+    assert stuck.wait(vp.START_SLOT_WAIT + 60) == 0, "a stuck holder must not hold it up for good"
+    for fd in held:
+        os.close(fd)
+
+
+def test_the_command_s_probe_workers_take_no_start_slot(tmp_path: Path) -> None:
+    """A probe worker (forkserver) imports vmpool again with the command's argv: it must not take
+    a slot, which it would hold for the whole pass while prologues wait for it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    command = bin_dir / "vmpool"  # named as the console script is, argv[0] and all
+    command.write_text(f"""#!{sys.executable}
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+import vmpool
+
+
+def slot_in_worker(_):
+    return vmpool.START_SLOT
+
+
+if __name__ == "__main__":
+    took = vmpool.START_SLOT is not None
+    vmpool.admitted()  # as run() does before main()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as workers:
+        print(took, list(workers.map(slot_in_worker, range(2))))
+""")
+    command.chmod(0o755)
+    slots = tmp_path / "slots"
+    result = subprocess.run([str(command)], env={**os.environ, "VMPOOL_START_SLOTS": str(slots)},
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "[None,", "None]"], result.stdout
 
 
 def test_acquire_times_out_with_a_reason_and_withdraws_its_request(pool: PoolHandle) -> None:
