@@ -49,7 +49,7 @@ import sys
 # the state lock, a VM or the cloud, so it cannot hold up the releases that waiters need.
 
 START_SLOTS_DIR = "/run/vmpool"  # root's (the hooks' and cron's commands); VMPOOL_START_SLOTS: another, or "off"
-START_SLOT_WAIT = 10.0  # seconds: a holder stuck in its imports holds up the others this long at most
+START_SLOT_WAIT = 10.0  # seconds (VMPOOL_START_SLOT_WAIT): a holder stuck in its imports holds up the others this long
 
 
 class _SlotWaitOver(Exception):
@@ -83,15 +83,17 @@ def take_start_slot(directory: str, slots: int, wait: float) -> int | None:
 
         def over(signum: int, frame: object) -> None:
             raise _SlotWaitOver
-        previous = signal.signal(signal.SIGALRM, over)
-        signal.setitimer(signal.ITIMER_REAL, wait)
+        previous = signal.signal(signal.SIGALRM, over)  # ValueError off the main thread: no slot
         try:
-            fcntl.flock(fds[0], fcntl.LOCK_EX)
+            signal.setitimer(signal.ITIMER_REAL, max(wait, 0.001))
+            try:
+                fcntl.flock(fds[0], fcntl.LOCK_EX)  # the waiters of one slot queue in the kernel
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-        return fds.pop(0)  # only now: an alarm that beat the disarming leaves it in fds, to be closed
-    except (OSError, _SlotWaitOver):
+            signal.signal(signal.SIGALRM, previous)  # even after an alarm that beat the disarming
+        return fds.pop(0)  # only now: after such an alarm it stays in fds, to be closed
+    except (OSError, ValueError, _SlotWaitOver):
         return None
     finally:
         for fd in fds:
@@ -103,7 +105,11 @@ def _start_slot() -> int | None:
     directory = os.environ.get("VMPOOL_START_SLOTS", START_SLOTS_DIR if os.geteuid() == 0 else "off")
     if directory == "off" or not (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "vmpool"):
         return None
-    return take_start_slot(directory, len(os.sched_getaffinity(0)), START_SLOT_WAIT)
+    try:
+        wait = float(os.environ.get("VMPOOL_START_SLOT_WAIT", START_SLOT_WAIT))
+    except ValueError:
+        wait = START_SLOT_WAIT
+    return take_start_slot(directory, len(os.sched_getaffinity(0)), wait)
 
 
 START_SLOT = _start_slot()
@@ -907,12 +913,16 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
         _give_up_job(stale, f"held by job {job}{owner} when it asked for a VM again", now)
     _prune_requests(new, live_pids, host, now)
     request = next((r for r in new.requests if r.job == job), None)
-    if request is None:
+    if request is None and handed is not None:  # its VM failed before it took it: its place is kept
+        new.requests.insert(sum(1 for r in new.requests if r.since <= handed.since), handed)
+        request = handed
+    elif request is None:
         request = Request(job=job, user=user, since=now, pid=pid, host=host, pid_start=pid_start, started=started)
         new.requests.append(request)
     else:  # a re-run of the prologue: this process now waits for the job
         request.pid, request.host, request.pid_start, request.user = pid, host, pid_start, user
-    position = new.requests.index(request)
+    ahead = new.requests[:new.requests.index(request)]
+    position = sum(1 for r in ahead if not _passed_over(new, r))
     free = free_vms(new)
     if len(free) <= position:
         return new, Waiting(position)
@@ -958,15 +968,21 @@ def plan_hand_over(state: PoolState, now: float, host: str,
         if request.host == host and not alive(request):
             new.requests.remove(request)
             continue
-        ended = new.ended_jobs.get(request.job)
-        if (ended is not None and ended >= request.started) or new.vm_of_job(request.job) is not None:
-            continue  # its own locked try ends the wait, or sorts out the VM it still holds
+        if _passed_over(new, request):
+            continue
         vm = free.pop(0)
         _claim(new, vm, request, now)
         new.handed.append(request)
         notes.append(Note(logging.INFO, f"{describe_vm(vm)} handed to job {request.job} ({request.user}), "
                                         f"first in line after {now - request.since:.1f}s"))
     return new, notes
+
+
+def _passed_over(state: PoolState, request: Request) -> bool:
+    """A request that takes no VM in its turn: its job ended (its own locked try ends the wait), or
+    its job still holds one (its own locked try sorts that out)."""
+    ended = state.ended_jobs.get(request.job)
+    return (ended is not None and ended >= request.started) or state.vm_of_job(request.job) is not None
 
 
 def _give_up_job(vm: Vm, taint: str, now: float) -> None:
@@ -995,7 +1011,8 @@ def vms_still_to_free(state: PoolState, job: str, pid: int, host: str,
         return 0
     free = sum(1 for vm in state.vms if vm.state == FREE and not vm.drained)
     ahead = state.requests[:state.requests.index(request)]
-    return max(0, sum(1 for other in ahead if other.host != host or alive(other)) + 1 - free)
+    return max(0, sum(1 for other in ahead if (other.host != host or alive(other)) and not _passed_over(state, other))
+               + 1 - free)
 
 
 def waiter_sleep(to_free: int, claims_per_second: float | None, poll: float) -> float:
@@ -1048,12 +1065,15 @@ def _prune_requests(state: PoolState, live_pids: frozenset[int], host: str, now:
 
 
 def _take_back(state: PoolState, handed: list[Request], now: float) -> None:
+    """VMs handed to waiters that never took them: untouched, Free again as any release would free
+    them (a VM whose address changed meanwhile is probed first)."""
     for request in handed:
         state.handed.remove(request)
         vm = state.vm_of_job(request.job)
         if vm is not None and vm.state == BUSY and vm.user == request.user and not vm.tainted:
-            vm.job, vm.user = None, None
-            _set_state(vm, FREE, "", now)
+            last_job = vm.last_job  # the job never ran there
+            _release_vm(vm, request.job, "", now)
+            vm.last_job = last_job
 
 
 ENDED_JOBS_KEPT = 2000  # releases remembered (a deleted job's prologue may wake much later)
@@ -1069,7 +1089,11 @@ def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> 
     new = copy_state(state)
     withdrawn = [r for r in new.requests if r.job == job]
     new.requests = [r for r in new.requests if r.job != job]
-    new.handed = [r for r in new.handed if r.job != job]  # its VM, handed over, is released below
+    if any(r.job == job for r in new.handed):
+        # handed over, never taken by an acquire: nothing ran there, whatever the epilogue fears
+        # (without a record of the job it releases it as unusable)
+        unusable = ""
+        new.handed = [r for r in new.handed if r.job != job]
     _remember_end(new, job, now)
     held = [vm for vm in new.vms if vm.job == job]
     if not held:
@@ -1685,7 +1709,7 @@ def _shift_times(state: PoolState, step: float) -> None:
         vm.since, vm.created_at = vm.since + step, vm.created_at + step
         vm.last_healthy, vm.delete_requested_at = shifted(vm.last_healthy), shifted(vm.delete_requested_at)
         vm.job_missing_since, vm.absent_since = shifted(vm.job_missing_since), shifted(vm.absent_since)
-    for request in state.requests:
+    for request in (*state.requests, *state.handed):
         request.since, request.started = request.since + step, request.started + step
     state.last_reconcile, state.last_pass = shifted(state.last_reconcile), shifted(state.last_pass)
     state.protected_since, state.backoff_until = shifted(state.protected_since), shifted(state.backoff_until)
@@ -1778,6 +1802,8 @@ def fmt_time(timestamp: float | None) -> str:
 
 def state_to_json(state: PoolState) -> dict[str, Any]:
     body = _plain(state)
+    if not body.get("handed"):
+        body.pop("handed", None)
     return {"schema": STATE_SCHEMA, "version": STATE_VERSION, **body}
 
 
@@ -1807,7 +1833,10 @@ def _plain(value: Any) -> Any:
 
 def state_text(state: PoolState) -> str:
     """The state file's content: compact JSON in field order (equal states give equal text)."""
-    return json.dumps({"schema": STATE_SCHEMA, "version": STATE_VERSION, **_fields_of(state)},
+    fields = _fields_of(state)
+    if not fields["handed"]:  # as before hand-overs: a vmpool of before them still reads the file
+        del fields["handed"]
+    return json.dumps({"schema": STATE_SCHEMA, "version": STATE_VERSION, **fields},
                       default=_fields_of, separators=(",", ":")) + "\n"
 
 

@@ -162,6 +162,57 @@ def test_the_job_s_release_while_its_vm_is_handed_frees_it() -> None:
     assert new.vm_named("a").state == FREE and new.handed == [] and new.ended_jobs["1"] == NOW + 1
 
 
+def test_a_job_released_as_unusable_while_its_vm_is_handed_over_gives_it_back_free() -> None:
+    """The epilogue of a job deleted before its prologue took the VM finds no record of it and
+    releases as unusable: the VM was never touched, it stays in service."""
+    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
+                                 alive=lambda request: True)
+    new, _ = vp.plan_release(state, "1", NOW + 1, unusable="epilogue: no job record")
+    assert new.vm_named("a").state == FREE and not new.vm_named("a").tainted and new.handed == []
+    taken, _ = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, frozenset({100}))
+    after, _ = vp.plan_release(taken, "1", NOW + 2, unusable="epilogue: no job record")
+    assert after.vm_named("a").state == UNUSABLE and after.vm_named("a").tainted, "taken: it may be dirty"
+
+
+def test_a_waiter_whose_handed_vm_failed_before_it_took_it_keeps_its_place() -> None:
+    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1", "2", "3")), NOW, HOST,
+                                 alive=lambda request: True)
+    state.vm_named("a").state, state.vm_named("a").reason = UNUSABLE, vp.ERROR_REASON  # it failed meanwhile
+    new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 5, 100, HOST, frozenset({100, 101, 102}))
+    assert outcome == vp.Waiting(0) and [r.job for r in new.requests] == ["1", "2", "3"]
+    assert new.requests[0].since == NOW - 30, "its place and its wait so far are kept"
+
+
+def test_requests_that_take_no_vm_in_their_turn_do_not_count_as_ahead() -> None:
+    """The same rule as the hand-over's: an ended job's request, or one whose job holds a VM."""
+    state = PoolState(pool="p", vms=[vm("a"), vm("x", BUSY, job="2")], requests=queued("1", "2", "3"),
+                      ended_jobs={"1": NOW - 1})
+    state.vm_named("x").user = "bob"
+    _, outcome = vp.plan_acquire(state, "3", "bob", NOW, 102, HOST, frozenset({100, 101, 102}))
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a"
+    assert vp.vms_still_to_free(state, "3", 102, HOST) == 0
+
+
+def test_a_handed_vm_whose_address_changed_is_probed_before_it_is_free_again() -> None:
+    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
+                                 alive=lambda request: True)
+    state.vm_named("a").host_keys = []  # a new address: the pinned key went with the old one
+    new = vp.withdraw_request(state, "1", NOW + 1)
+    a = new.vm_named("a")
+    assert a.state == UNUSABLE and a.reason.startswith(vp.UNREACHABLE) and a.job is None and a.last_job is None
+
+
+def test_the_state_file_has_no_handed_list_while_it_is_empty() -> None:
+    """An older vmpool, which knows no hand-over, still reads it (a downgrade, an acquire of the
+    old version still waiting through the upgrade)."""
+    import json
+    empty = PoolState(pool="p", vms=[vm("a")], requests=queued("1"))
+    assert "handed" not in json.loads(vp.state_text(empty)) and "handed" not in vp.state_to_json(empty)
+    handed, _ = vp.plan_hand_over(empty, NOW, HOST, alive=lambda request: True)
+    assert [r["job"] for r in json.loads(vp.state_text(handed))["handed"]] == ["1"]
+    assert vp.state_from_json(json.loads(vp.state_text(handed)), "s", "p").handed == handed.handed
+
+
 def test_release_frees_the_vm() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
     new, _ = vp.plan_release(state, "1", NOW)
