@@ -816,9 +816,14 @@ class Observation:
     servers: list[Server] | None  # None: the listing failed, so nothing server-related is decided
     live_pids: frozenset[int] = frozenset()
     host: str = ""
-    dead_jobs: frozenset[str] = frozenset()  # jobs job_alive_command says are gone
+    # jobs the batch system says are gone; None: it was not asked (an acquire's waiting pass),
+    # which is no news either way, so a grace already running goes on running
+    dead_jobs: frozenset[str] | None = frozenset()
+    unsure_jobs: frozenset[str] = frozenset()  # asked, but no answer (down, hung): no news either
     probe_free: bool = True  # cron probes Free VMs; acquire's waiting passes do not
 
+
+JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_jobs and unsure_jobs
 
 # Actions: decisions as data, applied by the executor through the adapters.
 @dataclass
@@ -1365,6 +1370,8 @@ def _active(state: PoolState, vm: Vm, seen: Observation, config: Config, now: fl
 
 def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) -> list[Action]:
     """A VM whose job is gone lost its epilogue: never reuse it silently."""
+    if seen.dead_jobs is None or vm.job in seen.unsure_jobs:
+        return []  # not asked, or no answer: the grace neither starts nor ends
     if vm.job not in seen.dead_jobs:
         vm.job_missing_since = None
         return []
@@ -2992,12 +2999,12 @@ class Pool:
             return True
 
     def _reconcile_locked(self, probe_free: bool, dry_run: bool) -> None:
-        servers, dead_jobs = self._observe(probe_free, dry_run)
+        servers, (dead_jobs, unsure_jobs) = self._observe(probe_free, dry_run)
         snapshot = self.store.read()
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
             seen = Observation(servers=servers, live_pids=live_pids(state), host=self.host,
-                               dead_jobs=dead_jobs, probe_free=probe_free)
+                               dead_jobs=dead_jobs, unsure_jobs=unsure_jobs, probe_free=probe_free)
             new, actions = plan_reconcile(state, seen, self.config, self.clock())
             new.last_pass = self.clock()
             return new, actions
@@ -3029,7 +3036,7 @@ class Pool:
         except Exception:
             log.exception(f"reconcile step '{what}' failed unexpectedly")
 
-    def _observe(self, probe_free: bool, dry_run: bool) -> tuple[list[Server] | None, frozenset[str]]:
+    def _observe(self, probe_free: bool, dry_run: bool) -> tuple[list[Server] | None, JobAnswers]:
         servers: list[Server] | None = None
         self.list_error, self.create_refused = None, None
         try:
@@ -3040,21 +3047,24 @@ class Pool:
             if not dry_run:
                 self._update(functools.partial(
                     _without_result, plan_cloud_error, message=str(error), now=self.clock()))
-        # Asking the batch system is slow: cron's passes do it, an acquire's waiting passes do not.
-        return servers, self._dead_jobs() if probe_free else frozenset()
+        # Asking the batch system is slow: cron's passes do it, an acquire's waiting passes do not
+        # (and say so: not asking is no news, it must not restart a lost epilogue's grace).
+        return servers, self._ask_jobs() if probe_free else (None, frozenset())
 
-    def _dead_jobs(self) -> frozenset[str]:
-        """Jobs the batch system says are over; a failure to ask is never "over"."""
+    def _ask_jobs(self) -> JobAnswers:
+        """Jobs the batch system says are over, and those it could not answer for (a failure to
+        ask is never "over")."""
         jobs = sorted({vm.job for vm in self.store.read().vms if vm.job})
         if not jobs:
-            return frozenset()
+            return frozenset(), frozenset()
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(max_workers=8) as executor:
             answers = list(executor.map(self.batch.job_state, jobs))
         for job, answer in zip(jobs, answers, strict=True):
             if answer.startswith(JOB_UNKNOWN):
                 log.warning(f"cannot tell whether job {job} lives: {answer[len(JOB_UNKNOWN):].strip(': ')}")
-        return frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer == JOB_GONE)
+        return (frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer == JOB_GONE),
+                frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer.startswith(JOB_UNKNOWN)))
 
     def _delete(self, deletes: list[DeleteServer]) -> None:
         for action in deletes:

@@ -475,6 +475,39 @@ def test_lost_epilogue_vm_deleted_after_grace_never_reused() -> None:
     assert back.vm_named("a").job_missing_since is None
 
 
+@pytest.mark.parametrize("absent", [False, True], ids=["listed", "vanished"])
+def test_lost_epilogue_grace_runs_out_while_jobs_wait(absent: bool) -> None:
+    """A waiting acquire's passes do not ask the batch system (dead_jobs None): no news, so the
+    grace that cron's passes started runs on; it used to restart at every waiting pass."""
+    pool = config(job_gone_grace=600, max=2, unusable_timeout=10_000)
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="7"), vm("b", UNUSABLE, reason=vp.BUILDING, healthy=False)],
+                      requests=[vp.Request(job="8", user="bob", since=NOW, pid=11, host=HOST)])
+    listing = [server("b", vp.SERVER_BUILDING)] + ([] if absent else [server("a")])
+    tainted_at = None
+    for second in range(0, 1800, 30):  # cron's pass every minute, a waiting pass between them
+        cron = second % 60 == 0
+        observed = seen(*listing, live_pids=frozenset({11}), probe_free=cron,
+                        dead_jobs=frozenset({"7"}) if cron else None)
+        state, _ = vp.plan_reconcile(state, observed, pool, NOW + second)
+        if state.vm_named("a") is None or state.vm_named("a").job is None:
+            tainted_at = second
+            break
+    assert tainted_at is not None, "the lost epilogue was never noticed while a job waited"
+    assert 600 <= tainted_at <= 720
+
+
+def test_a_batch_system_without_an_answer_neither_starts_nor_ends_the_grace() -> None:
+    pool = config(job_gone_grace=60)
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="7")])
+    gone, _ = vp.plan_reconcile(state, seen(server("a"), dead_jobs=frozenset({"7"})), pool, NOW)
+    unsure, _ = vp.plan_reconcile(gone, seen(server("a"), unsure_jobs=frozenset({"7"})), pool, NOW + 30)
+    assert unsure.vm_named("a").job_missing_since == NOW, "no answer is not an answer that the job lives"
+    later, actions = vp.plan_reconcile(unsure, seen(server("a"), dead_jobs=frozenset({"7"})), pool, NOW + 61)
+    assert kinds(actions, DeleteServer) and later.vm_named("a").tainted
+    fresh, _ = vp.plan_reconcile(state, seen(server("a"), unsure_jobs=frozenset({"7"})), pool, NOW)
+    assert fresh.vm_named("a").job_missing_since is None
+
+
 def test_new_address_drops_pinned_keys() -> None:
     state = PoolState(pool="p", vms=[vm("a", host_keys=["ssh-ed25519 AAAA"])])
     new, _ = vp.plan_reconcile(state, seen(server("a", address="127.0.1.9")), config(), NOW)

@@ -515,6 +515,26 @@ def test_busy_vm_whose_job_is_gone_is_deleted_after_grace(pool: PoolHandle, tmp_
     assert "gone without epilogue" in Path(pool.settings["pool"]["log_file"]).read_text()
 
 
+def test_a_lost_epilogue_is_noticed_while_another_job_waits(pool: PoolHandle, tmp_path: Path) -> None:
+    """The waiting acquire runs passes of its own between cron's, without asking the batch system:
+    they must not restart the grace that cron's passes started (it never ran out before)."""
+    alive = tmp_path / "alive"
+    alive.mkdir()
+    pool.write_config(pool={"max": 2, "job_alive_command": f"test -e {alive}/{{jobid}}", "job_gone_exit_codes": "1",
+                            "job_gone_grace": 3, "pass_interval": 0.3})
+    (alive / "88").touch()
+    pool.run("acquire", "88", "--user", "erin")
+    vm = pool.vms("busy")[0]
+    pool.bed.set_behaviour(rf"^{pool.prefix}0002$", spawn_delay=300)  # the waiter's VM stays in BUILD
+    waiter = pool.spawn("acquire", "89", "--user", "erin", "--timeout", "150")
+    wait_until(lambda: pool.status()["waiting"] and pool.vms("unusable"), 60, "a job waiting, its VM building")
+    (alive / "88").unlink()
+    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 60,
+                         "the lost epilogue's VM deleted while job 89 waits")
+    assert waiter.poll() is None, "job 89 still waits: its own passes ran all along"
+    assert "job 88 gone without epilogue" in Path(pool.settings["pool"]["log_file"]).read_text()
+
+
 def test_a_batch_system_that_cannot_answer_never_costs_a_job_its_vm(pool: PoolHandle, tmp_path: Path) -> None:
     """pbs_server down (qstat exits 2) or hanging: "unknown", never "gone", however long it lasts."""
     mode = tmp_path / "mode"
