@@ -814,7 +814,7 @@ class Observation:
     """What a reconcile pass saw outside the state: the cloud, local processes, jobs."""
 
     servers: list[Server] | None  # None: the listing failed, so nothing server-related is decided
-    live_pids: frozenset[int] = frozenset()
+    live_waiters: frozenset[tuple[int, int]] = frozenset()  # this host's waiting acquires: (pid, start)
     host: str = ""
     # jobs the batch system says are gone; None: it was not asked (an acquire's waiting pass),
     # which is no news either way, so a grace already running goes on running
@@ -896,7 +896,7 @@ def _set_state(vm: Vm, state: str, reason: str, now: float) -> None:
 
 
 def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, host: str,
-                 live_pids: frozenset[int], *, started: float | None = None,
+                 live_waiters: frozenset[tuple[int, int]], *, started: float | None = None,
                  pid_start: int = 0) -> tuple[PoolState, Claimed | Waiting | Ended]:
     """Claim a Free VM for the job, or queue it first-come first-served.
 
@@ -921,7 +921,7 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
         # a reused job id (a reset pbs_server) of another user finds the first owner's VM.
         owner = f" of {stale.user or 'no user'}" if stale.user != user else ""
         _give_up_job(stale, f"held by job {job}{owner} when it asked for a VM again", now)
-    _prune_requests(new, live_pids, host, now)
+    _prune_requests(new, live_waiters, host, now)
     request = next((r for r in new.requests if r.job == job), None)
     if request is None and handed is not None:  # its VM failed before it took it: its place is kept
         new.requests.insert(sum(1 for r in new.requests if r.since <= handed.since), handed)
@@ -1066,11 +1066,17 @@ def withdraw_request(state: PoolState, job: str, now: float) -> PoolState:
     return new
 
 
-def _prune_requests(state: PoolState, live_pids: frozenset[int], host: str, now: float) -> None:
+def waiter_of(request: Request) -> tuple[int, int]:
+    """The acquire process behind a request: its pid and start time (a pid alone may be reused,
+    by another waiter too)."""
+    return request.pid, request.pid_start
+
+
+def _prune_requests(state: PoolState, live_waiters: frozenset[tuple[int, int]], host: str, now: float) -> None:
     """Drop requests whose acquire process died (on this host): they would block the queue. A VM
     handed to such a process was never touched: Free again."""
-    state.requests = [r for r in state.requests if r.host != host or r.pid in live_pids]
-    _take_back(state, [r for r in state.handed if r.host == host and r.pid not in live_pids], now)
+    state.requests = [r for r in state.requests if r.host != host or waiter_of(r) in live_waiters]
+    _take_back(state, [r for r in state.handed if r.host == host and waiter_of(r) not in live_waiters], now)
 
 
 def _take_back(state: PoolState, handed: list[Request], now: float) -> None:
@@ -1153,7 +1159,7 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
     """One reconcile decision: compare the state with the cloud and decide what to do."""
     new = copy_state(state)
     actions: list[Action] = []
-    _prune_requests(new, seen.live_pids, seen.host, now)
+    _prune_requests(new, seen.live_waiters, seen.host, now)
     if seen.servers is None:
         return new, actions
     servers = {server.id: server for server in seen.servers}
@@ -2888,7 +2894,7 @@ class Pool:
         pid = os.getpid()
 
         def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting | Ended]:
-            return plan_acquire(state, job, user, self.clock(), pid, self.host, live_pids(state),
+            return plan_acquire(state, job, user, self.clock(), pid, self.host, live_waiters(state),
                                 started=started, pid_start=process_start(pid))
         outcome: Claimed | Waiting | Ended = self._update(change, lock_timeout)
         return outcome
@@ -3003,7 +3009,7 @@ class Pool:
         snapshot = self.store.read()
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
-            seen = Observation(servers=servers, live_pids=live_pids(state), host=self.host,
+            seen = Observation(servers=servers, live_waiters=live_waiters(state), host=self.host,
                                dead_jobs=dead_jobs, unsure_jobs=unsure_jobs, probe_free=probe_free)
             new, actions = plan_reconcile(state, seen, self.config, self.clock())
             new.last_pass = self.clock()
@@ -3211,9 +3217,10 @@ def process_start(pid: int) -> int:
     return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else 0
 
 
-def live_pids(state: PoolState) -> frozenset[int]:
-    """Which waiting acquire processes on this host still exist (zombies and reused pids count as dead)."""
-    return frozenset(request.pid for request in (*state.requests, *state.handed) if request_alive(request))
+def live_waiters(state: PoolState) -> frozenset[tuple[int, int]]:
+    """Which waiting acquire processes on this host still exist, as (pid, start time): zombies count
+    as dead, and so does a pid now another process's, even another waiter's."""
+    return frozenset(waiter_of(request) for request in (*state.requests, *state.handed) if request_alive(request))
 
 
 def request_alive(request: Request) -> bool:

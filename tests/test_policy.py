@@ -59,6 +59,11 @@ def seen(*servers: Server, **extra: object) -> Observation:
     return Observation(servers=list(servers), host=HOST, **extra)  # type: ignore[arg-type]
 
 
+def live(*pids: int) -> frozenset[tuple[int, int]]:
+    """Live waiters as the executor sees them, for requests made with no start time recorded."""
+    return frozenset((pid, 0) for pid in pids)
+
+
 def kinds(actions: list[vp.Action], kind: type) -> list:
     return [action for action in actions if isinstance(action, kind)]
 
@@ -67,7 +72,7 @@ def kinds(actions: list[vp.Action], kind: type) -> list:
 
 def test_acquire_claims_the_most_recently_freed_vm() -> None:
     state = PoolState(pool="p", vms=[vm("a", since=NOW - 50), vm("b", since=NOW - 5)])
-    new, outcome = vp.plan_acquire(state, "1.srv", "alice", NOW, pid=10, host=HOST, live_pids=frozenset())
+    new, outcome = vp.plan_acquire(state, "1.srv", "alice", NOW, pid=10, host=HOST, live_waiters=frozenset())
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b"
     assert new.vm_named("b").state == BUSY and new.vm_named("b").job == "1.srv"
     assert new.requests == [] and state.vm_named("b").state == FREE  # input untouched
@@ -81,26 +86,26 @@ def test_acquire_is_idempotent_for_the_same_job() -> None:
 
 def test_acquire_queues_when_nothing_is_free_and_serves_first_come_first() -> None:
     state = PoolState(pool="p")
-    state, first = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset({10}))
-    state, second = vp.plan_acquire(state, "2", "bob", NOW + 1, 11, HOST, frozenset({10, 11}))
+    state, first = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, live(10))
+    state, second = vp.plan_acquire(state, "2", "bob", NOW + 1, 11, HOST, live(10, 11))
     assert first == vp.Waiting(0) and second == vp.Waiting(1)
     state.vms.append(vm("a"))
-    state, outcome = vp.plan_acquire(state, "2", "bob", NOW + 2, 11, HOST, frozenset({10, 11}))
+    state, outcome = vp.plan_acquire(state, "2", "bob", NOW + 2, 11, HOST, live(10, 11))
     assert outcome == vp.Waiting(1), "job 2 must not overtake job 1"
-    state, outcome = vp.plan_acquire(state, "1", "alice", NOW + 2, 10, HOST, frozenset({10, 11}))
+    state, outcome = vp.plan_acquire(state, "1", "alice", NOW + 2, 10, HOST, live(10, 11))
     assert isinstance(outcome, vp.Claimed)
     assert [r.job for r in state.requests] == ["2"]
 
 
 def test_requests_of_dead_acquire_processes_do_not_block_the_queue() -> None:
     state = PoolState(pool="p", vms=[vm("a")], requests=[vp.Request("1", "alice", NOW - 9, 10, HOST)])
-    _, outcome = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, live_pids=frozenset({11}))
+    _, outcome = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, live_waiters=live(11))
     assert isinstance(outcome, vp.Claimed)
 
 
 def test_requests_from_another_host_are_not_pruned_by_pid() -> None:
     state = PoolState(pool="p", requests=[vp.Request("1", "alice", NOW - 9, 10, "other")])
-    new, outcome = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, live_pids=frozenset({11}))
+    new, outcome = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, live_waiters=live(11))
     assert outcome == vp.Waiting(1) and len(new.requests) == 2
 
 
@@ -137,10 +142,10 @@ def test_nothing_is_handed_to_an_ended_job_or_to_one_that_still_holds_a_vm() -> 
 def test_a_waiter_takes_the_vm_handed_to_it_as_not_already_held() -> None:
     state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
                                  alive=lambda request: True)
-    new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, frozenset({100}))
+    new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, live(100))
     assert outcome == vp.Claimed(new.vm_named("a"), already_held=False, handed=True) and new.handed == []
     # the next run of its prologue finds it held: it may have prepared it
-    _, again = vp.plan_acquire(new, "1", "bob", NOW + 2, 200, HOST, frozenset({200}))
+    _, again = vp.plan_acquire(new, "1", "bob", NOW + 2, 200, HOST, live(200))
     assert again == vp.Claimed(new.vm_named("a"), already_held=True, handed=False)
 
 
@@ -149,9 +154,9 @@ def test_a_handed_vm_its_waiter_never_took_is_free_again_when_the_waiter_gives_u
                                  alive=lambda request: True)
     withdrawn = vp.withdraw_request(state, "1", NOW + 1)
     assert withdrawn.vm_named("a").state == FREE and withdrawn.vm_named("a").job is None and withdrawn.handed == []
-    pruned, _ = vp.plan_acquire(state, "2", "carol", NOW + 1, 300, HOST, live_pids=frozenset({300}))
+    pruned, _ = vp.plan_acquire(state, "2", "carol", NOW + 1, 300, HOST, live_waiters=live(300))
     assert pruned.vm_named("a").job == "2" and pruned.handed == [], "the dead waiter's VM went to the next job"
-    elsewhere, _ = vp.plan_acquire(state, "2", "carol", NOW + 1, 300, "other-node", live_pids=frozenset({300}))
+    elsewhere, _ = vp.plan_acquire(state, "2", "carol", NOW + 1, 300, "other-node", live_waiters=live(300))
     assert elsewhere.vm_named("a").job == "1", "another host's waiter cannot be asked: its VM stays handed"
 
 
@@ -169,7 +174,7 @@ def test_a_job_released_as_unusable_while_its_vm_is_handed_over_gives_it_back_fr
                                  alive=lambda request: True)
     new, _ = vp.plan_release(state, "1", NOW + 1, unusable="epilogue: no job record")
     assert new.vm_named("a").state == FREE and not new.vm_named("a").tainted and new.handed == []
-    taken, _ = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, frozenset({100}))
+    taken, _ = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, live(100))
     after, _ = vp.plan_release(taken, "1", NOW + 2, unusable="epilogue: no job record")
     assert after.vm_named("a").state == UNUSABLE and after.vm_named("a").tainted, "taken: it may be dirty"
 
@@ -178,7 +183,7 @@ def test_a_waiter_whose_handed_vm_failed_before_it_took_it_keeps_its_place() -> 
     state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1", "2", "3")), NOW, HOST,
                                  alive=lambda request: True)
     state.vm_named("a").state, state.vm_named("a").reason = UNUSABLE, vp.ERROR_REASON  # it failed meanwhile
-    new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 5, 100, HOST, frozenset({100, 101, 102}))
+    new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 5, 100, HOST, live(100, 101, 102))
     assert outcome == vp.Waiting(0) and [r.job for r in new.requests] == ["1", "2", "3"]
     assert new.requests[0].since == NOW - 30, "its place and its wait so far are kept"
 
@@ -188,7 +193,7 @@ def test_requests_that_take_no_vm_in_their_turn_do_not_count_as_ahead() -> None:
     state = PoolState(pool="p", vms=[vm("a"), vm("x", BUSY, job="2")], requests=queued("1", "2", "3"),
                       ended_jobs={"1": NOW - 1})
     state.vm_named("x").user = "bob"
-    _, outcome = vp.plan_acquire(state, "3", "bob", NOW, 102, HOST, frozenset({100, 101, 102}))
+    _, outcome = vp.plan_acquire(state, "3", "bob", NOW, 102, HOST, live(100, 101, 102))
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a"
     assert vp.vms_still_to_free(state, "3", 102, HOST) == 0
 
@@ -240,7 +245,7 @@ def test_release_of_unknown_job_is_a_warning_only() -> None:
 def test_release_twice_does_not_free_a_vm_claimed_in_between() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")])
     state, _ = vp.plan_release(state, "1", NOW)
-    state, _ = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, frozenset({11}))
+    state, _ = vp.plan_acquire(state, "2", "bob", NOW, 11, HOST, live(11))
     state, _ = vp.plan_release(state, "1", NOW)
     assert state.vm_named("a").job == "2" and state.vm_named("a").state == BUSY
 
@@ -486,7 +491,7 @@ def test_lost_epilogue_grace_runs_out_while_jobs_wait(absent: bool) -> None:
     tainted_at = None
     for second in range(0, 1800, 30):  # cron's pass every minute, a waiting pass between them
         cron = second % 60 == 0
-        observed = seen(*listing, live_pids=frozenset({11}), probe_free=cron,
+        observed = seen(*listing, live_waiters=live(11), probe_free=cron,
                         dead_jobs=frozenset({"7"}) if cron else None)
         state, _ = vp.plan_reconcile(state, observed, pool, NOW + second)
         if state.vm_named("a") is None or state.vm_named("a").job is None:
@@ -597,7 +602,7 @@ def test_vm_still_waiting_for_ssh_counts_as_coming_capacity() -> None:
 
 def test_a_job_never_holds_two_vms_and_release_takes_back_all() -> None:
     state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.SHUTOFF, job="1"), vm("b")])
-    new, outcome = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset({10}))
+    new, outcome = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, live(10))
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b"
     assert new.vm_named("a").job is None and new.vm_named("a").tainted
     state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.SHUTOFF, job="1"), vm("b", BUSY, job="1")])
@@ -617,7 +622,7 @@ def test_busy_vm_back_from_migration_is_busy_again() -> None:
 def test_lost_epilogue_clock_does_not_carry_over_to_the_next_job() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="7", job_missing_since=NOW - 900)])
     released, _ = vp.plan_release(state, "7", NOW)
-    claimed, _ = vp.plan_acquire(released, "8", "bob", NOW, 11, HOST, frozenset({11}))
+    claimed, _ = vp.plan_acquire(released, "8", "bob", NOW, 11, HOST, live(11))
     _, actions = vp.plan_reconcile(claimed, seen(server("a"), dead_jobs=frozenset({"8"})),
                                    config(job_gone_grace=60), NOW + 1)
     assert kinds(actions, DeleteServer) == []
@@ -676,7 +681,7 @@ def test_state_survives_a_json_text_roundtrip() -> None:
 
 def test_a_reused_job_id_of_another_user_never_gets_the_first_owners_vm() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="123.srv"), vm("b")])  # alice's, epilogue lost
-    new, outcome = vp.plan_acquire(state, "123.srv", "bob", NOW, 10, HOST, frozenset({10}))
+    new, outcome = vp.plan_acquire(state, "123.srv", "bob", NOW, 10, HOST, live(10))
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b" and not outcome.already_held
     held = new.vm_named("a")
     assert held.state == UNUSABLE and held.tainted and held.job is None, "alice's VM is never handed out again"
@@ -685,32 +690,32 @@ def test_a_reused_job_id_of_another_user_never_gets_the_first_owners_vm() -> Non
 
 def test_the_same_job_and_user_get_their_vm_again_marked_already_held() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="123.srv")])
-    _, outcome = vp.plan_acquire(state, "123.srv", "alice", NOW, 10, HOST, frozenset({10}))
+    _, outcome = vp.plan_acquire(state, "123.srv", "alice", NOW, 10, HOST, live(10))
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a" and outcome.already_held
 
 
 def test_a_release_after_the_attempt_began_ends_its_wait() -> None:
     """pbs_mom runs a deleted job's epilogue while its prologue still waits in acquire."""
-    state, outcome = vp.plan_acquire(PoolState(pool="p"), "5", "alice", NOW, 10, HOST, frozenset({10}),
+    state, outcome = vp.plan_acquire(PoolState(pool="p"), "5", "alice", NOW, 10, HOST, live(10),
                                      started=NOW - 1)
     assert isinstance(outcome, vp.Waiting)
     state, _ = vp.plan_release(state, "5", NOW + 10)  # the epilogue: no VM held, the request withdrawn
     assert state.requests == []
     state.vms.append(vm("a", since=NOW + 20))  # a VM boots later
-    after, outcome = vp.plan_acquire(state, "5", "alice", NOW + 30, 10, HOST, frozenset({10}), started=NOW - 1)
+    after, outcome = vp.plan_acquire(state, "5", "alice", NOW + 30, 10, HOST, live(10), started=NOW - 1)
     assert outcome == vp.Ended(NOW + 10) and after.vm_named("a").state == FREE and after.requests == []
 
 
 def test_an_epilogue_that_ran_before_the_prologue_called_acquire_still_ends_it() -> None:
     state, _ = vp.plan_release(PoolState(pool="p", vms=[vm("a")]), "5", NOW)
-    _, outcome = vp.plan_acquire(state, "5", "alice", NOW + 1, 10, HOST, frozenset({10}), started=NOW - 3)
+    _, outcome = vp.plan_acquire(state, "5", "alice", NOW + 1, 10, HOST, live(10), started=NOW - 3)
     assert isinstance(outcome, vp.Ended)
 
 
 def test_a_later_attempt_of_the_same_job_is_served() -> None:
     """A requeued job's prologue starts after the previous attempt's epilogue."""
     state, _ = vp.plan_release(PoolState(pool="p", vms=[vm("a")]), "5", NOW)
-    _, outcome = vp.plan_acquire(state, "5", "alice", NOW + 5, 10, HOST, frozenset({10}), started=NOW + 4)
+    _, outcome = vp.plan_acquire(state, "5", "alice", NOW + 5, 10, HOST, live(10), started=NOW + 4)
     assert isinstance(outcome, vp.Claimed)
 
 
@@ -791,7 +796,7 @@ def simulate_day(pick_newest: bool) -> int:
             if not pick_newest:  # the old policy: the longest-free VM first
                 for v in state.vms:
                     v.since = -v.since if v.state == FREE else v.since
-            state, _ = vp.plan_acquire(state, f"{minute}", "alice", now, 10, HOST, frozenset({10}))
+            state, _ = vp.plan_acquire(state, f"{minute}", "alice", now, 10, HOST, live(10))
             if not pick_newest:
                 for v in state.vms:
                     v.since = -v.since if v.since < 0 else v.since
@@ -852,8 +857,25 @@ def test_a_reused_pid_does_not_keep_a_dead_acquires_request_alive() -> None:
     mine = vp.Request("1", "alice", NOW, me, HOST, pid_start=vp.process_start(me))
     impostor = vp.Request("2", "bob", NOW, me, HOST, pid_start=vp.process_start(me) + 1)
     assert vp.process_start(me) > 0
-    assert vp.live_pids(PoolState(pool="p", requests=[mine])) == frozenset({me})
-    assert vp.live_pids(PoolState(pool="p", requests=[impostor])) == frozenset()
+    assert vp.live_waiters(PoolState(pool="p", requests=[mine])) == frozenset({(me, mine.pid_start)})
+    assert vp.live_waiters(PoolState(pool="p", requests=[impostor])) == frozenset()
+
+
+def test_a_pid_reused_by_another_waiter_does_not_keep_the_dead_waiters_place() -> None:
+    """Job 1's acquire died; job 2's acquire got the same pid: job 1's request must go, or it
+    holds the head of the queue (and a VM handed to it) until the job's epilogue."""
+    import os
+    me = os.getpid()
+    dead = vp.Request("1", "alice", NOW - 60, me, HOST, pid_start=vp.process_start(me) - 100)
+    alive = vp.Request("2", "bob", NOW - 30, me, HOST, pid_start=vp.process_start(me))
+    state = PoolState(pool="p", vms=[vm("a")], requests=[dead, alive])
+    new, outcome = vp.plan_acquire(state, "2", "bob", NOW, me, HOST, vp.live_waiters(state),
+                                   pid_start=alive.pid_start)
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a", "the dead waiter kept its place ahead"
+    assert new.requests == []
+    handed = PoolState(pool="p", vms=[vm("a", BUSY, job="1")], handed=[dead], requests=[alive])
+    after, _ = vp.plan_reconcile(handed, seen(server("a"), live_waiters=vp.live_waiters(handed)), config(), NOW)
+    assert after.vm_named("a").state == FREE or after.vm_named("a").job == "2", "the dead waiter's VM came back"
 
 
 @pytest.mark.parametrize(("exit_code", "stdout", "stderr", "answer"), [
@@ -974,9 +996,9 @@ def test_counters_are_incremented_by_the_plans_that_decide_them() -> None:
 
 def test_a_claim_after_waiting_lands_in_the_wait_histogram() -> None:
     state = PoolState(pool="p")
-    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset({10}))
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, live(10))
     state.vms.append(vm("a"))
-    state, outcome = vp.plan_acquire(state, "1", "alice", NOW + 42, 10, HOST, frozenset({10}))
+    state, outcome = vp.plan_acquire(state, "1", "alice", NOW + 42, 10, HOST, live(10))
     assert isinstance(outcome, vp.Claimed)
     buckets = state.acquire_wait["buckets"]
     assert state.acquire_wait["count"] == 1 and state.acquire_wait["sum"] == 42
