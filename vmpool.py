@@ -863,11 +863,13 @@ class Claimed:
     vm: Vm
     already_held: bool = False  # the job held it before: an earlier run of its prologue may have prepared it
     handed: bool = False  # freed while the job waited, it was handed over at once (plan_hand_over)
+    notes: list[Note] = field(default_factory=list)
 
 
 @dataclass
 class Waiting:
     position: int
+    notes: list[Note] = field(default_factory=list)
 
 
 @dataclass
@@ -914,13 +916,18 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     handed = next((r for r in new.handed if r.job == job and r.pid == pid and r.host == host), None)
     new.handed = [r for r in new.handed if r.job != job]  # from here on the job's VM is this process's
     held = new.vm_of_job(job)
-    if held is not None and held.state == BUSY and held.user == user:
+    if held is not None and held.state == BUSY and _same_owner(held.user, user):
+        # the job runs there, or its prologue runs again: it keeps its VM (an acquire without
+        # --user names no other owner; a VM recorded without one learns it now)
+        held.user = held.user or user
         return new, Claimed(held, already_held=handed is None, handed=handed is not None)
+    notes: list[Note] = []
     for stale in (vm for vm in new.vms if vm.job == job):
         # Nobody scrubbed this VM: the job asks again while an Unusable VM is still its own, or
         # a reused job id (a reset pbs_server) of another user finds the first owner's VM.
         owner = f" of {stale.user or 'no user'}" if stale.user != user else ""
         _give_up_job(stale, f"held by job {job}{owner} when it asked for a VM again", now)
+        notes.append(Note(logging.WARNING, f"{describe_vm(stale)} tainted: {stale.tainted}; never handed out again"))
     _prune_requests(new, live_waiters, host, now)
     request = next((r for r in new.requests if r.job == job), None)
     if request is None and handed is not None:  # its VM failed before it took it: its place is kept
@@ -935,10 +942,15 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
     position = sum(1 for r in ahead if not _passed_over(new, r))
     free = free_vms(new)
     if len(free) <= position:
-        return new, Waiting(position)
+        return new, Waiting(position, notes)
     vm = free[0]
     _claim(new, vm, request, now)
-    return new, Claimed(vm)
+    return new, Claimed(vm, notes=notes)
+
+
+def _same_owner(holder: str | None, asker: str) -> bool:
+    """An empty name is an unknown owner, never proof of another one."""
+    return not holder or not asker or holder == asker
 
 
 def _claim(state: PoolState, vm: Vm, request: Request, now: float) -> None:
@@ -2897,6 +2909,8 @@ class Pool:
             return plan_acquire(state, job, user, self.clock(), pid, self.host, live_waiters(state),
                                 started=started, pid_start=process_start(pid))
         outcome: Claimed | Waiting | Ended = self._update(change, lock_timeout)
+        if not isinstance(outcome, Ended):
+            self.apply_notes(outcome.notes)
         return outcome
 
     def acquire(self, job: str, user: str, timeout: float, started: float | None = None) -> Claimed:
@@ -3599,7 +3613,8 @@ def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.argument("job_id")
-@click.option("--user", default="", help="The job's owner (recorded; shown by status).")
+@click.option("--user", default="", help="The job's owner (recorded; shown by status). Without it, a VM the job "
+              "holds is its own whoever owns it.")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for a VM [pool acquire_timeout].")
 @click.option("--format", "output", type=click.Choice(["address", "env"]), default="address",
               help="address: the VM's address; env: KEY=value lines for the hooks.")
@@ -3612,9 +3627,9 @@ def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, o
             started: float | None) -> None:
     """Get a VM for JOB_ID and print its address (exit 0).
 
-    Idempotent: a job that holds a VM gets the same VM again (only for the same user: a VM
-    held under a reused job id by another user is tainted, never handed out); `--format env`
-    then says VMPOOL_ALREADY_HELD=yes. A Free VM (the most recently freed) is claimed at once,
+    Idempotent: a job that holds a VM gets the same VM again, and without --user too (a VM
+    held under a reused job id by another named user is tainted, never handed out); `--format
+    env` then says VMPOOL_ALREADY_HELD=yes. A Free VM (the most recently freed) is claimed at once,
     without asking the cloud. Otherwise the request joins a first-come first-served queue
     and, if the pool is below max and no boot in progress covers it, a server is created
     now; the command waits until a VM is ACTIVE and answers SSH, then claims it.

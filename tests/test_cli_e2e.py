@@ -199,6 +199,19 @@ def test_waiting_acquires_are_served_first_come_first_served_as_vms_are_released
     assert out.strip() == first and pool.vms("busy")[0]["job"] == "3"
 
 
+def test_an_acquire_without_user_gets_the_running_jobs_own_vm(pool: PoolHandle) -> None:
+    """--user is optional: an acquire without it names no other owner, so the job's VM stays its
+    own (it was tainted, a second VM claimed, and the first deleted under the running job)."""
+    pool.write_config(pool={"max": 2})
+    first = pool.run("acquire", "5", "--user", "alice").stdout.strip()
+    again = pool.run("acquire", "5", "--format", "env")
+    assert f"VMPOOL_ADDRESS={first}" in again.stdout and "VMPOOL_ALREADY_HELD=yes" in again.stdout
+    [vm] = pool.vms()
+    assert (vm["state"], vm["job"], vm["user"], vm["tainted"]) == ("busy", "5", "alice", None)
+    pool.run("release", "5")
+    assert pool.vms("free"), "released as any job's VM"
+
+
 def test_release_unusable_taints_the_vm_and_reconcile_deletes_it_later(pool: PoolHandle) -> None:
     pool.write_config(pool={"max": 1})
     pool.run("acquire", "5", "--user", "alice")

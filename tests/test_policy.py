@@ -46,7 +46,8 @@ def vm(name: str, state: str = FREE, *, reason: str = "", since: float = NOW - 1
        address: str | None = "127.0.1.2", job: str | None = None, healthy: bool = True, **extra: object) -> Vm:
     return Vm(name=name, state=state, reason=reason, since=since, created_at=since,
               server_id=server_id if server_id is not None else f"id-{name}", address=address, job=job,
-              user="alice" if job else None, last_healthy=since if healthy else None,
+              user=extra.pop("user", "alice" if job else None),  # type: ignore[arg-type]
+              last_healthy=since if healthy else None,
               host_keys=extra.pop("host_keys", ["ssh-ed25519 AAAA"] if healthy else []), **extra)  # type: ignore[arg-type]
 
 
@@ -184,7 +185,8 @@ def test_a_waiter_whose_handed_vm_failed_before_it_took_it_keeps_its_place() -> 
                                  alive=lambda request: True)
     state.vm_named("a").state, state.vm_named("a").reason = UNUSABLE, vp.ERROR_REASON  # it failed meanwhile
     new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 5, 100, HOST, live(100, 101, 102))
-    assert outcome == vp.Waiting(0) and [r.job for r in new.requests] == ["1", "2", "3"]
+    assert isinstance(outcome, vp.Waiting) and outcome.position == 0
+    assert [r.job for r in new.requests] == ["1", "2", "3"]
     assert new.requests[0].since == NOW - 30, "its place and its wait so far are kept"
 
 
@@ -686,6 +688,16 @@ def test_a_reused_job_id_of_another_user_never_gets_the_first_owners_vm() -> Non
     held = new.vm_named("a")
     assert held.state == UNUSABLE and held.tainted and held.job is None, "alice's VM is never handed out again"
     assert "of alice" in held.tainted
+    assert any("tainted" in note.message and "123.srv" in note.message for note in outcome.notes), "and it says so"
+
+
+@pytest.mark.parametrize(("holder", "asker"), [("alice", ""), ("", "alice")])
+def test_an_acquire_without_a_user_never_takes_the_running_jobs_vm(holder: str, asker: str) -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="123.srv", user=holder), vm("b")])
+    new, outcome = vp.plan_acquire(state, "123.srv", asker, NOW, 10, HOST, live(10))
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a" and outcome.already_held
+    assert new.vm_named("a").state == BUSY and not new.vm_named("a").tainted
+    assert new.vm_named("a").user == "alice" and new.vm_named("b").state == FREE
 
 
 def test_the_same_job_and_user_get_their_vm_again_marked_already_held() -> None:
