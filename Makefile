@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # Slurm node's) or fixed addresses keep to one worker each (xdist_group marks).
 PYTEST_WORKERS ?= -n 3 --dist loadgroup
 
-.PHONY: venv system-deps lint test unit demo bench clean install
+.PHONY: venv system-deps lint test unit demo bench bench-report clean install
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg constraints.txt pyproject.toml
@@ -40,16 +40,16 @@ test: venv cloud-venv system-deps lint
 demo: venv cloud-venv system-deps
 	$(VENV)/bin/python -m tests.demo
 
-# Each benchmark prints ratios against a baseline measured in the same run and exits 1 when it
-# misses its target; each is a target of its own (bench-burst...: a pattern rule, so not .PHONY),
-# so make -k bench runs them all regardless.
+# Each benchmark prints ratios against a baseline measured in the same run, writes its result to
+# bench/results/NAME.json and exits 1 when it misses its target; each is a target of its own
+# (bench-burst...: a pattern rule, so not .PHONY), so make -k bench runs them all regardless.
+# bench-report makes docs/performance.md's table from the result files.
 BENCHES = fast_path state_size burst probes reconcile_scale cloud job_start
 bench: $(addprefix bench-,$(BENCHES))
 bench-%: venv system-deps
 	$(VENV)/bin/python bench/bench_$*.py
-# its baseline: the vmpool.py before issue 10 (creates one after another)
-bench-cloud: venv system-deps
-	$(VENV)/bin/python bench/bench_cloud.py --baseline "$$(d=$$(mktemp -d) && git show 0c74bed:vmpool.py >$$d/vmpool.py && echo $$d)"
+bench-report:
+	$(PY) bench/report.py
 
 # A site's install: a venv in PREFIX with vmpool and the dependency versions it was tested with
 # (constraints.txt), `vmpool` on PATH, the config example if there is no config yet (0600: it

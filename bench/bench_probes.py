@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.cloud.vms, from a checkout
 
 from bench_fast_path import write_config
+from results import record
 
 import vmpool as vp
 from tests.cloud.vms import VmSupervisor
@@ -81,8 +82,10 @@ def main() -> int:
             print(f"{args.vms} stand-in VMs booted in {time.perf_counter() - started:.1f}s")
 
             print(f"probe step, {args.vms} healthy VMs (median of {args.rounds}):")
+            healthy: dict[int, float] = {}
             for parallelism in (1, 4, 16):
                 seconds, states = timed_probe(directory, parallelism, probes, args.rounds)
+                healthy[parallelism] = seconds
                 free = sum(1 for state in states.values() if state == vp.FREE)
                 print(f"  probe_parallelism {parallelism:2d}: {seconds:6.2f} s   ({free}/{args.vms} Free)")
                 ok &= free == args.vms
@@ -92,11 +95,19 @@ def main() -> int:
                 sup.set_fault(name, "hang")
             print(f"probe step, {args.frozen} of {args.vms} VMs frozen before the banner "
                   f"(banner_timeout {BANNER_TIMEOUT:g}s, median of {args.rounds}):")
+            dead: dict[int, float] = {}
             for parallelism in (1, 16):
                 seconds, states = timed_probe(directory, parallelism, probes, args.rounds)
+                dead[parallelism] = seconds
                 right = sum(1 for name, state in states.items() if (state == vp.FREE) == (name not in frozen))
                 print(f"  probe_parallelism {parallelism:2d}: {seconds:6.2f} s   ({right}/{args.vms} classified right)")
                 ok &= right == args.vms
+            record("probes", what=f"the SSH probe step of a pass, {args.vms} stand-in VMs, `probe_parallelism` "
+                   f"1 / 4 / 16; then {args.frozen} of them frozen before the banner (`banner_timeout` "
+                   f"{BANNER_TIMEOUT:g} s), 1 / 16", target="every VM classified right (no time target)",
+                   figure=f"healthy {' / '.join(f'{s:.2f}' for s in healthy.values())} s; "
+                   f"{args.frozen} frozen {' / '.join(f'{s:.2f}' for s in dead.values())} s",
+                   value=round(healthy[16], 2), unit="s", met=ok)
         finally:
             sup.close()
     if not ok:
