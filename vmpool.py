@@ -163,6 +163,7 @@ FREE, BUSY, UNUSABLE = "free", "busy", "unusable"
 # become Free again: they are deleted once unusable_timeout has passed.
 CREATING, BUILDING, DELETING, ERROR_REASON = "creating", "building", "deleting", "error"
 UNREACHABLE, SHUTOFF, VANISHED, ADOPTED = "unreachable", "shutoff", "vanished", "adopted"
+UNKNOWN_PAST = "adopted with unknown past"  # a tagged server no state and no job record explains
 
 # Torque job ids: 123, 123.server.domain, array jobs 123[4].server (and 123[] for the parent).
 JOB_ID_RE = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9-]*)*$")
@@ -186,6 +187,10 @@ class ConfigError(VmpoolError):
 
 class StateError(VmpoolError):
     exit_code = 4
+
+
+class StateCorrupt(StateError):
+    """The state file is damaged (not JSON, or malformed): reconcile sets it aside and rebuilds."""
 
 
 class CloudError(VmpoolError):
@@ -277,6 +282,9 @@ class PoolConfig:
     job_gone_exit_codes: tuple[int, ...] = (153,)  # Torque's qstat: 153 = unknown job id
     job_alive_timeout: float = 10.0
     job_gone_grace: float = 600.0
+    # the hooks' per-job records (their JOB_DIR): after a lost or restored state file they say
+    # which job runs on which VM ("" = none kept on this node)
+    job_records: str = "/var/spool/vmpool/jobs"
 
 
 @dataclass(frozen=True, eq=False)
@@ -462,8 +470,10 @@ def _check_pool_limits(path: str, pool: PoolConfig) -> None:
             raise ConfigError(f"{path}: [pool] {field_.name} = {getattr(pool, field_.name)!r}: must be > 0 seconds")
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$", pool.name):
         raise ConfigError(f"{path}: [pool] name = {pool.name!r}: letters, digits, '-' and '_' only (at most 41)")
-    if not os.path.isabs(pool.state_file):
-        raise ConfigError(f"{path}: [pool] state_file = {pool.state_file!r}: must be an absolute path")
+    for key in ("state_file", "job_records"):
+        value = getattr(pool, key)
+        if (value or key == "state_file") and not os.path.isabs(value):
+            raise ConfigError(f"{path}: [pool] {key} = {value!r}: must be an absolute path")
 
 
 IDENTITY_KEYS = ("auth_url", "username", "password", "user_domain_name", "project_name", "project_domain_name",
@@ -800,6 +810,18 @@ class Server:
 
 
 @dataclass
+class JobRecord:
+    """The hooks' record of a job's VM on this node (JOB_DIR/<job>/root.env, root's own), written
+    after acquire and removed after release: it outlives a lost or restored state file."""
+
+    job: str
+    vm_name: str
+    server_id: str
+    user: str
+    host_keys: tuple[str, ...] = ()
+
+
+@dataclass
 class ProbeResult:
     name: str
     ok: bool
@@ -821,6 +843,7 @@ class Observation:
     dead_jobs: frozenset[str] | None = frozenset()
     unsure_jobs: frozenset[str] = frozenset()  # asked, but no answer (down, hung): no news either
     probe_free: bool = True  # cron probes Free VMs; acquire's waiting passes do not
+    records: Sequence[JobRecord] = ()  # job records the state does not explain (see job_records_to_follow)
 
 
 JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_jobs and unsure_jobs
@@ -899,13 +922,15 @@ def _set_state(vm: Vm, state: str, reason: str, now: float) -> None:
 
 def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, host: str,
                  live_waiters: frozenset[tuple[int, int]], *, started: float | None = None,
-                 pid_start: int = 0) -> tuple[PoolState, Claimed | Waiting | Ended]:
+                 pid_start: int = 0, records: Sequence[JobRecord] = ()) -> tuple[PoolState, Claimed | Waiting | Ended]:
     """Claim a Free VM for the job, or queue it first-come first-served.
 
     `started` is when this attempt of the job began: a release of the job after it means the
     job's epilogue ran (the job was deleted while it waited) and the attempt gets nothing.
+    `records` are job records the state does not explain: their VMs are their jobs' first.
     """
     new = copy_state(state)
+    notes: list[Note] = _follow_records(new, records, now)
     waiting = next((r for r in new.requests if r.job == job and r.pid == pid and r.host == host), None)
     # the stored start moves with a wall-clock step (plan_clock); the caller's copy would not
     started = waiting.started if waiting is not None else (now if started is None else started)
@@ -920,8 +945,7 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
         # the job runs there, or its prologue runs again: it keeps its VM (an acquire without
         # --user names no other owner; a VM recorded without one learns it now)
         held.user = held.user or user
-        return new, Claimed(held, already_held=handed is None, handed=handed is not None)
-    notes: list[Note] = []
+        return new, Claimed(held, already_held=handed is None, handed=handed is not None, notes=notes)
     for stale in (vm for vm in new.vms if vm.job == job):
         # Nobody scrubbed this VM: the job asks again while an Unusable VM is still its own, or
         # a reused job id (a reset pbs_server) of another user finds the first owner's VM.
@@ -951,6 +975,44 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
 def _same_owner(holder: str | None, asker: str) -> bool:
     """An empty name is an unknown owner, never proof of another one."""
     return not holder or not asker or holder == asker
+
+
+def _follow_records(state: PoolState, records: Sequence[JobRecord], now: float) -> list[Note]:
+    """Where the hooks' job records and the state disagree, the records are right: the state file
+    was lost, corrupt or restored from a backup, and a running job must keep its VM and no other
+    job may be given it. A record exists from the prologue's acquire to the epilogue's release."""
+    naming: dict[str, list[str]] = {}
+    for record in records:
+        naming.setdefault(record.server_id, []).append(record.job)
+    notes: list[Note] = []
+    for record in records:
+        vm = next((vm for vm in state.vms if vm.server_id == record.server_id), None)
+        if vm is None or vm.job == record.job or record.job in state.ended_jobs:
+            continue  # unknown to the state: adopted for the job once listed (_adopt_orphans)
+        others = [job for job in naming[record.server_id] if job != record.job] + ([vm.job] if vm.job else [])
+        if others:
+            if not vm.tainted:
+                vm.tainted = f"named by the records of jobs {', '.join(sorted({record.job, *others}))}"
+                _set_state(vm, UNUSABLE, vm.tainted, now)
+                notes.append(Note(logging.ERROR, f"{describe_vm(vm)} {vm.tainted}: several jobs may run there; "
+                                                 "never handed out again, deleted once released"))
+            continue
+        if vm.deleting:
+            notes.append(Note(logging.ERROR, f"{describe_vm(vm)} runs job {record.job} by its record, but its "
+                                             "delete was already sent: the job loses its VM"))
+            continue
+        was = f"{vm.state}" + (f" ({vm.reason})" if vm.reason else "")
+        vm.job, vm.user, vm.job_missing_since = record.job, record.user, None
+        if vm.tainted == UNKNOWN_PAST:
+            vm.tainted = ""  # the record tells its past
+        vm.host_keys = vm.host_keys or list(record.host_keys)
+        vm.last_healthy = vm.last_healthy or now  # it served a job: not a boot to wait for
+        if vm.state == FREE or vm.reason == UNKNOWN_PAST:
+            _set_state(vm, BUSY, "", now)
+        notes.append(Note(logging.ERROR, f"{describe_vm(vm)} runs job {record.job} ({record.user}) by the hooks' "
+                                         f"record, but the state had it {was}: the state file was lost or "
+                                         "restored; the VM is the job's again"))
+    return notes
 
 
 def _claim(state: PoolState, vm: Vm, request: Request, now: float) -> None:
@@ -1179,11 +1241,12 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
     if suspect:
         actions.append(Note(logging.ERROR, suspect))
     new.last_reconcile = now
+    actions += _follow_records(new, seen.records, now)
     by_name = {server.vm_name or server.name: server for server in seen.servers}
     for vm in list(new.vms):
         actions += _reconcile_vm(new, vm, servers, by_name, seen, config, now, trust_absence=not suspect)
     tagged = [server for server in seen.servers if server.status != SERVER_UNKNOWN]
-    actions += _adopt_orphans(new, tagged, now)
+    actions += _adopt_orphans(new, tagged, seen.records, now)
     if suspect:
         return new, actions  # a listing that lost many servers may hide more: create nothing on it
     listed_names = {name for server in seen.servers for name in (server.name, server.vm_name)}
@@ -1409,8 +1472,10 @@ def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) ->
 DROPPED_CLEAN_MAX_AGE = 86400.0
 
 
-def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[Action]:
-    """Servers with the pool's tag that the state does not know: adopt when seen twice.
+def _adopt_orphans(state: PoolState, servers: list[Server], records: Sequence[JobRecord],
+                   now: float) -> list[Action]:
+    """Servers with the pool's tag that the state does not know: adopt when seen twice, or at once
+    for the job whose record names it (a lost state file: the job runs there, its VM is its own).
 
     A server this pool dropped while it was clean (a create that did not show up within
     create_grace, a Free VM missing from two listings) is adopted clean. Any other has an
@@ -1422,11 +1487,19 @@ def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[
     state.dropped_clean = {name: at for name, at in state.dropped_clean.items()
                              if now - at < DROPPED_CLEAN_MAX_AGE}
     known = {vm.server_id for vm in state.vms}
+    recorded: dict[str, list[JobRecord]] = {}
+    for record in records:
+        if record.job not in state.ended_jobs:
+            recorded.setdefault(record.server_id, []).append(record)
     actions: list[Action] = []
     listed = set()
     for server in servers:
         listed.add(server.id)
         if server.id in known:
+            continue
+        if len(recorded.get(server.id, [])) == 1:
+            state.orphans.pop(server.id, None)
+            actions += _adopt_for_job(state, server, recorded[server.id][0], now)
             continue
         if server.id not in state.orphans:
             state.orphans[server.id] = now
@@ -1437,7 +1510,7 @@ def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[
         name = server.vm_name or server.name
         ours = state.dropped_clean.pop(name, None) is not None
         vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=now,
-                server_id=server.id, address=server.address, tainted="" if ours else "adopted with unknown past")
+                server_id=server.id, address=server.address, tainted="" if ours else UNKNOWN_PAST)
         if vm.tainted:
             vm.reason = vm.tainted
         state.vms.append(vm)
@@ -1447,6 +1520,18 @@ def _adopt_orphans(state: PoolState, servers: list[Server], now: float) -> list[
             actions.append(_mark_delete(vm, "adopted in ERROR", now))
     state.orphans = {sid: first for sid, first in state.orphans.items() if sid in listed}
     return actions
+
+
+def _adopt_for_job(state: PoolState, server: Server, record: JobRecord, now: float) -> list[Action]:
+    """A server the state lost, that a job runs on by the hooks' record: the job's VM again, Busy
+    (or Unusable under its job until ACTIVE), its pinned host key taken from the record."""
+    active = server.status == SERVER_ACTIVE
+    vm = Vm(name=server.vm_name or server.name, state=BUSY if active else UNUSABLE, since=now, created_at=now,
+            reason="" if active else ADOPTED, server_id=server.id, address=server.address, job=record.job,
+            user=record.user, last_healthy=now, host_keys=list(record.host_keys))
+    state.vms.append(vm)
+    return [Note(logging.ERROR, f"{describe_vm(vm)} adopted for job {record.job} ({record.user}) from the hooks' "
+                                "record: the state had lost it")]
 
 
 def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
@@ -1875,7 +1960,11 @@ def state_from_json(data: Any, path: str, pool_name: str) -> PoolState:
         body["handed"] = [Request(**request) for request in body.get("handed", [])]
         return PoolState(**body)
     except TypeError as error:
-        raise StateError(f"{path}: malformed state ({error}); left untouched") from None
+        raise StateCorrupt(f"{path}: malformed state ({error}); {REBUILT_BY_RECONCILE}") from None
+
+
+REBUILT_BY_RECONCILE = ("the next `vmpool reconcile` sets it aside and rebuilds the pool from the cloud and the "
+                        "hooks' job records (or restore a backup: docs/operating.md)")
 
 
 def fsync_dir(directory: str) -> None:
@@ -2004,7 +2093,7 @@ class StateStore:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise StateError(f"{self.path}: corrupt state (not JSON: {error}); left untouched") from None
+            raise StateCorrupt(f"{self.path}: corrupt state (not JSON: {error}); {REBUILT_BY_RECONCILE}") from None
         return state_from_json(data, self.path, self.pool_name), text
 
     def save(self, state: PoolState) -> None:
@@ -2113,6 +2202,20 @@ class StateStore:
     def read(self) -> PoolState:
         """A consistent snapshot (the file is always replaced whole, so no lock is needed)."""
         return self.load()
+
+    def set_aside_if_corrupt(self, now: float) -> str:
+        """Move a damaged state file aside (kept for the admin), so the pool is rebuilt from the
+        cloud and the job records; what was done, or "" for a sound (or missing) file."""
+        with self.locked():
+            try:
+                self._load()
+                return ""
+            except StateCorrupt as error:
+                aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.localtime(now))}"
+                os.replace(self.path, aside)
+                fsync_dir(os.path.dirname(self.path))
+                return f"{error.args[0].split('; ')[0]}: moved to {aside}; rebuilding the pool from the cloud " \
+                       "and the hooks' job records"
 
 
 @contextlib.contextmanager
@@ -2907,7 +3010,8 @@ class Pool:
 
         def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting | Ended]:
             return plan_acquire(state, job, user, self.clock(), pid, self.host, live_waiters(state),
-                                started=started, pid_start=process_start(pid))
+                                started=started, pid_start=process_start(pid),
+                                records=job_records_to_follow(state, self.config.pool.job_records))
         outcome: Claimed | Waiting | Ended = self._update(change, lock_timeout)
         if not isinstance(outcome, Ended):
             self.apply_notes(outcome.notes)
@@ -3015,6 +3119,8 @@ class Pool:
                 if not quiet:
                     log.info("another reconcile is running; nothing to do")
                 return False
+            if not dry_run and (aside := self.store.set_aside_if_corrupt(self.clock())):
+                log.error(aside)
             self._reconcile_locked(probe_free, dry_run)
             return True
 
@@ -3024,7 +3130,8 @@ class Pool:
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
             seen = Observation(servers=servers, live_waiters=live_waiters(state), host=self.host,
-                               dead_jobs=dead_jobs, unsure_jobs=unsure_jobs, probe_free=probe_free)
+                               dead_jobs=dead_jobs, unsure_jobs=unsure_jobs, probe_free=probe_free,
+                               records=job_records_to_follow(state, self.config.pool.job_records))
             new, actions = plan_reconcile(state, seen, self.config, self.clock())
             new.last_pass = self.clock()
             return new, actions
@@ -3244,6 +3351,48 @@ def request_alive(request: Request) -> bool:
         return False
     started = int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else 0
     return not (request.pid_start and started != request.pid_start)  # else the pid is another process's
+
+
+def job_records_to_follow(state: PoolState, directory: str) -> list[JobRecord]:
+    """The hooks' records of jobs that the state shows neither holding a VM nor ended: none while
+    the two agree, which costs one directory listing (acquire's fast path runs this)."""
+    try:
+        names = os.listdir(directory) if directory else []
+    except OSError:
+        return []
+    if not names:
+        return []
+    explained = {vm.job for vm in state.vms if vm.job} | state.ended_jobs.keys()
+    records = (read_job_record(directory, name) for name in names
+               if name not in explained and JOB_ID_RE.match(name))
+    return [record for record in records if record is not None]
+
+
+def read_job_record(directory: str, job: str) -> JobRecord | None:
+    """A job's record as the hooks wrote it (root.env, root_known_hosts); None if there is none, or
+    if it is not root's alone (only root's own files are evidence of what root's hooks did)."""
+    values: dict[str, str] = {}
+    keys: list[str] = []
+    for name in ("root.env", "root_known_hosts"):
+        try:
+            fd = os.open(os.path.join(directory, job, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            if name == "root.env":
+                return None
+            continue
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
+            info = os.fstat(handle.fileno())
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                return None
+            lines = handle.read().splitlines()
+        if name == "root.env":
+            values = dict(line.split("=", 1) for line in lines if "=" in line)
+        else:
+            keys = [" ".join(line.split()[1:3]) for line in lines if len(line.split()) >= 3]
+    if not values.get("SERVER_ID") or not values.get("VM_NAME"):
+        return None
+    return JobRecord(job=job, vm_name=values["VM_NAME"], server_id=values["SERVER_ID"],
+                     user=values.get("JOB_USER", ""), host_keys=tuple(keys))
 
 
 def invoking_user() -> str:
@@ -3763,9 +3912,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     try:
         state = pool.store.read()
     except StateError as error:
-        raise StateError(f"{error}\nTo recover: inspect the file; restore a backup, or move it aside "
-                         "(after `pbsnodes -o` drains the node): the next reconcile passes adopt every "
-                         "server that carries the pool's tag.") from None
+        raise StateError(f"{error}\nTo recover: docs/operating.md, \"Backup and restore\".") from None
     now = pool.clock()
     click.echo(json.dumps(status_json(state, pool.config, now), indent=1) if as_json
                else status_text(state, pool.config, now))

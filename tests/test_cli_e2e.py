@@ -355,7 +355,6 @@ def test_bad_job_ids_are_refused_before_anything(pool: PoolHandle, job: str) -> 
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ('{"schema": "vmpool-state", "vers', "corrupt state"),
     ('{"schema": "vmpool-state", "version": 2, "pool": "{pool}", "vms": []}',
      "was written by a newer vmpool (this one reads 1); upgrade vmpool"),
     ('{"jobs": {}}', "not a vmpool state file"),
@@ -372,6 +371,46 @@ def test_bad_state_is_reported_and_left_untouched(pool: PoolHandle, content: str
     assert "To recover" in pool.run("status", check=False).stderr
     assert Path(pool.state_file).read_text() == content
     assert not pool.servers(), "nothing was created on the strength of a state it could not read"
+
+
+def write_job_record(directory: Path, job: str, vm: dict, user: str, host_key: str) -> None:
+    """A job's record as the hooks' vh_write_record leaves it (root's part)."""
+    record = directory / job
+    record.mkdir(parents=True, mode=0o711)
+    (record / "root.env").write_text(f"VM_NAME={vm['name']}\nSERVER_ID={vm['server_id']}\nADDRESS={vm['address']}\n"
+                                     f"SSH_PORT=22\nSSH_USER=root\nSSH_KEY=/k\nJOB_USER={user}\n")
+    (record / "root.env").chmod(0o600)
+    (record / "root_known_hosts").write_text(f"{vm['address']} {host_key}\n")
+    (record / "root_known_hosts").chmod(0o600)
+
+
+def test_a_corrupt_state_is_set_aside_and_the_running_jobs_keep_their_vms(pool: PoolHandle, tmp_path: Path) -> None:
+    """A damaged state file: every command says so (exit 4); reconcile sets it aside and rebuilds
+    the pool from the cloud and the hooks' job records: the running job keeps its VM, no other job
+    is given it, and its release finds it."""
+    records = tmp_path / "jobs"
+    pool.write_config(pool={"max": 2, "job_records": str(records)})
+    address = pool.run("acquire", "7", "--user", "alice").stdout.strip()
+    [vm] = pool.vms()
+    [key] = [line.split(" ", 1)[1] for line in Path(pool.known_hosts).read_text().splitlines()
+             if line.startswith(address + " ")][:1]
+    write_job_record(records, "7", vm, "alice", key)
+    state = Path(pool.state_file)
+    state.write_text(state.read_text()[:200])  # a disk that lost the file's tail
+    for args in (("acquire", "8", "--timeout", "1"), ("release", "7"), ("status",)):
+        result = pool.run(*args, check=False)
+        assert result.returncode == 4 and "corrupt state" in result.stderr and "reconcile" in result.stderr, args
+    damaged = state.read_text()
+    pool.run("reconcile")
+    [aside] = list(state.parent.glob("state.json.corrupt-*"))
+    assert aside.read_text() == damaged, "the damaged file is kept for the admin"
+    rebuilt = pool.vms()
+    assert [(v["server_id"], v["state"], v["job"], v["user"]) for v in rebuilt] == [
+        (vm["server_id"], "busy", "7", "alice")], "the job's VM is its own again at the first pass"
+    other = pool.run("acquire", "8", "--user", "bob").stdout.strip()
+    assert other != address, "no VM goes to a second job"
+    pool.run("release", "7")
+    assert {v["server_id"]: v["state"] for v in pool.vms()}[vm["server_id"]] == "free", "its release found it"
 
 
 def test_config_path_comes_from_the_option_then_the_environment_then_etc(pool: PoolHandle, tmp_path: Path) -> None:

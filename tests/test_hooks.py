@@ -62,6 +62,7 @@ class Mom:
         self.pool = pool
         self.pbs_home = root / "torque"
         self.job_dir = root / "jobs"
+        pool.write_config(pool={"job_records": str(self.job_dir)})  # where the hooks keep them: vmpool reads them
         self.pbs = PbsMom(self.pbs_home, starter=self.pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=120,
                           submit_dir=self.submit_dir)
         settings = {"REQUEUE_BACKOFF": BACKOFF, "ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3,
@@ -757,6 +758,36 @@ def test_a_job_deleted_while_its_prologue_waits_leaves_no_vm_key_or_record(mom: 
     assert not (mom.job_dir / job.job_id).exists(), "the record (and the job's key) must go"
     assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id or vm["state"] == "busy"]
     assert mom.pool.status()["waiting"] == []
+
+
+@pytest.mark.parametrize("loss", ["moved aside", "restored from a backup"])
+def test_a_lost_or_restored_state_costs_no_running_job_its_vm(mom: Mom, loss: str) -> None:
+    """The state file lost (moved aside) or restored from a backup taken before the job began,
+    while the job runs: no other job is given its VM, the pool's passes give it back to the job
+    (the hooks' record says where it runs), and the job's epilogue releases it."""
+    mom.pool.write_config(pool={"max": 2, "min": 1, "unusable_timeout": 2})
+    state = Path(mom.pool.state_file)
+    mom.pool.reconcile_until(lambda: mom.pool.vms("free"), 90, "a Free VM")
+    backup = state.read_text()  # the night's backup: the VM Free
+    job = Job("311", "vmpt-alice", script="sleep 12; echo finished")
+    mom.pbs.receive(job)
+    assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
+    vm = mom.vm_of(job)
+    running = mom.pbs.start(job)
+    if loss == "moved aside":
+        state.rename(state.with_name("lost.json"))
+    else:
+        state.write_text(backup)
+    other = mom.pool.run("acquire", "312", "--user", "vmpt-bob", "--timeout", "90").stdout.strip()
+    assert other != vm["address"], "the running job's VM went to another job"
+    mom.pool.reconcile_until(lambda: any(v["job"] == "311" and v["state"] == "busy" and v["server_id"] ==
+                                         vm["server_id"] for v in mom.pool.vms()), 60, "job 311's VM its own again")
+    status = running.wait(60)
+    assert status == 0 and "finished" in mom.pbs.out(job), messages(mom, job)
+    assert mom.pbs.end(job, status).exit_code == 0, messages(mom, job)
+    after = {v["server_id"]: v for v in mom.pool.vms()}
+    assert after[vm["server_id"]]["state"] == "free", "the job's release found its VM"
+    assert vm["server_id"] in {server.id for server in mom.pool.servers()}
 
 
 def test_a_stale_end_mark_does_not_stop_a_later_prologue_of_the_same_job(mom: Mom) -> None:

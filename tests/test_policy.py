@@ -1135,3 +1135,49 @@ def test_copy_state_shares_nothing_mutable_with_the_original() -> None:
     copied.vms[0].host_keys.append("changed")
     copied.acquire_wait["buckets"][0] += 1
     assert state.vms[0].host_keys == ["ssh-ed25519 AAAA"] and copied != state
+
+
+# --- the hooks' job records: a lost, corrupt or restored state file ---
+
+def record(job: str, name: str, user: str = "alice") -> vp.JobRecord:
+    return vp.JobRecord(job=job, vm_name=name, server_id=f"id-{name}", user=user, host_keys=("ssh-ed25519 KEY",))
+
+
+def test_a_free_vm_that_a_job_record_names_is_that_jobs_not_the_next_ones() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("b", since=NOW - 50)])  # a restored backup: both Free
+    new, outcome = vp.plan_acquire(state, "9", "bob", NOW, 10, HOST, live(10), records=[record("7", "a")])
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "b", "a, job 7's VM, went to job 9"
+    assert (new.vm_named("a").state, new.vm_named("a").job, new.vm_named("a").user) == (BUSY, "7", "alice")
+    assert any(note.level == logging.ERROR and "lost or restored" in note.message for note in outcome.notes)
+
+
+def test_a_job_record_of_a_released_job_is_not_followed() -> None:
+    state = PoolState(pool="p", vms=[vm("a")], ended_jobs={"7": NOW - 1})  # its epilogue removes the record next
+    _, outcome = vp.plan_acquire(state, "9", "bob", NOW, 10, HOST, live(10), records=[record("7", "a")])
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a"
+
+
+def test_a_vm_two_records_name_or_held_by_another_job_is_never_handed_out_again() -> None:
+    state = PoolState(pool="p", vms=[vm("a", BUSY, job="8"), vm("b")])
+    new, _ = vp.plan_reconcile(state, seen(server("a"), server("b"), records=[record("7", "a"), record("6", "b"),
+                                                                               record("5", "b")]), config(), NOW)
+    a, b = new.vm_named("a"), new.vm_named("b")
+    assert (a.state, a.job) == (UNUSABLE, "8") and "7, 8" in a.tainted, "job 8 keeps it; nobody gets it after"
+    assert b.state == UNUSABLE and b.tainted and b.job is None
+
+
+def test_a_server_the_state_lost_is_adopted_at_once_for_the_job_its_record_names() -> None:
+    listing = seen(server("a"), server("b"), records=[record("7", "a")])
+    new, _ = vp.plan_reconcile(PoolState(pool="p"), listing, config(max=2), NOW)
+    adopted = new.vm_named("a")
+    assert (adopted.state, adopted.job, adopted.user, adopted.host_keys) == (BUSY, "7", "alice", ["ssh-ed25519 KEY"])
+    assert new.vm_named("b") is None and "id-b" in new.orphans, "one without a record waits for a second sighting"
+    released, _ = vp.plan_release(new, "7", NOW + 5)
+    assert released.vm_named("a").state == FREE, "its release finds it"
+
+
+def test_an_unknown_past_vm_that_a_record_explains_is_the_jobs() -> None:
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.UNKNOWN_PAST, tainted=vp.UNKNOWN_PAST,
+                                        healthy=False)])
+    new, _ = vp.plan_reconcile(state, seen(server("a"), records=[record("7", "a")]), config(), NOW)
+    assert (new.vm_named("a").state, new.vm_named("a").job, new.vm_named("a").tainted) == (BUSY, "7", "")
