@@ -197,7 +197,12 @@ class CloudRefused(CloudError):
 
 
 class QuotaExceeded(CloudError):
-    """The cloud refused a create for quota: back off instead of retrying at once."""
+    """The cloud refused for a quota, a limit or a rate (403 over quota, 413, 429): nothing was made,
+    and asking again soon cannot help. Back off, at least `retry_after` seconds (its Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ServerGone(CloudError):
@@ -1297,8 +1302,12 @@ def _count_boot_failure(state: PoolState, vm: Vm, pool: PoolConfig, now: float) 
     return [Note(logging.WARNING, f"protected mode: canary failed; next at {fmt_time(state.backoff_until)}")]
 
 
-def _back_off(state: PoolState, pool: PoolConfig, now: float) -> None:
-    state.backoff_delay = min(pool.backoff_max, max(pool.backoff_initial, state.backoff_delay * 2))
+def _back_off(state: PoolState, pool: PoolConfig, now: float, retry_after: float = 0.0) -> None:
+    """The next create waits twice as long as the last (the cloud's Retry-After, if longer). Both
+    stop at backoff_max: an asked-for day would idle the pool that long, while one refused create
+    per backoff_max costs the cloud nothing; `clear-backoff` asks at once."""
+    doubled = max(pool.backoff_initial, state.backoff_delay * 2, retry_after)
+    state.backoff_delay = min(pool.backoff_max, doubled)
     state.backoff_until = now + state.backoff_delay
 
 
@@ -1501,7 +1510,7 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
                                          "network, key_name, security_groups; backing off until "
                                          f"{fmt_time(new.backoff_until)}")]
     if isinstance(error, QuotaExceeded):
-        _back_off(new, pool, now)
+        _back_off(new, pool, now, error.retry_after)
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # the cloud said no: nothing was created
         return new, [Note(logging.ERROR, f"vm {name} not created: {error}; backing off "
@@ -2181,6 +2190,27 @@ def first_ipv4(addresses: dict[str, Any]) -> str | None:
     return None
 
 
+# Nova answers a create that is over a limit with 403 and its OverQuota family's words (nova/exception.py):
+# "Quota exceeded for instances: ...", "Maximum number of ports exceeded" (Neutron's port quota), "The
+# number of defined ports: 12 is over the limit: 10", "Maximum number of metadata items exceeds 128".
+# Its other 403s will never work: "Policy doesn't allow os_compute_api:servers:create to be performed.",
+# a zero-disk flavor ("Only volume-backed servers are allowed ..."), an external network.
+OVER_LIMIT_RE = re.compile(r"quota|limit|maximum number", re.IGNORECASE)
+
+
+def retry_after_seconds(value: str | None, now: float) -> float:
+    """An HTTP Retry-After (seconds, or an HTTP date) as seconds from now; 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    if value.strip().isdigit():
+        return float(value.strip())
+    import email.utils
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """novaclient and keystoneauth1 exceptions stop here and become vmpool's CloudError."""
 
@@ -2195,10 +2225,12 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except nova_exc.NotFound as error:
             raise ServerGone(f"{what}: not found ({error})") from None
-        except nova_exc.Forbidden as error:
-            if "quota" in str(error).lower():
-                raise QuotaExceeded(f"{what}: quota exceeded: {error}") from None
-            raise CloudRefused(f"{what}: forbidden: {error}") from None
+        except (nova_exc.OverLimit, nova_exc.RateLimit, nova_exc.Forbidden) as error:
+            if isinstance(error, nova_exc.Forbidden) and not OVER_LIMIT_RE.search(str(error)):
+                raise CloudRefused(f"{what}: forbidden: {error}") from None
+            # novaclient reads a Retry-After in seconds only; the answer's header, kept by the session, may be a date
+            retry_after = retry_after_seconds(getattr(args[0], "last_retry_after", lambda: None)(), time.time())
+            raise QuotaExceeded(f"{what}: over a limit of the cloud: {error}", retry_after) from None
         except (nova_exc.BadRequest, nova_exc.Unauthorized) as error:
             raise CloudRefused(f"{what}: refused (HTTP {error.code}): {error}") from None
         except nova_exc.ClientException as error:
@@ -2226,6 +2258,7 @@ class NovaCloud:
     def __init__(self, config: Config):
         self.config = config
         self._nova: Any = None
+        self._answers = threading.local()
         self._region: str | None = None
         self._interface = "public"
         self.auth_url = config.openstack.auth_url or "?"  # known once a clouds.yaml or OS_* is read
@@ -2244,9 +2277,17 @@ class NovaCloud:
             from novaclient import client as nova_client
             # keystoneauth1 re-authenticates on a 401 (an expired token) and retries once by itself.
             session = self._session()
+            session.session.hooks["response"].append(self._keep_retry_after)
             self._nova = nova_client.Client(self.MICROVERSION, session=session, region_name=self._region,
                                             endpoint_type=self._interface)
         return self._nova
+
+    def _keep_retry_after(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        """requests' response hook: each thread's last answer's Retry-After (creates run side by side)."""
+        self._answers.retry_after = response.headers.get("Retry-After")
+
+    def last_retry_after(self) -> str | None:
+        return getattr(self._answers, "retry_after", None)
 
     def _session(self) -> Any:
         """A keystoneauth1 session from the one source of credentials the config names."""
