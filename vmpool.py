@@ -193,6 +193,10 @@ class StateCorrupt(StateError):
     """The state file is damaged (not JSON, or malformed): reconcile sets it aside and rebuilds."""
 
 
+class StateAccessError(StateError):
+    """The state, its locks or its directory cannot be read, created or written (no content problem)."""
+
+
 class CloudError(VmpoolError):
     exit_code = 5
 
@@ -202,7 +206,12 @@ class CloudRefused(CloudError):
 
 
 class QuotaExceeded(CloudError):
-    """The cloud refused a create for quota: back off instead of retrying at once."""
+    """The cloud refused for a quota, a limit or a rate (403 over quota, 413, 429): nothing was made,
+    and asking again soon cannot help. Back off, at least `retry_after` seconds (its Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ServerGone(CloudError):
@@ -608,6 +617,13 @@ def _check_secret_permissions(path: str, parser: configparser.ConfigParser, mode
             f"run: chmod 600 {path}")
 
 
+def must_be_root(why: str) -> str:
+    """What a permission error means when vmpool does not run as root: the fix ("" as root)."""
+    if os.geteuid() == 0:
+        return ""
+    return f": vmpool must run as root ({why}); run it as root or with sudo"
+
+
 def load_config(path: str) -> Config:
     """Read and validate the INI file; every error names the file, the key and what is allowed."""
     try:
@@ -616,6 +632,9 @@ def load_config(path: str) -> Config:
             text = handle.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (use --config or $VMPOOL_CONFIG)") from None
+    except PermissionError:
+        why = must_be_root("the config is root's alone")
+        raise ConfigError(f"{path}: cannot read config: permission denied{why}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read config: {error}") from None
     parser = configparser.ConfigParser(interpolation=None)
@@ -1383,8 +1402,12 @@ def _count_boot_failure(state: PoolState, vm: Vm, pool: PoolConfig, now: float) 
     return [Note(logging.WARNING, f"protected mode: canary failed; next at {fmt_time(state.backoff_until)}")]
 
 
-def _back_off(state: PoolState, pool: PoolConfig, now: float) -> None:
-    state.backoff_delay = min(pool.backoff_max, max(pool.backoff_initial, state.backoff_delay * 2))
+def _back_off(state: PoolState, pool: PoolConfig, now: float, retry_after: float = 0.0) -> None:
+    """The next create waits twice as long as the last (the cloud's Retry-After, if longer). Both
+    stop at backoff_max: an asked-for day would idle the pool that long, while one refused create
+    per backoff_max costs the cloud nothing; `clear-backoff` asks at once."""
+    doubled = max(pool.backoff_initial, state.backoff_delay * 2, retry_after)
+    state.backoff_delay = min(pool.backoff_max, doubled)
     state.backoff_until = now + state.backoff_delay
 
 
@@ -1611,7 +1634,7 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
                                          "network, key_name, security_groups; backing off until "
                                          f"{fmt_time(new.backoff_until)}")]
     if isinstance(error, QuotaExceeded):
-        _back_off(new, pool, now)
+        _back_off(new, pool, now, error.retry_after)
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # the cloud said no: nothing was created
         return new, [Note(logging.ERROR, f"vm {name} not created: {error}; backing off "
@@ -1967,6 +1990,22 @@ REBUILT_BY_RECONCILE = ("the next `vmpool reconcile` sets it aside and rebuilds 
                         "hooks' job records (or restore a backup: docs/operating.md)")
 
 
+def state_access_error(path: str, error: OSError) -> StateAccessError:
+    """One sentence for an OSError on the state file, its locks or its directory, naming the fix."""
+    directory = os.path.dirname(path)
+    where = error.filename or path
+    if isinstance(error, PermissionError) and os.geteuid() != 0:
+        why = must_be_root(f"the state and its locks in {directory} are root's")
+        return StateAccessError(f"{where}: permission denied{why}")
+    if isinstance(error, PermissionError):
+        return StateAccessError(f"{where}: permission denied, even to root: check the owner, mode and attributes "
+                                f"(lsattr) of {directory} and of the filesystem it is on")
+    reason = (error.strerror or str(error)).lower()
+    return StateAccessError(f"state directory {directory} cannot be created or written ({reason}: {where}); "
+                            f"create it (mkdir -m 700 {directory}) or set [pool] state_file to a file in a "
+                            "local directory that root can write")
+
+
 def fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -2080,6 +2119,8 @@ class StateStore:
         except FileNotFoundError:
             empty = PoolState(pool=self.pool_name)
             return empty, state_text(empty)
+        except (PermissionError, NotADirectoryError) as error:
+            raise state_access_error(self.path, error) from None
         except (OSError, UnicodeDecodeError) as error:
             raise StateError(f"{self.path}: cannot read state: {error}") from None
         if mode & 0o022:
@@ -2110,11 +2151,14 @@ class StateStore:
             finally:
                 self._held.depth = depth
             return
-        self._ensure_dir()
         started = time.monotonic()
         window = self.lock_timeout if timeout is None else timeout
         deadline = started + window
-        queue = os.open(self._queue_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._ensure_dir()
+            queue = os.open(self._queue_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise state_access_error(self.path, error) from None
         try:  # closing the queue descriptor, last, hands the turn to the next waiter
             seen = self._stamp()
             while not wait_for_flock(queue, deadline):
@@ -2134,6 +2178,8 @@ class StateStore:
                 self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()), poll_interval=0.01)
             except filelock.Timeout:
                 raise self._timeout(time.monotonic() - started) from None
+            except OSError as error:
+                raise state_access_error(self.path, error) from None
             got = time.monotonic()
             try:
                 self._held.depth = 1
@@ -2196,7 +2242,10 @@ class StateStore:
             new, result = change(state)
             text = state_text(new)
             if text != before:  # compared as text: no deep copy of the state to compare with
-                write_atomically(self.path, text)
+                try:
+                    write_atomically(self.path, text)
+                except OSError as error:
+                    raise state_access_error(self.path, error) from None
             return result
 
     def read(self) -> PoolState:
@@ -2221,13 +2270,15 @@ class StateStore:
 @contextlib.contextmanager
 def reconcile_lock(state_file: str) -> Iterator[bool]:
     """A non-blocking lock that keeps reconcile passes apart; yields False if another holds it."""
-    os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
     lock = filelock.FileLock(f"{state_file}.reconcile.lock", timeout=0, mode=0o600)
     try:
+        os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
         lock.acquire()
     except filelock.Timeout:
         yield False
         return
+    except OSError as error:
+        raise state_access_error(state_file, error) from None
     try:
         yield True
     finally:
@@ -2309,6 +2360,27 @@ def first_ipv4(addresses: dict[str, Any]) -> str | None:
     return None
 
 
+# Nova answers a create that is over a limit with 403 and its OverQuota family's words (nova/exception.py):
+# "Quota exceeded for instances: ...", "Maximum number of ports exceeded" (Neutron's port quota), "The
+# number of defined ports: 12 is over the limit: 10", "Maximum number of metadata items exceeds 128".
+# Its other 403s will never work: "Policy doesn't allow os_compute_api:servers:create to be performed.",
+# a zero-disk flavor ("Only volume-backed servers are allowed ..."), an external network.
+OVER_LIMIT_RE = re.compile(r"quota|limit|maximum number", re.IGNORECASE)
+
+
+def retry_after_seconds(value: str | None, now: float) -> float:
+    """An HTTP Retry-After (seconds, or an HTTP date) as seconds from now; 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    if value.strip().isdigit():
+        return float(value.strip())
+    import email.utils
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """novaclient and keystoneauth1 exceptions stop here and become vmpool's CloudError."""
 
@@ -2323,10 +2395,12 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except nova_exc.NotFound as error:
             raise ServerGone(f"{what}: not found ({error})") from None
-        except nova_exc.Forbidden as error:
-            if "quota" in str(error).lower():
-                raise QuotaExceeded(f"{what}: quota exceeded: {error}") from None
-            raise CloudRefused(f"{what}: forbidden: {error}") from None
+        except (nova_exc.OverLimit, nova_exc.RateLimit, nova_exc.Forbidden) as error:
+            if isinstance(error, nova_exc.Forbidden) and not OVER_LIMIT_RE.search(str(error)):
+                raise CloudRefused(f"{what}: forbidden: {error}") from None
+            # novaclient reads a Retry-After in seconds only; the answer's header, kept by the session, may be a date
+            retry_after = retry_after_seconds(getattr(args[0], "last_retry_after", lambda: None)(), time.time())
+            raise QuotaExceeded(f"{what}: over a limit of the cloud: {error}", retry_after) from None
         except (nova_exc.BadRequest, nova_exc.Unauthorized) as error:
             raise CloudRefused(f"{what}: refused (HTTP {error.code}): {error}") from None
         except nova_exc.ClientException as error:
@@ -2334,15 +2408,50 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except (ks_exc.ConnectTimeout, ks_exc.RequestTimeout):  # keystoneauth1 reports read timeouts as connect
             raise CloudError(f"{what}: the cloud did not answer in time (api_timeout)") from None
         except ks_exc.ConnectFailure as error:
-            raise CloudError(f"{what}: cannot connect to the cloud: {error}") from None
+            raise CloudError(f"{what}: {unreachable(str(error), auth_url)}") from None
         except ks_exc.Unauthorized as error:
-            raise CloudRefused(f"{what}: authentication failed at {auth_url}: {error} ({hint})") from None
-        except (ks_exc.NotFound, ks_exc.BadRequest, ks_exc.DiscoveryFailure) as error:
-            raise CloudRefused(f"{what}: Keystone at {auth_url} answered {type(error).__name__}: {error} "
-                               "(check [openstack] auth_url: the Keystone v3 URL, e.g. https://host:5000/v3)") from None
+            raise not_keystone(args[0], what) or CloudRefused(
+                f"{what}: authentication failed at {auth_url}: {error} ({hint})") from None
+        except (ks_exc.NotFound, ks_exc.BadRequest, ks_exc.DiscoveryFailure, ks_exc.InvalidResponse) as error:
+            raise not_keystone(args[0], what) or CloudRefused(
+                f"{what}: Keystone at {auth_url} answered {type(error).__name__}: {error} "
+                "(check [openstack] auth_url: the Keystone v3 URL, e.g. https://host:5000/v3)") from None
         except ks_exc.ClientException as error:
             raise CloudError(f"{what}: {type(error).__name__} (auth_url {auth_url}): {error}") from None
     return wrapper
+
+
+def unreachable(message: str, auth_url: str) -> str:
+    """keystoneauth1's ConnectFailure (a long urllib3 line) in one sentence: which service, where, why."""
+    url = re.search(r"connection to (\S+?):? ", message)
+    errno = re.search(r"\[Errno -?\d+\] ([^'\"()\]]+)", message)
+    reason = errno.group(1).strip().lower() if errno else "no connection"
+    if url is None or auth_url == "?" or url.group(1).startswith(auth_url.rstrip("/")):
+        return f"cannot reach Keystone at {auth_url}: {reason} (check auth_url: its host, port and scheme)"
+    return (f"cannot reach the compute API at {url.group(1)}, which Keystone's catalog names: {reason} "
+            "(check the region_name and interface of the credentials)")
+
+
+def known_clouds() -> str:
+    """The clouds OpenStack's loader finds, for an error about a cloud name it does not know."""
+    import openstack.config.loader
+    try:
+        loader = openstack.config.loader.OpenStackConfig()
+        names = sorted(name for name in loader.get_cloud_names() if name != "envvars")
+    except Exception:  # the error being reported says enough
+        return ""
+    if not loader.config_filename:
+        return "; no clouds.yaml was found"
+    return f"; {loader.config_filename} has " + (f"cloud(s) {', '.join(names)}" if names else "no clouds")
+
+
+def not_keystone(cloud: Any, what: str) -> CloudRefused | None:
+    """A refusal naming the cause when the auth URL answers as something else than Keystone (Nova's URL)."""
+    auth_url = getattr(cloud, "auth_url", "?")
+    if auth_url == "?" or getattr(cloud, "answers_as_keystone", lambda: True)():
+        return None
+    return CloudRefused(f"{what}: {auth_url} answered, but is not a Keystone identity endpoint; set auth_url to "
+                        "Keystone's v3 URL, e.g. https://host:5000/v3 (`openstack endpoint list --service identity`)")
 
 
 class NovaCloud:
@@ -2354,6 +2463,7 @@ class NovaCloud:
     def __init__(self, config: Config):
         self.config = config
         self._nova: Any = None
+        self._answers = threading.local()
         self._region: str | None = None
         self._interface = "public"
         self.auth_url = config.openstack.auth_url or "?"  # known once a clouds.yaml or OS_* is read
@@ -2372,9 +2482,28 @@ class NovaCloud:
             from novaclient import client as nova_client
             # keystoneauth1 re-authenticates on a 401 (an expired token) and retries once by itself.
             session = self._session()
+            session.session.hooks["response"].append(self._keep_retry_after)
             self._nova = nova_client.Client(self.MICROVERSION, session=session, region_name=self._region,
                                             endpoint_type=self._interface)
         return self._nova
+
+    def _keep_retry_after(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        """requests' response hook: each thread's last answer's Retry-After (creates run side by side)."""
+        self._answers.retry_after = response.headers.get("Retry-After")
+
+    def last_retry_after(self) -> str | None:
+        return getattr(self._answers, "retry_after", None)
+
+    def answers_as_keystone(self) -> bool:
+        """Does auth_url answer with Keystone's version document? True when it cannot tell."""
+        import requests
+        cloud = self.config.openstack
+        try:
+            answer = requests.get(self.auth_url, timeout=cloud.api_timeout, verify=cloud.cacert or True,
+                                  headers={"Accept": "application/json"})
+        except (requests.RequestException, ValueError):
+            return True
+        return "vnd.openstack.identity" in answer.text  # the media type every Keystone version names
 
     def _session(self) -> Any:
         """A keystoneauth1 session from the one source of credentials the config names."""
@@ -2418,7 +2547,7 @@ class NovaCloud:
                                                        **overrides)
             session = region.get_session()
         except openstack.exceptions.ConfigException as error:
-            because = f" ({'; '.join(skipped)})" if skipped else ""
+            because = f" ({'; '.join(skipped)})" if skipped else known_clouds() if "not found" in str(error) else ""
             raise ConfigError(f"{self.config.path}: {source}: {error}{because} (clouds.yaml is read from ./, "
                               "~/.config/openstack/, /etc/openstack/ or $OS_CLIENT_CONFIG_FILE)") from None
         except Exception as error:  # a file it cannot read, an auth plugin it does not know
@@ -2960,6 +3089,7 @@ class Pool:
         self._batch = batch
         self.host = os.uname().nodename  # socket.gethostname(), without importing socket (8 ms a command)
         self.list_error: CloudError | None = None  # the last pass could not see the cloud
+        self.list_error_told = ""  # the listing failure this process logged last
         self.create_refused: CloudRefused | None = None  # the last pass's create was refused for good
 
     def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]], lock_timeout: float | None = None) -> Any:
@@ -3168,9 +3298,13 @@ class Pool:
         self.list_error, self.create_refused = None, None
         try:
             servers = self.cloud.list_servers()
+            self.list_error_told = ""
         except CloudError as error:
             self.list_error = error
-            log.error(f"cannot list servers, skipping cloud decisions this pass: {error}")
+            # an acquire's waiting passes meet the same failure every pass_interval: say it once
+            level = logging.DEBUG if str(error) == self.list_error_told else logging.ERROR
+            self.list_error_told = str(error)
+            log.log(level, f"cannot list servers, skipping cloud decisions this pass: {error}")
             if not dry_run:
                 self._update(functools.partial(
                     _without_result, plan_cloud_error, message=str(error), now=self.clock()))
@@ -3695,6 +3829,9 @@ def setup_file_log(path: str) -> None:
         return
     try:
         handler = logging.FileHandler(path)
+    except PermissionError:
+        why = must_be_root("the log is root's")
+        raise ConfigError(f"[pool] log_file = {path!r}: cannot open: permission denied{why}") from None
     except OSError as error:
         raise ConfigError(f"[pool] log_file = {path!r}: cannot open: {error}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
@@ -3911,6 +4048,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     pool = configured_pool(ctx)
     try:
         state = pool.store.read()
+    except StateAccessError:
+        raise  # the file may be fine: moving it aside would lose the pool's record
     except StateError as error:
         raise StateError(f"{error}\nTo recover: docs/operating.md, \"Backup and restore\".") from None
     now = pool.clock()

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -502,6 +506,86 @@ def test_a_wrong_password_fails_acquire_at_once_with_exit_5(pool: PoolHandle) ->
     assert result.returncode == 5, result.stderr  # not 6 after waiting out the timeout
     assert "authentication failed" in result.stderr and pool.settings["openstack"]["auth_url"] in result.stderr
     assert pool.status()["waiting"] == []
+
+
+def one_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one ERROR line a failed command logged (each error: one sentence, told once)."""
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_a_state_directory_that_cannot_be_made_is_one_sentence_naming_it_exit_4(pool: PoolHandle) -> None:
+    Path(pool.dir / "taken").write_text("a file where the state directory should be")
+    pool.write_config(pool={"state_file": str(pool.dir / "taken" / "state" / "state.json")})
+    for command in (["acquire", "43", "--user", "alice"], ["release", "43"], ["reconcile"], ["status"]):
+        result = pool.run(*command, check=False)
+        assert result.returncode == 4, (command, result.stderr)
+        assert (f"state directory {pool.dir}/taken/state cannot be created or written (not a directory" in
+                one_error(result)), result.stderr
+        assert f"mkdir -m 700 {pool.dir}/taken/state" in result.stderr and "move it aside" not in result.stderr
+
+
+def test_a_user_who_is_not_root_is_told_to_run_vmpool_as_root(pool: PoolHandle) -> None:
+    def as_nobody(config: Path | str, *command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", VMPOOL,
+                               "--config", str(config), *command], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    # a config with a password is root's alone: that is the first thing nobody cannot read
+    refused = as_nobody(pool.config_path, "acquire", "44")
+    assert refused.returncode == 3 and "cannot read config: permission denied: vmpool must run as root (the " \
+        "config is root's alone); run it as root or with sudo" in one_error(refused)
+    # a config anyone may read (its credentials in clouds.yaml): then root's log, then root's state
+    opened = Path(tempfile.mkdtemp(prefix="vmpool-nobody-"))
+    try:
+        opened.chmod(0o755)
+        shutil.copy(pool.key, opened / "id_pool")
+        identity = ("auth_url", "username", "password", "user_domain_name", "project_name", "project_domain_name")
+        settings = {**pool.settings, "pool": {**pool.settings["pool"], "state_file": opened / "state" / "state.json"},
+                    "openstack": {**{key: value for key, value in pool.settings["openstack"].items()
+                                     if key not in identity}, "cloud": "site"},
+                    "ssh": {**pool.settings["ssh"], "private_key": opened / "id_pool"}}
+        settings["pool"]["log_file"] = opened / "vmpool.log"
+        config = opened / "vmpool.conf"
+        config.write_text("".join(f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+                                  for section, values in settings.items()))
+        config.chmod(0o644)
+        pool.run("--config", str(config), "release", "44")  # root makes the state directory
+        refused = as_nobody(config, "acquire", "44")
+        assert refused.returncode == 3 and "vmpool.log': cannot open: permission denied: vmpool must run as root " \
+            "(the log is root's); run it as root or with sudo" in one_error(refused)
+        os.chown(opened / "vmpool.log", pwd.getpwnam("nobody").pw_uid, -1)  # an admin trying with a log of their own
+        for command in (["acquire", "44"], ["release", "44"], ["reconcile"], ["status"]):
+            result = as_nobody(config, *command)
+            assert result.returncode == 4, (command, result.stderr)
+            assert f"permission denied: vmpool must run as root (the state and its locks in {opened}/state are " \
+                "root's); run it as root or with sudo" in one_error(result)
+            assert "move it aside" not in result.stderr
+    finally:
+        shutil.rmtree(opened)
+
+
+def test_a_closed_keystone_port_is_said_once_while_acquire_waits_for_a_freed_vm(pool: PoolHandle) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v3"
+    pool.write_config(openstack={"auth_url": closed})
+    result = pool.run("acquire", "45", "--user", "alice", "--timeout", "4", check=False)
+    assert result.returncode == 6, result.stderr  # kept waiting: a VM another job frees could still serve it
+    said = f"cannot reach Keystone at {closed}: connection refused (check auth_url: its host, port and scheme)"
+    assert result.stderr.count(said) == 2, result.stderr  # the first pass's line, and the timeout's reason
+    assert "HTTPConnectionPool" not in result.stderr
+
+
+def test_an_auth_url_of_nova_is_said_not_to_be_a_keystone(pool: PoolHandle) -> None:
+    nova = pool.bed.info["compute_url"]
+    for auth_url in (nova, nova.rsplit("/", 1)[0]):  # Nova's v2.1 answers 401, its root a version list
+        pool.write_config(openstack={"auth_url": auth_url})
+        for command in (["reconcile"], ["acquire", "46", "--timeout", "30"]):
+            result = pool.run(*command, check=False)
+            assert result.returncode == 5, result.stderr
+            assert f"{auth_url} answered, but is not a Keystone identity endpoint; set auth_url" in result.stderr
+            assert "Invalid response" not in result.stderr and "authentication failed" not in result.stderr
 
 
 def test_a_create_the_cloud_refuses_names_the_config_keys_and_leaves_no_intent(pool: PoolHandle) -> None:

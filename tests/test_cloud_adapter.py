@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 import vmpool as vp
 from tests.test_policy import config
 
@@ -47,3 +49,60 @@ def test_a_server_listed_on_two_pages_counts_once_as_the_later_page_shows_it() -
     assert sorted((s.id, s.status) for s in servers) == [
         ("a", vp.SERVER_ACTIVE), ("b", vp.SERVER_BUILDING), ("c", vp.SERVER_ACTIVE)]
     assert [url.split("?")[1] for url in nova.urls] == ["name=%5Ep%5C-", "marker=b&name=%5Ep%5C-"]
+
+
+class Answering:
+    """A NovaCloud whose create meets one answer of Nova's, as novaclient raises it."""
+
+    auth_url = "http://127.0.0.1:5000/v3"
+
+    def __init__(self, error: Exception, retry_after: str | None = None):
+        self.error = error
+        self.retry_after = retry_after
+
+    def last_retry_after(self) -> str | None:
+        return self.retry_after
+
+    @vp.translate_cloud_errors
+    def create_server(self) -> str:
+        raise self.error
+
+
+def nova_answer(code: int, message: str) -> Exception:
+    from novaclient import exceptions as nova_exc
+    error: Exception = nova_exc.from_response(type("Response", (), {"status_code": code, "headers": {}})(),
+                                              {"fault": {"message": message}}, "/servers", "POST")
+    return error
+
+
+# What Nova 34's create answers (nova/api/openstack/compute/servers.py, nova/exception.py), and proxies before it
+@pytest.mark.parametrize(("code", "message", "kind"), [
+    (403, "Quota exceeded for instances: Requested 1, but already used 10 of 10 instances", vp.QuotaExceeded),
+    (403, "Maximum number of ports exceeded", vp.QuotaExceeded),  # Neutron's port quota
+    (403, "The number of defined ports: 12 is over the limit: 10", vp.QuotaExceeded),
+    (403, "Quota exceeded for cores: Requested 4, but already used 96 of 100 cores", vp.QuotaExceeded),
+    (413, "Request Entity Too Large", vp.QuotaExceeded),  # the older Nova's over-quota answer
+    (429, "Rate limit exceeded", vp.QuotaExceeded),  # a rate limiter before the API
+    (403, "Policy doesn't allow os_compute_api:servers:create to be performed.", vp.CloudRefused),
+    (403, "Only volume-backed servers are allowed for flavors with zero disk.", vp.CloudRefused),
+    (400, "Can not find requested image", vp.CloudRefused),
+    (400, "Flavor's disk is too small for requested image.", vp.CloudRefused),
+    (401, "The request you have made requires authentication.", vp.CloudRefused),
+    (500, "Unexpected API Error.", vp.CloudError),  # may have created the server: a failed boot
+    (503, "Service Unavailable", vp.CloudError),
+])
+def test_novas_refusals_are_told_apart_by_what_nova_answers(code: int, message: str, kind: type) -> None:
+    with pytest.raises(vp.CloudError) as raised:
+        Answering(nova_answer(code, message)).create_server()
+    assert type(raised.value) is kind and message in str(raised.value)
+
+
+def test_a_limit_refusal_carries_its_retry_after_in_seconds_or_as_an_http_date() -> None:
+    import email.utils
+    import time
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    for header, low, high in (("30", 30, 30), (in_a_minute, 55, 60), (None, 0, 0), ("soon", 0, 0)):
+        with pytest.raises(vp.QuotaExceeded) as raised:
+            Answering(nova_answer(429, "Rate limit exceeded"), header).create_server()
+        assert low <= raised.value.retry_after <= high, header
+    assert vp.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", time.time()) == 0  # past: no wait

@@ -114,6 +114,17 @@ def test_a_wrong_cloud_name_or_a_broken_clouds_yaml_is_one_sentence_exit_3(
         assert len([line for line in result.stderr.splitlines() if "ERROR" in line]) == 1, result.stderr
 
 
+def test_a_cloud_name_with_a_typo_is_told_the_clouds_that_exist(pool: PoolHandle, tmp_path: Path) -> None:
+    write_clouds(tmp_path, {"site": {"auth": password_auth(pool.bed.info)}, "test": {}})
+    without_credentials(pool)
+    pool.write_config(openstack={"cloud": "stie"})
+    env = {**clean_env(), "OS_CLIENT_CONFIG_FILE": str(tmp_path / "clouds.yaml")}
+    for command in (["reconcile"], ["acquire", "52"], ["verify"]):
+        result = pool.run(*command, check=False, env=env)
+        assert result.returncode == 3, (command, result.stderr)
+        assert f"Cloud stie was not found.; {tmp_path}/clouds.yaml has cloud(s) site, test" in result.stderr
+
+
 def test_a_cloud_and_credentials_of_the_config_at_once_are_refused(pool: PoolHandle) -> None:
     pool.write_config(openstack={"cloud": "site"})  # the bed's username and password are still there
     result = pool.run("status", check=False)

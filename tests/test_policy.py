@@ -455,6 +455,15 @@ def test_quota_refusal_backs_off_with_a_growing_delay() -> None:
     assert kinds(actions, CreateServer) == []
 
 
+@pytest.mark.parametrize(("retry_after", "delay"), [(0, 60), (45, 60), (300, 300), (5000, 900)])
+def test_a_limit_refusal_backs_off_at_least_its_retry_after_up_to_backoff_max(retry_after: float,
+                                                                               delay: float) -> None:
+    state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
+    new, _ = vp.plan_created(state, "a", None, vp.QuotaExceeded("429", retry_after), config().pool, NOW)
+    assert (new.backoff_delay, new.backoff_until) == (delay, NOW + delay)
+    assert new.boot_failures == 0 and new.protected_since is None and new.vms == []
+
+
 def test_other_create_errors_keep_the_intent() -> None:
     state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
     new, _ = vp.plan_created(state, "a", None, vp.CloudError("HTTP 500"), config().pool, NOW)

@@ -224,6 +224,43 @@ def test_quota_exceeded_backs_off_without_a_create_loop(pool: PoolHandle) -> Non
     assert not pool.servers()
 
 
+def test_neutrons_port_limit_backs_off_and_a_waiting_job_waits_for_its_vm(pool: PoolHandle) -> None:
+    # Nova refuses the create with 403 "Maximum number of ports exceeded": no word of quota in it.
+    pool.write_config(pool={"protect_after_failures": 1, "backoff_initial": 2, "backoff_max": 4})
+    pool.bed.set_ports_left(0)
+    try:
+        waiting = pool.spawn("acquire", "61", "--user", "alice", "--timeout", "120")
+        log = Path(pool.settings["pool"]["log_file"])
+        wait_until(lambda: log.exists() and "Maximum number of ports exceeded" in log.read_text(), 60,
+                   "Nova's refusal")
+        status = pool.status()
+        assert status["backoff_until"] and status["boot_failures"] == 0 and not status["protected_since"]
+        assert waiting.poll() is None, waiting.communicate()  # not failed fast: the limit may lift
+    finally:
+        pool.bed.set_ports_left(None)
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert pool.vms("busy")[0]["address"] == out.strip()
+    assert "check [openstack] image" not in log.read_text()
+
+
+@pytest.mark.parametrize("code", [413, 429])
+def test_an_over_limit_answer_backs_off_as_long_as_its_retry_after_says(pool: PoolHandle, code: int) -> None:
+    import email.utils
+    pool.write_config(pool={"min": 1, "protect_after_failures": 1, "backoff_initial": 2, "backoff_max": 60})
+    for retry_after, delay in (("7", 7), (email.utils.formatdate(time.time() + 30, usegmt=True), 28)):
+        pool.bed.add_fault("nova", "POST", r"/servers$", "status", status=code, times=1,
+                           message="Rate limit exceeded", headers={"Retry-After": retry_after})
+        asked = time.time()
+        result = pool.run("reconcile")
+        assert f"over a limit of the cloud: Rate limit exceeded (HTTP {code})" in result.stderr, result.stderr
+        status = pool.status()
+        assert status["backoff_until"] - asked >= delay, (retry_after, status)
+        assert status["boot_failures"] == 0 and not status["protected_since"] and not pool.servers()
+        pool.run("clear-backoff", "--reason", "the next answer")
+    pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM once the cloud allows")
+
+
 def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None:
     pool.write_config(pool={"min": 3, "protect_after_failures": 2})
     pool.bed.set_behaviour(f"^{pool.prefix}", error=True)

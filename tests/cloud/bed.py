@@ -430,6 +430,11 @@ class Bed:
         qs = self.admin_nova().quotas.update(project_id or self.info["project_id"], **kw)
         return qs.to_dict()
 
+    def set_ports_left(self, ports_left: int | None):
+        """Neutron's port quota: room for this many more ports (None: unlimited). At 0, Nova refuses a
+        create with 403 "Maximum number of ports exceeded"."""
+        return self._nctl("PUT", "/ports-left", {"ports_left": ports_left})
+
     def delete_all_servers(self, timeout: float = 120):
         """Delete every server (all projects) and wait until they are gone."""
         nova = self.admin_nova()
@@ -541,9 +546,13 @@ class Bed:
         delay: float = 0,
         times: int | None = None,
         hide_regex: str = "",
+        message: str = "",
+        headers: dict[str, str] | None = None,
     ) -> dict:
         """Proxy rule: service nova|keystone|*, method or *, action status|reset|delay|swallow|hide.
 
+        status: Nova's fault body with `message` (default "fault injected by the bed proxy") and the
+        answer's extra `headers` (e.g. {"Retry-After": "30"}).
         hide: forward, then drop the servers whose name matches hide_regex from a listing's answer.
         """
         return self._pctl(
@@ -558,6 +567,8 @@ class Bed:
                 "delay": delay,
                 "times": times,
                 "hide_regex": hide_regex,
+                "message": message,
+                "headers": headers or {},
             },
         )
 

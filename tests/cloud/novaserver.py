@@ -468,6 +468,15 @@ def patch_neutron(nf, neutron_fixture):
     nf.create_port = create_port
     nf.delete_port = delete_port
 
+    # Neutron's port quota, as nova-api's validate_networks reads it (over it: 403 "Maximum number
+    # of ports exceeded"); ports_left None: unlimited. Counted over every port, as the fixture lists them.
+    nf.ports_left = None
+
+    def show_quota(project_id):
+        return {"quota": {"port": -1 if nf.ports_left is None else len(nf._ports) + nf.ports_left}}
+
+    nf.show_quota = show_quota
+
 
 def lease_address(addr):
     """Lease addr machine-wide (several beds may run at once: a test run and a demo, parallel
@@ -530,7 +539,7 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGI
     request_queue_size = 128
 
 
-def make_control_handler(behaviours, vms, info):
+def make_control_handler(behaviours, vms, info, neutron):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -593,6 +602,10 @@ def make_control_handler(behaviours, vms, info):
 
             cfg.CONF.set_override("max_limit", int(body["max_limit"]), group="api")
             return 200, {"max_limit": cfg.CONF.api.max_limit}
+        if parts == ["ports-left"] and method in ("PUT", "POST"):
+            left = body.get("ports_left")
+            neutron.ports_left = None if left is None else int(left)
+            return 200, {"ports_left": neutron.ports_left}
         if parts == ["behaviours", "default"] and method in ("PUT", "POST"):
             behaviours.set_default(body)
             return 200, behaviours.dump()
@@ -700,7 +713,7 @@ def main():
         "network_id": tc.neutron.network_1["id"],
         "subnet": str(SUBNET),
     }
-    ctl = ThreadingHTTPServer(("127.0.0.1", args.control_port), make_control_handler(behaviours, vms, info))
+    ctl = ThreadingHTTPServer(("127.0.0.1", args.control_port), make_control_handler(behaviours, vms, info, tc.neutron))
     ctl.daemon_threads = True
     threading.Thread(target=ctl.serve_forever, daemon=True, name="nova-control").start()
 

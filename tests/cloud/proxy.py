@@ -7,7 +7,8 @@ Keystone put in their answers point back at the proxy.  A JSON control port:
     GET    /health
     GET    /faults            list rules
     POST   /faults            add {service, method, path_regex, action,
-                                   status, delay, times} -> {"id": N}
+                                   status, delay, times, message,
+                                   headers} -> {"id": N}
     DELETE /faults            clear all rules
     GET    /counts            {"nova GET /v2.1/servers/{id}": 3, ...}
     DELETE /counts            reset the counters
@@ -15,7 +16,9 @@ Keystone put in their answers point back at the proxy.  A JSON control port:
 ``service`` and ``method`` may be ``*``.  ``path_regex`` is re.search()ed on
 the request path without its query string.  Actions:
 
-    status   answer ``status`` (default 500) without forwarding
+    status   answer ``status`` (default 500) without forwarding, with Nova's
+             fault body ({"overLimit": {"code": 429, "message": ...}}) and
+             ``headers`` (e.g. {"Retry-After": "30"}): ``message`` is its text
     reset    close the client connection with a TCP RST, nothing forwarded
     delay    sleep ``delay`` seconds, then forward
     swallow  answer 204 (or ``status`` if it is 2xx) without forwarding: a
@@ -55,6 +58,10 @@ HOP_BY_HOP = {
     "content-length",
 }
 ACTIONS = ("status", "reset", "delay", "swallow", "hide")
+# nova.api.openstack.wsgi.Fault's names for the body of an error answer
+FAULT_NAMES = {400: "badRequest", 401: "unauthorized", 403: "forbidden", 404: "itemNotFound", 405: "badMethod",
+               409: "conflictingRequest", 413: "overLimit", 415: "badMediaType", 429: "overLimit",
+               501: "notImplemented", 503: "serviceUnavailable"}
 
 _ID_RE = re.compile(
     r"^(?:[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
@@ -91,6 +98,8 @@ class State:
             "status": int(r.get("status") or 500),
             "delay": float(r.get("delay") or 0),
             "hide_regex": r.get("hide_regex") or "",
+            "message": r.get("message") or "fault injected by the bed proxy",
+            "headers": {str(k): str(v) for k, v in (r.get("headers") or {}).items()},
             "times": None if times is None else int(times),
             "hits": 0,
         }
@@ -184,10 +193,12 @@ def make_proxy_handler(service, upstream_port, state):
                     return
                 if action == "status":
                     st = rule["status"]
-                    msg = json.dumps(
-                        {"error": {"code": st, "title": "Injected fault", "message": "fault injected by the bed proxy"}}
-                    )
-                    self._reply(st, msg.encode(), [("Content-Type", "application/json")])
+                    fault = {"code": st, "message": rule["message"]}
+                    if "Retry-After" in rule["headers"]:  # as nova.api.openstack.wsgi.Fault adds it
+                        fault["retryAfter"] = rule["headers"]["Retry-After"]
+                    msg = json.dumps({FAULT_NAMES.get(st, "computeFault"): fault})
+                    headers = [("Content-Type", "application/json"), *rule["headers"].items()]
+                    self._reply(st, msg.encode(), headers)
                     return
                 if action == "swallow":
                     st = rule["status"] if 200 <= rule["status"] < 300 else 204
