@@ -456,6 +456,103 @@ vh_kill_job() {
         < <(vh_remote_script vm-kill.sh "$1" "$2" "$KILL_GRACE") >/dev/null
 }
 
+# --- the job starters (Torque's and Slurm's) ---
+
+# The job's exported variables NOT passed to the job on its VM, and why:
+#   HOME USER LOGNAME SHELL MAIL   the node's account: the VM's login sets its own
+#   PWD OLDPWD SHLVL _             the starter's own shell's, not the job's
+#   TMPDIR                         a directory on the node (pbs_mom's per-job one); the VM has its own
+#   TERM DISPLAY LS_COLORS XDG_*   the submitter's terminal and desktop session
+#   SSH_*                          the node's ssh session (agent socket, connection), not the VM's
+#   BASH_* ENV                     what bash and sh run at start (BASH_ENV, ENV): not a job's variable
+#   BASHOPTS SHELLOPTS UID EUID PPID   read-only in bash: exporting them on the VM fails
+#   PBS_NODEFILE                   a file on the node; vm-run.sh passes one naming the VM
+#   SLURM_CONF                     the node's slurm.conf; the VM runs no Slurm
+VH_ENV_SKIP='^(HOME|USER|LOGNAME|SHELL|MAIL|PWD|OLDPWD|SHLVL|_|TMPDIR|TERM|DISPLAY|LS_COLORS|XDG_.*|SSH_.*|BASH_.*|ENV|BASHOPTS|SHELLOPTS|UID|EUID|PPID|PBS_NODEFILE|SLURM_CONF)$'
+
+# The job's environment for the VM: NAME=VALUE of each exported variable but VH_ENV_SKIP's, in
+# VH_JOB_ENV. Call it before the starter exports or changes any variable of its own.
+vh_job_environment() {
+    local vh_env_name  # not `name`: a job may export that, and the local would hide its value
+    VH_JOB_ENV=()
+    while IFS= read -r vh_env_name; do
+        [[ $vh_env_name =~ $VH_ENV_SKIP || ! $vh_env_name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && continue
+        VH_JOB_ENV+=("$vh_env_name=${!vh_env_name}")
+    done < <(compgen -e)
+}
+
+# vh_read_owner_record JOBID PROLOGUE: the owner's part of the job's record (job.env), as the job
+# starter reads it, running as the owner; sets VM_NAME ADDRESS SSH_PORT JOB_USER. False, with the
+# reason in VH_RECORD_ERROR, if there is none (PROLOGUE, the batch system's name for the hook that
+# writes it, did not run or failed), or it is another user's or incomplete.
+vh_read_owner_record() {
+    local dir me
+    dir=$(vh_job_dir "$1")
+    if [[ ! -r $dir/job.env ]]; then
+        VH_RECORD_ERROR="this job has no VM (no record in $dir): the vmpool $2 did not run or failed"
+        return 1
+    fi
+    vh_read_record "$dir/job.env" VM_NAME ADDRESS SSH_PORT JOB_USER
+    me=$(id -un)
+    if [[ ${JOB_USER:-} != "$me" ]]; then
+        VH_RECORD_ERROR="the job's VM record is for ${JOB_USER:-nobody}, not $me"
+        return 1
+    fi
+    if ! [[ ${ADDRESS:-} =~ ^[A-Za-z0-9][A-Za-z0-9.:_-]*$ ]] || ! vh_valid_uint "${SSH_PORT:-}"; then
+        VH_RECORD_ERROR="the job's VM record $dir/job.env is incomplete"
+        return 1
+    fi
+}
+
+VH_GOT_SIGNAL=  # the first of TERM INT HUP the starter got, forwarded to the VM
+VH_KILLER=      # the process forwarding it (vh_kill_job)
+
+# A signal from the batch system (qdel, scancel, the time limit) reaches the starter; the job's
+# ssh client runs in a session of its own and does not get it: forward it, once, to the job's
+# session on VM_NAME, from a process outside the job's session on the node.
+vh_forward_signal() {
+    [[ -n $VH_GOT_SIGNAL ]] && return 0
+    VH_GOT_SIGNAL=$1
+    trap '' TERM INT HUP
+    vh_say "got SIG$1: ending the job on VM $VM_NAME"
+    (vh_kill_job "$VH_JOBID" "$1") &
+    VH_KILLER=$!
+}
+
+# vh_run_job_to_end ARGS...: the job on its VM (vh_run_job ARGS..., after vh_job_ssh) until its
+# ssh client is gone, TERM INT HUP forwarded meanwhile; its exit status in VH_JOB_STATUS (the
+# job's, or 255 when ssh failed).
+vh_run_job_to_end() {
+    local ssh_pid
+    trap 'vh_forward_signal TERM' TERM
+    trap 'vh_forward_signal INT' INT
+    trap 'vh_forward_signal HUP' HUP
+    (vh_run_job "$@") &
+    ssh_pid=$!
+    # `wait` returns early when a trapped signal arrives; wait again until ssh is really gone.
+    while :; do
+        VH_JOB_STATUS=0
+        wait "$ssh_pid" || VH_JOB_STATUS=$?
+        kill -0 "$ssh_pid" 2>/dev/null || break
+    done
+}
+
+# After vh_run_job_to_end: if a signal was forwarded, wait for the forwarding, then end as the job
+# ended: by its signal N (status 128+N), so the batch system records a signal as on a plain node
+# (pbs_mom: 256+N), else with its status. Returns only if no signal came.
+vh_exit_if_signalled() {
+    local status=$VH_JOB_STATUS
+    [[ -n $VH_GOT_SIGNAL ]] || return 0
+    if [[ -n $VH_KILLER ]]; then
+        wait "$VH_KILLER" || true
+    fi
+    if (( status > 128 && status <= 128 + 64 )); then
+        trap - "$((status - 128))"
+        kill -s "$((status - 128))" "$$"
+    fi
+    exit "$status"
+}
+
 # --- telling the job's owner ---
 
 # vh_tell_user JOBID USER UID GID DIR MESSAGE: append "<date> <jobid>: MESSAGE" to
