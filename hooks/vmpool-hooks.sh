@@ -108,11 +108,27 @@ vh_valid_uint() {
 # The directory this library lives in; the config and the VM-side scripts are beside it.
 VH_LIB_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
 
+# Why vmpool-hooks.conf cannot be used (in VH_CONFIG_ERROR, for the hook's own message) on stderr.
+vh_config_error() {
+    VH_CONFIG_ERROR=$*
+    vh_say "$*"
+}
+
 # Read vmpool-hooks.conf: known keys only, values checked; the file is parsed, never sourced.
+# As root (the prologue, the epilogue, the Slurm prolog and epilog, hooks/install) the file, the
+# scripts beside it, the VMPOOL it names and JOB_DIR must be root's alone (vh_root_only): whoever
+# can change one of them is root on this node. False, with the reason in VH_CONFIG_ERROR.
 vh_load_config() {
     local file=${1:-$VH_LIB_DIR/vmpool-hooks.conf} line key value known
+    VH_CONFIG_ERROR=
     if [[ ! -r $file ]]; then
-        vh_say "cannot read $file (are the hooks installed with 'make install-hooks'?)"
+        vh_config_error "cannot read $file (are the hooks installed with 'make install-hooks'?)"
+        return 1
+    fi
+    # With it, the libraries and the VM-side scripts installed beside it (root sends those to
+    # the VM as root).
+    if (( EUID == 0 )) && ! vh_root_only "$file" "${file%/*}"/*.sh; then
+        vh_config_error "refusing $file: $VH_UNSAFE (whoever can change what root reads or runs is root here); make it root's and not group/other-writable (check with make check-hooks)"
         return 1
     fi
     while IFS= read -r line || [[ -n $line ]]; do
@@ -122,7 +138,7 @@ vh_load_config() {
         known=0
         for k in "${VH_CONF_KEYS[@]}"; do [[ $key == "$k" ]] && known=1; done
         if [[ $line != *=* || $known == 0 ]]; then
-            vh_say "$file: unknown line $(vh_show "$line") (keys: ${VH_CONF_KEYS[*]})"
+            vh_config_error "$file: unknown line $(vh_show "$line") (keys: ${VH_CONF_KEYS[*]})"
             return 1
         fi
         printf -v "$key" '%s' "$value"
@@ -131,26 +147,66 @@ vh_load_config() {
 }
 
 vh_check_config() {
-    local file=$1 key path
+    local file=$1 key path interpreter=
     for key in ACQUIRE_TIMEOUT PREPARE_TIMEOUT SCRUB_TIMEOUT RELEASE_TIMEOUT REQUEUE_BACKOFF \
                SSH_CONNECT_TIMEOUT KILL_GRACE MIN_UID MAX_PREPARE_ATTEMPTS; do
         if ! vh_valid_uint "${!key}"; then
-            vh_say "$file: $key=$(vh_show "${!key}") is not a whole number of seconds"
+            vh_config_error "$file: $key=$(vh_show "${!key}") is not a whole number of seconds"
             return 1
         fi
     done
     for key in VMPOOL VMPOOL_CONFIG JOB_DIR; do
         if ! vh_valid_path "${!key}"; then
-            vh_say "$file: $key=$(vh_show "${!key}") is not an absolute path"
+            vh_config_error "$file: $key=$(vh_show "${!key}") is not an absolute path"
             return 1
         fi
     done
     for path in $SCRUB_DIRS; do
         if ! vh_valid_path "$path" || [[ $path == / ]]; then
-            vh_say "$file: SCRUB_DIRS holds $(vh_show "$path"), not an absolute directory below /"
+            vh_config_error "$file: SCRUB_DIRS holds $(vh_show "$path"), not an absolute directory below /"
             return 1
         fi
     done
+    (( EUID == 0 )) || return 0
+    # What root runs: vmpool and the interpreter of its #! line (`make check-hooks` checks the
+    # rest of its venv); JOB_DIR, where root writes.
+    [[ -f $VMPOOL && -r $VMPOOL ]] && IFS=' ' read -r interpreter _ <"$VMPOOL" || true
+    interpreter=${interpreter#\#!}
+    vh_valid_path "$interpreter" || interpreter=
+    if ! vh_root_only "$VMPOOL" ${interpreter:+"$interpreter"} "$JOB_DIR"; then
+        vh_config_error "refusing what $file names: $VH_UNSAFE (whoever can change what root runs is root here); make it root's and not group/other-writable (check with make check-hooks)"
+        return 1
+    fi
+}
+
+# vh_root_only PATH...: each PATH and every directory above it, as named and as its symlinks
+# resolve, is owned by root and not writable by group or others (a sticky directory such as /tmp
+# is fine: no one else can replace root's entries in it); of a PATH not there (yet), the
+# directories that are. False, with the first problem in VH_UNSAFE, otherwise.
+vh_root_only() {
+    local dir entries=() resolved owner raw mode name
+    VH_UNSAFE=
+    mapfile -t resolved < <(readlink -m -- "$@")
+    for dir in "$@" "${resolved[@]}"; do
+        while [[ -n $dir && $dir != / ]]; do
+            entries+=("$dir")
+            dir=${dir%/*}
+        done
+    done
+    # One stat for all: owner, raw mode (hex: type and permissions), name.
+    while IFS=' ' read -r owner raw name; do
+        mode=$(( 16#$raw ))
+        if [[ $owner != 0 ]]; then
+            VH_UNSAFE="$name is owned by uid $owner, not root"
+            return 1
+        fi
+        (( (mode & 8#170000) == 8#120000 )) && continue  # a symlink's own mode means nothing
+        (( (mode & 8#170000) == 8#040000 && (mode & 8#1000) )) && continue
+        if (( mode & 8#022 )); then
+            VH_UNSAFE="$name is mode $(printf '%o' $(( mode & 8#7777 ))): writable by group or others"
+            return 1
+        fi
+    done < <(stat -c '%u %f %n' -- / "${entries[@]}" 2>/dev/null)
 }
 
 # --- remote scripts ---
@@ -558,16 +614,23 @@ vh_exit_if_signalled() {
 # vh_tell_user JOBID USER UID GID DIR MESSAGE: append "<date> <jobid>: MESSAGE" to
 # DIR/vmpool-<jobid>.log (else the same file in USER's home), AS the user: TORQUE delivers no .o/.e
 # of a job its prologue aborts, and replaces a requeued attempt's .e with the rerun's. Best effort,
-# bounded in time; root never opens a path in the user's directories itself.
+# bounded in time; root never opens a path in the user's directories itself. Never as root (uid
+# 0 writes anywhere, through any symlink); a system account (below MIN_UID, its job refused)
+# only into a directory it owns: in one others control (/tmp, a shared project directory) a
+# planted symlink could make it append to one of the system's files it owns.
 vh_tell_user() {
-    local jobid=$1 user=$2 uid=$3 gid=$4 dir=$5 line home
+    local jobid=$1 user=$2 uid=$3 gid=$4 dir=$5 line home owner_only=
+    (( uid != 0 )) || return 0
+    (( uid >= MIN_UID )) || owner_only=$uid
     line="$(date '+%F %T') vmpool $VH_HOOK $jobid: $6"
     home=$(getent passwd -- "$user" | cut -d: -f6)
     for dir in "$dir" "$home"; do
         [[ -n $dir ]] || continue
+        # shellcheck disable=SC2016  # expanded by that sh
         timeout -k 1 10 setpriv --reuid="$uid" --regid="$gid" --clear-groups -- \
-            sh -c 'printf "%s\n" "$1" >>"$2"' vmpool-tell "$line" "$dir/vmpool-$jobid.log" \
-            2>/dev/null && return 0
+            sh -c '[ -z "$3" ] || [ "$(stat -c %u -- "$2")" = "$3" ] || exit 1
+                   printf "%s\n" "$1" >>"$2/$4"' vmpool-tell "$line" "$dir" "$owner_only" \
+                   "vmpool-$jobid.log" 2>/dev/null && return 0
     done
     return 0
 }
