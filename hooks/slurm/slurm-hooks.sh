@@ -31,7 +31,7 @@ vh_slurm_job_from_env() {
     if [[ -z $VH_SLURM_WORKDIR ]] && vh_valid_name "$VH_SLURM_USER"; then
         VH_SLURM_WORKDIR=$(getent passwd -- "$VH_SLURM_USER" | cut -d: -f6)
     fi
-    vh_load_config 2>/dev/null || vh_log "the hooks' configuration is broken"
+    vh_load_config 2>/dev/null || vh_log "the hooks' configuration is unusable: $VH_CONFIG_ERROR"
     VH_SLURM_SCRATCH=$(mktemp -d)
     trap 'rm -rf -- "$VH_SLURM_SCRATCH"' EXIT
 }

@@ -28,8 +28,8 @@ slurm-deps:
 	  echo "installing $(SLURM_PACKAGES) (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) >/dev/null; }
 
-lint-slurm-hooks:
-	shellcheck -x -S warning $(addprefix $(SLURM_MK_DIR)/,prolog epilog jobstarter install slurm-hooks.sh)
+lint-slurm-hooks: venv
+	$(SHELLCHECK) -x -S warning $(addprefix $(SLURM_MK_DIR)/,prolog epilog jobstarter install slurm-hooks.sh)
 
 # `make lint` and `make test` cover the Slurm hooks too.
 lint: lint-slurm-hooks
