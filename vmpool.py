@@ -126,6 +126,7 @@ import configparser
 import contextlib
 import copy
 import dataclasses
+import enum
 import functools
 import gc
 import ipaddress
@@ -158,12 +159,47 @@ DEFAULT_CONFIG_PATH = "/etc/vmpool/vmpool.conf"
 METADATA_POOL_KEY = "vmpool_pool"  # servers without this tag are never touched
 METADATA_VM_KEY = "vmpool_vm"
 
-FREE, BUSY, UNUSABLE = "free", "busy", "unusable"
-# Reasons a VM is Unusable. Tainted VMs (failed scrub, changed host key, lost job) never
-# become Free again: they are deleted once unusable_timeout has passed.
-CREATING, BUILDING, DELETING, ERROR_REASON = "creating", "building", "deleting", "error"
-UNREACHABLE, SHUTOFF, VANISHED, ADOPTED = "unreachable", "shutoff", "vanished", "adopted"
-UNKNOWN_PAST = "adopted with unknown past"  # a tagged server no state and no job record explains
+
+
+class VmState(enum.StrEnum):
+    """Every VM is Free, Busy (held by one job) or Unusable. The values are the state file's."""
+
+    FREE = "free"
+    BUSY = "busy"
+    UNUSABLE = "unusable"
+
+
+class Why(enum.StrEnum):
+    """The kind of a VM's reason for being Unusable. The state file keeps one string per VM, the
+    kind and then its free text ("unreachable: no SSH banner within 10s", "status SHELVED");
+    Vm.why and Vm.detail read it apart, reason_text puts it together. Tainted VMs (failed scrub,
+    changed host key, lost job) never become Free again: their reason is the taint's own words."""
+
+    NONE = ""
+    CREATING = "creating"
+    BUILDING = "building"
+    DELETING = "deleting"
+    ERROR = "error"
+    UNREACHABLE = "unreachable"
+    SHUTOFF = "shutoff"
+    STATUS = "status"  # another Nova status, named in the detail
+    VANISHED = "vanished"
+    ADOPTED = "adopted"
+    TAINTED = "tainted"
+
+
+FREE, BUSY, UNUSABLE = VmState.FREE, VmState.BUSY, VmState.UNUSABLE
+CREATING, BUILDING, DELETING, ERROR_REASON = Why.CREATING, Why.BUILDING, Why.DELETING, Why.ERROR
+UNREACHABLE, SHUTOFF, VANISHED, ADOPTED = Why.UNREACHABLE, Why.SHUTOFF, Why.VANISHED, Why.ADOPTED
+UNKNOWN_PAST = "adopted with unknown past"  # a taint: a tagged server no state and no job record explains
+_WHY_BY_WORD = {why.value: why for why in Why if why.value}
+
+
+def reason_text(why: Why, detail: str = "") -> str:
+    """A VM's reason as the state file keeps it: its kind, then the free text."""
+    if why is Why.STATUS:
+        return f"status {detail}"
+    return f"{why.value}: {detail}" if detail else why.value
 
 # Torque job ids: 123, 123.server.domain, array jobs 123[4].server (and 123[] for the parent).
 JOB_ID_RE = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9-]*)*$")
@@ -675,7 +711,7 @@ class Vm:
     """One server of the pool as vmpool sees it."""
 
     name: str
-    state: str
+    state: VmState
     since: float
     created_at: float
     server_id: str | None = None
@@ -693,10 +729,28 @@ class Vm:
     drained: str = ""  # an admin's "no new job": who, when and why; deleted once it holds no job
 
     @property
+    def why(self) -> Why:
+        """The kind of this VM's reason (the one place its text is read)."""
+        if self.reason.startswith("status "):
+            return Why.STATUS
+        word = self.reason.partition(":")[0]
+        if word in _WHY_BY_WORD and (word == self.reason or self.reason[len(word)] == ":"):
+            return _WHY_BY_WORD[word]
+        return Why.TAINTED if self.tainted else Why.NONE
+
+    @property
+    def detail(self) -> str:
+        """The free text of this VM's reason, after its kind."""
+        why = self.why
+        if why is Why.STATUS:
+            return self.reason[len("status "):]
+        return self.reason if why in (Why.TAINTED, Why.NONE) else self.reason[len(why.value):].lstrip(": ")
+
+    @property
     def booting(self) -> bool:
         """Still on its way to its first Free: counts as capacity that is coming."""
         return self.state == UNUSABLE and not self.tainted and self.last_healthy is None and (
-            self.reason in (CREATING, BUILDING, ADOPTED) or self.reason.startswith(UNREACHABLE))
+            self.why in (Why.CREATING, Why.BUILDING, Why.ADOPTED, Why.UNREACHABLE))
 
     @property
     def deleting(self) -> bool:
@@ -933,7 +987,7 @@ def describe_vm(vm: Vm) -> str:
     return f"vm {vm.name} ({vm.address or 'no address'})"
 
 
-def _set_state(vm: Vm, state: str, reason: str, now: float) -> None:
+def _set_state(vm: Vm, state: VmState, reason: str, now: float) -> None:
     if vm.state != state or vm.reason != reason:
         vm.since = now
     vm.state, vm.reason = state, reason
@@ -1230,7 +1284,7 @@ def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
     if was == BUSY and not vm.tainted and not vm.host_keys:
         # Its address changed under the job: the pinned key went with the old address. Free,
         # the next prologue could not verify it; a probe pins it again first.
-        _set_state(vm, UNUSABLE, f"{UNREACHABLE}: address changed while busy, host key to pin", now)
+        _set_state(vm, UNUSABLE, reason_text(Why.UNREACHABLE, "address changed while busy, host key to pin"), now)
         return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job}; its address changed, "
                                      "probing it before the next job")
     if was == BUSY and not vm.tainted:
@@ -1295,7 +1349,7 @@ def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name:
             return []
         vm.server_id = server.id
     server = servers.get(vm.server_id)
-    if server is None and vm.reason == BUILDING and now - vm.created_at < pool.create_grace:
+    if server is None and vm.why is Why.BUILDING and now - vm.created_at < pool.create_grace:
         return []  # just created: the listing may not show it yet
     if server is None:
         return _server_absent(state, vm, seen, pool, now, trust_absence)
@@ -1320,7 +1374,7 @@ def _new_address(vm: Vm, server: Server, now: float) -> list[Action]:
         return []
     old, vm.address, vm.host_keys = vm.address, server.address, []
     if vm.state == FREE:
-        _set_state(vm, UNUSABLE, f"{UNREACHABLE}: address changed", now)
+        _set_state(vm, UNUSABLE, reason_text(Why.UNREACHABLE, "address changed"), now)
     return [Note(logging.WARNING, f"{describe_vm(vm)}: address changed from {old}")] if old else []
 
 
@@ -1431,7 +1485,7 @@ def _building(state: PoolState, vm: Vm, pool: PoolConfig, now: float) -> list[Ac
 
 def _inactive(state: PoolState, vm: Vm, server: Server, pool: PoolConfig, now: float) -> list[Action]:
     actions: list[Action] = []
-    reason = SHUTOFF if server.status == SERVER_DOWN else f"status {server.status}"
+    reason = SHUTOFF if server.status == SERVER_DOWN else reason_text(Why.STATUS, server.status)
     if server.status == SERVER_DELETING:
         reason = DELETING
     if vm.job and vm.reason != reason:
@@ -1456,7 +1510,7 @@ def _active(state: PoolState, vm: Vm, seen: Observation, config: Config, now: fl
         return []
     if vm.job:
         return []  # tainted under its job: only its release detaches it
-    not_yet_probed = vm.reason in (BUILDING, SHUTOFF, CREATING, DELETING) or vm.reason.startswith("status ")
+    not_yet_probed = vm.why in (Why.BUILDING, Why.SHUTOFF, Why.CREATING, Why.DELETING, Why.STATUS)
     if vm.state == UNUSABLE and not_yet_probed:
         _set_state(vm, UNUSABLE, UNREACHABLE, now)  # ACTIVE now: reachable only once SSH answers
     if vm.state == UNUSABLE and vm.last_healthy is None and now - vm.since > pool.ready_timeout:
@@ -1783,12 +1837,11 @@ def plan_probed(state: PoolState, results: Sequence[ProbeResult], now: float) ->
             actions.append(Note(logging.ERROR, f"{describe_vm(vm)} unusable: host key changed ({result.detail})"))
         elif result.ok:
             actions += _probe_ok(new, vm, now)
-        elif vm.state == FREE or vm.reason != f"{UNREACHABLE}: {result.detail}":
-            was_unreachable = vm.state == UNUSABLE and vm.reason.startswith(UNREACHABLE)
-            if was_unreachable:
-                vm.reason = f"{UNREACHABLE}: {result.detail}"  # keep since: the timeout counts from the first failure
+        elif vm.state == FREE or vm.reason != reason_text(Why.UNREACHABLE, result.detail):
+            if vm.state == UNUSABLE and vm.why is Why.UNREACHABLE:  # keep since: the timeout runs from the first
+                vm.reason = reason_text(Why.UNREACHABLE, result.detail)
             else:
-                _set_state(vm, UNUSABLE, f"{UNREACHABLE}: {result.detail}", now)
+                _set_state(vm, UNUSABLE, reason_text(Why.UNREACHABLE, result.detail), now)
             actions.append(Note(logging.WARNING, f"{describe_vm(vm)} unusable: {result.detail}, since "
                                                  f"{fmt_time(vm.since)}"))
     return new, actions
@@ -1882,10 +1935,8 @@ def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
 def reason_kind(vm: Vm) -> str:
     """A VM's reason as a short fixed word (a metric label must not carry free text)."""
     if vm.tainted:
-        return "tainted"
-    if vm.reason.startswith("status "):
-        return "other"
-    return vm.reason.partition(":")[0].strip()
+        return Why.TAINTED.value
+    return "other" if vm.why is Why.STATUS else vm.why.value
 
 
 @dataclass  # not frozen, for start-up time (as Server)
@@ -1978,11 +2029,11 @@ def state_from_json(data: Any, path: str, pool_name: str) -> PoolState:
         raise StateError(f"{path}: belongs to pool {data.get('pool')!r}, not {pool_name!r}; left untouched")
     try:
         body = {k: v for k, v in data.items() if k not in ("schema", "version")}
-        body["vms"] = [Vm(**vm) for vm in body.get("vms", [])]
+        body["vms"] = [Vm(**{**vm, "state": VmState(vm.get("state"))}) for vm in body.get("vms", [])]
         body["requests"] = [Request(**request) for request in body.get("requests", [])]
         body["handed"] = [Request(**request) for request in body.get("handed", [])]
         return PoolState(**body)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise StateCorrupt(f"{path}: malformed state ({error}); {REBUILT_BY_RECONCILE}") from None
 
 

@@ -1190,3 +1190,34 @@ def test_an_unknown_past_vm_that_a_record_explains_is_the_jobs() -> None:
                                         healthy=False)])
     new, _ = vp.plan_reconcile(state, seen(server("a"), records=[record("7", "a")]), config(), NOW)
     assert (new.vm_named("a").state, new.vm_named("a").job, new.vm_named("a").tainted) == (BUSY, "7", "")
+
+
+# --- the VM's state and the kind of its reason ---
+
+@pytest.mark.parametrize(("reason", "tainted", "why", "detail"), [
+    ("creating", "", vp.Why.CREATING, ""),
+    ("building", "", vp.Why.BUILDING, ""),
+    ("unreachable", "", vp.Why.UNREACHABLE, ""),
+    ("unreachable: no SSH banner within 10s", "", vp.Why.UNREACHABLE, "no SSH banner within 10s"),
+    ("status SHELVED_OFFLOADED", "", vp.Why.STATUS, "SHELVED_OFFLOADED"),
+    ("vanished", "vanished", vp.Why.VANISHED, ""),
+    ("adopted with unknown past", "adopted with unknown past", vp.Why.TAINTED, "adopted with unknown past"),
+    ("deleting", "scrub failed", vp.Why.DELETING, ""),
+    ("unreachableness", "", vp.Why.NONE, "unreachableness"),  # a word that only starts like a kind
+])
+def test_a_reason_reads_apart_into_its_kind_and_free_text_and_back(reason: str, tainted: str, why: vp.Why,
+                                                                   detail: str) -> None:
+    machine = vm("a", UNUSABLE, reason=reason, tainted=tainted)
+    assert (machine.why, machine.detail) == (why, detail)
+    if why not in (vp.Why.TAINTED, vp.Why.NONE):
+        assert vp.reason_text(why, detail) == reason, "the state file keeps the same string"
+
+
+def test_the_state_file_keeps_its_strings_for_the_typed_state() -> None:
+    state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1"),
+                                     vm("c", UNUSABLE, reason="unreachable: refused", healthy=False)])
+    text = vp.state_text(state)
+    assert '"state":"free"' in text and '"state":"busy"' in text and '"reason":"unreachable: refused"' in text
+    again = vp.state_from_json(vp.state_to_json(state), "x", "p")
+    assert [v.state for v in again.vms] == [vp.VmState.FREE, vp.VmState.BUSY, vp.VmState.UNUSABLE]
+    assert vp.state_text(again) == text
