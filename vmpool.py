@@ -42,10 +42,9 @@ import sys
 # --- start-up admission ---
 # A burst of prologues starts hundreds of `vmpool` processes at once, and most of each one's CPU
 # goes to importing modules (click, logging, this file). Hundreds importing at once on a few
-# cores thrash the caches and the scheduler: 200 bare interpreters importing click and filelock
-# took 0.64x of their time one after another, where 2 cores could do 0.5x; with one start slot
-# per core (flock), taken before the imports, 0.55x. The command takes a slot here, before its
-# imports, and lets it go when main() begins (run()): the slot is never held across a wait for
+# cores thrash the caches and the scheduler; one at a time per core they do not (figures:
+# docs/performance.md, "The burst of 200"). The command takes a slot here, before its imports,
+# and lets it go when main() begins (run()): the slot is never held across a wait for
 # the state lock, a VM or the cloud, so it cannot hold up the releases that waiters need.
 
 START_SLOTS_DIR = "/run/vmpool"  # root's (the hooks' and cron's commands); VMPOOL_START_SLOTS: another, or "off"
@@ -144,7 +143,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import click
 import filelock
 
-if TYPE_CHECKING:  # vendor types only for the type checker: importing them costs ~600 ms
+if TYPE_CHECKING:  # vendor types only for the type checker: importing them is the slow part of a start
     import paramiko
 
 __version__ = "0.1.0"
@@ -299,7 +298,7 @@ def validate_user_name(name: str) -> str:
 
 # --- configuration ---
 # Read once, shared by everything, never changed: frozen. Never compared either: eq=False spares
-# two generated methods per class (__eq__, __hash__), ~1 ms of every command's start-up in all.
+# two generated methods per class (__eq__, __hash__): every command's start-up pays for them.
 
 
 @dataclass(frozen=True, eq=False)
@@ -818,8 +817,8 @@ class PoolState:
 
 def copy_state(state: PoolState) -> PoolState:
     """A deep copy for a plan_* function to change. copy.deepcopy's generic walk (memo, reduce)
-    took ~6 ms of each claim's lock hold at 200 VMs; the state holds only records, lists, dicts
-    and immutable values, which _copied rebuilds directly, ~10x faster."""
+    was most of a claim's lock hold with a few hundred VMs; the state holds only records, lists,
+    dicts and immutable values, which _copied rebuilds directly."""
     copied: PoolState = _copied(state)
     return copied
 
@@ -866,7 +865,7 @@ SERVER_ACTIVE, SERVER_BUILDING, SERVER_ERROR, SERVER_DOWN, SERVER_DELETING, SERV
     "active", "building", "error", "down", "deleting", "other", "unknown")
 
 # The observations, actions and outcomes below are made once and only read, yet not frozen:
-# frozen=True generates three more methods per class, ~2 ms of every command's start-up in all.
+# frozen=True generates three more methods per class, paid for at every command's start-up.
 
 
 @dataclass
@@ -2796,7 +2795,7 @@ class FabricRemote:
         A probe first waits for the VM's TCP connect and SSH banner without a login slot (_reach),
         so dead VMs all wait out their timeouts together from the start of the pass, whatever their
         number, while the live ones go through the slots. Paramiko runs each login in Python under
-        the GIL (~10-40 ms of CPU): past PROBES_PER_PROCESS VMs one process is bound to one core,
+        the GIL, CPU-bound: past PROBES_PER_PROCESS VMs one process is bound to one core,
         so the probes are shared out over worker processes, one per core. Should the workers fail
         to start, this process probes them all itself.
         """
@@ -3116,9 +3115,8 @@ class UnreachableBatch:
 
 
 # Seconds between a waiting acquire's locked tries when its unlocked look saw no chance: a safety
-# net only (the look already skips dead waiters ahead; the try tidies their requests away). At 5 s,
-# 200 waiters asked for 1.4 s of lock time per second; at 30 s, a burst's releases still queued
-# behind their tries (bench_burst.py, part 2).
+# net only (the look already skips dead waiters ahead; the try tidies their requests away). Shorter,
+# a burst's waiters take the lock time its releases need (bench_burst.py, part 2).
 WAITER_HEARTBEAT = 300.0
 
 
@@ -3138,7 +3136,7 @@ class Pool:
         self._cloud = cloud
         self._remote = remote
         self._batch = batch
-        self.host = os.uname().nodename  # socket.gethostname(), without importing socket (8 ms a command)
+        self.host = os.uname().nodename  # socket.gethostname(), without importing socket on the fast path
         self.list_error: CloudError | None = None  # the last pass could not see the cloud
         self.list_error_told = ""  # the listing failure this process logged last
         self.create_refused: CloudRefused | None = None  # the last pass's create was refused for good
@@ -3438,7 +3436,7 @@ class Pool:
                 plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
                 now=self.clock())))
 
-        # 10 at a time: 50 creates take ~6 POSTs' time, and the API is not flooded
+        # 10 at a time: a burst of creates takes a few POSTs' time, and the API is not flooded
         with ThreadPoolExecutor(max_workers=min(len(creates), 10)) as executor:
             first = executor.submit(send, creates[0])
             wait([first])
@@ -4241,7 +4239,7 @@ def run() -> NoReturn:
     admitted()
     code = main()
     # The process ends here and the OS frees its memory: freezing the objects spares the exit's
-    # collection of them all. That collection was ~10 ms, a sixth of every acquire and release.
+    # collection of them all, a visible part of every acquire's and release's time.
     gc.freeze()
     sys.exit(code)
 
