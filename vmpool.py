@@ -1,8 +1,8 @@
-"""vmpool: a pool of OpenStack VMs that run Torque jobs.
+"""vmpool: a pool of OpenStack VMs that run Torque (PBS) or Slurm jobs.
 
-One Torque worker node advertises ``np`` = the pool's maximum; its prologue calls
-``vmpool acquire JOBID`` to get a VM, the job starter runs the job there over SSH, and
-the epilogue scrubs the VM and calls ``vmpool release JOBID``. ``vmpool reconcile`` (cron,
+One worker node (Torque: ``np`` = the pool's maximum; Slurm: its ``CPUs``) stands for the pool;
+its prologue (Slurm: prolog) calls ``vmpool acquire JOBID`` to get a VM, the job starter runs
+the job there over SSH, and the epilogue scrubs the VM and calls ``vmpool release JOBID``. ``vmpool reconcile`` (cron,
 every minute) keeps the pool between ``min`` and ``max``, re-checks Unusable VMs and
 deletes the dead. ``vmpool status`` shows what every VM is doing.
 
@@ -20,6 +20,27 @@ a cloud or SSH call: intents are recorded first ("creating", "deleting"), the sl
 unlocked, and its outcome is recorded under the lock again. Every server carries metadata
 naming the pool and the VM, so a crash between a call and its record is repaired by the next
 ``reconcile``. A second file, ``<state_file>.reconcile.lock``, keeps reconcile passes apart.
+
+The file, top to bottom (each section under a ``# --- name ---`` banner):
+
+    start-up admission   take_start_slot, admitted: a burst of commands imports a few at a time
+    constants and errors VmpoolError and its subclasses (each carries its exit code), failpoint
+    configuration        load_config -> Config (frozen dataclasses, validated)
+    the model            Vm, VmState, Why, Request, PoolState; Server, Observation, JobRecord;
+                         the actions (CreateServer, DeleteServer, ProbeSsh, Note) and outcomes
+    the pure policy      plan_acquire, plan_hand_over, plan_release, plan_reconcile, plan_created,
+                         plan_deleted, plan_probed, plan_clock, the admin plans (plan_drain ...),
+                         read-outs (explain_no_vm, pool_health): state + observations + now ->
+                         new state + actions, no I/O
+    the state store      StateStore (load, update under the lock, read), reconcile_lock
+    the Cloud adapter    Cloud (Protocol), NovaCloud: Nova's statuses and errors translated here
+    the Remote adapter   Remote (Protocol), FabricRemote: SSH probes
+    the Batch adapter    Batch (Protocol), CommandBatch: does a job still live?
+    the executor         Pool: applies the policy's actions through the adapters
+                         (acquire / release, reconcile and its steps)
+    monitoring           run_check (Nagios), metrics_text (Prometheus)
+    the CLI              cli and one click command per verb
+    main                 main() -> exit code; run(), the console script
 
 Exit codes (the same for every command):
 
@@ -992,6 +1013,8 @@ def _set_state(vm: Vm, state: VmState, reason: str, now: float) -> None:
     vm.state, vm.reason = state, reason
 
 
+# -- acquire and hand-over --
+
 def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, host: str,
                  live_waiters: frozenset[tuple[int, int]], *, started: float | None = None,
                  pid_start: int = 0, records: Sequence[JobRecord] = ()) -> tuple[PoolState, Claimed | Waiting | Ended]:
@@ -1048,6 +1071,8 @@ def _same_owner(holder: str | None, asker: str) -> bool:
     """An empty name is an unknown owner, never proof of another one."""
     return not holder or not asker or holder == asker
 
+
+# -- the hooks' job records: after a lost, corrupt or restored state file --
 
 def _follow_records(state: PoolState, records: Sequence[JobRecord], now: float) -> list[Note]:
     """Where the hooks' job records and the state disagree, the records are right: the state file
@@ -1237,6 +1262,8 @@ def _take_back(state: PoolState, handed: list[Request], now: float) -> None:
             vm.last_job = last_job
 
 
+# -- release --
+
 ENDED_JOBS_KEPT = 2000  # releases remembered (a deleted job's prologue may wake much later)
 ENDED_JOBS_MAX_AGE = 7 * 86400.0
 
@@ -1294,6 +1321,8 @@ def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
         _set_state(vm, UNUSABLE, vm.tainted, now)
     return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} but it is {was} ({reason})")
 
+
+# -- the reconcile pass, VM by VM --
 
 def desired_size(state: PoolState, pool: PoolConfig) -> int:
     wanted = state.count(BUSY) + len(state.requests) + pool.min_free
@@ -1610,6 +1639,8 @@ def _adopt_for_job(state: PoolState, server: Server, record: JobRecord, now: flo
                                 "record: the state had lost it")]
 
 
+# -- scaling --
+
 def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
     while True:
         state.serial += 1
@@ -1664,6 +1695,8 @@ def _scale_down(state: PoolState, pool: PoolConfig, excess: int, now: float) -> 
     count = min(excess, len(idle), max(0, in_cloud - pool.min))
     return [_mark_delete(vm, f"idle for more than {pool.idle_timeout:.0f}s", now) for vm in idle[:count]]
 
+
+# -- outcomes of the cloud calls --
 
 def plan_created(state: PoolState, name: str, server_id: str | None, error: CloudError | None,
                  pool: PoolConfig, now: float) -> tuple[PoolState, list[Action]]:
@@ -1734,6 +1767,8 @@ def clear_protected_mode(state: PoolState) -> PoolState:
 
 # Admin actions: plain state changes under the lock, idempotent; the reconcile pass does the cloud work.
 
+
+# -- admin actions --
 
 def _admin_vm(state: PoolState, name: str) -> Vm:
     vm = state.vm_named(name)
@@ -1807,6 +1842,8 @@ def plan_clear_backoff(state: PoolState, by: str, reason: str, now: float) -> tu
     return new, [Note(logging.WARNING, f"pool {state.pool}: back-off ({was}) cleared by {by}: {reason}")]
 
 
+# -- outcomes of cloud errors and SSH probes --
+
 def plan_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
     """Remember the last cloud failure: status and acquire's timeout message show it."""
     new = copy_state(state)
@@ -1865,6 +1902,8 @@ CLOCK_STEP_TOLERANCE = 5.0  # seconds the wall clock may drift from the boot clo
 CLOCK_REFRESH = 60.0  # how stale the recorded clock pair may get before a write refreshes it
 
 
+# -- the clock --
+
 def plan_clock(state: PoolState, now: float, boot_id: str, boot_seconds: float) -> tuple[PoolState, list[Action]]:
     """Keep the state's wall-clock times true to elapsed time across a wall-clock step.
 
@@ -1908,6 +1947,8 @@ def _shift_times(state: PoolState, step: float) -> None:
         for key in times:
             times[key] += step
 
+
+# -- read-outs: explanations, health, log text --
 
 def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
     """Say why no VM could be had, for the acquire timeout message."""
