@@ -557,14 +557,9 @@ def _check_operations(path: str, check: CheckConfig, metrics: MetricsConfig, log
             raise ConfigError(f"{path}: [check] {key} = {getattr(check, key)!r}: one of {', '.join(CHECK_LEVELS)}")
     if check.timeout <= 0:
         raise ConfigError(f"{path}: [check] timeout = {check.timeout!r}: must be > 0 seconds")
-    if metrics.textfile:
-        directory = os.path.dirname(metrics.textfile)
-        if not os.path.isabs(metrics.textfile) or not metrics.textfile.endswith(".prom"):
-            raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: must be an absolute path "
-                              "ending in .prom (node_exporter's textfile collector reads only *.prom)")
-        if not os.path.isdir(directory):
-            raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: no directory {directory}; "
-                              "create it or point textfile at node_exporter's --collector.textfile.directory")
+    if metrics.textfile and (not os.path.isabs(metrics.textfile) or not metrics.textfile.endswith(".prom")):
+        raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: must be an absolute path "
+                          "ending in .prom (node_exporter's textfile collector reads only *.prom)")
     if logs.facility not in SYSLOG_FACILITIES:
         raise ConfigError(f"{path}: [logging] facility = {logs.facility!r}: one of {', '.join(SYSLOG_FACILITIES)}")
 
@@ -3329,8 +3324,9 @@ def write_metrics_file(state: PoolState, config: Config, now: float) -> None:
 
 
 def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[], float],
-              thresholds: CheckConfig) -> None:
-    """`vmpool check` as a Nagios/Icinga plugin; nagiosplugin prints the result and exits 0-3."""
+              thresholds: CheckConfig, output_problems: Sequence[tuple[str, str]] = ()) -> None:
+    """`vmpool check` as a Nagios/Icinga plugin; nagiosplugin prints the result and exits 0-3.
+    A log, syslog or metrics output that cannot work (`setup_outputs`) is a WARNING."""
     import nagiosplugin
 
     class PoolResource(nagiosplugin.Resource):
@@ -3351,6 +3347,7 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
                 nagiosplugin.Metric("backoff", round(health.backoff), "s", min=0, context="count"),
                 nagiosplugin.Metric("protected", int(health.protected), min=0, max=1, context="protected"),
                 nagiosplugin.Metric("paused", int(health.paused), min=0, max=1, context="paused"),
+                nagiosplugin.Metric("outputs", len(output_problems), context="outputs"),
             ]
 
     class SinceReconcile(nagiosplugin.ScalarContext):
@@ -3358,6 +3355,13 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
             if metric.value < 0:
                 return self.result_cls(nagiosplugin.Critical, "no reconcile pass has seen the cloud yet", metric)
             return super().evaluate(metric, resource)
+
+    class Outputs(nagiosplugin.Context):  # no perfdata: the count of broken outputs is no measurement
+        def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+            if not metric.value:
+                return self.result_cls(nagiosplugin.Ok, None, metric)
+            return self.result_cls(nagiosplugin.Warn, "; ".join(f"{setting}: {problem}"
+                                                                for setting, problem in output_problems), metric)
 
     def switch(level: str) -> str | None:  # a 0/1 metric: alert when it is 1
         return None if level == "ok" else "0:0"
@@ -3373,7 +3377,7 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
 
         def describe(self, result: Any) -> str:
             metric, value = result.metric.name, result.metric.value
-            if result.hint and metric == "since_reconcile" and value < 0:
+            if result.hint and (metric == "outputs" or (metric == "since_reconcile" and value < 0)):
                 return str(result.hint)
             words = {"since_reconcile": f"no reconcile pass for {value}s",
                      "oldest_wait": f"a job has waited {value}s for a VM",
@@ -3392,6 +3396,7 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
                        thresholds.reconcile_critical or None),
         nagiosplugin.ScalarContext("protected", *_levels(thresholds.protected, switch)),
         nagiosplugin.ScalarContext("paused", *_levels(thresholds.paused, switch)),
+        Outputs("outputs"),
         Words())
     try:
         check.main(timeout=thresholds.timeout)
@@ -3477,8 +3482,7 @@ def configured_pool(ctx: click.Context) -> Pool:
     obj = ctx.find_root().obj
     if "pool" not in obj:
         config = load_config(obj["config_path"])
-        setup_file_log(config.pool.log_file)
-        setup_syslog(config.logging)
+        obj["output_problems"] = setup_outputs(config)
         obj["pool"] = Pool(config)
     pool: Pool = obj["pool"]
     return pool
@@ -3510,21 +3514,36 @@ def _background_thread_failed(args: Any) -> None:
               exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def setup_file_log(path: str) -> None:
+def setup_outputs(config: Config) -> list[tuple[str, str]]:
+    """Open the log file and syslog the config names: (setting, problem) for each that cannot work,
+    a missing textfile directory too. Only warnings: nothing that only watches the pool may stop a
+    job (the hooks requeue a job whose acquire fails); `verify` fails and `check` warns on them."""
+    problems = [setup_file_log(config.pool.log_file), setup_syslog(config.logging), textfile_problem(config.metrics)]
+    for setting, problem in (found for found in problems if found):
+        log.warning(f"{config.path}: {setting}: {problem}; going on without it")
+    return [found for found in problems if found]
+
+
+def setup_file_log(path: str) -> tuple[str, str] | None:
     if not path:
-        return
+        return None
     try:
         handler = logging.FileHandler(path)
+    except PermissionError:
+        if os.geteuid() != 0:
+            return None  # root's log: a monitoring user's `check` or `status` logs to stderr only
+        return f"[pool] log_file = {path}", "cannot open it: permission denied"
     except OSError as error:
-        raise ConfigError(f"[pool] log_file = {path!r}: cannot open: {error}") from None
+        return f"[pool] log_file = {path}", f"cannot open it: {error.strerror or error}"
     handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
     log.addHandler(handler)
+    return None
 
 
-def setup_syslog(logs: LoggingConfig) -> None:
+def setup_syslog(logs: LoggingConfig) -> tuple[str, str] | None:
     """[logging] syslog: the same lines to the local syslog daemon, tagged vmpool[PID]."""
     if not logs.syslog or any(getattr(h, "vmpool_syslog", False) for h in log.handlers):
-        return
+        return None
     import logging.handlers
     address = logs.syslog_address
     try:
@@ -3532,16 +3551,25 @@ def setup_syslog(logs: LoggingConfig) -> None:
     except OSError:
         is_socket = False
     if not is_socket:
-        raise ConfigError(f"[logging] syslog = true but {address} is not a syslog socket (is rsyslog or "
-                          "systemd-journald running?): start one, set [logging] syslog_address, or syslog = false")
+        return (f"[logging] syslog_address = {address}", "not a syslog socket (is rsyslog or systemd-journald "
+                "running?): start one, set [logging] syslog_address, or syslog = false")
     facility = logging.handlers.SysLogHandler.facility_names[logs.facility]
     try:
         handler = logging.handlers.SysLogHandler(address=address, facility=facility)
     except OSError as error:
-        raise ConfigError(f"[logging] syslog_address = {address!r}: cannot connect: {error}") from None
+        return f"[logging] syslog_address = {address}", f"cannot connect: {error.strerror or error}"
     handler.vmpool_syslog = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("vmpool[%(process)d]: %(levelname)s %(message)s"))
     log.addHandler(handler)
+    return None
+
+
+def textfile_problem(metrics: MetricsConfig) -> tuple[str, str] | None:
+    directory = os.path.dirname(metrics.textfile)
+    if not metrics.textfile or os.path.isdir(directory):
+        return None
+    return (f"[metrics] textfile = {metrics.textfile}", f"no directory {directory}: create it or point textfile "
+            "at node_exporter's --collector.textfile.directory")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -3694,6 +3722,8 @@ def verify(ctx: click.Context) -> None:
         existing = os.path.dirname(existing)
     report(f"[pool] state_file = {config.pool.state_file}",
            "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user")
+    for setting, problem in ctx.find_root().obj["output_problems"]:
+        report(setting, problem)
     public_key: str | None = None
     if not os.path.isfile(config.ssh.private_key):
         report(f"[ssh] private_key = {config.ssh.private_key}", "no such file")
@@ -3762,7 +3792,7 @@ def check(ctx: click.Context, **options: Any) -> None:
         given = {key: value for key, value in options.items() if value is not None}
         thresholds = dataclasses.replace(pool.config.check, **given)
         _check_operations("options", thresholds, MetricsConfig(), LoggingConfig())
-        run_check(pool.store.read, pool.config, pool.clock, thresholds)
+        run_check(pool.store.read, pool.config, pool.clock, thresholds, ctx.find_root().obj["output_problems"])
     except VmpoolError as error:
         click.echo(f"VMPOOL UNKNOWN - {error}")
         ctx.exit(3)

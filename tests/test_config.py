@@ -108,7 +108,6 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("section", "message"), [
     ("[check]\nwait_critical = ten", r"\[check\] wait_critical = 'ten': expected a Nagios range"),
     ("[check]\nprotected = loud", r"\[check\] protected = 'loud': one of ok, warning, critical"),
-    ("[metrics]\ntextfile = /nonexistent-dir/vmpool.prom", r"\[metrics\] textfile = .*: no directory /nonexistent"),
     ("[metrics]\ntextfile = /tmp/vmpool.txt", r"\[metrics\] textfile = .*ending in \.prom"),
     ("[logging]\nfacility = kernel", r"\[logging\] facility = 'kernel': one of auth"),
     ("[logging]\nsyslog = maybe", r"\[logging\] syslog = 'maybe': expected true or false"),
@@ -119,8 +118,9 @@ def test_operations_sections_are_validated(tmp_path: Path, section: str, message
 
 
 def test_operations_sections_load(tmp_path: Path) -> None:
-    text = (GOOD + f"\n[check]\nwait_critical = @10:20\n[metrics]\ntextfile = {tmp_path}/v.prom\n"
+    # a textfile in a missing directory loads: every command warns of it, `verify` fails on it
+    text = (GOOD + "\n[check]\nwait_critical = @10:20\n[metrics]\ntextfile = /nonexistent-dir/v.prom\n"
             "[logging]\nsyslog = yes\n")
     config = vp.load_config(write(tmp_path, text))
     assert (config.check.wait_critical, config.metrics.textfile, config.logging.syslog) == (
-        "@10:20", f"{tmp_path}/v.prom", True)
+        "@10:20", "/nonexistent-dir/v.prom", True)

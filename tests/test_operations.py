@@ -219,13 +219,6 @@ def test_acquire_and_release_never_import_the_monitoring_libraries(pool: PoolHan
     assert not textfile.exists(), "only cron's passes write the metrics"
 
 
-def test_a_metrics_path_in_a_missing_directory_is_one_sentence_naming_the_key(pool: PoolHandle) -> None:
-    configure(pool, metrics={"textfile": str(pool.dir / "nowhere" / "vmpool.prom")})
-    result = pool.run("status", check=False)
-    assert result.returncode == 3 and "[metrics] textfile" in result.stderr and "no directory" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
 def test_every_query_of_the_grafana_dashboard_names_a_metric_vmpool_exports() -> None:
     import vmpool as vp
     dashboard = json.loads((ROOT / "contrib" / "grafana-vmpool.json").read_text())
@@ -258,8 +251,26 @@ def test_syslog_gets_the_same_lines_as_the_log_file_with_the_facility(pool: Pool
     assert message in log_text(pool)
 
 
-def test_syslog_without_a_socket_is_one_sentence_naming_the_key(pool: PoolHandle) -> None:
-    configure(pool, logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")})
-    result = pool.run("status", check=False)
-    assert result.returncode == 3 and "[logging] syslog = true but" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_a_broken_log_syslog_or_metrics_output_warns_and_never_stops_a_job(pool: PoolHandle) -> None:
+    """The hooks requeue a job whose acquire fails: what only watches the pool is a warning on every
+    command's path, a FAILED line of `verify` and a WARNING of `check`."""
+    pool.settings["pool"]["log_file"] = str(pool.dir / "no-such-dir" / "vmpool.log")
+    configure(pool, logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")},
+              metrics={"textfile": str(pool.dir / "nowhere" / "vmpool.prom")})
+    broken = {"[pool] log_file": "cannot open it", "[logging] syslog_address": "not a syslog socket",
+              "[metrics] textfile": "no directory"}
+    acquired = pool.run("acquire", "7", "--user", "alice")
+    assert acquired.stdout.strip() == pool.vms("busy")[0]["address"]
+    for result in (acquired, pool.run("release", "7"), pool.run("reconcile")):
+        for setting, problem in broken.items():
+            assert re.search(rf"WARNING .*{re.escape(setting)} = .*: {problem}.*; going on without it",
+                             result.stderr), result.stderr
+    verified = pool.run("verify", check=False)
+    assert verified.returncode == 3, verified.stdout + verified.stderr
+    for setting, problem in broken.items():
+        assert re.search(rf"^FAILED +{re.escape(setting)} = .*: {problem}", verified.stdout, re.MULTILINE)
+    checked = pool.run("check", check=False)
+    assert checked.returncode == 1 and checked.stdout.startswith("VMPOOL WARNING - "), checked.stdout
+    assert all(f"{setting} = " in checked.stdout for setting in ("[logging] syslog_address", "[metrics] textfile"))
+    assert set(plugin_output(checked)[1]) == {"free", "busy", "unusable", "waiting", "oldest_wait",
+                                              "since_reconcile", "backoff", "protected", "paused"}
