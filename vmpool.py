@@ -568,8 +568,10 @@ def _check_key_permissions(path: str, ssh: SshConfig) -> None:
     """OpenSSH refuses a private key others can read; say so now rather than at the first probe."""
     try:
         mode = os.stat(ssh.private_key).st_mode
-    except FileNotFoundError:
-        return  # status and release work without it; probes say it is missing
+    except (FileNotFoundError, PermissionError):
+        # status and release work without it, `check` too (run by a monitoring user, not root);
+        # acquire and reconcile say so (require_private_key), probes too
+        return
     except OSError as error:
         raise ConfigError(f"{path}: [ssh] private_key = {ssh.private_key!r}: {error}") from None
     if mode & 0o077:

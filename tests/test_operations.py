@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, PoolHandle, wait_until
+from tests.conftest import ROOT, TRACEBACK, PoolHandle, wait_until
 
 
 def log_text(pool: PoolHandle) -> str:
@@ -178,6 +178,45 @@ def test_check_with_a_bad_threshold_or_config_is_unknown(pool: PoolHandle) -> No
     assert stuck.returncode == 3 and stuck.stdout.startswith("VMPOOL UNKNOWN - no answer within the plugin timeout")
     assert corrupt.returncode == 3 and corrupt.stdout.startswith("VMPOOL UNKNOWN - ")
     assert "corrupt state" in corrupt.stdout
+
+
+def as_user(user: str, *command: str) -> subprocess.CompletedProcess[str]:
+    """A command as `user` (no supplementary groups), as Nagios's NRPE runs a plugin."""
+    import pwd
+    account = pwd.getpwnam(user)
+    return subprocess.run(["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups",
+                           *command],
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+
+
+def test_check_status_and_metrics_work_for_a_user_who_reads_the_state_but_not_the_key(pool: PoolHandle) -> None:
+    """Nagios runs `check` without root: it reads the config and the state, never the SSH key (root's,
+    in a root-only directory), nor root's log file."""
+    import pwd
+    import shutil
+    import tempfile
+    pool.run("reconcile")
+    user = "nobody"
+    monitor = Path(tempfile.mkdtemp(prefix="vmpool-monitor-", dir="/tmp"))
+    try:
+        (monitor / "state").mkdir()
+        shutil.copy(pool.state_file, monitor / "state" / "state.json")
+        config = monitor / "vmpool.conf"
+        config.write_text(Path(pool.config_path).read_text().replace(pool.state_file, str(monitor / "state" /
+                                                                                          "state.json")))
+        for path in (monitor, monitor / "state", monitor / "state" / "state.json", config):
+            os.chown(path, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+        config.chmod(0o600)
+        for private in (pool.key, pool.settings["pool"]["log_file"]):  # out of the user's reach
+            assert "Permission denied" in as_user(user, "stat", private).stderr
+        for args in (["check"], ["status"], ["metrics"]):
+            result = as_user(user, sys.executable, "-m", "vmpool", "--config", str(config), *args)
+            assert result.returncode == 0, f"vmpool {args[0]} as {user}: {result.stdout}{result.stderr}"
+            assert TRACEBACK not in result.stderr and "WARNING" not in result.stderr, result.stderr
+        assert result.stdout.startswith("# HELP") and "VMPOOL OK - " in as_user(
+            user, sys.executable, "-m", "vmpool", "--config", str(config), "check").stdout
+    finally:
+        shutil.rmtree(monitor)
 
 
 # --- Prometheus ---
