@@ -595,6 +595,67 @@ def _check_secret_permissions(path: str, parser: configparser.ConfigParser, mode
             f"run: chmod 600 {path}")
 
 
+def _path_and_directories(path: str) -> Iterator[str]:
+    """`path`, the directories above it, then the same for where its symlinks lead (each once)."""
+    seen: set[str] = set()
+    for start in (os.path.abspath(path), os.path.realpath(path)):
+        current = start
+        while current not in seen:
+            seen.add(current)
+            yield current
+            current = os.path.dirname(current)
+
+
+def not_roots_alone(path: str) -> tuple[str, os.stat_result] | None:
+    """Who else could change `path`: the first of it and the directories above it that is owned by
+    neither root nor the running user, or writable by group or others (a sticky directory, as /tmp,
+    is fine: no one else can replace what is in it), with its stat; None when none is."""
+    owners = {0, os.geteuid()}
+    for candidate in _path_and_directories(path):
+        try:
+            info = os.lstat(candidate)
+        except OSError:  # not there (yet), or not ours to see: its directory is what counts
+            continue
+        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if stat.S_ISLNK(info.st_mode) or (info.st_uid in owners and not (info.st_mode & 0o022 and not sticky)):
+            continue
+        return candidate, info
+    return None
+
+
+def _refuse_unless_roots_alone(path: str, what: str, target: str) -> None:
+    found = not_roots_alone(target)
+    if found is not None:
+        culprit, info = found
+        raise ConfigError(f"{path}: {what}, but others can change {culprit} (owner uid {info.st_uid}, mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}) and so make root run anything; "
+                          f"run: chown root:root {culprit}; chmod go-w {culprit}")
+
+
+def _program_of(command: str) -> str:
+    """The program a command line runs: its first word, looked up on PATH as subprocess will."""
+    import shlex
+    program = shlex.split(command)[0] if command.strip() else ""
+    if not program or os.sep in program:
+        return os.path.abspath(program) if program else ""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        found = os.path.join(directory or ".", program)
+        if os.path.isfile(found) and os.access(found, os.X_OK):
+            return os.path.abspath(found)
+    return ""  # not found: it fails to run, and reconcile says so
+
+
+def _check_ownership(config: Config) -> None:
+    """The config names programs that root runs: whoever can change it, or them, is root on the node."""
+    _refuse_unless_roots_alone(config.path, "root runs the programs this config names", config.path)
+    program = _program_of(config.pool.job_alive_command)
+    if program:
+        _refuse_unless_roots_alone(config.path, f"root runs [pool] job_alive_command ({program})", program)
+    if config.batch.command:
+        _refuse_unless_roots_alone(config.path, f"root runs [batch] command = {config.batch.command}",
+                                   config.batch.command)
+
+
 def load_config(path: str) -> Config:
     """Read and validate the INI file; every error names the file, the key and what is allowed."""
     try:
@@ -632,6 +693,7 @@ def load_config(path: str) -> Config:
     _check_batch(path, config.batch)
     _check_operations(path, config.check, config.metrics, config.logging)
     _check_key_permissions(path, config.ssh)
+    _check_ownership(config)
     return config
 
 

@@ -383,6 +383,16 @@ def test_config_errors_have_their_exit_code(pool: PoolHandle, tmp_path: Path) ->
     Path(pool.config_path).chmod(0o644)
     result = pool.run("status", check=False)
     assert result.returncode == 3 and "chmod 600" in result.stderr
+    qstat = tmp_path / "qstat"  # a program root would run, that others can change
+    qstat.write_text("#!/bin/sh\nexit 0\n")
+    qstat.chmod(0o777)
+    pool.write_config(pool={"job_alive_command": f"{qstat} {{jobid}}"})
+    for command in (["reconcile"], ["acquire", "1", "--user", "alice"]):
+        result = pool.run(*command, check=False)
+        assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"others can change {qstat} (owner uid 0, mode 0777)" in result.stderr
+        assert result.stderr.rstrip().endswith(f"run: chown root:root {qstat}; chmod go-w {qstat}")
+    assert not pool.servers()
 
 
 def test_json_status_is_stable(pool: PoolHandle) -> None:
