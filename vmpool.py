@@ -3761,6 +3761,18 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
         raise CloudError(f"reconcile could not create a VM: {pool.create_refused}")
 
 
+KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def on_kernel_file_system(path: str) -> str:
+    """Why vmpool's own files cannot live at `path` (under /proc, /sys or /dev), or ""."""
+    real = os.path.realpath(path)
+    for top in KERNEL_FILE_SYSTEMS:
+        if real == top or real.startswith(top + "/"):
+            return f"under {top}, the kernel's: keep vmpool's files on a disk, e.g. under /var/lib/vmpool"
+    return ""
+
+
 @cli.command()
 @common_options
 @click.pass_context
@@ -3784,8 +3796,11 @@ def verify(ctx: click.Context) -> None:
     existing = os.path.dirname(os.path.abspath(config.pool.state_file))
     while not os.path.exists(existing):  # vmpool makes the missing directories
         existing = os.path.dirname(existing)
-    report(f"[pool] state_file = {config.pool.state_file}",
-           "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user")
+    report(f"[pool] state_file = {config.pool.state_file}", on_kernel_file_system(config.pool.state_file) or (
+        "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user"))
+    for setting, path in (("[ssh] known_hosts", config.ssh.known_hosts), ("[pool] log_file", config.pool.log_file)):
+        if path and on_kernel_file_system(path):
+            report(f"{setting} = {path}", on_kernel_file_system(path))
     for setting, problem in ctx.find_root().obj["output_problems"]:
         report(setting, problem)
     public_key: str | None = None

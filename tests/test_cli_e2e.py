@@ -523,6 +523,19 @@ def test_verify_checks_the_whole_setup_and_names_each_wrong_key(pool: PoolHandle
     assert "[openstack] flavor" not in refused.stdout, "nothing is looked up without a token"
 
 
+def test_verify_fails_for_vmpool_files_on_a_kernel_file_system(pool: PoolHandle) -> None:
+    """/proc, /sys and /dev look writable to root, but what vmpool writes there is gone or refused."""
+    pool.write_config(pool={"state_file": "/proc/vmpool/state.json", "log_file": "/dev/null"},
+                      ssh={"known_hosts": "/sys/vmpool/known_hosts"})
+    result = pool.run("verify", check=False)
+    assert result.returncode == 3, result.stdout + result.stderr
+    found = verdicts(result.stdout)
+    for key, top in (("[pool] state_file", "/proc"), ("[ssh] known_hosts", "/sys"), ("[pool] log_file", "/dev")):
+        assert found[key] == f"FAILED: under {top}, the kernel's: keep vmpool's files on a disk, e.g. under " \
+                             "/var/lib/vmpool", result.stdout
+    assert "3 check(s) failed" in result.stderr
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_failing_background_thread_is_a_debug_line_not_a_traceback_on_stderr(verbose: bool) -> None:
     # as fabric's command-timeout timer thread fails when it closes a transport that already died

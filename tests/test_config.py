@@ -45,10 +45,19 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert config.server_prefix == "p-" and config.ssh.port == 22
 
 
-def test_example_config_is_valid(tmp_path: Path) -> None:
+def test_the_example_needs_only_cloud_set_to_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site sets `cloud =` (or auth_url and a credential): nothing in the example stands in its way."""
+    for variable in ("OS_CLOUD", "OS_AUTH_URL"):
+        monkeypatch.delenv(variable, raising=False)
     example = (Path(__file__).parent.parent / "vmpool.conf.example").read_text()
-    config = vp.load_config(write(tmp_path, example))
-    assert config.pool.name
+    with pytest.raises(vp.ConfigError, match=r"\[openstack\] no cloud credentials: set cloud = NAME"):
+        vp.load_config(write(tmp_path, example))
+    config = vp.load_config(write(tmp_path, example.replace("\ncloud =\n", "\ncloud = site\n", 1)))
+    assert config.pool.name == "vmpool" and vp.credentials_source(config.openstack).endswith("(clouds.yaml)")
+    uncommented = example.replace("\n#auth_url = https://keystone.example.org:5000/v3\n#username = vmpool\n"
+                                  "#password =\n#project_name = vmpool\n", "\nauth_url = https://keystone.example."
+                                  "org:5000/v3\nusername = vmpool\npassword = s3cret\nproject_name = vmpool\n", 1)
+    assert vp.load_config(write(tmp_path, uncommented)).openstack.password == "s3cret"
 
 
 @pytest.mark.parametrize(("edit", "message"), [
