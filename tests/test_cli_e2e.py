@@ -9,11 +9,12 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import vmpool as vp
-from tests.conftest import VMPOOL, PoolHandle, wait_until
+from tests.conftest import ROOT, VMPOOL, PoolHandle, wait_until
 
 
 def ssh_as_root(pool: PoolHandle, address: str, command: str) -> subprocess.CompletedProcess[str]:
@@ -534,6 +535,19 @@ def test_verify_fails_for_vmpool_files_on_a_kernel_file_system(pool: PoolHandle)
         assert found[key] == f"FAILED: under {top}, the kernel's: keep vmpool's files on a disk, e.g. under " \
                              "/var/lib/vmpool", result.stdout
     assert "3 check(s) failed" in result.stderr
+
+
+def test_the_beds_printed_config_passes_verify_and_pastes_no_admin_password(bed: Any, tmp_path: Path) -> None:
+    """What `bed.py up` (and `bed.py config`) prints is a whole vmpool config once [pool] is added."""
+    info = bed.info
+    printed = subprocess.run([sys.executable, str(ROOT / "tests" / "cloud" / "bed.py"), "config", info["run_dir"]],
+                             capture_output=True, text=True, check=True).stdout
+    assert info["admin_password"] not in printed and f"known_hosts = {info['run_dir']}/known_hosts" in printed
+    config = tmp_path / "vmpool.conf"
+    config.write_text(f"[pool]\nstate_file = {tmp_path}/state.json\n\n{printed}")
+    config.chmod(0o600)
+    verified = subprocess.run([VMPOOL, "--config", str(config), "verify"], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 @pytest.mark.parametrize("verbose", [False, True])
