@@ -632,14 +632,9 @@ def _check_operations(path: str, check: CheckConfig, metrics: MetricsConfig, log
             raise ConfigError(f"{path}: [check] {key} = {getattr(check, key)!r}: one of {', '.join(CHECK_LEVELS)}")
     if check.timeout <= 0:
         raise ConfigError(f"{path}: [check] timeout = {check.timeout!r}: must be > 0 seconds")
-    if metrics.textfile:
-        directory = os.path.dirname(metrics.textfile)
-        if not os.path.isabs(metrics.textfile) or not metrics.textfile.endswith(".prom"):
-            raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: must be an absolute path "
-                              "ending in .prom (node_exporter's textfile collector reads only *.prom)")
-        if not os.path.isdir(directory):
-            raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: no directory {directory}; "
-                              "create it or point textfile at node_exporter's --collector.textfile.directory")
+    if metrics.textfile and (not os.path.isabs(metrics.textfile) or not metrics.textfile.endswith(".prom")):
+        raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: must be an absolute path "
+                          "ending in .prom (node_exporter's textfile collector reads only *.prom)")
     if logs.facility not in SYSLOG_FACILITIES:
         raise ConfigError(f"{path}: [logging] facility = {logs.facility!r}: one of {', '.join(SYSLOG_FACILITIES)}")
 
@@ -648,8 +643,10 @@ def _check_key_permissions(path: str, ssh: SshConfig) -> None:
     """OpenSSH refuses a private key others can read; say so now rather than at the first probe."""
     try:
         mode = os.stat(ssh.private_key).st_mode
-    except FileNotFoundError:
-        return  # status and release work without it; probes say it is missing
+    except (FileNotFoundError, PermissionError):
+        # status and release work without it, `check` too (run by a monitoring user, not root);
+        # acquire and reconcile say so (require_private_key), probes too
+        return
     except OSError as error:
         raise ConfigError(f"{path}: [ssh] private_key = {ssh.private_key!r}: {error}") from None
     if mode & 0o077:
@@ -678,6 +675,67 @@ def must_be_root(why: str) -> str:
     if os.geteuid() == 0:
         return ""
     return f": vmpool must run as root ({why}); run it as root or with sudo"
+
+
+def _path_and_directories(path: str) -> Iterator[str]:
+    """`path`, the directories above it, then the same for where its symlinks lead (each once)."""
+    seen: set[str] = set()
+    for start in (os.path.abspath(path), os.path.realpath(path)):
+        current = start
+        while current not in seen:
+            seen.add(current)
+            yield current
+            current = os.path.dirname(current)
+
+
+def not_roots_alone(path: str) -> tuple[str, os.stat_result] | None:
+    """Who else could change `path`: the first of it and the directories above it that is owned by
+    neither root nor the running user, or writable by group or others (a sticky directory, as /tmp,
+    is fine: no one else can replace what is in it), with its stat; None when none is."""
+    owners = {0, os.geteuid()}
+    for candidate in _path_and_directories(path):
+        try:
+            info = os.lstat(candidate)
+        except OSError:  # not there (yet), or not ours to see: its directory is what counts
+            continue
+        sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if stat.S_ISLNK(info.st_mode) or (info.st_uid in owners and not (info.st_mode & 0o022 and not sticky)):
+            continue
+        return candidate, info
+    return None
+
+
+def _refuse_unless_roots_alone(path: str, what: str, target: str) -> None:
+    found = not_roots_alone(target)
+    if found is not None:
+        culprit, info = found
+        raise ConfigError(f"{path}: {what}, but others can change {culprit} (owner uid {info.st_uid}, mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}) and so make root run anything; "
+                          f"run: chown root:root {culprit}; chmod go-w {culprit}")
+
+
+def _program_of(command: str) -> str:
+    """The program a command line runs: its first word, looked up on PATH as subprocess will."""
+    import shlex
+    program = shlex.split(command)[0] if command.strip() else ""
+    if not program or os.sep in program:
+        return os.path.abspath(program) if program else ""
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        found = os.path.join(directory or ".", program)
+        if os.path.isfile(found) and os.access(found, os.X_OK):
+            return os.path.abspath(found)
+    return ""  # not found: it fails to run, and reconcile says so
+
+
+def _check_ownership(config: Config) -> None:
+    """The config names programs that root runs: whoever can change it, or them, is root on the node."""
+    _refuse_unless_roots_alone(config.path, "root runs the programs this config names", config.path)
+    program = _program_of(config.pool.job_alive_command)
+    if program:
+        _refuse_unless_roots_alone(config.path, f"root runs [pool] job_alive_command ({program})", program)
+    if config.batch.command:
+        _refuse_unless_roots_alone(config.path, f"root runs [batch] command = {config.batch.command}",
+                                   config.batch.command)
 
 
 def load_config(path: str) -> Config:
@@ -720,6 +778,7 @@ def load_config(path: str) -> Config:
     _check_batch(path, config.batch)
     _check_operations(path, config.check, config.metrics, config.logging)
     _check_key_permissions(path, config.ssh)
+    _check_ownership(config)
     return config
 
 
@@ -3733,8 +3792,9 @@ def write_metrics_file(state: PoolState, config: Config, now: float) -> None:
 
 
 def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[], float],
-              thresholds: CheckConfig) -> None:
-    """`vmpool check` as a Nagios/Icinga plugin; nagiosplugin prints the result and exits 0-3."""
+              thresholds: CheckConfig, output_problems: Sequence[tuple[str, str]] = ()) -> None:
+    """`vmpool check` as a Nagios/Icinga plugin; nagiosplugin prints the result and exits 0-3.
+    A log, syslog or metrics output that cannot work (`setup_outputs`) is a WARNING."""
     import nagiosplugin
 
     class PoolResource(nagiosplugin.Resource):
@@ -3755,6 +3815,7 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
                 nagiosplugin.Metric("backoff", round(health.backoff), "s", min=0, context="count"),
                 nagiosplugin.Metric("protected", int(health.protected), min=0, max=1, context="protected"),
                 nagiosplugin.Metric("paused", int(health.paused), min=0, max=1, context="paused"),
+                nagiosplugin.Metric("outputs", len(output_problems), context="outputs"),
             ]
 
     class SinceReconcile(nagiosplugin.ScalarContext):
@@ -3762,6 +3823,13 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
             if metric.value < 0:
                 return self.result_cls(nagiosplugin.Critical, "no reconcile pass has seen the cloud yet", metric)
             return super().evaluate(metric, resource)
+
+    class Outputs(nagiosplugin.Context):  # no perfdata: the count of broken outputs is no measurement
+        def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+            if not metric.value:
+                return self.result_cls(nagiosplugin.Ok, None, metric)
+            return self.result_cls(nagiosplugin.Warn, "; ".join(f"{setting}: {problem}"
+                                                                for setting, problem in output_problems), metric)
 
     def switch(level: str) -> str | None:  # a 0/1 metric: alert when it is 1
         return None if level == "ok" else "0:0"
@@ -3777,7 +3845,7 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
 
         def describe(self, result: Any) -> str:
             metric, value = result.metric.name, result.metric.value
-            if result.hint and metric == "since_reconcile" and value < 0:
+            if result.hint and (metric == "outputs" or (metric == "since_reconcile" and value < 0)):
                 return str(result.hint)
             words = {"since_reconcile": f"no reconcile pass for {value}s",
                      "oldest_wait": f"a job has waited {value}s for a VM",
@@ -3796,6 +3864,7 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
                        thresholds.reconcile_critical or None),
         nagiosplugin.ScalarContext("protected", *_levels(thresholds.protected, switch)),
         nagiosplugin.ScalarContext("paused", *_levels(thresholds.paused, switch)),
+        Outputs("outputs"),
         Words())
     try:
         check.main(timeout=thresholds.timeout)
@@ -3881,8 +3950,7 @@ def configured_pool(ctx: click.Context) -> Pool:
     obj = ctx.find_root().obj
     if "pool" not in obj:
         config = load_config(obj["config_path"])
-        setup_file_log(config.pool.log_file)
-        setup_syslog(config.logging)
+        obj["output_problems"] = setup_outputs(config)
         obj["pool"] = Pool(config)
     pool: Pool = obj["pool"]
     return pool
@@ -3914,24 +3982,36 @@ def _background_thread_failed(args: Any) -> None:
               exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def setup_file_log(path: str) -> None:
+def setup_outputs(config: Config) -> list[tuple[str, str]]:
+    """Open the log file and syslog the config names: (setting, problem) for each that cannot work,
+    a missing textfile directory too. Only warnings: nothing that only watches the pool may stop a
+    job (the hooks requeue a job whose acquire fails); `verify` fails and `check` warns on them."""
+    problems = [setup_file_log(config.pool.log_file), setup_syslog(config.logging), textfile_problem(config.metrics)]
+    for setting, problem in (found for found in problems if found):
+        log.warning(f"{config.path}: {setting}: {problem}; going on without it")
+    return [found for found in problems if found]
+
+
+def setup_file_log(path: str) -> tuple[str, str] | None:
     if not path:
-        return
+        return None
     try:
         handler = logging.FileHandler(path)
     except PermissionError:
-        why = must_be_root("the log is root's")
-        raise ConfigError(f"[pool] log_file = {path!r}: cannot open: permission denied{why}") from None
+        if os.geteuid() != 0:
+            return None  # root's log: a monitoring user's `check` or `status` logs to stderr only
+        return f"[pool] log_file = {path}", "cannot open it: permission denied"
     except OSError as error:
-        raise ConfigError(f"[pool] log_file = {path!r}: cannot open: {error}") from None
+        return f"[pool] log_file = {path}", f"cannot open it: {error.strerror or error}"
     handler.setFormatter(logging.Formatter("%(asctime)s vmpool[%(process)d] %(levelname)s %(message)s"))
     log.addHandler(handler)
+    return None
 
 
-def setup_syslog(logs: LoggingConfig) -> None:
+def setup_syslog(logs: LoggingConfig) -> tuple[str, str] | None:
     """[logging] syslog: the same lines to the local syslog daemon, tagged vmpool[PID]."""
     if not logs.syslog or any(getattr(h, "vmpool_syslog", False) for h in log.handlers):
-        return
+        return None
     import logging.handlers
     address = logs.syslog_address
     try:
@@ -3939,16 +4019,25 @@ def setup_syslog(logs: LoggingConfig) -> None:
     except OSError:
         is_socket = False
     if not is_socket:
-        raise ConfigError(f"[logging] syslog = true but {address} is not a syslog socket (is rsyslog or "
-                          "systemd-journald running?): start one, set [logging] syslog_address, or syslog = false")
+        return (f"[logging] syslog_address = {address}", "not a syslog socket (is rsyslog or systemd-journald "
+                "running?): start one, set [logging] syslog_address, or syslog = false")
     facility = logging.handlers.SysLogHandler.facility_names[logs.facility]
     try:
         handler = logging.handlers.SysLogHandler(address=address, facility=facility)
     except OSError as error:
-        raise ConfigError(f"[logging] syslog_address = {address!r}: cannot connect: {error}") from None
+        return f"[logging] syslog_address = {address}", f"cannot connect: {error.strerror or error}"
     handler.vmpool_syslog = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("vmpool[%(process)d]: %(levelname)s %(message)s"))
     log.addHandler(handler)
+    return None
+
+
+def textfile_problem(metrics: MetricsConfig) -> tuple[str, str] | None:
+    directory = os.path.dirname(metrics.textfile)
+    if not metrics.textfile or os.path.isdir(directory):
+        return None
+    return (f"[metrics] textfile = {metrics.textfile}", f"no directory {directory}: create it or point textfile "
+            "at node_exporter's --collector.textfile.directory")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -4077,6 +4166,18 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
         raise CloudError(f"reconcile could not create a VM: {pool.create_refused}")
 
 
+KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def on_kernel_file_system(path: str) -> str:
+    """Why vmpool's own files cannot live at `path` (under /proc, /sys or /dev), or ""."""
+    real = os.path.realpath(path)
+    for top in KERNEL_FILE_SYSTEMS:
+        if real == top or real.startswith(top + "/"):
+            return f"under {top}, the kernel's: keep vmpool's files on a disk, e.g. under /var/lib/vmpool"
+    return ""
+
+
 @cli.command()
 @common_options
 @click.pass_context
@@ -4100,8 +4201,13 @@ def verify(ctx: click.Context) -> None:
     existing = os.path.dirname(os.path.abspath(config.pool.state_file))
     while not os.path.exists(existing):  # vmpool makes the missing directories
         existing = os.path.dirname(existing)
-    report(f"[pool] state_file = {config.pool.state_file}",
-           "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user")
+    report(f"[pool] state_file = {config.pool.state_file}", on_kernel_file_system(config.pool.state_file) or (
+        "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user"))
+    for setting, path in (("[ssh] known_hosts", config.ssh.known_hosts), ("[pool] log_file", config.pool.log_file)):
+        if path and on_kernel_file_system(path):
+            report(f"{setting} = {path}", on_kernel_file_system(path))
+    for setting, problem in ctx.find_root().obj["output_problems"]:
+        report(setting, problem)
     public_key: str | None = None
     if not os.path.isfile(config.ssh.private_key):
         report(f"[ssh] private_key = {config.ssh.private_key}", "no such file")
@@ -4170,7 +4276,7 @@ def check(ctx: click.Context, **options: Any) -> None:
         given = {key: value for key, value in options.items() if value is not None}
         thresholds = dataclasses.replace(pool.config.check, **given)
         _check_operations("options", thresholds, MetricsConfig(), LoggingConfig())
-        run_check(pool.store.read, pool.config, pool.clock, thresholds)
+        run_check(pool.store.read, pool.config, pool.clock, thresholds, ctx.find_root().obj["output_problems"])
     except VmpoolError as error:
         click.echo(f"VMPOOL UNKNOWN - {error}")
         ctx.exit(3)

@@ -126,6 +126,7 @@ def run_burst(mom: PbsMom, config: str) -> dict[str, tuple[int | None, int | Non
 def demo(bed: Bed, directory: Path, started: float) -> int:
     print(f"cloud up in {time.monotonic() - started:.0f}s: {bed.info['auth_url']}")
     config = write_config(bed, directory)
+    say(f"creating the local users {' and '.join(USERS)} (if missing), the jobs' owners; they are kept")
     ensure_users(USERS)
     mom = install_hooks(directory, config)
     say("filling the pool to min = 1 (vmpool reconcile, as cron would)")
@@ -154,6 +155,8 @@ def demo(bed: Bed, directory: Path, started: float) -> int:
 def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("make demo needs root (Torque hooks and the sshd VMs do)")
+    print(f"the demo creates the local users {' and '.join(USERS)} (kept afterwards) and runs a local cloud "
+          "on 127.0.0.0/8 (`make demo` installs missing system packages with apt-get before this)", flush=True)
     directory = Path(tempfile.mkdtemp(prefix="vmpool-demo-", dir="/tmp"))
     directory.chmod(0o755)  # the job owners must reach the installed job starter
     say("starting the local cloud (Keystone, Nova API, placement, sshd VMs)")

@@ -13,11 +13,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import vmpool as vp
-from tests.conftest import VMPOOL, PoolHandle, wait_until
+from tests.conftest import ROOT, VMPOOL, PoolHandle, wait_until
 
 
 def ssh_as_root(pool: PoolHandle, address: str, command: str) -> subprocess.CompletedProcess[str]:
@@ -439,6 +440,16 @@ def test_config_errors_have_their_exit_code(pool: PoolHandle, tmp_path: Path) ->
     Path(pool.config_path).chmod(0o644)
     result = pool.run("status", check=False)
     assert result.returncode == 3 and "chmod 600" in result.stderr
+    qstat = tmp_path / "qstat"  # a program root would run, that others can change
+    qstat.write_text("#!/bin/sh\nexit 0\n")
+    qstat.chmod(0o777)
+    pool.write_config(pool={"job_alive_command": f"{qstat} {{jobid}}"})
+    for command in (["reconcile"], ["acquire", "1", "--user", "alice"]):
+        result = pool.run(*command, check=False)
+        assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"others can change {qstat} (owner uid 0, mode 0777)" in result.stderr
+        assert result.stderr.rstrip().endswith(f"run: chown root:root {qstat}; chmod go-w {qstat}")
+    assert not pool.servers()
 
 
 def test_json_status_is_stable(pool: PoolHandle) -> None:
@@ -647,6 +658,32 @@ def test_verify_checks_the_whole_setup_and_names_each_wrong_key(pool: PoolHandle
     assert refused.returncode == 5, refused.stderr
     assert "authentication failed" in verdicts(refused.stdout)["[openstack] auth_url"]
     assert "[openstack] flavor" not in refused.stdout, "nothing is looked up without a token"
+
+
+def test_verify_fails_for_vmpool_files_on_a_kernel_file_system(pool: PoolHandle) -> None:
+    """/proc, /sys and /dev look writable to root, but what vmpool writes there is gone or refused."""
+    pool.write_config(pool={"state_file": "/proc/vmpool/state.json", "log_file": "/dev/null"},
+                      ssh={"known_hosts": "/sys/vmpool/known_hosts"})
+    result = pool.run("verify", check=False)
+    assert result.returncode == 3, result.stdout + result.stderr
+    found = verdicts(result.stdout)
+    for key, top in (("[pool] state_file", "/proc"), ("[ssh] known_hosts", "/sys"), ("[pool] log_file", "/dev")):
+        assert found[key] == f"FAILED: under {top}, the kernel's: keep vmpool's files on a disk, e.g. under " \
+                             "/var/lib/vmpool", result.stdout
+    assert "3 check(s) failed" in result.stderr
+
+
+def test_the_beds_printed_config_passes_verify_and_pastes_no_admin_password(bed: Any, tmp_path: Path) -> None:
+    """What `bed.py up` (and `bed.py config`) prints is a whole vmpool config once [pool] is added."""
+    info = bed.info
+    printed = subprocess.run([sys.executable, str(ROOT / "tests" / "cloud" / "bed.py"), "config", info["run_dir"]],
+                             capture_output=True, text=True, check=True).stdout
+    assert info["admin_password"] not in printed and f"known_hosts = {info['run_dir']}/known_hosts" in printed
+    config = tmp_path / "vmpool.conf"
+    config.write_text(f"[pool]\nstate_file = {tmp_path}/state.json\n\n{printed}")
+    config.chmod(0o600)
+    verified = subprocess.run([VMPOOL, "--config", str(config), "verify"], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 @pytest.mark.parametrize("verbose", [False, True])

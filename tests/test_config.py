@@ -45,10 +45,19 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     assert config.server_prefix == "p-" and config.ssh.port == 22
 
 
-def test_example_config_is_valid(tmp_path: Path) -> None:
+def test_the_example_needs_only_cloud_set_to_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site sets `cloud =` (or auth_url and a credential): nothing in the example stands in its way."""
+    for variable in ("OS_CLOUD", "OS_AUTH_URL"):
+        monkeypatch.delenv(variable, raising=False)
     example = (Path(__file__).parent.parent / "vmpool.conf.example").read_text()
-    config = vp.load_config(write(tmp_path, example))
-    assert config.pool.name
+    with pytest.raises(vp.ConfigError, match=r"\[openstack\] no cloud credentials: set cloud = NAME"):
+        vp.load_config(write(tmp_path, example))
+    config = vp.load_config(write(tmp_path, example.replace("\ncloud =\n", "\ncloud = site\n", 1)))
+    assert config.pool.name == "vmpool" and vp.credentials_source(config.openstack).endswith("(clouds.yaml)")
+    uncommented = example.replace("\n#auth_url = https://keystone.example.org:5000/v3\n#username = vmpool\n"
+                                  "#password =\n#project_name = vmpool\n", "\nauth_url = https://keystone.example."
+                                  "org:5000/v3\nusername = vmpool\npassword = s3cret\nproject_name = vmpool\n", 1)
+    assert vp.load_config(write(tmp_path, uncommented)).openstack.password == "s3cret"
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -108,7 +117,6 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("section", "message"), [
     ("[check]\nwait_critical = ten", r"\[check\] wait_critical = 'ten': expected a Nagios range"),
     ("[check]\nprotected = loud", r"\[check\] protected = 'loud': one of ok, warning, critical"),
-    ("[metrics]\ntextfile = /nonexistent-dir/vmpool.prom", r"\[metrics\] textfile = .*: no directory /nonexistent"),
     ("[metrics]\ntextfile = /tmp/vmpool.txt", r"\[metrics\] textfile = .*ending in \.prom"),
     ("[logging]\nfacility = kernel", r"\[logging\] facility = 'kernel': one of auth"),
     ("[logging]\nsyslog = maybe", r"\[logging\] syslog = 'maybe': expected true or false"),
@@ -119,8 +127,78 @@ def test_operations_sections_are_validated(tmp_path: Path, section: str, message
 
 
 def test_operations_sections_load(tmp_path: Path) -> None:
-    text = (GOOD + f"\n[check]\nwait_critical = @10:20\n[metrics]\ntextfile = {tmp_path}/v.prom\n"
+    # a textfile in a missing directory loads: every command warns of it, `verify` fails on it
+    text = (GOOD + "\n[check]\nwait_critical = @10:20\n[metrics]\ntextfile = /nonexistent-dir/v.prom\n"
             "[logging]\nsyslog = yes\n")
     config = vp.load_config(write(tmp_path, text))
     assert (config.check.wait_critical, config.metrics.textfile, config.logging.syslog) == (
-        "@10:20", f"{tmp_path}/v.prom", True)
+        "@10:20", "/nonexistent-dir/v.prom", True)
+
+
+
+# --- a config, and the programs it names, that are not root's alone: root runs what they say ---
+# The clouds.yaml set-up: no secret in vmpool.conf, so a file others may read (mode 0664).
+NO_SECRET = GOOD.replace("auth_url = http://127.0.0.1:5000/v3\nusername = u\npassword = secret\nproject_name = p\n",
+                         "cloud = site\n")
+
+
+def test_a_config_others_can_change_is_refused_naming_the_path_and_the_fix(tmp_path: Path) -> None:
+    path = write(tmp_path, NO_SECRET, mode=0o664)
+    with pytest.raises(vp.ConfigError, match=rf"others can change {path} \(owner uid 0, mode 0664\).*"
+                                             rf"run: chown root:root {path}; chmod go-w {path}$"):
+        vp.load_config(path)
+    os.chmod(path, 0o644)
+    os.chown(path, 1000, 1000)
+    with pytest.raises(vp.ConfigError, match=rf"others can change {path} \(owner uid 1000, mode 0644\)"):
+        vp.load_config(path)
+    os.chown(path, 0, 0)
+    for mode in (0o775, 0o757):  # a directory above it others can write: they can swap the file
+        tmp_path.chmod(mode)
+        with pytest.raises(vp.ConfigError, match=rf"others can change {tmp_path} \(owner uid 0, mode 0{mode:o}\)"):
+            vp.load_config(path)
+    tmp_path.chmod(0o1777)  # sticky, as /tmp: no one else can replace root's file in it
+    assert vp.load_config(path).openstack.cloud == "site"
+
+
+def test_a_config_reached_through_a_symlink_is_checked_where_it_lives(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    link = tmp_path / "vmpool.conf"
+    link.symlink_to(write(shared, NO_SECRET, mode=0o644))
+    with pytest.raises(vp.ConfigError, match=rf"others can change {shared} \(owner uid 0, mode 0777\)"):
+        vp.load_config(str(link))
+
+
+@pytest.mark.parametrize("setting", ["[pool]\njob_alive_command = {program} {{jobid}}", "[batch]\ncommand = {program}"])
+def test_a_program_the_config_makes_root_run_must_be_roots_alone(tmp_path: Path, setting: str) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    program = tools / "alive"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    section, line = setting.format(program=program).split("\n")
+    path = write(tmp_path, GOOD.replace(section, f"{section}\n{line}") if section in GOOD
+                 else f"{GOOD}\n{section}\n{line}\n")
+    assert vp.load_config(path)
+    program.chmod(0o757)
+    with pytest.raises(vp.ConfigError, match=rf"root runs .*{program}.*others can change {program} \(owner uid 0, "
+                                             rf"mode 0757\).*chmod go-w {program}$"):
+        vp.load_config(path)
+    program.chmod(0o755)
+    os.chown(tools, 1000, 1000)
+    with pytest.raises(vp.ConfigError, match=rf"others can change {tools} \(owner uid 1000, mode 0755\)"):
+        vp.load_config(path)
+
+
+def test_a_job_alive_command_on_path_is_checked_where_path_finds_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, GOOD.replace("[pool]", "[pool]\njob_alive_command = test -e /x/{jobid}", 1))
+    assert vp.load_config(path).pool.job_alive_command  # /usr/bin/test: root's
+    shared = tmp_path / "bin"
+    shared.mkdir()
+    (shared / "test").write_text("#!/bin/sh\n")
+    (shared / "test").chmod(0o777)
+    monkeypatch.setenv("PATH", f"{shared}:/usr/bin:/bin")
+    with pytest.raises(vp.ConfigError, match=rf"job_alive_command \({shared}/test\).*mode 0777"):
+        vp.load_config(path)

@@ -1,11 +1,9 @@
 """`make install` as a site runs it (README, "Install on a site"), into a scratch PREFIX, BINDIR and
 SYSCONFDIR: a venv with the tested dependency versions, the command on PATH, the config example
-kept private, completion, and the cron.d file and systemd units a site copies into place."""
+kept private, completion, and the cron.d file a site copies into place."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -65,22 +63,28 @@ def test_bash_completion_completes_subcommands(site: dict[str, Path]) -> None:
     assert completed.stdout.split() == ["reconcile"]
 
 
-def test_the_systemd_units_verify_and_point_at_the_installed_command(site: dict[str, Path]) -> None:
-    units = site["PREFIX"] / "share" / "vmpool" / "systemd"
-    service, timer = units / "vmpool-reconcile.service", units / "vmpool-reconcile.timer"
-    assert f"ExecStart={site['BINDIR']}/vmpool reconcile\n" in service.read_text()
-    assert "OnCalendar=minutely\n" in timer.read_text() and "Persistent=true\n" in timer.read_text()
-    verify = shutil.which("systemd-analyze")
-    assert verify, "systemd-analyze missing: `make system-deps` installs systemd"
-    checked = subprocess.run([verify, "verify", str(service), str(timer)], capture_output=True, text=True,
-                             env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
-    assert checked.returncode == 0, checked.stderr
-
-
-def test_the_cron_d_line_runs_reconcile_as_root_every_minute(site: dict[str, Path]) -> None:
+def test_the_cron_d_line_runs_reconcile_as_root_every_minute_with_the_installed_config(
+        site: dict[str, Path]) -> None:
     lines = [line for line in (site["PREFIX"] / "share" / "vmpool" / "cron.d" / "vmpool").read_text().splitlines()
              if line and not line.startswith("#") and "=" not in line.split()[0]]
     assert len(lines) == 1
     fields = lines[0].split(None, 6)
     assert fields[:6] == ["*", "*", "*", "*", "*", "root"]
-    assert fields[6].startswith(f"{site['BINDIR']}/vmpool reconcile ")
+    config = site["SYSCONFDIR"] / "vmpool" / "vmpool.conf"
+    assert fields[6].startswith(f"{site['BINDIR']}/vmpool --config {config} reconcile ")
+    assert not (site["PREFIX"] / "share" / "vmpool" / "systemd").exists(), "one way to schedule reconcile: cron.d"
+
+
+def test_the_command_on_path_reads_the_installed_config_unless_told_otherwise(site: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    config = site["SYSCONFDIR"] / "vmpool" / "vmpool.conf"
+    env = {"PATH": "/usr/bin:/bin"}
+    default = subprocess.run([str(site["BINDIR"] / "vmpool"), "status"], capture_output=True, text=True, env=env)
+    assert default.returncode == 3 and f" ERROR {config}: " in default.stderr, default.stderr
+    other = tmp_path / "other.conf"
+    for how in ({"VMPOOL_CONFIG": str(other)}, {}):
+        args = [] if how else ["--config", str(other)]
+        chosen = subprocess.run([str(site["BINDIR"] / "vmpool"), *args, "status"], capture_output=True, text=True,
+                                env={**env, **how})
+        assert chosen.returncode == 3 and f" ERROR {other}: no such config file" in chosen.stderr, chosen.stderr
+    assert "make install" in (site["BINDIR"] / "vmpool").read_text()

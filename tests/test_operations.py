@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, PoolHandle, wait_until
+from tests.conftest import ROOT, TRACEBACK, PoolHandle, wait_until
 
 
 def log_text(pool: PoolHandle) -> str:
@@ -180,6 +180,45 @@ def test_check_with_a_bad_threshold_or_config_is_unknown(pool: PoolHandle) -> No
     assert "corrupt state" in corrupt.stdout
 
 
+def as_user(user: str, *command: str) -> subprocess.CompletedProcess[str]:
+    """A command as `user` (no supplementary groups), as Nagios's NRPE runs a plugin."""
+    import pwd
+    account = pwd.getpwnam(user)
+    return subprocess.run(["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups",
+                           *command],
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+
+
+def test_check_status_and_metrics_work_for_a_user_who_reads_the_state_but_not_the_key(pool: PoolHandle) -> None:
+    """Nagios runs `check` without root: it reads the config and the state, never the SSH key (root's,
+    in a root-only directory), nor root's log file."""
+    import pwd
+    import shutil
+    import tempfile
+    pool.run("reconcile")
+    user = "nobody"
+    monitor = Path(tempfile.mkdtemp(prefix="vmpool-monitor-", dir="/tmp"))
+    try:
+        (monitor / "state").mkdir()
+        shutil.copy(pool.state_file, monitor / "state" / "state.json")
+        config = monitor / "vmpool.conf"
+        config.write_text(Path(pool.config_path).read_text().replace(pool.state_file, str(monitor / "state" /
+                                                                                          "state.json")))
+        for path in (monitor, monitor / "state", monitor / "state" / "state.json", config):
+            os.chown(path, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+        config.chmod(0o600)
+        for private in (pool.key, pool.settings["pool"]["log_file"]):  # out of the user's reach
+            assert "Permission denied" in as_user(user, "stat", private).stderr
+        for args in (["check"], ["status"], ["metrics"]):
+            result = as_user(user, sys.executable, "-m", "vmpool", "--config", str(config), *args)
+            assert result.returncode == 0, f"vmpool {args[0]} as {user}: {result.stdout}{result.stderr}"
+            assert TRACEBACK not in result.stderr and "WARNING" not in result.stderr, result.stderr
+        assert result.stdout.startswith("# HELP") and "VMPOOL OK - " in as_user(
+            user, sys.executable, "-m", "vmpool", "--config", str(config), "check").stdout
+    finally:
+        shutil.rmtree(monitor)
+
+
 # --- Prometheus ---
 
 def test_reconcile_writes_the_metrics_file_that_parses_and_counts_the_pools_life(pool: PoolHandle) -> None:
@@ -219,13 +258,6 @@ def test_acquire_and_release_never_import_the_monitoring_libraries(pool: PoolHan
     assert not textfile.exists(), "only cron's passes write the metrics"
 
 
-def test_a_metrics_path_in_a_missing_directory_is_one_sentence_naming_the_key(pool: PoolHandle) -> None:
-    configure(pool, metrics={"textfile": str(pool.dir / "nowhere" / "vmpool.prom")})
-    result = pool.run("status", check=False)
-    assert result.returncode == 3 and "[metrics] textfile" in result.stderr and "no directory" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
 def test_every_query_of_the_grafana_dashboard_names_a_metric_vmpool_exports() -> None:
     import vmpool as vp
     dashboard = json.loads((ROOT / "contrib" / "grafana-vmpool.json").read_text())
@@ -258,8 +290,26 @@ def test_syslog_gets_the_same_lines_as_the_log_file_with_the_facility(pool: Pool
     assert message in log_text(pool)
 
 
-def test_syslog_without_a_socket_is_one_sentence_naming_the_key(pool: PoolHandle) -> None:
-    configure(pool, logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")})
-    result = pool.run("status", check=False)
-    assert result.returncode == 3 and "[logging] syslog = true but" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_a_broken_log_syslog_or_metrics_output_warns_and_never_stops_a_job(pool: PoolHandle) -> None:
+    """The hooks requeue a job whose acquire fails: what only watches the pool is a warning on every
+    command's path, a FAILED line of `verify` and a WARNING of `check`."""
+    pool.settings["pool"]["log_file"] = str(pool.dir / "no-such-dir" / "vmpool.log")
+    configure(pool, logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")},
+              metrics={"textfile": str(pool.dir / "nowhere" / "vmpool.prom")})
+    broken = {"[pool] log_file": "cannot open it", "[logging] syslog_address": "not a syslog socket",
+              "[metrics] textfile": "no directory"}
+    acquired = pool.run("acquire", "7", "--user", "alice")
+    assert acquired.stdout.strip() == pool.vms("busy")[0]["address"]
+    for result in (acquired, pool.run("release", "7"), pool.run("reconcile")):
+        for setting, problem in broken.items():
+            assert re.search(rf"WARNING .*{re.escape(setting)} = .*: {problem}.*; going on without it",
+                             result.stderr), result.stderr
+    verified = pool.run("verify", check=False)
+    assert verified.returncode == 3, verified.stdout + verified.stderr
+    for setting, problem in broken.items():
+        assert re.search(rf"^FAILED +{re.escape(setting)} = .*: {problem}", verified.stdout, re.MULTILINE)
+    checked = pool.run("check", check=False)
+    assert checked.returncode == 1 and checked.stdout.startswith("VMPOOL WARNING - "), checked.stdout
+    assert all(f"{setting} = " in checked.stdout for setting in ("[logging] syslog_address", "[metrics] textfile"))
+    assert set(plugin_output(checked)[1]) == {"free", "busy", "unusable", "waiting", "oldest_wait",
+                                              "since_reconcile", "backoff", "protected", "paused"}

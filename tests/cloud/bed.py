@@ -622,9 +622,11 @@ key_name = {i["key_name"]}
 user = root
 private_key = {i["ssh_private_key"]}
 port = 22
+known_hosts = {i["run_dir"]}/known_hosts
 
 # admin (straight to keystone/nova, bypasses the fault proxy): auth_url {i["admin_auth_url"]},
-# user {i["admin_username"]}, password {i["admin_password"]}, project {i["admin_project_name"]}
+# user {i["admin_username"]}, project {i["admin_project_name"]}; its password: admin_password in
+# {i["run_dir"]}/bed.json
 """
 
 
