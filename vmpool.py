@@ -3221,7 +3221,9 @@ WAITER_HEARTBEAT = 300.0
 
 
 class Pool:
-    """Wires config, store and adapters; every decision comes from the pure policy above."""
+    """Wires config, store and adapters; every decision comes from the pure policy above. Every
+    state change goes through _update. Its two long-running machines are classes of their own:
+    the acquire that waits for a VM (WaitingAcquire) and the reconcile pass (ReconcilePass)."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time,
                  cloud: Cloud | None = None, remote: Remote | None = None, batch: Batch | None = None,
@@ -3297,6 +3299,60 @@ class Pool:
         return outcome
 
     def acquire(self, job: str, user: str, timeout: float, started: float | None = None) -> Claimed:
+        """Claim a VM for the job, waiting up to timeout seconds (see WaitingAcquire)."""
+        return WaitingAcquire(self).run(job, user, timeout, started)
+
+    def release(self, job: str, unusable: str = "") -> None:
+        actions = self._update(lambda state: plan_release(state, job, self.clock(), unusable))
+        self.apply_notes(actions)
+    # -- reconcile --
+
+    def reconcile(self, *, probe_free: bool = True, dry_run: bool = False, quiet: bool = False) -> bool:
+        """One pass; returns False when another pass holds the reconcile lock."""
+        with reconcile_lock(self.config.pool.state_file) as mine:
+            if not mine:
+                if not quiet:
+                    log.info("another reconcile is running; nothing to do")
+                return False
+            if not dry_run and (aside := self.store.set_aside_if_corrupt(self.clock())):
+                log.error(aside)
+            ReconcilePass(self).run(probe_free, dry_run)
+            return True
+
+    def admin(self, plan: Callable[..., tuple[PoolState, list[Action]]], **kwargs: Any) -> None:
+        """An admin's state change, under the lock, logged with who asked and why."""
+        self.apply_notes(self._update(lambda state: plan(state, by=invoking_user(), now=self.clock(), **kwargs)))
+
+    def apply_notes(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Note):
+                log.log(action.level, action.message)
+
+
+class ClaimRate:
+    """How fast the queue moves: claims per second between a waiter's looks (None at the first)."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int] | None = None  # (when, claims counted so far) at the last look
+
+    def claimed(self, claims: int, now: float) -> float | None:
+        rate = None
+        if self.last is not None and now > self.last[0]:
+            rate = max(0, claims - self.last[1]) / (now - self.last[0])
+        self.last = (now, claims)
+        return rate
+
+
+class WaitingAcquire:
+    """One acquire that waits for its VM: looks without the lock, tries with it when a VM may be
+    there, runs a pass of its own while boots are due, and gives up at its deadline."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.config, self.store, self.host = pool.config, pool.store, pool.host
+        self.clock, self.monotonic, self.sleep = pool.clock, pool.monotonic, pool.sleep
+
+    def run(self, job: str, user: str, timeout: float, started: float | None = None) -> Claimed:
         """Claim a VM for the job, waiting up to timeout seconds (monotonic: a clock step changes nothing)."""
         deadline = self.monotonic() + timeout
         started = self.clock() if started is None else started
@@ -3305,7 +3361,7 @@ class Pool:
         if isinstance(outcome, Waiting):
             log.info(f"job {job}: no free VM, waiting (position {outcome.position + 1}, timeout {timeout:.0f}s)")
         try:
-            last_look: tuple[float, int] | None = None  # (when, claims counted so far) at the last look
+            queue_speed = ClaimRate()
             while isinstance(outcome, Waiting):
                 if self.monotonic() >= deadline:
                     outcome = self._try_claim_by(deadline, job, user, started)  # a VM handed over meanwhile?
@@ -3315,22 +3371,20 @@ class Pool:
                     break
                 mark = self.store.freed_mark()  # before the look: a VM freed meanwhile wakes it early
                 to_free, claims = self._look(job)
-                refused = self.list_error if isinstance(self.list_error, CloudRefused) else self.create_refused
+                listing = self.pool.list_error
+                refused = listing if isinstance(listing, CloudRefused) else self.pool.create_refused
                 if refused is not None:
                     raise refused  # a wrong password or image stays wrong: no point waiting out the timeout
                 if to_free == 0 or self.monotonic() >= heartbeat:  # the heartbeat's try prunes dead waiters
                     heartbeat = self.monotonic() + WAITER_HEARTBEAT
                     outcome = self._try_claim_by(deadline, job, user, started)
                 if isinstance(outcome, Waiting):
-                    rate = None
-                    if last_look is not None and self.monotonic() > last_look[0]:
-                        rate = max(0, claims - last_look[1]) / (self.monotonic() - last_look[0])
-                    last_look = (self.monotonic(), claims)
+                    rate = queue_speed.claimed(claims, self.monotonic())
                     self._sleep_unless_freed(waiter_sleep(to_free, rate, self.config.pool.acquire_poll),
                                              to_free, mark)
         except BaseException:
             with contextlib.suppress(VmpoolError):
-                self._update(functools.partial(_without_result, withdraw_request, job=job, now=self.clock()))
+                self.pool._update(functools.partial(_without_result, withdraw_request, job=job, now=self.clock()))
             raise
         if isinstance(outcome, Ended):
             raise JobEnded(f"job {job}: its epilogue released it at {fmt_time(outcome.at)}, after this attempt "
@@ -3359,7 +3413,7 @@ class Pool:
         lock_timeout = self.config.pool.lock_timeout
         while True:
             try:
-                return self.try_claim(job, user, started, min(lock_timeout, max(deadline - self.monotonic(), 1.0)))
+                return self.pool.try_claim(job, user, started, min(lock_timeout, max(deadline - self.monotonic(), 1.0)))
             except LockTimeout as error:
                 if self.monotonic() >= deadline:
                     raise
@@ -3377,7 +3431,7 @@ class Pool:
         if waiting_pass_may_help(state, self.config.pool) and (
                 last is None or self.clock() - last >= self.config.pool.pass_interval):
             try:  # drive boots forward, leaving room between passes for other waiters
-                self.reconcile(probe_free=False, quiet=True)
+                self.pool.reconcile(probe_free=False, quiet=True)
             except LockTimeout as error:
                 log.warning(f"job {job}: skipping a waiting pass: {error}")
             with contextlib.suppress(StateError):
@@ -3385,25 +3439,29 @@ class Pool:
         return (vms_still_to_free(state, job, os.getpid(), self.host, request_alive),
                 state.counters.get("acquires", 0))
 
-    def release(self, job: str, unusable: str = "") -> None:
-        actions = self._update(lambda state: plan_release(state, job, self.clock(), unusable))
-        self.apply_notes(actions)
 
-    # -- reconcile --
+class ReconcilePass:
+    """One reconcile pass: what the cloud, the batch system and the job records say, the policy's
+    decision on it, then the deletes, creates, probes and known_hosts, each step on its own."""
 
-    def reconcile(self, *, probe_free: bool = True, dry_run: bool = False, quiet: bool = False) -> bool:
-        """One pass; returns False when another pass holds the reconcile lock."""
-        with reconcile_lock(self.config.pool.state_file) as mine:
-            if not mine:
-                if not quiet:
-                    log.info("another reconcile is running; nothing to do")
-                return False
-            if not dry_run and (aside := self.store.set_aside_if_corrupt(self.clock())):
-                log.error(aside)
-            self._reconcile_locked(probe_free, dry_run)
-            return True
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.config, self.store, self.host, self.clock = pool.config, pool.store, pool.host, pool.clock
 
-    def _reconcile_locked(self, probe_free: bool, dry_run: bool) -> None:
+    @property
+    def cloud(self) -> Cloud:
+        return self.pool.cloud
+
+    @property
+    def remote(self) -> Remote:
+        return self.pool.remote
+
+    @property
+    def batch(self) -> Batch:
+        return self.pool.batch
+
+    def run(self, probe_free: bool, dry_run: bool) -> None:
+        """One pass, under the reconcile lock: observe, decide, then each step of the work."""
         servers, (dead_jobs, unsure_jobs) = self._observe(probe_free, dry_run)
         snapshot = self.store.read()
 
@@ -3419,8 +3477,8 @@ class Pool:
             for action in decide(snapshot)[1]:
                 click.echo(describe_action(action))
             return
-        actions = self._update(decide)
-        self.apply_notes(actions)
+        actions = self.pool._update(decide)
+        self.pool.apply_notes(actions)
         self._step("delete servers", self._delete, [a for a in actions if isinstance(a, DeleteServer)])
         self._step("create servers", self._create, [a for a in actions if isinstance(a, CreateServer)])
         self._step("probe VMs", self._probe, [a for a in actions if isinstance(a, ProbeSsh)])
@@ -3444,18 +3502,18 @@ class Pool:
 
     def _observe(self, probe_free: bool, dry_run: bool) -> tuple[list[Server] | None, JobAnswers]:
         servers: list[Server] | None = None
-        self.list_error, self.create_refused = None, None
+        self.pool.list_error, self.pool.create_refused = None, None
         try:
             servers = self.cloud.list_servers()
-            self.list_error_told = ""
+            self.pool.list_error_told = ""
         except CloudError as error:
-            self.list_error = error
+            self.pool.list_error = error
             # an acquire's waiting passes meet the same failure every pass_interval: say it once
-            level = logging.DEBUG if str(error) == self.list_error_told else logging.ERROR
-            self.list_error_told = str(error)
+            level = logging.DEBUG if str(error) == self.pool.list_error_told else logging.ERROR
+            self.pool.list_error_told = str(error)
             log.log(level, f"cannot list servers, skipping cloud decisions this pass: {error}")
             if not dry_run:
-                self._update(functools.partial(
+                self.pool._update(functools.partial(
                     _without_result, plan_cloud_error, message=str(error), now=self.clock()))
         # Asking the batch system is slow: cron's passes do it, an acquire's waiting passes do not
         # (and say so: not asking is no news, it must not restart a lost epilogue's grace).
@@ -3486,7 +3544,7 @@ class Pool:
             except CloudError as caught:
                 error = caught
             failpoint("after-delete")
-            self.apply_notes(self._update(functools.partial(
+            self.pool.apply_notes(self.pool._update(functools.partial(
                 plan_deleted, name=action.name, error=error, now=self.clock(), server_id=action.server_id)))
 
     def _create(self, creates: list[CreateServer]) -> None:
@@ -3514,7 +3572,7 @@ class Pool:
             except CloudError as caught:
                 error = caught
                 if isinstance(caught, CloudRefused):
-                    self.create_refused = caught
+                    self.pool.create_refused = caught
             failpoint("after-create")
             return server_id, error
 
@@ -3532,7 +3590,7 @@ class Pool:
                 skipped.append(action.name)
                 return
             server_id, error = outcome
-            self.apply_notes(self._update(functools.partial(
+            self.pool.apply_notes(self.pool._update(functools.partial(
                 plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
                 now=self.clock())))
 
@@ -3545,7 +3603,7 @@ class Pool:
             for future in as_completed(sent):
                 record(sent[future], future)
         if skipped:
-            self._update(functools.partial(_without_result, plan_not_created, names=skipped))
+            self.pool._update(functools.partial(_without_result, plan_not_created, names=skipped))
             log.info(f"not creating {', '.join(sorted(skipped))}: backing off")
         if unexpected is not None:
             raise unexpected
@@ -3572,7 +3630,7 @@ class Pool:
             sync_known_hosts(new, self.config.ssh)
             return new, notes
 
-        self.apply_notes(self._update(record))
+        self.pool.apply_notes(self.pool._update(record))
 
     def _keys_to_pin(self, action: ProbeSsh) -> list[str] | None:
         """The host keys to trust for the probe (none: learn on first contact); None: do not probe."""
@@ -3590,15 +3648,6 @@ class Pool:
         except CloudError as error:
             log.info(f"vm {action.name}: no console output ({error})")
             return []
-
-    def admin(self, plan: Callable[..., tuple[PoolState, list[Action]]], **kwargs: Any) -> None:
-        """An admin's state change, under the lock, logged with who asked and why."""
-        self.apply_notes(self._update(lambda state: plan(state, by=invoking_user(), now=self.clock(), **kwargs)))
-
-    def apply_notes(self, actions: Sequence[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Note):
-                log.log(action.level, action.message)
 
 
 def _without_result(plan: Callable[..., PoolState], state: PoolState, **kwargs: Any) -> tuple[PoolState, None]:

@@ -6,13 +6,13 @@ time until every create has been sent and recorded, then passes until all N are 
 
 Baseline, in the same run: the same burst by this same vmpool with its creates sent one after
 another. Its process runs the vmpool command (`vmpool.run()`) with the pass's create step
-(`Pool._create`) handed one create at a time, so each POST is still sent and recorded by vmpool's
+(`ReconcilePass._create`) handed one create at a time, so each POST is still sent and recorded by vmpool's
 own code, between its intent and outcome records, and every other line of the pass (the token,
 the listing, the decisions, the state writes) is the same in both runs: the ratio is the
 fan-out's alone. It needs no older vmpool.py. (The baseline used to be the vmpool from before
 the fan-out, taken from git by a commit id that a shallow clone lacks; it also differed from
 this one in everything else the pass does, so its figures compare with these in kind, not in
-number.) Should `Pool._create` be renamed, the baseline fails at once rather than measure the
+number.) Should `ReconcilePass._create` be renamed, the baseline fails at once rather than measure the
 fan-out against itself.
 Target: creates sent in <= 0.25x the baseline's time.
 
@@ -47,13 +47,13 @@ TARGET = 0.25
 # the vmpool command, its creates sent one after another: the baseline's process (see the docstring)
 ONE_CREATE_AT_A_TIME = """
 import vmpool
-fan_out = vmpool.Pool._create
+fan_out = vmpool.ReconcilePass._create
 
 def one_at_a_time(pool, creates):
     for action in creates:
         fan_out(pool, [action])
 
-vmpool.Pool._create = one_at_a_time
+vmpool.ReconcilePass._create = one_at_a_time
 vmpool.run()
 """
 

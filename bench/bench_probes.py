@@ -1,7 +1,7 @@
 """Benchmark: the SSH probe step of a reconcile pass, one VM at a time vs in parallel.
 
 Boots stand-in VMs (the test bed's sshd namespaces, no cloud needed) on 127.0.6.x and times
-vmpool's probe step (`Pool._probe`: real fabric/paramiko against the pinned host keys, then one
+vmpool's probe step (`ReconcilePass._probe`: real fabric/paramiko against the pinned host keys, then one
 locked state write) with `probe_parallelism` 1, 4 and 16: first with every sshd healthy, then
 with some frozen before their banner (each such probe waits out `banner_timeout`). Checks the
 outcome too: healthy VMs end Free, frozen ones Unusable. Needs root (namespaces, iptables).
@@ -52,7 +52,7 @@ def timed_probe(directory: Path, parallelism: int, probes: list[vp.ProbeSsh], ro
     for _ in range(rounds):
         reset_state(pool.store, probes)
         started = time.perf_counter()
-        pool._probe(probes)  # the step reconcile runs for every VM it wants to (re)check
+        vp.ReconcilePass(pool)._probe(probes)  # the step reconcile runs for every VM it wants to (re)check
         samples.append(time.perf_counter() - started)
     return statistics.median(samples), {vm.name: vm.state for vm in pool.store.read().vms}
 

@@ -227,7 +227,7 @@ def test_delete_of_a_server_already_gone_drops_the_record(setup: tuple[vp.Pool, 
     sid = pool.store.read().vms[0].server_id
     assert sid is not None
     cloud.servers.pop(sid)  # deleted behind our back, and then we decide to delete it too
-    pool._delete([vp.DeleteServer(pool.store.read().vms[0].name, sid, "test")])
+    vp.ReconcilePass(pool)._delete([vp.DeleteServer(pool.store.read().vms[0].name, sid, "test")])
     assert pool.store.read().vms == []
 
 
