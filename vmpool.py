@@ -350,6 +350,9 @@ class PoolConfig:
     # the hooks' per-job records (their JOB_DIR): after a lost or restored state file they say
     # which job runs on which VM ("" = none kept on this node)
     job_records: str = "/var/spool/vmpool/jobs"
+    # several pools in one project: while another pool's jobs wait on the project's quota, this
+    # pool's Free VMs above min that have been idle this long give way (0: never)
+    give_way_after: float = 60.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -521,6 +524,7 @@ def _check_pool_limits(path: str, pool: PoolConfig) -> None:
         ("backoff_max", pool.backoff_max >= pool.backoff_initial,
          f"must be >= backoff_initial ({pool.backoff_initial:g})"),
         ("job_gone_grace", pool.job_gone_grace >= 0, "must be >= 0 seconds"),
+        ("give_way_after", pool.give_way_after >= 0, "must be >= 0 seconds (0: never)"),
         # 0 is what qstat answers for a live job: as a "gone" code it would delete every job's VM.
         ("job_gone_exit_codes", all(1 <= code <= 255 for code in pool.job_gone_exit_codes),
          "exit codes 1-255 (0 means the job is alive)"),
@@ -884,6 +888,9 @@ class PoolState:
     counters: dict[str, int] = field(default_factory=dict)
     # acquire wait histogram: claims per ACQUIRE_WAIT_BUCKETS bucket (+ one for longer), their sum and count
     acquire_wait: dict[str, Any] = field(default_factory=dict)
+    # the project's quota refused this pool's last create while its jobs waited: it asks the other
+    # pools in the project to give way (their idle VMs) until a create goes through
+    quota_blocked_since: float | None = None
 
     def vm_named(self, name: str) -> Vm | None:
         return next((vm for vm in self.vms if vm.name == name), None)
@@ -996,6 +1003,7 @@ class Observation:
     unsure_jobs: frozenset[str] = frozenset()  # asked, but no answer (down, hung): no news either
     probe_free: bool = True  # cron probes Free VMs; acquire's waiting passes do not
     records: Sequence[JobRecord] = ()  # job records the state does not explain (see job_records_to_follow)
+    others_wanting: frozenset[str] = frozenset()  # other pools in the project whose jobs wait on its quota
 
 
 JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_jobs and unsure_jobs
@@ -1383,9 +1391,15 @@ def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
 
 # -- the reconcile pass, VM by VM --
 
-def desired_size(state: PoolState, pool: PoolConfig) -> int:
-    wanted = state.count(BUSY) + len(state.requests) + pool.min_free
+def desired_size(state: PoolState, pool: PoolConfig, spares: bool = True) -> int:
+    wanted = state.count(BUSY) + len(state.requests) + (pool.min_free if spares else 0)
     return max(pool.min, min(pool.max, wanted))
+
+
+def starved(state: PoolState) -> bool:
+    """Jobs wait and the project's quota refused the pool's last create: other pools in the project
+    should let their idle VMs go (the signal goes out through the cloud, see ReconcilePass)."""
+    return bool(state.requests) and state.quota_blocked_since is not None
 
 
 def plan_reconcile(state: PoolState, seen: Observation, config: Config,
@@ -1410,7 +1424,8 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
     if suspect:
         return new, actions  # a listing that lost many servers may hide more: create nothing on it
     listed_names = {name for server in seen.servers for name in (server.name, server.vm_name)}
-    return new, actions + _scale(new, config, listed_names, now)
+    give_way = bool(seen.others_wanting) and config.pool.give_way_after > 0
+    return new, actions + _scale(new, config, listed_names, now, give_way)
 
 
 def _listing_lost_many(state: PoolState, servers: dict[str, Server]) -> str:
@@ -1708,18 +1723,22 @@ def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
             return name
 
 
-def _scale(state: PoolState, config: Config, listed_names: set[str], now: float) -> list[Action]:
+def _scale(state: PoolState, config: Config, listed_names: set[str], now: float,
+           give_way: bool = False) -> list[Action]:
+    """Towards the desired size. While another pool's jobs wait on the project's quota (give_way),
+    this pool keeps no spares and lets VMs idle for give_way_after go, down to min."""
     pool = config.pool
     live = [vm for vm in state.vms if not vm.deleting and not vm.tainted and not vm.drained]
     capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
-    desired = desired_size(state, pool)
+    desired = desired_size(state, pool, spares=not give_way)
     # max bounds what the cloud holds: servers being deleted, servers missing from one listing
     # and tagged servers not adopted yet all count.
     in_cloud = len(state.vms) + len(state.orphans)
     if capacity < desired:
         return _scale_up(state, config, desired - capacity, pool.max - in_cloud, listed_names, now)
     if capacity > desired:
-        return _scale_down(state, pool, capacity - desired, now)
+        idle_for = min(pool.idle_timeout, pool.give_way_after) if give_way else pool.idle_timeout
+        return _scale_down(state, pool, capacity - desired, now, idle_for)
     return []
 
 
@@ -1747,12 +1766,14 @@ def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, liste
     return actions
 
 
-def _scale_down(state: PoolState, pool: PoolConfig, excess: int, now: float) -> list[Action]:
+def _scale_down(state: PoolState, pool: PoolConfig, excess: int, now: float, idle_for: float) -> list[Action]:
     in_cloud = sum(1 for vm in state.vms if not vm.deleting)
-    idle = sorted((vm for vm in state.vms if vm.state == FREE and now - vm.since > pool.idle_timeout),
+    idle = sorted((vm for vm in state.vms if vm.state == FREE and now - vm.since > idle_for),
                   key=lambda vm: vm.since)
     count = min(excess, len(idle), max(0, in_cloud - pool.min))
-    return [_mark_delete(vm, f"idle for more than {pool.idle_timeout:.0f}s", now) for vm in idle[:count]]
+    why = f"idle for more than {idle_for:.0f}s" + (
+        ", giving way to another pool's waiting jobs" if idle_for < pool.idle_timeout else "")
+    return [_mark_delete(vm, why, now) for vm in idle[:count]]
 
 
 # -- outcomes of the cloud calls --
@@ -1763,6 +1784,7 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
     new = copy_state(state)
     vm = new.vm_named(name)
     if error is None:
+        new.quota_blocked_since = None
         if new.protected_since is None:
             new.backoff_until, new.backoff_delay = None, 0.0
         if vm is not None and vm.server_id is None:
@@ -1780,6 +1802,7 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
                                          f"{fmt_time(new.backoff_until)}")]
     if isinstance(error, QuotaExceeded):
         _back_off(new, pool, now, error.retry_after)
+        new.quota_blocked_since = new.quota_blocked_since or now
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # the cloud said no: nothing was created
         return new, [Note(logging.ERROR, f"vm {name} not created: {error}; backing off "
@@ -2106,11 +2129,15 @@ def _fields_of(value: Any) -> dict[str, Any]:
     return {name: getattr(value, name) for name in names}
 
 
+NEWER_FIELDS: dict[str, Any] = {"handed": [], "quota_blocked_since": None}  # PoolState's, with their defaults
+
+
 def state_text(state: PoolState) -> str:
     """The state file's content: compact JSON in field order (equal states give equal text)."""
     fields = _fields_of(state)
-    if not fields["handed"]:  # as before hand-overs: a vmpool of before them still reads the file
-        del fields["handed"]
+    for name, default in NEWER_FIELDS.items():  # an older vmpool still reads the file while they are unused
+        if fields[name] == default:
+            del fields[name]
     return json.dumps({"schema": STATE_SCHEMA, "version": STATE_VERSION, **fields},
                       default=_fields_of, separators=(",", ":")) + "\n"
 
@@ -2465,7 +2492,11 @@ class Cloud(Protocol):
     def create_server(self, name: str) -> str: ...
     def delete_server(self, server_id: str) -> None: ...
     def console_output(self, server_id: str) -> str: ...
+    def pools_wanting(self) -> frozenset[str]: ...  # the project's pools whose jobs wait on its quota
+    def signal_wanting(self, pool: str, wanting: bool) -> None: ...
 
+
+DEMAND_GROUP_PREFIX = "vmpool-demand-"  # + the pool's name: a server group saying its jobs wait on the quota
 
 NOVA_STATUS = {
     "ACTIVE": SERVER_ACTIVE, "BUILD": SERVER_BUILDING, "ERROR": SERVER_ERROR,
@@ -2772,6 +2803,28 @@ class NovaCloud:
     @translate_cloud_errors
     def delete_server(self, server_id: str) -> None:
         self._client().servers.delete(server_id)
+
+    def _demand_groups(self) -> list[dict[str, Any]]:
+        _, body = self._client().client.get("/os-server-groups")
+        return [group for group in body.get("server_groups") or []
+                if str(group.get("name", "")).startswith(DEMAND_GROUP_PREFIX)]
+
+    @translate_cloud_errors
+    def pools_wanting(self) -> frozenset[str]:
+        """The pools of the project whose jobs wait on its quota. Each says so with a server group
+        named after it: the one kind of object every pool can list, and make, without a server of
+        its own (a pool the quota keeps at no server at all must still be heard)."""
+        return frozenset(group["name"][len(DEMAND_GROUP_PREFIX):] for group in self._demand_groups())
+
+    @translate_cloud_errors
+    def signal_wanting(self, pool: str, wanting: bool) -> None:
+        name = DEMAND_GROUP_PREFIX + pool
+        mine = [group["id"] for group in self._demand_groups() if group.get("name") == name]
+        if wanting and not mine:
+            self._client().client.post("/os-server-groups",
+                                       body={"server_group": {"name": name, "policy": "soft-affinity"}})
+        for group_id in mine if not wanting else ():
+            self._client().client.delete(f"/os-server-groups/{group_id}")
 
     @translate_cloud_errors
     def console_output(self, server_id: str) -> str:
@@ -3447,6 +3500,7 @@ class ReconcilePass:
     def __init__(self, pool: Pool):
         self.pool = pool
         self.config, self.store, self.host, self.clock = pool.config, pool.store, pool.host, pool.clock
+        self.signalled: bool | None = None  # whether the cloud shows this pool waiting on the quota (None: unknown)
 
     @property
     def cloud(self) -> Cloud:
@@ -3463,12 +3517,15 @@ class ReconcilePass:
     def run(self, probe_free: bool, dry_run: bool) -> None:
         """One pass, under the reconcile lock: observe, decide, then each step of the work."""
         servers, (dead_jobs, unsure_jobs) = self._observe(probe_free, dry_run)
+        # Other pools' demand: cron's passes ask (once a minute is soon enough to give way)
+        others = self._others_wanting() if probe_free and servers is not None else frozenset()
         snapshot = self.store.read()
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
             seen = Observation(servers=servers, live_waiters=live_waiters(state), host=self.host,
                                dead_jobs=dead_jobs, unsure_jobs=unsure_jobs, probe_free=probe_free,
-                               records=job_records_to_follow(state, self.config.pool.job_records))
+                               records=job_records_to_follow(state, self.config.pool.job_records),
+                               others_wanting=others)
             new, actions = plan_reconcile(state, seen, self.config, self.clock())
             new.last_pass = self.clock()
             return new, actions
@@ -3483,8 +3540,36 @@ class ReconcilePass:
         self._step("create servers", self._create, [a for a in actions if isinstance(a, CreateServer)])
         self._step("probe VMs", self._probe, [a for a in actions if isinstance(a, ProbeSsh)])
         self._step("known_hosts", self._sync_known_hosts, [])
+        if probe_free and servers is not None:
+            self._step("demand signal", self._signal_demand, [])
         if probe_free and self.config.metrics.textfile:  # cron's passes; an acquire's waiting passes stay light
             self._step("metrics", lambda _: write_metrics_file(self.store.read(), self.config, self.clock()), [])
+
+    def _others_wanting(self) -> frozenset[str]:
+        """The other pools of the project whose jobs wait on its quota (none if the cloud cannot say)."""
+        try:
+            wanting = self.cloud.pools_wanting()
+        except CloudError as error:
+            log.warning(f"cannot tell whether other pools wait on the project's quota: {error}")
+            return frozenset()
+        self.signalled = self.config.pool.name in wanting
+        others = wanting - {self.config.pool.name}
+        if others:
+            log.info(f"pools {', '.join(sorted(others))} wait on the project's quota: idle VMs above min give way "
+                     f"after {self.config.pool.give_way_after:.0f}s")
+        return others
+
+    def _signal_demand(self, _: object) -> None:
+        """Tell the project's other pools whether this pool's jobs wait on its quota (only on a change)."""
+        wanting = starved(self.store.read())
+        if self.signalled is None or self.signalled == wanting:
+            return
+        self.cloud.signal_wanting(self.config.pool.name, wanting)
+        if wanting:
+            log.warning("jobs wait and the project's quota refused a create: asking the project's other pools "
+                        "to give way")
+        else:
+            log.info("no longer waiting on the project's quota")
 
     def _sync_known_hosts(self, _: object) -> None:
         """Under the state lock, so a slower pass never writes an older known_hosts over a newer one."""
@@ -3795,6 +3880,8 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     gauge("vmpool_consecutive_failed_boots", "Failed boots since the last good one", state.boot_failures)
     gauge("vmpool_backoff_seconds", "Seconds of create back-off left", health.backoff)
     gauge("vmpool_paused", "1 while an admin paused creates", int(health.paused))
+    gauge("vmpool_waiting_on_quota", "1 while jobs wait and the project's quota refused a create (the other "
+          "pools are asked to give way)", int(starved(state)))
     gauge("vmpool_last_reconcile_timestamp_seconds", "When a reconcile pass last saw the cloud (0: never)",
           state.last_reconcile or 0)
     for counter, help_text in COUNTERS.items():
@@ -3950,6 +4037,7 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
         "last_reconcile": state.last_reconcile, "boot_failures": state.boot_failures,
         "protected_since": state.protected_since, "backoff_until": state.backoff_until,
         "backoff_delay": state.backoff_delay,
+        "waiting_on_quota_since": state.quota_blocked_since if starved(state) else None,
         "paused": None if state.paused_since is None else {
             "since": state.paused_since, "by": state.paused_by, "reason": state.paused_reason},
         "last_cloud_error": state.last_cloud_error or None, "last_cloud_error_at": state.last_cloud_error_at,
@@ -3990,6 +4078,9 @@ def status_text(state: PoolState, config: Config, now: float) -> str:
     if state.backoff_until and now < state.backoff_until:
         lines.append(f"BACKING OFF creates until {fmt_time(state.backoff_until)} "
                      f"(delay {state.backoff_delay:.0f}s, doubling per refusal up to {pool.backoff_max:.0f}s)")
+    if starved(state):
+        lines.append(f"WAITING ON THE PROJECT'S QUOTA since {fmt_time(state.quota_blocked_since)}: the project's "
+                     "other pools are asked to give way")
     if state.last_cloud_error:
         lines.append(f"last cloud error at {fmt_time(state.last_cloud_error_at)}: {state.last_cloud_error}")
     return "\n".join(lines)

@@ -58,6 +58,12 @@ class ListedCloud:
     def console_output(self, server_id: str) -> str:
         return ""
 
+    def pools_wanting(self) -> frozenset[str]:
+        return frozenset()
+
+    def signal_wanting(self, pool: str, wanting: bool) -> None:
+        pass
+
 
 class Peak:
     """Samples the threads and open descriptors of this process and its children while a pass runs."""

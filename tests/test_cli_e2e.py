@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import socket
 import stat
@@ -294,7 +293,8 @@ def test_a_reconcile_pass_lists_the_cloud_once_never_one_get_per_vm(pool: PoolHa
     pool.bed.reset_counts()
     pool.run("reconcile")
     nova = {key: n for key, n in pool.bed.counts().items() if key.startswith("nova ")}
-    assert nova == {"nova GET /v2.1/servers/detail": 1}, nova
+    # one listing of the servers, and one of the pools waiting on the project's quota (server groups)
+    assert nova == {"nova GET /v2.1/servers/detail": 1, "nova GET /v2.1/os-server-groups": 1}, nova
 
 
 def test_shut_off_vms_are_unusable_and_a_busy_one_is_its_jobs_again_once_active(pool: PoolHandle) -> None:
@@ -561,11 +561,8 @@ def test_a_user_who_is_not_root_is_told_to_run_vmpool_as_root(pool: PoolHandle) 
         config.write_text("".join(f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
                                   for section, values in settings.items()))
         config.chmod(0o644)
-        pool.run("--config", str(config), "release", "44")  # root makes the state directory
-        refused = as_nobody(config, "acquire", "44")
-        assert refused.returncode == 3 and "vmpool.log': cannot open: permission denied: vmpool must run as root " \
-            "(the log is root's); run it as root or with sudo" in one_error(refused)
-        os.chown(opened / "vmpool.log", pwd.getpwnam("nobody").pw_uid, -1)  # an admin trying with a log of their own
+        pool.run("--config", str(config), "release", "44")  # root makes the state directory and the log
+        # root's log is left alone (a monitoring user's `check` logs to stderr): the state is what it meets
         for command in (["acquire", "44"], ["release", "44"], ["reconcile"], ["status"]):
             result = as_nobody(config, *command)
             assert result.returncode == 4, (command, result.stderr)

@@ -1221,3 +1221,49 @@ def test_the_state_file_keeps_its_strings_for_the_typed_state() -> None:
     again = vp.state_from_json(vp.state_to_json(state), "x", "p")
     assert [v.state for v in again.vms] == [vp.VmState.FREE, vp.VmState.BUSY, vp.VmState.UNUSABLE]
     assert vp.state_text(again) == text
+
+
+# --- several pools in one project: giving way on the project's quota ---
+
+def test_idle_vms_above_min_give_way_while_another_pools_jobs_wait_on_the_quota() -> None:
+    state = PoolState(pool="p", vms=[vm("a", since=NOW - 120), vm("b", since=NOW - 90), vm("c", since=NOW - 30),
+                                     vm("d", BUSY, job="1")])
+    listed = [server(n) for n in "abcd"]
+    pool = config(min=0, min_free=1, idle_timeout=1800, give_way_after=60)
+    _, alone = vp.plan_reconcile(state, seen(*listed, probe_free=False), pool, NOW)
+    assert kinds(alone, DeleteServer) == [], "nobody waits: idle_timeout and min_free hold"
+    _, giving = vp.plan_reconcile(state, seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})), pool, NOW)
+    assert [d.name for d in kinds(giving, DeleteServer)] == ["a", "b"], "idle past give_way_after, spares too"
+    assert all("giving way" in d.reason for d in kinds(giving, DeleteServer))
+    _, kept = vp.plan_reconcile(state, seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})),
+                                config(min=3, min_free=1, give_way_after=60), NOW)
+    assert [d.name for d in kinds(kept, DeleteServer)] == ["a"], "never below min"
+    _, never = vp.plan_reconcile(state, seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})),
+                                 config(min=0, min_free=1, give_way_after=0), NOW)
+    assert kinds(never, DeleteServer) == [], "give_way_after = 0: never"
+
+
+def test_a_pool_giving_way_boots_no_spares() -> None:
+    _, actions = vp.plan_reconcile(PoolState(pool="p"), seen(others_wanting=frozenset({"gpu"})),
+                                   config(min=0, min_free=2), NOW)
+    assert kinds(actions, CreateServer) == []
+    _, alone = vp.plan_reconcile(PoolState(pool="p"), seen(), config(min=0, min_free=2), NOW)
+    assert len(kinds(alone, CreateServer)) == 2
+
+
+def test_a_pool_waits_on_the_quota_from_a_quota_refusal_until_a_create_goes_through() -> None:
+    waiting = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.CREATING, server_id="", healthy=False)],
+                        requests=[vp.Request(job="1", user="bob", since=NOW, pid=10, host=HOST)])
+    waiting.vms[0].server_id = None
+    refused, _ = vp.plan_created(waiting, "a", None, vp.QuotaExceeded("Quota exceeded for instances"),
+                                 config().pool, NOW)
+    assert vp.starved(refused) and refused.quota_blocked_since == NOW
+    assert '"quota_blocked_since":' in vp.state_text(refused)
+    refused.vms.append(vm("b", UNUSABLE, reason=vp.CREATING, healthy=False))
+    refused.vms[-1].server_id = None
+    created, _ = vp.plan_created(refused, "b", "id-b", None, config().pool, NOW + 60)
+    assert not vp.starved(created) and created.quota_blocked_since is None
+    assert "quota_blocked_since" not in vp.state_text(created), "an older vmpool still reads the file"
+    broken, _ = vp.plan_created(waiting, "a", None, vp.CloudRefused("Can not find requested image"),
+                                config().pool, NOW)
+    assert not vp.starved(broken), "a refusal that is not the quota asks no one to give way"

@@ -59,6 +59,12 @@ class FakeCloud:
         self.calls.append("console")
         return f"-----BEGIN SSH HOST KEY KEYS-----\n{host_key(server_id)}\n-----END SSH HOST KEY KEYS-----\n"
 
+    def pools_wanting(self) -> frozenset[str]:
+        return frozenset()
+
+    def signal_wanting(self, pool: str, wanting: bool) -> None:
+        pass
+
 
 class FakeRemote:
     """Every VM answers SSH unless its address is in `down`."""
