@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import vmpool as vp
-from tests.test_policy import HOST, NOW, config, kinds, queued, seen, server, vm
+from tests.test_policy import HOST, NOW, config, kinds, live, queued, seen, server, vm
 from vmpool import BUSY, FREE, UNUSABLE, CreateServer, DeleteServer, PoolState, ProbeResult, ProbeSsh, Vm
 
 # --- what a listing proves ---
@@ -105,15 +105,15 @@ def test_a_vm_tainted_under_its_job_is_neither_busy_again_nor_deleted_while_the_
 
 
 def test_a_re_run_prologue_s_acquire_keeps_the_job_s_request_alive() -> None:
-    state, _ = vp.plan_acquire(PoolState(pool="p"), "1", "alice", NOW, 10, HOST, frozenset({10}))
-    state, _ = vp.plan_acquire(state, "1", "alice", NOW + 5, 20, HOST, frozenset({10, 20}))
-    pruned, _ = vp.plan_reconcile(state, seen(live_pids=frozenset({20})), config(), NOW + 10)  # pid 10 ended
+    state, _ = vp.plan_acquire(PoolState(pool="p"), "1", "alice", NOW, 10, HOST, live(10))
+    state, _ = vp.plan_acquire(state, "1", "alice", NOW + 5, 20, HOST, live(10, 20))
+    pruned, _ = vp.plan_reconcile(state, seen(live_waiters=live(20)), config(), NOW + 10)  # pid 10 ended
     assert [(r.job, r.pid) for r in pruned.requests] == [("1", 20)]
 
 
 def test_a_release_at_the_very_instant_the_attempt_began_ends_it() -> None:
     state, _ = vp.plan_release(PoolState(pool="p", vms=[vm("a")]), "5", NOW)
-    _, outcome = vp.plan_acquire(state, "5", "alice", NOW, 10, HOST, frozenset({10}), started=NOW)
+    _, outcome = vp.plan_acquire(state, "5", "alice", NOW, 10, HOST, live(10), started=NOW)
     assert outcome == vp.Ended(NOW)
 
 
@@ -237,10 +237,10 @@ def test_the_recorded_clock_pair_is_refreshed_once_stale() -> None:
 
 def test_a_clock_step_while_a_job_waits_is_not_counted_as_its_wait() -> None:
     state = PoolState(pool="p", clock={"wall": NOW, "boot": 500.0, "boot_id": "boot-1"})
-    state, _ = vp.plan_acquire(state, "5", "alice", NOW, 10, HOST, frozenset({10}))
+    state, _ = vp.plan_acquire(state, "5", "alice", NOW, 10, HOST, live(10))
     state, _ = vp.plan_clock(state, NOW + 20 + 3600, "boot-1", 520.0)  # 20 s later, the wall clock 1 h on
     state.vms.append(vm("a"))
-    state, outcome = vp.plan_acquire(state, "5", "alice", NOW + 20 + 3600, 10, HOST, frozenset({10}))
+    state, outcome = vp.plan_acquire(state, "5", "alice", NOW + 20 + 3600, 10, HOST, live(10))
     assert isinstance(outcome, vp.Claimed) and state.acquire_wait["sum"] == pytest.approx(20)
 
 
