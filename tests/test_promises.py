@@ -46,6 +46,24 @@ def test_one_listing_without_the_pools_servers_forgets_none_and_creates_none(poo
     assert all(vm["absent_since"] is None for vm in state["vms"]) and len(pool.servers()) == 3
 
 
+def test_one_listing_without_one_server_keeps_it_and_creates_no_replacement(pool: PoolHandle) -> None:
+    """One server of three missing from one listing: too few for the lost-many guard, so the
+    two-listing rule alone keeps it (a listing may miss a server: a page, a cell)."""
+    free = fill(pool, 3)
+    hidden = free[0]["name"]
+    pool.bed.add_fault("nova", "GET", r"/servers/detail$", "hide", hide_regex=f"^{hidden}$", times=1)
+
+    pool.run("reconcile")
+
+    state = json.loads(Path(pool.state_file).read_text())
+    assert [vm["absent_since"] is not None for vm in state["vms"] if vm["name"] == hidden] == [True]
+    assert sorted(vm["name"] for vm in pool.vms("free")) == sorted(vm["name"] for vm in free)
+    assert len(pool.servers()) == 3, "max 3: no replacement for a VM one listing lacked"
+    pool.run("reconcile")  # the next listing shows it again
+    state = json.loads(Path(pool.state_file).read_text())
+    assert all(vm["absent_since"] is None for vm in state["vms"]) and len(pool.servers()) == 3
+
+
 def test_a_listing_spread_over_many_pages_is_read_whole(pool: PoolHandle) -> None:
     fill(pool, 3)
     pool.bed.set_api_max_limit(1)  # one server per page: a client reading one page sees one VM
