@@ -968,6 +968,12 @@ class Server:
     created_at: float | None = None
 
 
+class ServerListing(list[Server]):
+    """The cloud's servers; `complete` False when it may have left some out without a word."""
+
+    complete = True
+
+
 @dataclass
 class JobRecord:
     """The hooks' record of a job's VM on this node (JOB_DIR/<job>/root.env, root's own), written
@@ -1004,6 +1010,8 @@ class Observation:
     probe_free: bool = True  # cron probes Free VMs; acquire's waiting passes do not
     records: Sequence[JobRecord] = ()  # job records the state does not explain (see job_records_to_follow)
     others_wanting: frozenset[str] = frozenset()  # other pools in the project whose jobs wait on its quota
+    # False: the cloud may have left servers out without a word (ServerListing): absence proves nothing
+    listing_complete: bool = True
 
 
 JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_jobs and unsure_jobs
@@ -1417,8 +1425,9 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
     new.last_reconcile = now
     actions += _follow_records(new, seen.records, now)
     by_name = {server.vm_name or server.name: server for server in seen.servers}
+    trust_absence = not suspect and seen.listing_complete
     for vm in list(new.vms):
-        actions += _reconcile_vm(new, vm, servers, by_name, seen, config, now, trust_absence=not suspect)
+        actions += _reconcile_vm(new, vm, servers, by_name, seen, config, now, trust_absence)
     tagged = [server for server in seen.servers if server.status != SERVER_UNKNOWN]
     actions += _adopt_orphans(new, tagged, seen.records, now)
     if suspect:
@@ -1429,10 +1438,11 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config,
 
 
 def _listing_lost_many(state: PoolState, servers: dict[str, Server]) -> str:
-    """A listing without most known servers is more likely broken (a page, a cell) than true."""
+    """A listing without half or more of the known servers is more likely broken (a page, a cell)
+    than true (half of 4 lost, believed, made a pool of max 4 hold 6 once its cell came back)."""
     known = [vm for vm in state.vms if vm.server_id and not vm.deleting]
     lost = [vm for vm in known if vm.server_id not in servers]
-    if len(lost) >= 2 and len(lost) * 2 > len(known):
+    if len(lost) >= 2 and len(lost) * 2 >= len(known):
         return (f"the server listing lacks {len(lost)} of {len(known)} known servers at once: treated as "
                 "incomplete (nothing dropped, nothing created)")
     return ""
@@ -1444,7 +1454,9 @@ def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name:
     if vm.server_id is None:  # creating: bind it once the cloud lists it
         server = by_name.get(vm.name)
         if server is None:
-            if now - vm.created_at > pool.create_grace and trust_absence:
+            # a down cell's servers are listed by id alone (UNKNOWN): this one may be among them
+            cell_down = any(server.status == SERVER_UNKNOWN for server in servers.values())
+            if now - vm.created_at > pool.create_grace and trust_absence and not cell_down:
                 state.vms.remove(vm)
                 state.dropped_clean[vm.name] = now  # should it show up after all, it never served a job
                 return [Note(logging.WARNING, f"{describe_vm(vm)} never reached the cloud, dropped")]
@@ -1494,13 +1506,23 @@ def _by_server_status(state: PoolState, vm: Vm, server: Server, seen: Observatio
 
 def _server_absent(state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, now: float,
                    trust_absence: bool) -> list[Action]:
-    """Believe a server is gone only when two listings in a row lack it (one may be incomplete)."""
+    """Believe a server is gone only when two listings in a row lack it (one may be incomplete).
+
+    A listing that may be incomplete (most servers lost at once, or pages a down cell's servers
+    are left out of) proves nothing: the VM stays, counted toward max, its job's. Missing that
+    long, one that holds no job is deleted: Nova's "not found" is the proof that it is gone."""
     if vm.absent_since is None:
         vm.absent_since = now
         return []
-    if not trust_absence and now - vm.absent_since <= pool.unusable_timeout:
+    if trust_absence:
+        return _server_gone(state, vm, seen, pool, now)
+    if now - vm.absent_since <= pool.unusable_timeout:
         return []
-    return _server_gone(state, vm, seen, pool, now)
+    if vm.deleting:
+        return _redelete_if_stuck(vm, pool, now)
+    if vm.job:
+        return _check_job_alive(vm, seen, pool, now)
+    return [_mark_delete(vm, f"missing from the listings for more than {pool.unusable_timeout:.0f}s", now)]
 
 
 def _server_gone(state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, now: float) -> list[Action]:
@@ -2638,7 +2660,8 @@ def not_keystone(cloud: Any, what: str) -> CloudRefused | None:
 class NovaCloud:
     """The pool's servers in OpenStack, through novaclient over a keystoneauth1 session."""
 
-    # 2.69: a server in a down cell is listed with status UNKNOWN instead of left out.
+    # 2.69: a server in a down cell is listed with status UNKNOWN instead of left out (only by a
+    # listing without filters and paging: list_servers).
     MICROVERSION = "2.69"
 
     def __init__(self, config: Config):
@@ -2750,8 +2773,14 @@ class NovaCloud:
                 METADATA_VM_KEY: name}
 
     @translate_cloud_errors
-    def list_servers(self) -> list[Server]:
+    def list_servers(self) -> ServerListing:
         """Every server of the pool, matched by its tag, over every page Nova's max_limit cuts the list into.
+
+        The project's whole listing, unfiltered: Nova lists a down cell's servers (status UNKNOWN,
+        by id alone) only when a listing has no filter and no paging; with a name filter they are
+        left out without a word (believed gone, they made a pool of max 4 hold 6 once the cell was back).
+        Pages after the first (a marker) leave them out too, as does a first page full of the
+        other cells' servers: such a listing is marked incomplete.
 
         Pages are followed by Nova's own "next" link (present only when a page is full), so a pool
         that fits one page costs one request; novaclient's limit=-1 would always ask once more.
@@ -2760,17 +2789,19 @@ class NovaCloud:
         included once it has reached its cell. Each server counts once, as its latest page shows it.
         """
         from urllib.parse import urlencode
-        query = {"name": "^" + re.escape(self.config.server_prefix)}
         servers: dict[str, Server] = {}
-        marker = ""
+        marker, pages = "", 0
         while True:
-            params = {**query, "marker": marker} if marker else query
-            _, body = self._client().client.get("/servers/detail?" + urlencode(sorted(params.items())))
+            url = "/servers/detail" + ("?" + urlencode({"marker": marker}) if marker else "")
+            _, body = self._client().client.get(url)
+            pages += 1
             page = body.get("servers") or []
             servers.update((server.id, server) for raw in page if (server := self._server(raw)) is not None)
             marker = next_page_marker(body.get("servers_links") or [])
             if not marker or not page:
-                return list(servers.values())
+                listing = ServerListing(servers.values())
+                listing.complete = pages == 1
+                return listing
 
     def _server(self, raw: dict[str, Any]) -> Server | None:
         if str(raw.get("status", "")).upper() == "UNKNOWN":
@@ -3525,7 +3556,7 @@ class ReconcilePass:
             seen = Observation(servers=servers, live_waiters=live_waiters(state), host=self.host,
                                dead_jobs=dead_jobs, unsure_jobs=unsure_jobs, probe_free=probe_free,
                                records=job_records_to_follow(state, self.config.pool.job_records),
-                               others_wanting=others)
+                               others_wanting=others, listing_complete=getattr(servers, "complete", True))
             new, actions = plan_reconcile(state, seen, self.config, self.clock())
             new.last_pass = self.clock()
             return new, actions
@@ -3848,7 +3879,7 @@ COUNTERS = {
 # Every metric name vmpool exports (a histogram adds _bucket, _sum and _count; a counter _total).
 METRIC_NAMES = ("vmpool_vms", "vmpool_vms_drained", "vmpool_waiting_jobs", "vmpool_oldest_wait_seconds",
                 "vmpool_desired_vms", "vmpool_max_vms", "vmpool_min_vms", "vmpool_protected_mode",
-                "vmpool_consecutive_failed_boots", "vmpool_backoff_seconds", "vmpool_paused",
+                "vmpool_consecutive_failed_boots", "vmpool_backoff_seconds", "vmpool_paused", "vmpool_waiting_on_quota",
                 "vmpool_last_reconcile_timestamp_seconds", "vmpool_acquire_wait_seconds",
                 *(f"vmpool_{name}_total" for name in COUNTERS))
 

@@ -48,7 +48,22 @@ def test_a_server_listed_on_two_pages_counts_once_as_the_later_page_shows_it() -
 
     assert sorted((s.id, s.status) for s in servers) == [
         ("a", vp.SERVER_ACTIVE), ("b", vp.SERVER_BUILDING), ("c", vp.SERVER_ACTIVE)]
-    assert [url.split("?")[1] for url in nova.urls] == ["name=%5Ep%5C-", "marker=b&name=%5Ep%5C-"]
+    assert nova.urls == ["/servers/detail", "/servers/detail?marker=b"]
+    assert not servers.complete, "pages after the first leave a down cell's servers out"
+
+
+def test_one_unfiltered_page_is_complete_and_keeps_a_down_cells_servers() -> None:
+    # Nova 2.69+ lists a down cell's servers by id alone, only when a listing has no filter and no paging
+    nova = RecordedNova([{"servers": [{"id": "d", "status": "UNKNOWN", "tenant_id": "t", "links": []},
+                                      raw("a", "ACTIVE"), raw("x", "ACTIVE", pool="other")]}])
+    cloud = vp.NovaCloud(config())
+    cloud._nova = nova
+
+    servers = cloud.list_servers()
+
+    assert nova.urls == ["/servers/detail"], "a name filter would leave the down cell's servers out"
+    assert sorted((s.id, s.status) for s in servers) == [("a", vp.SERVER_ACTIVE), ("d", vp.SERVER_UNKNOWN)]
+    assert servers.complete
 
 
 class Answering:

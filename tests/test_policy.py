@@ -767,8 +767,9 @@ def test_a_listing_that_loses_most_servers_is_not_believed_until_unusable_timeou
         state, actions = vp.plan_reconcile(state, listing, config(max=4, min=4), NOW + 60 * minute)
         assert len(state.vms) == 4 and kinds(actions, CreateServer) == [], f"minute {minute}"
     assert any(n.level == logging.ERROR and "treated as incomplete" in n.message for n in kinds(actions, Note))
-    state, _ = vp.plan_reconcile(state, listing, config(max=4, min=4), NOW + 60 * 11)
-    assert [v.name for v in state.vms if not v.tainted] == ["a"], "gone for real after unusable_timeout"
+    state, actions = vp.plan_reconcile(state, listing, config(max=4, min=4), NOW + 60 * 11)
+    assert sorted(d.name for d in kinds(actions, DeleteServer)) == ["b", "c"], "a delete's answer tells"
+    assert len(state.vms) == 4 and state.vm_named("d").job == "1", "nothing forgotten, the job keeps its VM"
 
 
 def test_tagged_servers_not_adopted_yet_count_toward_max() -> None:
@@ -1267,3 +1268,44 @@ def test_a_pool_waits_on_the_quota_from_a_quota_refusal_until_a_create_goes_thro
     broken, _ = vp.plan_created(waiting, "a", None, vp.CloudRefused("Can not find requested image"),
                                 config().pool, NOW)
     assert not vp.starved(broken), "a refusal that is not the quota asks no one to give way"
+
+
+# --- a down cell (issue 21) ---
+
+def test_a_listing_without_exactly_half_the_servers_is_not_believed() -> None:
+    """The experiment that made a pool of max 4 hold 6: a down cell held 2 of its 4 servers."""
+    state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1"), vm("c"), vm("d", BUSY, job="2")])
+    for minute in range(0, 10):
+        state, actions = vp.plan_reconcile(state, seen(server("a"), server("b")), config(max=4, min=4),
+                                           NOW + 60 * minute)
+        assert [v.name for v in state.vms] == ["a", "b", "c", "d"] and not kinds(actions, CreateServer), minute
+        assert state.vm_named("d").state == BUSY and state.vm_named("d").job == "2"
+    state, actions = vp.plan_reconcile(state, seen(*(server(n) for n in "abcd")), config(max=4, min=4), NOW + 600)
+    assert all(v.absent_since is None for v in state.vms) and not kinds(actions, CreateServer)
+    assert state.orphans == {}, "the cell's servers were never forgotten: nothing to adopt"
+
+
+def test_a_listing_that_may_be_incomplete_never_loses_a_server() -> None:
+    """Pages after the first leave a down cell's servers out: one missing Free VM and one Busy."""
+    state = PoolState(pool="p", vms=[*(vm(n) for n in "abc"), vm("d", BUSY, job="1"), vm("e"), vm("f")])
+    paged = seen(*(server(n) for n in "abce"), listing_complete=False)
+    for minute in range(0, 11):  # up to unusable_timeout
+        state, actions = vp.plan_reconcile(state, paged, config(max=6, min=6), NOW + 60 * minute)
+        assert len(state.vms) == 6 and not kinds(actions, CreateServer) and not kinds(actions, DeleteServer)
+    state, actions = vp.plan_reconcile(state, paged, config(max=6, min=6), NOW + 60 * 11)
+    assert [d.name for d in kinds(actions, DeleteServer)] == ["f"], "missing that long: a delete tells"
+    assert state.vm_named("d").state == BUSY and state.vm_named("d").job == "1", "a Busy VM keeps its job"
+    assert len(state.vms) == 6 and not kinds(actions, CreateServer), "the deleting VM still counts toward max"
+    gone, _ = vp.plan_deleted(state, "f", vp.ServerGone("delete server: not found"), NOW + 60 * 11)
+    assert gone.vm_named("f") is None, "Nova's not found is the proof"
+
+
+def test_a_create_intent_is_kept_while_a_cell_is_down() -> None:
+    """A down cell's servers are listed by id alone: the intent's server may be one of them."""
+    creating = Vm(name="p-0007", state=UNUSABLE, reason=vp.CREATING, since=NOW, created_at=NOW)
+    state = PoolState(pool="p", vms=[vm("a"), creating])
+    listing = seen(server("a"), Server(id="id-x", name="", status=vp.SERVER_UNKNOWN))
+    state, actions = vp.plan_reconcile(state, listing, config(max=2, min=2), NOW + 600)
+    assert state.vm_named("p-0007") is not None and not kinds(actions, CreateServer)
+    state, _ = vp.plan_reconcile(state, seen(server("a")), config(max=2, min=2), NOW + 660)
+    assert state.vm_named("p-0007") is None, "no cell down, past create_grace: it never reached the cloud"

@@ -9,7 +9,9 @@ import random
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from novaclient.exceptions import NotFound
@@ -679,3 +681,66 @@ def test_randomized_fault_run_ends_consistent(pool: PoolHandle) -> None:
     assert_consistent(pool)
     print(f"randomized fault run: {cycles} acquire/release cycles in {time.monotonic() - started:.0f}s, "
           f"{timeouts} acquires timed out or failed, faults injected {faults_injected}")
+
+
+# --- a down cell (issue 21) ---
+
+@pytest.fixture(scope="module")
+def two_cell_bed(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.cloud.bed import Bed, leftovers
+    run_dir = tmp_path_factory.mktemp("bed-cells")
+    started = Bed.start(run_dir, cells=2)
+    try:
+        yield started
+    finally:
+        started.stop()
+    assert not leftovers(run_dir), "the two-cell bed left something behind"
+
+
+@pytest.mark.timeout(600)
+def test_a_down_cell_never_takes_the_pool_past_max_nor_a_job_off_its_vm(two_cell_bed: Any, tmp_path: Path) -> None:
+    bed = two_cell_bed
+    pool = PoolHandle(bed, tmp_path, f"c{uuid.uuid4().hex[:6]}")
+    try:
+        pool.write_config(pool={"min": 2, "max": 4})
+        pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 120, "2 Free VMs in cell1")
+        for job in ("1.srv", "2.srv"):
+            pool.run("acquire", job, "--user", "alice")
+        bed.set_cell("cell1", accepts=False)
+        bed.set_cell("cell2", accepts=True)
+        pool.write_config(pool={"min": 4})
+        pool.reconcile_until(lambda: len(pool.vms("free")) == 2, 120, "2 Free VMs in cell2")
+        pool.run("acquire", "3.srv", "--user", "alice")
+        in_cell2 = set(next(c for c in bed.cells() if c["name"] == "cell2")["servers"])
+        held = {vm["job"]: vm["server_id"] for vm in pool.vms("busy")}
+        assert held["3.srv"] in in_cell2 and len(in_cell2 & {vm["server_id"] for vm in pool.vms()}) == 2
+        bed.set_cell("cell1", accepts=True)  # a create would succeed: the pool must not ask for one
+        bed.set_cell("cell2", down=True)
+
+        def servers() -> int:  # the bed holds this pool's servers only; Nova's own count, down cell or not
+            return sum(len(cell["servers"]) for cell in bed.cells())
+
+        def passes(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                pool.run("reconcile")
+                assert servers() <= 4, "max 4"
+                assert {vm["job"]: vm["server_id"] for vm in pool.vms("busy")} == held
+                assert len(pool.vms()) == 4, "no VM of the down cell forgotten"
+
+        passes(45)  # past unusable_timeout and create_grace: its servers are listed as UNKNOWN
+        bed.set_api_max_limit(1)  # pages: Nova leaves the down cell's servers out without a word
+        try:
+            passes(45)
+        finally:
+            bed.set_api_max_limit(1000)
+        bed.set_cell("cell2", down=False)
+        for job in held:
+            pool.run("release", job)
+        settle(pool)
+        assert_consistent(pool)
+        assert len(pool.servers()) <= 4
+    finally:
+        pool.stop_spawned()
+        bed.set_cell("cell2", down=False)  # a failed test's cleanup lists the servers in full
+        pool.delete_everything()

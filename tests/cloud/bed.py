@@ -111,9 +111,13 @@ class Bed:
 
     @classmethod
     def start(
-        cls, run_dir, *, token_expiration: int = 3600, default_spawn_delay: float = 0.3, timeout: float = 300
+        cls, run_dir, *, token_expiration: int = 3600, default_spawn_delay: float = 0.3, timeout: float = 300,
+        cells: int = 1,
     ) -> Bed:
         """Start keystone, nova and the proxy in RUN_DIR; return once all are ready.
+
+        cells: nova's compute cells, one compute host each; new servers go to cell1 only until
+        set_cell opens another.
 
         Must be called from a thread that lives as long as the bed (the
         children's parent-death signal is tied to it), e.g. the main thread.
@@ -121,7 +125,7 @@ class Bed:
         for attempt in range(3):
             bed = cls(run_dir)
             try:
-                bed._start(token_expiration, default_spawn_delay, timeout)
+                bed._start(token_expiration, default_spawn_delay, timeout, cells)
                 return bed
             except BedError as e:
                 bed.stop()
@@ -185,7 +189,7 @@ class Bed:
             parts.append(f"--- {name} (pid {p.pid}, {state}), last output:\n{_tail(self.run_dir / f'{name}.out')}")
         return "bed start did not finish:\n" + "\n".join(parts)
 
-    def _start(self, token_expiration, default_spawn_delay, timeout):
+    def _start(self, token_expiration, default_spawn_delay, timeout, cells=1):
         t0 = time.monotonic()
         deadline = t0 + timeout
         if not Path(CLOUD_PYTHON).exists():
@@ -276,6 +280,8 @@ class Bed:
                 f"--admin-password={admin_password}",
                 "--default-spawn-delay",
                 str(default_spawn_delay),
+                "--cells",
+                str(cells),
             ],
         )
         nova = self._wait_file(self.run_dir / "nova.json", deadline)
@@ -519,6 +525,15 @@ class Bed:
             base64.b64decode(r["stdout_b64"]).decode(errors="replace"),
             base64.b64decode(r["stderr_b64"]).decode(errors="replace"),
         )
+
+    def cells(self) -> list[dict]:
+        """Nova's compute cells: [{"name": "cell1", "uuid", "down", "accepts", "servers": [ids]}, ...]."""
+        return self._nctl("GET", "/cells")["cells"]
+
+    def set_cell(self, name: str, *, down: bool | None = None, accepts: bool | None = None) -> dict:
+        """down: nova-api, conductor and scheduler cannot reach the cell's database (nova's
+        DownCellFixture); its VMs go on running. accepts: its compute hosts take new servers."""
+        return self._nctl("PUT", f"/cells/{name}", {"down": down, "accepts": accepts})
 
     def vm_running(self, server_id: str) -> bool:
         return self._nctl("GET", f"/vms/{server_id}/state")["running"]

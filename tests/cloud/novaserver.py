@@ -16,7 +16,7 @@ faults; ``bed.py`` wraps it.
 
     python novaserver.py --run-dir D --port P --control-port C \
         --keystone-url http://127.0.0.1:K/v3 --keystone-public-url URL \
-        --admin-password X [--default-spawn-delay 0.3]
+        --admin-password X [--default-spawn-delay 0.3] [--cells 1]
 """
 
 import argparse
@@ -327,6 +327,7 @@ def build_nova(args, behaviours, vms):
 
     # -- the harness ----------------------------------------------------------
     class Bed(integrated_helpers._IntegratedTestBase):
+        NUMBER_OF_CELLS = args.cells
         ADMIN_API = True
         CAST_AS_CALL = False  # servers really pass through BUILD
         STUB_KEYSTONE = False  # real keystonemiddleware against real keystone
@@ -338,6 +339,9 @@ def build_nova(args, behaviours, vms):
         def _setup_services(self):
             self._configure()
             super()._setup_services()
+            for number in range(2, args.cells + 1):  # one compute host per further cell, closed at first
+                self._start_compute(f"compute{number}", cell_name=f"cell{number}")
+                set_cell_accepts(self.cell_mappings[f"cell{number}"], False)
 
         def _configure(self):
             self.flags(compute_driver="fake.BedDriver")
@@ -391,6 +395,80 @@ def build_nova(args, behaviours, vms):
     patch_neutron(tc.neutron, neutron_fixture)
     create_flavors(nova_context, objects)
     return tc
+
+
+def set_cell_accepts(cell, accepts):
+    """Open or close a cell's compute hosts to new servers: their services enabled or disabled, as
+    `openstack compute service set --disable` leaves them (the scheduler's ComputeFilter skips them)."""
+    from nova import context as nova_context
+    from nova import objects
+
+    with nova_context.target_cell(nova_context.get_admin_context(), cell) as cctxt:
+        for service in objects.ServiceList.get_by_binary(cctxt, "nova-compute", include_disabled=True):
+            service.disabled = not accepts
+            service.disabled_reason = None if accepts else "closed by the bed"
+            service.save()
+
+
+class Cells:
+    """The harness' compute cells (cell1, cell2, ...): which are down, which take new servers.
+
+    A down cell's database answers nothing: every statement on it raises DBConnectionError, as
+    when the database server or the network to it is down. nova-api, the conductor and the
+    scheduler meet that as they would (nova's own DownCellFixture fakes the same at the API layer
+    instead); the cell's compute host and its VMs go on running. Nova then lists the cell's
+    servers from the API database's instance mappings alone, status UNKNOWN (microversion 2.69+,
+    no filter, no paging), or leaves them out without a word.
+    """
+
+    def __init__(self, tc):
+        self.tc = tc
+        self._lock = threading.Lock()
+        self.down = set()
+        self.accepts = {name: name == "cell1" for name in self.names()}
+        self._listening = set()
+
+    def names(self):
+        return sorted(name for name in self.tc.cell_mappings if name != "cell0")
+
+    def set(self, name, down=None, accepts=None):
+        cell = self.tc.cell_mappings[name]  # KeyError: 404
+        with self._lock:
+            if accepts is not None:
+                set_cell_accepts(cell, bool(accepts))
+                self.accepts[name] = bool(accepts)
+            if down is not None:
+                self._listen(name, cell)
+                (self.down.add if down else self.down.discard)(name)
+        return self.describe(name)
+
+    def _listen(self, name, cell):
+        """Once per cell: a hook on its engine that fails every statement while the cell is down."""
+        if name in self._listening:
+            return
+        import sqlalchemy
+        from nova import context as nova_context
+        from oslo_db import exception as db_exc
+
+        with nova_context.target_cell(nova_context.get_admin_context(), cell) as cctxt:
+            engine = cctxt.db_connection.writer.get_engine()
+
+        def unreachable(*args, **kwargs):
+            if name in self.down:
+                raise db_exc.DBConnectionError(f"bed: the database of {name} is down")
+
+        sqlalchemy.event.listen(engine, "before_cursor_execute", unreachable)
+        self._listening.add(name)
+
+    def describe(self, name):
+        from nova import context as nova_context
+        from nova import objects
+
+        cell = self.tc.cell_mappings[name]
+        mappings = objects.InstanceMappingList.get_not_deleted_by_cell_and_project(
+            nova_context.get_admin_context(), cell.uuid, None)
+        return {"name": name, "uuid": cell.uuid, "down": name in self.down, "accepts": self.accepts[name],
+                "servers": sorted(m.instance_uuid for m in mappings)}
 
 
 def patch_neutron(nf, neutron_fixture):
@@ -539,7 +617,7 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGI
     request_queue_size = 128
 
 
-def make_control_handler(behaviours, vms, info, neutron):
+def make_control_handler(behaviours, vms, info, neutron, cells):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -602,6 +680,10 @@ def make_control_handler(behaviours, vms, info, neutron):
 
             cfg.CONF.set_override("max_limit", int(body["max_limit"]), group="api")
             return 200, {"max_limit": cfg.CONF.api.max_limit}
+        if parts == ["cells"] and method == "GET":
+            return 200, {"cells": [cells.describe(name) for name in cells.names()]}
+        if len(parts) == 2 and parts[0] == "cells" and method in ("PUT", "POST"):
+            return 200, cells.set(parts[1], down=body.get("down"), accepts=body.get("accepts"))
         if parts == ["ports-left"] and method in ("PUT", "POST"):
             left = body.get("ports_left")
             neutron.ports_left = None if left is None else int(left)
@@ -651,6 +733,7 @@ def main():
     p.add_argument("--admin-password", required=True)
     p.add_argument("--default-spawn-delay", type=float, default=0.3)
     p.add_argument("--vms-dir", default=None)
+    p.add_argument("--cells", type=int, default=1, help="compute cells (cell1 takes new servers; see Cells)")
     args = p.parse_args()
     args.run_dir = os.path.abspath(args.run_dir)
     sys.argv = sys.argv[:1]
@@ -713,7 +796,8 @@ def main():
         "network_id": tc.neutron.network_1["id"],
         "subnet": str(SUBNET),
     }
-    ctl = ThreadingHTTPServer(("127.0.0.1", args.control_port), make_control_handler(behaviours, vms, info, tc.neutron))
+    handler = make_control_handler(behaviours, vms, info, tc.neutron, Cells(tc))
+    ctl = ThreadingHTTPServer(("127.0.0.1", args.control_port), handler)
     ctl.daemon_threads = True
     threading.Thread(target=ctl.serve_forever, daemon=True, name="nova-control").start()
 
