@@ -34,7 +34,7 @@ system-deps:
 SHELLCHECK = $(VENV)/bin/shellcheck
 lint: venv lint-hooks
 	$(VENV)/bin/ruff check vmpool.py tests bench
-	$(VENV)/bin/mypy vmpool.py
+	$(VENV)/bin/mypy vmpool.py tests bench
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/test_policy.py tests/test_store.py tests/test_config.py

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*, from a checkout
 
@@ -135,7 +136,8 @@ def main() -> int:
             runs = [("this vmpool", [sys.executable, "-m", "vmpool"])]
             if not args.no_baseline:
                 runs.insert(0, ("baseline", [sys.executable, "-c", ONE_CREATE_AT_A_TIME]))
-            results, most_requests = {}, 0
+            results: dict[str, Any] = {}
+            most_requests = 0
             for label, vmpool in runs:
                 name = f"b{len(results)}{os.getpid() % 1000}"
                 sent, free, requests = scale_up(bed, Path(tmp) / name, name, args.vms, vmpool)

@@ -190,7 +190,9 @@ def test_waiting_acquires_are_served_first_come_first_served_as_vms_are_released
     waiters = {}
     for job in ("2", "3"):  # job 2 asks first, then job 3; both wait
         waiters[job] = pool.spawn("acquire", job, "--user", "bob", "--timeout", "60")
-        wait_until(lambda job=job: [r["job"] for r in pool.status()["waiting"]][-1:] == [job], 30, f"job {job} to wait")
+        def last_waiting(job: str = job) -> bool:
+            return [r["job"] for r in pool.status()["waiting"]][-1:] == [job]
+        wait_until(last_waiting, 30, f"job {job} to wait")
     assert [r["job"] for r in pool.status()["waiting"]] == ["2", "3"]
     pool.run("release", "1")
     out, err = waiters["2"].communicate(timeout=60)

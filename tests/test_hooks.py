@@ -565,6 +565,7 @@ def test_a_prologue_killed_by_the_alarm_while_waiting_is_requeued_and_holds_no_v
                "the killed prologue's acquire to be gone")
     mom.pool.run("reconcile")  # cron: drops the dead acquire's request, drives the VM it asked for
     assert mom.pool.status()["waiting"] == []
+    assert prologue.job_exit_status is not None
     epilogue = mom.pbs.end(job, prologue.job_exit_status)
     assert epilogue.exit_code == 0, messages(mom, job)
     assert not [vm for vm in mom.pool.vms() if vm["job"] == job.job_id]
@@ -630,11 +631,13 @@ def test_a_job_whose_vm_preparation_keeps_failing_is_aborted_not_requeued_foreve
     first = mom.pbs.prologue(job)
     assert first.outcome == "requeue", messages(mom, job)
     assert next(v for v in mom.pool.vms() if v["name"] == broken["name"])["tainted"]
+    assert first.job_exit_status is not None
     assert mom.pbs.end(job, first.job_exit_status).exit_code == 0, messages(mom, job)
     first_err = mom.pbs.delivered_err(job)  # the requeued attempt's .e reaches Alice
     assert "preparing VM" in first_err and "the job is requeued" in first_err, first_err
     mom.pbs.receive(job)
     second = mom.pbs.prologue(job)  # Torque runs it again after the requeue: a new VM, but no more tries
+    assert second.job_exit_status is not None
     mom.pbs.end(job, second.job_exit_status)
 
     assert second.outcome == "abort", messages(mom, job)

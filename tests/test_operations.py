@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import ROOT, TRACEBACK, PoolHandle, wait_until
 
@@ -101,7 +102,7 @@ def test_clear_backoff_after_a_quota_refusal_creates_at_the_next_pass(pool: Pool
 
 # --- the Nagios/Icinga plugin ---
 
-def set_state(pool: PoolHandle, **fields: object) -> None:
+def set_state(pool: PoolHandle, **fields: Any) -> None:
     """Play a pool in trouble: change the state file as vmpool would (under its lock)."""
     import dataclasses
 

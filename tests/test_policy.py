@@ -42,7 +42,7 @@ def config(**pool: object) -> Config:
                   ssh=SshConfig())
 
 
-def vm(name: str, state: str = FREE, *, reason: str = "", since: float = NOW - 10, server_id: str | None = None,
+def vm(name: str, state: vp.VmState = FREE, *, reason: str = "", since: float = NOW - 10, server_id: str | None = None,
        address: str | None = "127.0.1.2", job: str | None = None, healthy: bool = True, **extra: object) -> Vm:
     return Vm(name=name, state=state, reason=reason, since=since, created_at=since,
               server_id=server_id if server_id is not None else f"id-{name}", address=address, job=job,
@@ -58,6 +58,13 @@ def server(name: str, status: str = vp.SERVER_ACTIVE, **extra: object) -> Server
 
 def seen(*servers: Server, **extra: object) -> Observation:
     return Observation(servers=list(servers), host=HOST, **extra)  # type: ignore[arg-type]
+
+
+def the(state: PoolState, name: str) -> Vm:
+    """The state's VM of that name (a test's own VMs: there)."""
+    found = state.vm_named(name)
+    assert found is not None, name
+    return found
 
 
 def live(*pids: int) -> frozenset[tuple[int, int]]:
@@ -144,10 +151,10 @@ def test_a_waiter_takes_the_vm_handed_to_it_as_not_already_held() -> None:
     state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
                                  alive=lambda request: True)
     new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, live(100))
-    assert outcome == vp.Claimed(new.vm_named("a"), already_held=False, handed=True) and new.handed == []
+    assert outcome == vp.Claimed(the(new, "a"), already_held=False, handed=True) and new.handed == []
     # the next run of its prologue finds it held: it may have prepared it
     _, again = vp.plan_acquire(new, "1", "bob", NOW + 2, 200, HOST, live(200))
-    assert again == vp.Claimed(new.vm_named("a"), already_held=True, handed=False)
+    assert again == vp.Claimed(the(new, "a"), already_held=True, handed=False)
 
 
 def test_a_handed_vm_its_waiter_never_took_is_free_again_when_the_waiter_gives_up_or_dies() -> None:
@@ -1093,7 +1100,7 @@ def test_newly_free_counts_the_vms_a_change_made_free_for_waiters() -> None:
     after.vms[3].state = FREE
     after.vms.append(vm("e"))
     assert vp.newly_free(before, after) == 3, "and a recovery, and a boot; c was Free already"
-    after.vms[4].drained = True
+    after.vms[4].drained = "at 12:00:00 by root: maintenance"
     assert vp.newly_free(before, after) == 2, "a drained VM serves no waiter"
     assert vp.newly_free(after, before) == 0, "a claim frees nothing"
 

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,7 +96,7 @@ def setup(tmp_path: Path) -> tuple[vp.Pool, FakeCloud, FakeRemote]:
     return vp.Pool(config, cloud=cloud, remote=remote), cloud, remote
 
 
-def with_pool(pool: vp.Pool, **changes: object) -> vp.Pool:
+def with_pool(pool: vp.Pool, **changes: Any) -> vp.Pool:
     import dataclasses
     config = dataclasses.replace(pool.config, pool=dataclasses.replace(pool.config.pool, **changes))
     return vp.Pool(config, cloud=pool.cloud, remote=pool.remote)

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -460,6 +461,7 @@ def test_a_vm_that_logs_in_but_never_finishes_a_command_is_unusable_after_comman
     monkeypatch.setattr(invoke.runners.Runner, "timed_out", property(lambda runner: False))
     config = vp.load_config(pool.config_path)
     stalled = vp.Pool(config).store.read().vms[0]
+    assert stalled.address
     raced = vp.FabricRemote(config.ssh).probe(stalled.address, stalled.host_keys)
     assert not raced.ok and raced.detail.endswith("`true` did not finish within 2s"), raced
     monkeypatch.undo()
@@ -477,7 +479,7 @@ def test_probes_shared_out_over_worker_processes_classify_each_vm_as_one_process
     good, refusing = vp.Pool(config).store.read().vms
     pool.bed.vm_fault(refusing.server_id, "refuse")
     assert good.address and refusing.address and good.host_keys != refusing.host_keys
-    targets = [(good.address, good.host_keys), (refusing.address, refusing.host_keys),
+    targets: list[tuple[str, Sequence[str]]] = [(good.address, good.host_keys), (refusing.address, refusing.host_keys),
                (good.address, refusing.host_keys), (good.address, good.host_keys)]
     answers = vp._probe_in_processes(config.ssh, targets, processes=2, logins=1)
     assert [(a.ok, a.host_key_changed) for a in answers] == [(True, False), (False, False), (False, True),
@@ -500,9 +502,11 @@ def test_a_dead_vm_is_waited_out_without_a_login_slot(pool: PoolHandle, mode: st
     dead, live = vp.Pool(config).store.read().vms
     pool.bed.vm_fault(dead.server_id, mode)
     remote, slots = vp.FabricRemote(config.ssh), threading.BoundedSemaphore(1)
+    dead_address = dead.address
+    assert dead_address and live.address
     slots.acquire()  # every login slot taken: only a probe that needs none can end
     answers: list[vp.ProbeResult] = []
-    probing = threading.Thread(target=lambda: answers.append(remote.probe(dead.address, dead.host_keys, slots)),
+    probing = threading.Thread(target=lambda: answers.append(remote.probe(dead_address, dead.host_keys, slots)),
                                daemon=True)
     probing.start()
     probing.join(60)

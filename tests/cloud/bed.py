@@ -39,6 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -218,8 +219,8 @@ class Bed:
         compute_public = f"http://127.0.0.1:{ports['proxy_nova']}/v2.1"
 
         key = self.run_dir / "id_ed25519"
-        for f in (key, key.with_suffix(".pub")):
-            f.unlink(missing_ok=True)
+        for stale in (key, key.with_suffix(".pub")):
+            stale.unlink(missing_ok=True)
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmpool-bed", "-f", str(key)],
             check=True,
@@ -382,6 +383,7 @@ class Bed:
         from keystoneauth1.identity import v3
 
         i = self.info
+        auth: Any
         if admin:
             auth = v3.Password(
                 auth_url=i["admin_auth_url"],

@@ -120,7 +120,7 @@ def _req(method, url, body=None, token=None, ok=(200, 201, 204)):
             raw = resp.read()
             return resp.status, dict(resp.headers), (json.loads(raw) if raw else {})
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{method} {url} -> {e.code} {e.read()[:500]}") from None
+        raise RuntimeError(f"{method} {url} -> {e.code} {e.read()[:500]!r}") from None
 
 
 def token_for(base, user, password, project, domain="Default"):

@@ -41,6 +41,7 @@ import traceback
 import warnings
 import wsgiref.simple_server
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 os.environ.setdefault("OS_NOVA_DISABLE_EVENTLET_PATCHING", "1")
 os.environ["OS_TEST_TIMEOUT"] = "0"
@@ -127,7 +128,7 @@ class ReaderPreferringRWLock:
 
     def __init__(self, *a, **kw):
         self._cond = threading.Condition()
-        self._readers = collections.Counter()
+        self._readers: collections.Counter[int] = collections.Counter()
         self._writer = None
         self._wdepth = 0
 
@@ -205,10 +206,10 @@ def build_nova(args, behaviours, vms):
 
     report_client.SchedulerReportClient.get_allocations_for_provider_tree = lambda self, context, nodename: {}
     # pitfall: writer-preferring cell lock deadlocks under concurrent creates
-    nova_fixtures_nova.ReaderWriterLock = ReaderPreferringRWLock
+    nova_fixtures_nova.ReaderWriterLock = ReaderPreferringRWLock  # type: ignore[attr-defined]
 
     # -- the hypervisor -------------------------------------------------------
-    pending = {}  # uuid -> threading.Timer (sshd_delay)
+    pending: dict[str, threading.Timer] = {}  # uuid -> threading.Timer (sshd_delay)
     destroyed = set()  # uuids destroyed (never start their VM afterwards)
     plock = threading.Lock()
 
@@ -353,7 +354,7 @@ def build_nova(args, behaviours, vms):
             # keystonemiddleware (validates tokens directly against keystone)
             grp = "keystone_authtoken"
             ks_loading.register_auth_conf_options(conf, grp)
-            plugin = ks_loading.get_plugin_loader("password")
+            plugin: Any = ks_loading.get_plugin_loader("password")
             conf.register_opts(ks_loading.get_auth_plugin_conf_options(plugin), group=grp)
 
             for k, v in {

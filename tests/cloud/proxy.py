@@ -79,7 +79,7 @@ class State:
         self.lock = threading.Lock()
         self.rules = []
         self.next_id = 1
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
 
     def add_rule(self, r):
         service = r.get("service", "*")

@@ -974,6 +974,7 @@ class VmSupervisor:
         On timeout the whole process group (inside the VM too) is killed and TimeoutExpired raised.
         """
         vm = self._running(vm_id)
+        assert vm.init_pid is not None
         cmd = nsenter_argv(vm.init_pid, argv)
         p = subprocess.Popen(
             cmd,
