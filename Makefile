@@ -37,7 +37,7 @@ lint: venv lint-hooks
 	$(VENV)/bin/mypy vmpool.py tests bench
 
 unit: venv
-	$(VENV)/bin/pytest -q tests/test_policy.py tests/test_store.py tests/test_config.py
+	$(VENV)/bin/pytest -q tests/test_policy.py tests/test_policy_rules.py tests/test_store.py tests/test_config.py
 
 test: venv cloud-venv system-deps lint
 	$(VENV)/bin/pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)

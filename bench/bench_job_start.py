@@ -31,7 +31,7 @@ from results import record
 from tests.cloud.bed import Bed
 from tests.conftest import VMPOOL, PoolHandle, wait_until
 from tests.pbs_mom import Job, ensure_users
-from tests.test_hooks import USERS, Mom
+from tests.torque_node import USERS, Mom
 
 TARGET = 1.0
 VMPOOL_PATH = str(Path(VMPOOL).resolve())  # hooks/install refuses a path with '..' in it

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-VMPOOL = str(Path(sys.executable).parent / "vmpool")
+ROOT: Path = Path(__file__).resolve().parent.parent
+VMPOOL: str = str(Path(sys.executable).parent / "vmpool")
 
 
-TRACEBACK = "Traceback (most recent call last)"
+TRACEBACK: str = "Traceback (most recent call last)"
 
 
 def pinned_hosts(known_hosts: str | Path) -> set[str]:
@@ -172,6 +172,13 @@ class PoolHandle:
         listed = self.bed.admin_nova().servers.list(search_opts={"all_tenants": True}, limit=-1)
         return list({s.id: s for s in listed if s.metadata.get("vmpool_pool") == self.name}.values())
 
+    def fill(self, count: int) -> list[dict[str, Any]]:
+        """The pool at min = max = count, every VM Free: its Free VMs as status shows them."""
+        self.write_config(pool={"min": count, "max": count})
+        free: list[dict[str, Any]] = self.reconcile_until(
+            lambda: len(self.vms("free")) == count and self.vms("free"), 120, f"{count} Free VMs")
+        return free
+
     def reconcile_until(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
         """Run reconcile passes (as cron would, only faster) until the condition holds."""
         def step() -> Any:
@@ -202,3 +209,8 @@ def pool(bed: Any, tmp_path: Path) -> Iterator[PoolHandle]:
         bed.clear_behaviours()
         bed.clear_faults()
         handle.delete_everything()
+
+
+# The Torque node's fixtures (job_users, mom) for every test module that runs jobs through the
+# hooks; imported last, as torque_node builds on this module's PoolHandle.
+from tests.torque_node import job_users, mom  # noqa: E402, F401

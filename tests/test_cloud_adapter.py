@@ -1,7 +1,7 @@
 """The Nova adapter's reading of what Nova answers, over recorded answers (no HTTP).
 
 What only an exact sequence of pages can show: the listing's paging over the real Nova API is
-exercised end to end in test_promises.py (pages of one server, the bed's api max_limit).
+exercised end to end in test_cloud_listing.py (pages of one server, the bed's api max_limit).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import vmpool as vp
-from tests.test_policy import config
+from tests.policy_builders import config
 
 
 def raw(server_id: str, status: str, pool: str = "p") -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import vmpool as vp
-from tests.test_policy import HOST, NOW, config, kinds, live, queued, seen, server, vm
+from tests.policy_builders import HOST, NOW, config, kinds, live, queued, seen, server, vm
 from vmpool import BUSY, FREE, UNUSABLE, CreateServer, DeleteServer, PoolState, ProbeResult, ProbeSsh, Vm
 
 # --- what a listing proves ---

@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import ROOT, TRACEBACK, VMPOOL, PoolHandle, wait_until
 from tests.pbs_mom import ensure_users
 from tests.slurm_cluster import NODE, SlurmCluster, missing
-from tests.test_hooks import user_traces
+from tests.torque_node import user_traces
 
 pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.skipif(
     bool(missing()), reason=f"Slurm is not installed ({', '.join(missing())} missing): "
