@@ -53,7 +53,7 @@ def test_three_jobs_wait_and_vm_hours_as_worked_out_by_hand(tmp_path: Path) -> N
         (1160, "release", "sim-0002", "3")]
     outcome = vp.replay_outcome(replayed)
     summary = outcome.summary()
-    assert summary["wait"] == {"mean": 40.0, "p50": 60.0, "p95": 60.0, "max": 60.0, "waited": 2}
+    assert summary["wait"] == {"mean": 40.0, "p50": 60.0, "p95": 60.0, "max": 60.0, "waited": 2, "in_acquire": 40.0}
     # sim-0001 lived 0-900, sim-0002 1000-1160; busy 100+50+100; booting 60+60; idle 160-200, 250-900
     assert (outcome.usage, outcome.job_seconds) == (vp.Usage(cloud=1060, busy=250, free=690, booting=120), 250)
     assert (summary["boots"], summary["deletes"], summary["peak_vms"]) == (2, 1, 1)
@@ -71,7 +71,8 @@ def test_more_jobs_than_max_wait_for_a_slot_and_are_handed_the_freed_vm(tmp_path
     log = write_log(tmp_path / "queue.swf", [swf_line(1, 0, 100), swf_line(2, 10, 100)])
     replayed = replay(log, max=1)
     assert [(job.claimed, job.vm) for job in replayed.jobs.values()] == [(60, "sim-0001"), (160, "sim-0001")]
-    assert vp.replay_outcome(replayed).summary()["wait"]["max"] == 150
+    wait = vp.replay_outcome(replayed).summary()["wait"]
+    assert (wait["max"], wait["in_acquire"]) == (150, 30)  # j1 waits 60 s for its boot, j2 none for its VM
 
 
 @pytest.mark.parametrize("pool, cloud", [
@@ -143,6 +144,15 @@ def test_a_sweep_replays_once_per_value_and_longer_idle_keeps_more_vms() -> None
     assert short["wait"]["mean"] >= long_["wait"]["mean"]
     bad = simulate(str(DATA / "sample.swf"), "--sweep", "flavor=a,b")
     assert bad.returncode == 2 and "not a [pool] setting the replay uses" in bad.stderr
+
+
+def test_a_plot_is_drawn_with_matplotlib_or_refused_without_it(tmp_path: Path) -> None:
+    png = tmp_path / "vms.png"
+    result = simulate(str(DATA / "sample.swf"), "--plot", str(png))
+    if vp.can_plot():
+        assert result.returncode == 0 and png.read_bytes().startswith(b"\x89PNG")
+    else:
+        assert result.returncode == 2 and "--plot needs matplotlib" in result.stderr and not png.exists()
 
 
 def test_the_replay_agrees_with_the_real_commands_on_the_local_cloud(pool: PoolHandle, tmp_path: Path) -> None:
