@@ -39,6 +39,8 @@ The file, top to bottom (each section under a ``# --- name ---`` banner):
     the executor         Pool: applies the policy's actions through the adapters
                          (acquire / release, reconcile and its steps)
     monitoring           run_check (Nagios), metrics_text (Prometheus)
+    the replay           read_job_log, Replay (vmpool simulate): a job log through the policy above,
+                         with a simulated clock, cloud and batch system; baselines, the report
     the CLI              cli and one click command per verb
     main                 main() -> exit code; run(), the console script
 
@@ -742,8 +744,8 @@ def _check_ownership(config: Config) -> None:
                                    config.batch.command)
 
 
-def load_config(path: str) -> Config:
-    """Read and validate the INI file; every error names the file, the key and what is allowed."""
+def _read_config(path: str) -> tuple[configparser.ConfigParser, int]:
+    """The INI file parsed, and its mode."""
     try:
         with open(path, encoding="utf-8") as handle:
             mode = os.fstat(handle.fileno()).st_mode
@@ -760,6 +762,12 @@ def load_config(path: str) -> Config:
         parser.read_string(text, source=path)
     except configparser.Error as error:
         raise ConfigError(f"{path}: not a valid INI file: {error}") from None
+    return parser, mode
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the INI file; every error names the file, the key and what is allowed."""
+    parser, mode = _read_config(path)
     sections = ("pool", "openstack", "ssh", "batch", "check", "metrics", "logging")
     unknown = set(parser.sections()) - set(sections)
     if unknown:
@@ -910,7 +918,8 @@ def copy_state(state: PoolState) -> PoolState:
     return copied
 
 
-_IMMUTABLE = frozenset({str, int, float, bool, type(None), tuple})  # the state's tuples hold only these
+# the state's tuples hold only these; a VM's state (an enum member) is immutable too: not deep-copied
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), tuple, VmState})
 
 
 def _copied(value: Any) -> Any:
@@ -4045,6 +4054,700 @@ def _levels(level: str, switch: Callable[[str], str | None]) -> tuple[str | None
     return (switch(level) if level == "warning" else None, switch(level) if level == "critical" else None)
 
 
+# --- the replay (vmpool simulate) ---
+# A site's job log replayed through the pool's own decisions, to see the waits and the cloud bill of
+# a [pool] setting before running it for a month. The clock, the cloud, SSH and the batch system
+# are simulated; every decision is the policy's (the plan_* functions above): Replay calls them in
+# the order Pool does (a change, then the hand-over of what it freed; a pass: list, decide, delete,
+# create the first alone, probe), on a state in memory. What it leaves out is in docs/simulate.md.
+
+SIM_HOST = "simulated"  # the node the replay's acquires run on
+SWF_FIELDS = ("job number", "submit time", "wait time", "run time", "allocated processors", "average cpu time",
+              "used memory", "requested processors", "requested time", "requested memory", "status", "user id",
+              "group id", "executable number", "queue number", "partition number", "preceding job number",
+              "think time")
+CSV_COLUMNS = {  # a column's accepted names (sacct's among them) -> the field it fills
+    "job": "job", "jobid": "job", "submit": "submit", "submit_time": "submit", "run": "run", "elapsed": "run",
+    "run_time": "run", "runtime": "run", "cores": "cores", "alloccpus": "cores", "ncpus": "cores",
+    "processors": "cores", "memory": "memory", "reqmem": "memory", "mem": "memory", "user": "user"}
+MEMORY_UNITS = {"k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}  # -> MiB
+
+
+@dataclass
+class LoggedJob:
+    """One job of a site's log: what the replay needs, and what VM classes will (cores, memory)."""
+
+    job: str
+    submit: float  # seconds
+    run: float  # seconds it held its node
+    cores: int = 1
+    memory: float = 0.0  # MiB for the whole job, 0 = unknown
+    user: str = ""
+
+
+@dataclass
+class JobLog:
+    jobs: list[LoggedJob]
+    skipped: int = 0  # jobs whose run time the log does not know
+
+
+def read_job_log(path: str, kind: str = "auto") -> JobLog:
+    """A job log in the Standard Workload Format (SWF) or a CSV with a header; a bad line is a
+    BadInput naming the file, the line and the field."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInput(f"{path}: cannot read the job log: {error}") from None
+    if kind == "auto":
+        first = next((line.strip() for line in lines if line.strip() and not line.lstrip().startswith(";")), "")
+        kind = "swf" if path.endswith(".swf") or first[:1].isdigit() or first[:1] == "-" else "csv"
+    log_ = _swf_jobs(path, lines) if kind == "swf" else _csv_jobs(path, lines)
+    seen: dict[str, int] = {}
+    for index, job in enumerate(log_.jobs):
+        if job.job in seen:
+            raise BadInput(f"{path}: job {job.job} appears twice (jobs {seen[job.job] + 1} and {index + 1} "
+                           "of the log): each job needs its own id")
+        seen[job.job] = index
+    log_.jobs.sort(key=lambda job: job.submit)
+    if not log_.jobs:
+        raise BadInput(f"{path}: no job to replay in the log")
+    return log_
+
+
+def _number(path: str, line: int, name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadInput(f"{path}:{line}: {name} = {text!r}: not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadInput(f"{path}:{line}: {name} = {text!r}: not a number")
+    return value
+
+
+def _swf_jobs(path: str, lines: list[str]) -> JobLog:
+    jobs, skipped = [], 0
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith(";"):
+            continue
+        if len(fields) != len(SWF_FIELDS):
+            raise BadInput(f"{path}:{number}: {len(fields)} fields, an SWF line has {len(SWF_FIELDS)} "
+                           f"({', '.join(SWF_FIELDS[:4])}, ...)")
+        values = [_number(path, number, f"field {index} ({name})", text)
+                  for index, (name, text) in enumerate(zip(SWF_FIELDS, fields, strict=True), 1)]
+        if values[1] < 0:
+            raise BadInput(f"{path}:{number}: field 2 (submit time) = {fields[1]}: a job needs its submit time")
+        if values[3] < 0:
+            skipped += 1  # -1: unknown (a job cancelled before it ran)
+            continue
+        cores = int(values[4] if values[4] > 0 else values[7] if values[7] > 0 else 1)
+        per_core = values[9] if values[9] > 0 else values[6] if values[6] > 0 else 0.0  # KiB per processor
+        jobs.append(LoggedJob(job=fields[0], submit=values[1], run=values[3], cores=cores,
+                              memory=per_core * cores / 1024, user="" if values[11] < 0 else f"u{fields[11]}"))
+    return JobLog(jobs, skipped)
+
+
+def _csv_jobs(path: str, lines: list[str]) -> JobLog:
+    import csv
+    header_at = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if header_at is None:
+        raise BadInput(f"{path}: no job to replay in the log")
+    header = lines[header_at]
+    delimiter = "|" if "|" in header and "," not in header else ","
+    names = [CSV_COLUMNS.get(name.strip().lower(), "") for name in header.split(delimiter)]
+    missing = [name for name in ("submit", "run") if name not in names]
+    if missing:
+        raise BadInput(f"{path}:{header_at + 1}: the header names no {' and no '.join(missing)} column "
+                       "(a CSV job log has submit,run[,cores,memory,user,job])")
+    jobs, skipped = [], 0
+    for number, row in enumerate(csv.reader(lines[header_at + 1:], delimiter=delimiter), header_at + 2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != len(names):
+            raise BadInput(f"{path}:{number}: {len(row)} columns, the header names {len(names)}")
+        values = {name: text.strip() for name, text in zip(names, row, strict=True) if name}
+        run = _duration(path, number, values["run"])
+        if run is None:
+            skipped += 1
+            continue
+        cores = int(_number(path, number, "cores", values["cores"])) if values.get("cores") else 1
+        jobs.append(LoggedJob(job=values.get("job") or f"line{number}", submit=_instant(path, number, values["submit"]),
+                              run=run, cores=max(cores, 1), memory=_mebibytes(path, number, values.get("memory", ""),
+                                                                              max(cores, 1)),
+                              user=values.get("user", "")))
+    return JobLog(jobs, skipped)
+
+
+def _duration(path: str, line: int, text: str) -> float | None:
+    """Seconds, or [D-]HH:MM:SS (sacct's Elapsed, Torque's walltime); None: unknown."""
+    if text.lower() in ("", "-1", "unknown", "none"):
+        return None
+    days, _, clock = text.rpartition("-") if ":" in text else ("", "", text)
+    if ":" not in clock:
+        seconds = _number(path, line, "run", text)
+        return None if seconds < 0 else seconds
+    parts = clock.split(":")
+    if len(parts) > 3 or not all(part.isdigit() for part in parts) or (days and not days.isdigit()):
+        raise BadInput(f"{path}:{line}: run = {text!r}: expected seconds or [D-]HH:MM:SS")
+    seconds = 0.0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
+def _instant(path: str, line: int, text: str) -> float:
+    """Seconds (since the epoch or the log's start), or an ISO 8601 date and time (sacct's Submit)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import datetime
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInput(f"{path}:{line}: submit = {text!r}: expected seconds or a date like 2024-03-01T09:30:00") \
+            from None
+    return moment.replace(tzinfo=moment.tzinfo or datetime.UTC).timestamp()
+
+
+def _mebibytes(path: str, line: int, text: str, cores: int) -> float:
+    """MiB for the whole job from a number (MiB) or sacct's ReqMem (4000M, 4Gc: per core, 4Gn: per node)."""
+    if not text or text == "0":
+        return 0.0
+    match = re.fullmatch(r"([0-9.]+)\s*([kmgt]?)i?b?([cn]?)", text.lower())
+    if not match:
+        raise BadInput(f"{path}:{line}: memory = {text!r}: expected MiB or a size like 4000M, 4G, 2Gc")
+    amount = _number(path, line, "memory", match[1]) * MEMORY_UNITS[match[2] or "m"]
+    return amount * cores if match[3] == "c" else amount
+
+
+@dataclass(frozen=True)
+class SimCloudSettings:
+    boot_time: float = 60.0  # create -> ACTIVE and answering SSH
+    boot_failures: float = 0.0  # the share of boots that end in ERROR instead
+    quota: int = 0  # servers the project may hold (0: no limit below max)
+    seed: int = 1
+
+
+class SimCloud:
+    """The cloud as the replay's clock sees it: a server is BUILD for boot_time, then ACTIVE (or
+    ERROR, for the share of boots that fail); a delete takes it away at once."""
+
+    def __init__(self, settings: SimCloudSettings, clock: Callable[[], float]):
+        import random
+        self.settings = settings
+        self.clock = clock
+        self.random = random.Random(settings.seed)
+        self.servers: dict[str, tuple[str, float, bool]] = {}  # id -> (name, ready at, fails)
+        self.serial = 0
+
+    def list_servers(self) -> list[Server]:
+        now = self.clock()
+        return [Server(id=server_id, name=name, vm_name=name, address=f"sim-{server_id}", created_at=ready - (
+                    self.settings.boot_time), status=SERVER_BUILDING if now < ready else SERVER_ERROR if fails
+                    else SERVER_ACTIVE, fault="simulated boot failure" if fails else "")
+                for server_id, (name, ready, fails) in self.servers.items()]
+
+    def create_server(self, name: str) -> str:
+        if self.settings.quota and len(self.servers) >= self.settings.quota:
+            raise QuotaExceeded(f"quota exceeded: {len(self.servers)} of {self.settings.quota} servers (simulated)")
+        self.serial += 1
+        server_id = f"s{self.serial}"
+        fails = self.random.random() < self.settings.boot_failures
+        self.servers[server_id] = (name, self.clock() + self.settings.boot_time, fails)
+        return server_id
+
+    def delete_server(self, server_id: str) -> None:
+        if self.servers.pop(server_id, None) is None:
+            raise ServerGone(f"server {server_id} not found (simulated)")
+
+    def next_change(self) -> float | None:
+        """When a server's status changes next (a boot ends), if ever."""
+        now = self.clock()
+        return min((ready for _, ready, _ in self.servers.values() if ready > now), default=None)
+
+
+@dataclass
+class ReplayedJob:
+    job: LoggedJob
+    started: float | None = None  # its prologue began (a slot on the pool's node was free)
+    claimed: float | None = None
+    vm: str = ""
+
+
+@dataclass
+class Usage:
+    """Seconds x VMs, by what the VMs were doing (integrated over the replay's clock)."""
+
+    cloud: float = 0.0  # servers that exist (what the cloud bills)
+    busy: float = 0.0
+    free: float = 0.0
+    booting: float = 0.0
+
+
+END, SUBMIT, CRON, PASS = range(4)  # the order of a replay's events that fall on the same second
+
+
+class Replay:
+    """Replays a job log through the policy: Pool's order of calls on an in-memory state, with a
+    simulated clock, cloud (SimCloud), SSH (always answers) and batch system (first come first
+    served, one job per VM, at most `max` jobs at once on the pool's node, as its np or CPUs say).
+
+    Cron's pass runs every reconcile_every seconds; a waiting acquire's, pass_interval after the
+    last pass. A pass that found nothing to do makes the passes after it no-ops until something
+    changes (a release, an acquire, a boot ending, a timeout or back-off running out): those are
+    skipped, only stamped (every_pass=True runs them all, to show it changes nothing).
+    """
+
+    def __init__(self, jobs: Sequence[LoggedJob], config: Config, cloud: SimCloudSettings, *,
+                 prepare_time: float = 0.0, reconcile_every: float = 60.0, every_pass: bool = False,
+                 samples: bool = False):
+        self.config, self.pool = config, config.pool
+        self.prepare_time, self.reconcile_every, self.every_pass = prepare_time, reconcile_every, every_pass
+        self.now = jobs[0].submit if jobs else 0.0
+        self.cloud = SimCloud(cloud, lambda: self.now)
+        self.state = PoolState(pool=config.pool.name)
+        self.jobs = {job.job: ReplayedJob(job) for job in jobs}
+        self.pids = {job.job: index for index, job in enumerate(jobs, 1)}
+        import heapq
+        from collections import deque
+        self.push, self.pop = heapq.heappush, heapq.heappop
+        self.events: list[tuple[float, int, int, Any]] = []
+        self.sequence = 0
+        self.queue: deque[str] = deque()  # submitted, waiting for a slot on the node
+        self.running = 0  # jobs in their prologue or running (the node's slots taken)
+        self.waiting: set[str] = set()  # jobs in acquire, waiting for a VM
+        self.pass_at: tuple[float, int] | None = None  # the waiting pass to come: (when, token)
+        self.quiet_until: tuple[float, float] | None = None  # passes are no-ops before (these, after these)
+        self.usage = Usage()
+        self.peak = 0
+        self.left = len(jobs)
+        # (when, what, vm, job or reason): acquire and release (the hooks' calls), create, claim, delete
+        self.trace: list[tuple[float, str, str, str]] = []
+        self.samples: list[tuple[float, int, int, int]] | None = [] if samples else None
+
+    def run(self) -> Replay:
+        for job in self.jobs.values():
+            self._at(job.job.submit, SUBMIT, job.job.job)
+        self._at(self.now, CRON, None)
+        while self.events and self.left:
+            when, kind, _, item = self.pop(self.events)
+            self._advance(when)
+            if kind == END:
+                self._end(item)
+            elif kind == SUBMIT:
+                self.queue.append(item)
+                self._start_prologues()
+            elif kind == CRON:
+                self._reconcile(probe_free=True)
+                self._at(when + self.reconcile_every, CRON, None)
+            elif self.pass_at is not None and item == self.pass_at[1]:
+                self.pass_at = None
+                if self.waiting and waiting_pass_may_help(self.state, self.pool):
+                    self._reconcile(probe_free=False)
+        return self
+
+    def _at(self, when: float, kind: int, item: Any) -> None:
+        self.sequence += 1
+        self.push(self.events, (when, kind, self.sequence, item))
+
+    def _advance(self, when: float) -> None:
+        """Move the clock, counting what the VMs did meanwhile."""
+        elapsed = when - self.now
+        if elapsed <= 0:
+            return
+        busy = free = booting = 0
+        for vm in self.state.vms:
+            if vm.state == BUSY:
+                busy += 1
+            elif vm.state == FREE:
+                free += 1
+            elif vm.server_id is not None and vm.booting:
+                booting += 1
+        usage = self.usage
+        usage.cloud += elapsed * len(self.cloud.servers)
+        usage.busy += elapsed * busy
+        usage.free += elapsed * free
+        usage.booting += elapsed * booting
+        if self.samples is not None:
+            self.samples.append((self.now, busy, free, booting))
+        self.now = when
+
+    # -- the batch system and the hooks --
+
+    def _start_prologues(self) -> None:
+        while self.queue and self.running < self.pool.max:
+            job = self.queue.popleft()
+            self.running += 1
+            self.jobs[job].started = self.now
+            self.trace.append((self.now, "acquire", "", job))
+            self._acquire(job)
+
+    def _acquire(self, job: str) -> None:
+        """The prologue's `vmpool acquire` (Pool.try_claim), or a waiter taking the VM handed to it."""
+        user = self.jobs[job].job.user
+        outcome = self._update(lambda state: plan_acquire(
+            state, job, user, self.now, self.pids[job], SIM_HOST, self._live_waiters(), started=self.now))
+        if isinstance(outcome, Claimed):
+            self.waiting.discard(job)
+            replayed = self.jobs[job]
+            replayed.claimed, replayed.vm = self.now, outcome.vm.name
+            self.trace.append((self.now, "claim", outcome.vm.name, job))
+            self._at(self.now + self.prepare_time + replayed.job.run, END, job)
+        elif isinstance(outcome, Waiting) and job not in self.waiting:
+            self.waiting.add(job)
+            self._schedule_pass()
+
+    def _end(self, job: str) -> None:
+        """The epilogue's `vmpool release` (Pool.release); the node's slot goes to the next job."""
+        self.trace.append((self.now, "release", self.jobs[job].vm, job))
+        self._update(lambda state: plan_release(state, job, self.now))
+        # The pool remembers the last releases to refuse a prologue that wakes after its job's
+        # epilogue; no replayed job comes back, and copying that memory would be most of the work.
+        self.state.ended_jobs.clear()
+        self.running -= 1
+        self.left -= 1
+        self._start_prologues()
+
+    def _live_waiters(self) -> frozenset[tuple[int, int]]:
+        return frozenset((self.pids[job], 0) for job in self.waiting)
+
+    def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]]) -> Any:
+        """Pool._update in memory: the change, then the VMs it freed handed to the queue's head,
+        whose waiters take them at once."""
+        before = self.state
+        new, result = change(before)
+        if newly_free(before, new):
+            new, _ = plan_hand_over(new, self.now, SIM_HOST, lambda request: True)
+        self.state = new
+        self.quiet_until = None
+        for request in list(new.handed):
+            if request.job in self.waiting:  # not taken yet (by a change this one led to)
+                self._acquire(request.job)
+        self._schedule_pass()
+        return result
+
+    # -- reconcile passes: cron's, and those of waiting acquires --
+
+    def _schedule_pass(self) -> None:
+        """A waiting acquire runs a pass once pass_interval has gone by since the last pass."""
+        if not self.waiting:
+            return
+        last = self.state.last_pass
+        due = self.now if last is None else max(self.now, last + self.pool.pass_interval)
+        if self.pass_at is None or self.pass_at[0] != due:
+            self.sequence += 1
+            self.pass_at = (due, self.sequence)
+            self._at(due, PASS, self.sequence)
+
+    def _reconcile(self, probe_free: bool) -> None:
+        """Pool._reconcile_locked: list, decide, then delete, create (the first alone) and probe."""
+        if self.quiet_until is not None and not self.every_pass and (
+                self.now < self.quiet_until[0] and self.now <= self.quiet_until[1]):
+            self.state.last_pass = self.state.last_reconcile = self.now  # all such a pass would change
+            self._schedule_pass()
+            return
+        seen = Observation(servers=self.cloud.list_servers(), live_waiters=self._live_waiters(), host=SIM_HOST,
+                           dead_jobs=frozenset() if probe_free else None, probe_free=probe_free)
+        before = self.state
+
+        def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
+            new, actions = plan_reconcile(state, seen, self.config, self.now)
+            new.last_pass = self.now
+            return new, actions
+        actions: list[Action] = self._update(decide)
+        decided = [action for action in actions if not isinstance(action, Note)]
+        quiet = all(isinstance(action, ProbeSsh) and self._healthy_free(before, action.name) for action in decided) \
+            and dataclasses.replace(self.state, last_pass=before.last_pass, last_reconcile=before.last_reconcile) \
+            == before
+        for action in decided:
+            if isinstance(action, DeleteServer):
+                self._delete(action)
+        self._create([action for action in decided if isinstance(action, CreateServer)])
+        probes = [action for action in decided if isinstance(action, ProbeSsh)]
+        if probes:  # SSH always answers; the console's keys are pinned at first contact
+            results = [ProbeResult(probe.name, True, host_keys=probe.host_keys or ("ssh-ed25519 simulated",),
+                                   server_id=probe.server_id) for probe in probes]
+            self._update(lambda state: plan_probed(state, results, self.now))
+        if quiet:
+            self.quiet_until = self._next_change()
+
+    @staticmethod
+    def _healthy_free(state: PoolState, name: str) -> bool:
+        """Probing it changes nothing but its last_healthy (a Free VM that answered before)."""
+        vm = state.vm_named(name)
+        return vm is not None and vm.state == FREE and vm.last_healthy is not None
+
+    def _next_change(self) -> tuple[float, float]:
+        """When a pass can next decide something the last one did not: from the first pass at or
+        after a boot's end or the back-off's; from the first pass after a VM's timeout."""
+        pool, inf = self.pool, float("inf")
+        at_or_after = [self.cloud.next_change() or inf, self.state.backoff_until or inf,
+                       *(at + DROPPED_CLEAN_MAX_AGE for at in self.state.dropped_clean.values())]
+        after = [inf]
+        for vm in self.state.vms:
+            after += [vm.since + pool.idle_timeout, vm.since + pool.unusable_timeout, vm.since + pool.ready_timeout,
+                      vm.created_at + pool.build_timeout, vm.created_at + pool.create_grace]
+            if vm.delete_requested_at is not None:
+                after.append(vm.delete_requested_at + pool.delete_timeout)
+        return (min(t for t in at_or_after if t > self.now), min(t for t in after if t >= self.now))
+
+    def _delete(self, action: DeleteServer) -> None:
+        error: CloudError | None = None
+        try:
+            self.cloud.delete_server(action.server_id)
+            self.trace.append((self.now, "delete", action.name, action.reason))
+        except CloudError as caught:
+            error = caught
+        self._update(functools.partial(plan_deleted, name=action.name, error=error, now=self.now,
+                                       server_id=action.server_id))
+
+    def _create(self, creates: list[CreateServer]) -> None:
+        skipped = []
+        for action in creates:
+            if self.state.backoff_until is not None and self.state.backoff_until > self.now:
+                skipped.append(action.name)  # the cloud just refused: Pool._create asks no more
+                continue
+            server_id: str | None = None
+            error: CloudError | None = None
+            try:
+                server_id = self.cloud.create_server(action.name)
+                self.trace.append((self.now, "create", action.name, ""))
+                self.peak = max(self.peak, len(self.cloud.servers))
+            except CloudError as caught:
+                error = caught
+            self._update(functools.partial(plan_created, name=action.name, server_id=server_id, error=error,
+                                           pool=self.pool, now=self.now))
+        if skipped:
+            self._update(functools.partial(_without_result, plan_not_created, names=skipped))
+
+
+# -- what a replay tells: waits, VM-hours, boots; and the two baselines --
+
+@dataclass
+class Outcome:
+    """One replay's (or baseline's) figures, in seconds."""
+
+    name: str
+    waits: list[float]  # submit -> VM claimed, the batch queue's wait for a slot included
+    acquire_waits: list[float]  # the prologue's start -> VM claimed: the pool's part
+    usage: Usage
+    job_seconds: float
+    boots: int
+    failed_boots: int
+    deletes: int
+    peak: int
+
+    def summary(self) -> dict[str, Any]:
+        waits = sorted(self.waits)
+        hours = {key: round(value / 3600, 2) for key, value in dataclasses.asdict(self.usage).items()}
+        return {"wait": {"mean": round(sum(waits) / len(waits), 1) if waits else 0.0,
+                         "p50": round(percentile(waits, 50), 1), "p95": round(percentile(waits, 95), 1),
+                         "max": round(waits[-1], 1) if waits else 0.0,
+                         "waited": sum(1 for wait in waits if wait > 0),
+                         "in_acquire": round(sum(self.acquire_waits) / max(len(self.acquire_waits), 1), 1)},
+                "vm_hours": hours["cloud"], "busy_hours": hours["busy"], "idle_hours": hours["free"],
+                "booting_hours": hours["booting"],
+                "other_hours": round(max(0.0, hours["cloud"] - hours["busy"] - hours["free"] - hours["booting"]), 2),
+                "job_hours": round(self.job_seconds / 3600, 2), "boots": self.boots,
+                "failed_boots": self.failed_boots, "deletes": self.deletes, "peak_vms": self.peak}
+
+
+def percentile(ordered: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile of sorted values (0 for none)."""
+    import math
+    return ordered[max(0, math.ceil(len(ordered) * share / 100) - 1)] if ordered else 0.0
+
+
+def replay_outcome(replay: Replay) -> Outcome:
+    jobs = replay.jobs.values()
+    counters = replay.state.counters
+    claimed = [job for job in jobs if job.claimed is not None and job.started is not None]
+    return Outcome("pool", [job.claimed - job.job.submit for job in claimed],  # type: ignore[operator]
+                   [job.claimed - job.started for job in claimed], replay.usage,  # type: ignore[operator]
+                   sum(replay.prepare_time + job.job.run for job in jobs), counters.get("boots", 0),
+                   counters.get("failed_boots", 0), counters.get("deletes", 0), replay.peak)
+
+
+def _slot_starts(jobs: Sequence[LoggedJob], slots: int, holds: Callable[[LoggedJob], float]) -> list[float]:
+    """When each job starts on a node of `slots` slots, first come first served (jobs by submit)."""
+    import heapq
+    ends: list[float] = []
+    starts = []
+    for job in jobs:
+        start = job.submit
+        if len(ends) >= slots:
+            start = max(start, heapq.heappop(ends))
+        starts.append(start)
+        heapq.heappush(ends, start + holds(job))
+    return starts
+
+
+def baselines(jobs: Sequence[LoggedJob], pool: PoolConfig, cloud: SimCloudSettings,
+              prepare_time: float) -> list[Outcome]:
+    """A fixed pool of max VMs always on, and one VM booted per job and deleted after it (cloud
+    bursting without a pool), on the same node of max slots."""
+    import heapq
+    work = [prepare_time + job.run for job in jobs]
+    job_seconds = sum(work)
+    fixed = _slot_starts(jobs, pool.max, lambda job: prepare_time + job.run)
+    span = max(start + held for start, held in zip(fixed, work, strict=True)) - jobs[0].submit
+    outcomes = [Outcome(f"fixed {pool.max} VMs", [start - job.submit for start, job in zip(fixed, jobs, strict=True)],
+                        [0.0] * len(jobs),
+                        Usage(cloud=pool.max * span, busy=job_seconds, free=pool.max * span - job_seconds),
+                        job_seconds, pool.max, 0, 0, pool.max)]
+    boot = cloud.boot_time
+    fresh = _slot_starts(jobs, pool.max, lambda job: boot + prepare_time + job.run)
+    running: list[float] = []
+    peak = 0
+    for start, held in sorted(zip(fresh, work, strict=True)):
+        while running and running[0] <= start:
+            heapq.heappop(running)
+        heapq.heappush(running, start + boot + held)
+        peak = max(peak, len(running))
+    waits = [start + boot - job.submit for start, job in zip(fresh, jobs, strict=True)]
+    outcomes.append(Outcome("one VM per job", waits, [boot] * len(jobs),
+                            Usage(cloud=len(jobs) * boot + job_seconds, busy=job_seconds, booting=len(jobs) * boot),
+                            job_seconds, len(jobs), 0, len(jobs), peak))
+    return outcomes
+
+
+# -- the command: settings, one replay or a sweep, text, JSON and a plot --
+
+SIMULATE_KEYS = ("min", "max", "min_free", "idle_timeout", "pass_interval", "build_timeout", "ready_timeout",
+                 "unusable_timeout", "create_grace", "delete_timeout", "protect_after_failures", "backoff_initial",
+                 "backoff_max")  # the [pool] settings a replay uses
+
+
+def simulation_pool(path: str, settings: Sequence[str]) -> PoolConfig:
+    """The [pool] section of the config (the others are not needed), then --set KEY=VALUE on top."""
+    parser, _ = _read_config(path)
+    pool: PoolConfig = _build_section(path, parser, "pool", PoolConfig)
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        pool = with_pool_setting(pool, "--set", key.strip(), value.strip())
+    return pool
+
+
+def with_pool_setting(pool: PoolConfig, option: str, key: str, raw: str) -> PoolConfig:
+    if key not in SIMULATE_KEYS:
+        raise BadInput(f"{option} {key}: not a [pool] setting the replay uses; one of {', '.join(SIMULATE_KEYS)}")
+    try:
+        changed = dataclasses.replace(pool, **{key: _parse_value(option, "pool", key, raw, getattr(pool, key))})
+        _check_pool_limits(option, changed)
+    except ConfigError as error:
+        raise BadInput(str(error)) from None
+    return changed
+
+
+def sweep_values(sweep: str) -> tuple[str, list[str]]:
+    key, sep, values = sweep.partition("=")
+    listed = [value.strip() for value in values.split(",") if value.strip()]
+    if not sep or not listed:
+        raise BadInput(f"--sweep {sweep!r}: expected KEY=VALUE,VALUE,... (e.g. idle_timeout=60,600,1800)")
+    return key.strip(), listed
+
+
+def simulate_report(log_path: str, log_format: str, pool: PoolConfig, cloud: SimCloudSettings, *,
+                    prepare_time: float, reconcile_every: float, sweep: str | None,
+                    samples: bool = False) -> dict[str, Any]:
+    """Replay the log (once, or once per swept value) and the baselines: the figures as data."""
+    job_log = read_job_log(log_path, log_format)
+    jobs = job_log.jobs
+    runs: list[tuple[str | None, PoolConfig]] = [(None, pool)]
+    key = ""
+    if sweep:
+        key, values = sweep_values(sweep)
+        runs = [(value, with_pool_setting(pool, "--sweep", key, value)) for value in values]
+    started = time.monotonic()
+    rows, replays = [], []
+    for value, settings in runs:
+        config = Config(path="", pool=settings, openstack=OpenStackConfig(), ssh=SshConfig())
+        replay = Replay(jobs, config, cloud, prepare_time=prepare_time, reconcile_every=reconcile_every,
+                        samples=samples).run()
+        replays.append(replay)
+        rows.append({**({"value": value} if sweep else {}), **replay_outcome(replay).summary()})
+    elapsed = time.monotonic() - started
+    report: dict[str, Any] = {
+        "schema": "vmpool-simulate", "version": 1, "log": log_path, "jobs": len(jobs), "skipped": job_log.skipped,
+        "days": round((max(job.submit + job.run for job in jobs) - jobs[0].submit) / 86400, 2),
+        "settings": {name: getattr(pool, name) for name in SIMULATE_KEYS},
+        "cloud": {**dataclasses.asdict(cloud), "prepare_time": prepare_time, "reconcile_every": reconcile_every},
+        "pool": rows[0] if not sweep else None,
+        "baselines": {outcome.name: outcome.summary() for outcome in baselines(jobs, pool, cloud, prepare_time)},
+        "replayed_in": round(elapsed, 2), "jobs_per_second": round(len(jobs) * len(runs) / max(elapsed, 1e-9)),
+    }
+    if sweep:
+        report["sweep"] = {"key": key, "rows": rows}
+    if samples:
+        report["samples"] = replays[0].samples
+    return report
+
+
+SIMULATE_ROWS = (("wait mean", "wait", "mean"), ("wait p50", "wait", "p50"), ("wait p95", "wait", "p95"),
+                 ("wait max", "wait", "max"), ("  of it in acquire (mean)", "wait", "in_acquire"),
+                 ("jobs that waited", "wait", "waited"), ("VM-hours", "vm_hours", ""),
+                 ("  busy (job-hours)", "busy_hours", ""), ("  idle", "idle_hours", ""),
+                 ("  booting", "booting_hours", ""), ("  other (deleting)", "other_hours", ""),
+                 ("boots", "boots", ""), ("  failed", "failed_boots", ""), ("deletes", "deletes", ""),
+                 ("most VMs at once", "peak_vms", ""))
+
+
+def _figure(summary: dict[str, Any], key: str, part: str) -> str:
+    value = summary[key][part] if part else summary[key]
+    if key == "wait" and part != "waited":
+        return format_age(value)
+    return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+
+
+def simulate_text(report: dict[str, Any]) -> str:
+    settings, cloud = report["settings"], report["cloud"]
+    skipped = f" ({report['skipped']:,} skipped: run time unknown)" if report["skipped"] else ""
+    lines = [f"replay of {report['log']}: {report['jobs']:,} jobs{skipped} over {report['days']:g} days",
+             f"pool: min {settings['min']}, max {settings['max']}, min_free {settings['min_free']}, "
+             f"idle_timeout {settings['idle_timeout']:g}s; cloud (simulated): boot {cloud['boot_time']:g}s, "
+             f"{cloud['boot_failures']:.0%} of boots fail, quota {cloud['quota'] or 'none'}; "
+             f"prepare {cloud['prepare_time']:g}s; reconcile every {cloud['reconcile_every']:g}s", ""]
+    columns = ([(f"{report['sweep']['key']}={row['value']}", row) for row in report["sweep"]["rows"]]
+               if "sweep" in report else [("pool", report["pool"])]) + list(report["baselines"].items())
+    table = [["", *(name for name, _ in columns)]]
+    table += [[label, *(_figure(summary, key, part) for _, summary in columns)] for label, key, part in SIMULATE_ROWS]
+    widths = [max(len(row[index]) for row in table) for index in range(len(table[0]))]
+    lines += ["  ".join(cell.ljust(widths[0]) if index == 0 else cell.rjust(widths[index])
+                        for index, cell in enumerate(row)).rstrip() for row in table]
+    lines += ["", f"replayed in {report['replayed_in']:.1f}s ({report['jobs_per_second']:,} jobs/s)"]
+    return "\n".join(lines)
+
+
+def plot_usage(samples: Sequence[tuple[float, int, int, int]], path: str, title: str) -> None:
+    """VMs over time (busy, free, booting), stacked: matplotlib (the optional extra vmpool[simulate])."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    start = samples[0][0] if samples else 0.0
+    days = [(sample[0] - start) / 86400 for sample in samples]
+    figure, axes = plt.subplots(figsize=(12, 4))
+    axes.stackplot(days, [s[1] for s in samples], [s[2] for s in samples], [s[3] for s in samples],
+                   labels=("busy", "free", "booting"), step="post")
+    axes.set_xlabel("days")
+    axes.set_ylabel("VMs")
+    axes.set_title(title)
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    try:
+        figure.savefig(path)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot write the plot: {error}") from None
+    finally:
+        plt.close(figure)
+
+
+def can_plot() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 # --- the CLI ---
 
 
@@ -4522,6 +5225,49 @@ def resume(ctx: click.Context, reason: str) -> None:
 def clear_backoff(ctx: click.Context, reason: str) -> None:
     """Forget the create back-off: the next pass creates again (protected mode: reconcile --clear-protection)."""
     configured_pool(ctx).admin(plan_clear_backoff, reason=reason)
+
+
+@cli.command()
+@click.argument("log_file", metavar="LOG")
+@click.option("--format", "log_format", type=click.Choice(["auto", "swf", "csv"]), default="auto", show_default=True,
+              help="The log's format: SWF (Parallel Workloads Archive) or CSV with a header; auto: by its look.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="A [pool] setting for this replay, "
+              "over the config's (repeatable).")
+@click.option("--sweep", default=None, metavar="KEY=V1,V2,...", help="Replay once per value of a [pool] setting "
+              "and print the wait/cost table (e.g. idle_timeout=60,600,1800).")
+@click.option("--boot-time", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds from create to a VM that answers SSH.")
+@click.option("--boot-failures", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="The share of boots that end in ERROR.")
+@click.option("--quota", type=click.IntRange(min=0), default=0, help="Servers the project may hold (0: no limit).")
+@click.option("--prepare-time", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds the prologue holds a claimed VM before the job runs.")
+@click.option("--reconcile-every", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds between cron's reconcile passes.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Which boots fail (the same seed, the same).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable (schema vmpool-simulate, version 1).")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+              help="VMs over time (busy, free, booting); needs matplotlib (pip install 'vmpool[simulate]').")
+@common_options
+@click.pass_context
+def simulate(ctx: click.Context, log_file: str, log_format: str, settings: tuple[str, ...], sweep: str | None,
+             boot_time: float, boot_failures: float, quota: int, prepare_time: float, reconcile_every: float,
+             seed: int, as_json: bool, plot_path: str | None) -> None:
+    """Replay a job log (SWF or CSV) through the pool's own decisions and print the waits and VM-hours.
+
+    The [pool] settings come from --config (--config /dev/null: the defaults) and --set; the cloud,
+    SSH and the batch system are simulated. Beside the pool: a fixed pool of max VMs, and one VM
+    booted per job. Nothing is created, nothing is written but the plot. See docs/simulate.md.
+    """
+    if plot_path and not can_plot():
+        raise BadInput("--plot needs matplotlib: pip install 'vmpool[simulate]' (or matplotlib) in vmpool's venv")
+    pool = simulation_pool(ctx.find_root().obj["config_path"], settings)
+    report = simulate_report(log_file, log_format, pool, SimCloudSettings(boot_time, boot_failures, quota, seed),
+                             prepare_time=prepare_time, reconcile_every=reconcile_every, sweep=sweep,
+                             samples=bool(plot_path))
+    if plot_path:
+        plot_usage(report.pop("samples"), plot_path, f"{log_file}: VMs of pool {pool.name} over time")
+    click.echo(json.dumps(report, indent=1) if as_json else simulate_text(report))
 
 
 # --- main ---

@@ -21,7 +21,8 @@ from results import RESULTS
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BEGIN = "<!-- latest figures: made by bench/report.py from bench/results/*.json; edit those, not this table -->"
 END = "<!-- end of the latest figures -->"
-ORDER = ("fast_path", "burst", "burst_queue", "state_size", "probes", "reconcile_scale", "cloud", "job_start")
+ORDER = ("fast_path", "burst", "burst_queue", "state_size", "probes", "reconcile_scale", "cloud", "job_start",
+         "simulate")
 
 
 def cell(text: Any) -> str:
