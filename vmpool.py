@@ -39,6 +39,8 @@ The file, top to bottom (each section under a ``# --- name ---`` banner):
     the executor         Pool: applies the policy's actions through the adapters
                          (acquire / release, reconcile and its steps)
     monitoring           run_check (Nagios), metrics_text (Prometheus)
+    the replay           read_job_log, Replay (the policy's plan_* on a simulated clock, cloud and
+                         jobs), baselines, simulate_report: `vmpool simulate`
     the replay           read_job_log, Replay (vmpool simulate): a job log through the policy above,
                          with a simulated clock, cloud and batch system; baselines, the report
     the CLI              cli and one click command per verb
