@@ -86,6 +86,7 @@ def take_start_slot(directory: str, slots: int, wait: float) -> int | None:
     import fcntl
     import signal
     import stat
+
     fds: list[int] = []
     try:
         try:
@@ -97,8 +98,13 @@ def take_start_slot(directory: str, slots: int, wait: float) -> int | None:
             return None  # whoever else could hold the slots could stall every prologue
         first = os.getpid() % slots  # where the waiters queue: spread over the slots
         for index in (*range(first, slots), *range(first)):
-            fds.append(os.open(os.path.join(directory, f"start-slot.{index}"),
-                               os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            fds.append(
+                os.open(
+                    os.path.join(directory, f"start-slot.{index}"),
+                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
+            )
             try:
                 fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return fds.pop()
@@ -107,6 +113,7 @@ def take_start_slot(directory: str, slots: int, wait: float) -> int | None:
 
         def over(signum: int, frame: object) -> None:
             raise _SlotWaitOver
+
         previous = signal.signal(signal.SIGALRM, over)  # ValueError off the main thread: no slot
         try:
             signal.setitimer(signal.ITIMER_REAL, max(wait, 0.001))
@@ -146,6 +153,7 @@ def admitted() -> None:
         os.close(START_SLOT)
     os.environ["VMPOOL_START_SLOTS"] = "off"
 
+
 import configparser
 import contextlib
 import copy
@@ -182,7 +190,6 @@ STATE_VERSION = 1
 DEFAULT_CONFIG_PATH = "/etc/vmpool/vmpool.conf"
 METADATA_POOL_KEY = "vmpool_pool"  # servers without this tag are never touched
 METADATA_VM_KEY = "vmpool_vm"
-
 
 
 class VmState(enum.StrEnum):
@@ -224,6 +231,7 @@ def reason_text(why: Why, detail: str = "") -> str:
     if why is Why.STATUS:
         return f"status {detail}"
     return f"{why.value}: {detail}" if detail else why.value
+
 
 # Torque job ids: 123, 123.server.domain, array jobs 123[4].server (and 123[] for the parent).
 JOB_ID_RE = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9-]*)*$")
@@ -438,8 +446,27 @@ class MetricsConfig:
     textfile: str = ""  # node_exporter textfile collector file, written by each reconcile pass
 
 
-SYSLOG_FACILITIES = ("auth", "authpriv", "cron", "daemon", "kern", "lpr", "mail", "news", "syslog", "user",
-                     "uucp", "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7")
+SYSLOG_FACILITIES = (
+    "auth",
+    "authpriv",
+    "cron",
+    "daemon",
+    "kern",
+    "lpr",
+    "mail",
+    "news",
+    "syslog",
+    "user",
+    "uucp",
+    "local0",
+    "local1",
+    "local2",
+    "local3",
+    "local4",
+    "local5",
+    "local6",
+    "local7",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -479,8 +506,13 @@ def _parse_value(path: str, section: str, key: str, raw: str, default: Any) -> A
         if isinstance(default, float):
             return float(raw)
     except (ValueError, KeyError):
-        kind = ("true or false" if isinstance(default, bool) else "a whole number" if isinstance(default, int)
-                else "a number of seconds")
+        kind = (
+            "true or false"
+            if isinstance(default, bool)
+            else "a whole number"
+            if isinstance(default, int)
+            else "a number of seconds"
+        )
         raise ConfigError(f"{where}: expected {kind}") from None
     if key == "job_gone_exit_codes":
         try:
@@ -489,6 +521,7 @@ def _parse_value(path: str, section: str, key: str, raw: str, default: Any) -> A
             raise ConfigError(f"{where}: expected exit codes (whole numbers) separated by commas") from None
     if key == "job_alive_command" and raw:
         import shlex
+
         try:
             shlex.split(raw)
         except ValueError as error:
@@ -525,13 +558,19 @@ def _check_pool_limits(path: str, pool: PoolConfig) -> None:
         ("min", pool.min <= pool.max, f"must be <= max ({pool.max})"),
         ("min_free", 0 <= pool.min_free <= pool.max, f"must be between 0 and max ({pool.max})"),
         ("protect_after_failures", pool.protect_after_failures >= 1, "must be >= 1"),
-        ("backoff_max", pool.backoff_max >= pool.backoff_initial,
-         f"must be >= backoff_initial ({pool.backoff_initial:g})"),
+        (
+            "backoff_max",
+            pool.backoff_max >= pool.backoff_initial,
+            f"must be >= backoff_initial ({pool.backoff_initial:g})",
+        ),
         ("job_gone_grace", pool.job_gone_grace >= 0, "must be >= 0 seconds"),
         ("give_way_after", pool.give_way_after >= 0, "must be >= 0 seconds (0: never)"),
         # 0 is what qstat answers for a live job: as a "gone" code it would delete every job's VM.
-        ("job_gone_exit_codes", all(1 <= code <= 255 for code in pool.job_gone_exit_codes),
-         "exit codes 1-255 (0 means the job is alive)"),
+        (
+            "job_gone_exit_codes",
+            all(1 <= code <= 255 for code in pool.job_gone_exit_codes),
+            "exit codes 1-255 (0 means the job is alive)",
+        ),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -549,8 +588,16 @@ def _check_pool_limits(path: str, pool: PoolConfig) -> None:
             raise ConfigError(f"{path}: [pool] {key} = {value!r}: must be an absolute path")
 
 
-IDENTITY_KEYS = ("auth_url", "username", "password", "user_domain_name", "project_name", "project_domain_name",
-                 "application_credential_id", "application_credential_secret")
+IDENTITY_KEYS = (
+    "auth_url",
+    "username",
+    "password",
+    "user_domain_name",
+    "project_name",
+    "project_domain_name",
+    "application_credential_id",
+    "application_credential_secret",
+)
 OS_ENVIRONMENT = ("OS_CLOUD", "OS_AUTH_URL")  # either one: openstack.config has credentials to read
 
 
@@ -575,17 +622,22 @@ def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
     if cloud.cloud:
         both = [key for key in IDENTITY_KEYS if getattr(cloud, key)]
         if both:
-            raise ConfigError(f"{path}: [openstack] cloud = {cloud.cloud!r} takes the credentials from clouds.yaml; "
-                              f"leave {', '.join(both)} empty (one source of credentials)")
+            raise ConfigError(
+                f"{path}: [openstack] cloud = {cloud.cloud!r} takes the credentials from clouds.yaml; "
+                f"leave {', '.join(both)} empty (one source of credentials)"
+            )
         return
     if not cloud.auth_url:
         if any(getattr(cloud, key) for key in IDENTITY_KEYS):
-            raise ConfigError(f"{path}: [openstack] auth_url is required with username/password or an "
-                              "application credential")
+            raise ConfigError(
+                f"{path}: [openstack] auth_url is required with username/password or an application credential"
+            )
         if not any(os.environ.get(key) for key in OS_ENVIRONMENT):
-            raise ConfigError(f"{path}: [openstack] no cloud credentials: set cloud = NAME (an entry of "
-                              "clouds.yaml), or auth_url with a password or application credential, or run with "
-                              "an openrc's OS_* variables in the environment")
+            raise ConfigError(
+                f"{path}: [openstack] no cloud credentials: set cloud = NAME (an entry of "
+                "clouds.yaml), or auth_url with a password or application credential, or run with "
+                "an openrc's OS_* variables in the environment"
+            )
         return
     password_auth = bool(cloud.username or cloud.password)
     app_cred_auth = bool(cloud.application_credential_id or cloud.application_credential_secret)
@@ -594,8 +646,11 @@ def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
             f"{path}: [openstack] set either username + password + project_name, "
             "or application_credential_id + application_credential_secret (exactly one)"
         )
-    needed = ("username", "password", "project_name") if password_auth else (
-        "application_credential_id", "application_credential_secret")
+    needed = (
+        ("username", "password", "project_name")
+        if password_auth
+        else ("application_credential_id", "application_credential_secret")
+    )
     for key in needed:
         if not getattr(cloud, key):
             raise ConfigError(f"{path}: [openstack] {key} is required with this kind of authentication")
@@ -603,8 +658,9 @@ def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
 
 def _check_server_prefix(path: str, cloud: OpenStackConfig) -> None:
     if cloud.server_prefix and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", cloud.server_prefix):
-        raise ConfigError(f"{path}: [openstack] server_prefix = {cloud.server_prefix!r}: "
-                          "letters, digits, '-', '_', '.'")
+        raise ConfigError(
+            f"{path}: [openstack] server_prefix = {cloud.server_prefix!r}: letters, digits, '-', '_', '.'"
+        )
 
 
 def _check_ssh(path: str, ssh: SshConfig) -> None:
@@ -630,19 +686,29 @@ def _check_batch(path: str, batch: BatchConfig) -> None:
 
 
 def _check_operations(path: str, check: CheckConfig, metrics: MetricsConfig, logs: LoggingConfig) -> None:
-    for key in ("reconcile_warning", "reconcile_critical", "wait_warning", "wait_critical", "unusable_warning",
-                "unusable_critical"):
+    for key in (
+        "reconcile_warning",
+        "reconcile_critical",
+        "wait_warning",
+        "wait_critical",
+        "unusable_warning",
+        "unusable_critical",
+    ):
         if not NAGIOS_RANGE_RE.match(getattr(check, key)):
-            raise ConfigError(f"{path}: [check] {key} = {getattr(check, key)!r}: expected a Nagios range "
-                              "(e.g. 300, 10:, @10:20) or nothing")
+            raise ConfigError(
+                f"{path}: [check] {key} = {getattr(check, key)!r}: expected a Nagios range "
+                "(e.g. 300, 10:, @10:20) or nothing"
+            )
     for key in ("protected", "paused"):
         if getattr(check, key) not in CHECK_LEVELS:
             raise ConfigError(f"{path}: [check] {key} = {getattr(check, key)!r}: one of {', '.join(CHECK_LEVELS)}")
     if check.timeout <= 0:
         raise ConfigError(f"{path}: [check] timeout = {check.timeout!r}: must be > 0 seconds")
     if metrics.textfile and (not os.path.isabs(metrics.textfile) or not metrics.textfile.endswith(".prom")):
-        raise ConfigError(f"{path}: [metrics] textfile = {metrics.textfile!r}: must be an absolute path "
-                          "ending in .prom (node_exporter's textfile collector reads only *.prom)")
+        raise ConfigError(
+            f"{path}: [metrics] textfile = {metrics.textfile!r}: must be an absolute path "
+            "ending in .prom (node_exporter's textfile collector reads only *.prom)"
+        )
     if logs.facility not in SYSLOG_FACILITIES:
         raise ConfigError(f"{path}: [logging] facility = {logs.facility!r}: one of {', '.join(SYSLOG_FACILITIES)}")
 
@@ -658,24 +724,30 @@ def _check_key_permissions(path: str, ssh: SshConfig) -> None:
     except OSError as error:
         raise ConfigError(f"{path}: [ssh] private_key = {ssh.private_key!r}: {error}") from None
     if mode & 0o077:
-        raise ConfigError(f"{path}: [ssh] private_key = {ssh.private_key!r} is accessible by group/others "
-                          f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {ssh.private_key}")
+        raise ConfigError(
+            f"{path}: [ssh] private_key = {ssh.private_key!r} is accessible by group/others "
+            f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {ssh.private_key}"
+        )
 
 
 def require_private_key(config: Config) -> None:
     """acquire and reconcile log in to VMs (the hooks too, with the same key): say so now if it is missing."""
     if not os.path.isfile(config.ssh.private_key):
-        raise ConfigError(f"{config.path}: [ssh] private_key = {config.ssh.private_key!r}: no such file "
-                          "(the key root logs in to the VMs with, registered in Nova as [openstack] key_name)")
+        raise ConfigError(
+            f"{config.path}: [ssh] private_key = {config.ssh.private_key!r}: no such file "
+            "(the key root logs in to the VMs with, registered in Nova as [openstack] key_name)"
+        )
 
 
 def _check_secret_permissions(path: str, parser: configparser.ConfigParser, mode: int) -> None:
     has_secret = parser.has_section("openstack") and any(
-        parser.get("openstack", key, fallback="") for key in SECRET_KEYS)
+        parser.get("openstack", key, fallback="") for key in SECRET_KEYS
+    )
     if has_secret and mode & 0o077:
         raise ConfigError(
             f"{path}: holds a password or secret but is readable by group/others (mode {stat.S_IMODE(mode):04o}); "
-            f"run: chmod 600 {path}")
+            f"run: chmod 600 {path}"
+        )
 
 
 def must_be_root(why: str) -> str:
@@ -717,14 +789,17 @@ def _refuse_unless_roots_alone(path: str, what: str, target: str) -> None:
     found = not_roots_alone(target)
     if found is not None:
         culprit, info = found
-        raise ConfigError(f"{path}: {what}, but others can change {culprit} (owner uid {info.st_uid}, mode "
-                          f"{stat.S_IMODE(info.st_mode):04o}) and so make root run anything; "
-                          f"run: chown root:root {culprit}; chmod go-w {culprit}")
+        raise ConfigError(
+            f"{path}: {what}, but others can change {culprit} (owner uid {info.st_uid}, mode "
+            f"{stat.S_IMODE(info.st_mode):04o}) and so make root run anything; "
+            f"run: chown root:root {culprit}; chmod go-w {culprit}"
+        )
 
 
 def _program_of(command: str) -> str:
     """The program a command line runs: its first word, looked up on PATH as subprocess will."""
     import shlex
+
     program = shlex.split(command)[0] if command.strip() else ""
     if not program or os.sep in program:
         return os.path.abspath(program) if program else ""
@@ -742,8 +817,9 @@ def _check_ownership(config: Config) -> None:
     if program:
         _refuse_unless_roots_alone(config.path, f"root runs [pool] job_alive_command ({program})", program)
     if config.batch.command:
-        _refuse_unless_roots_alone(config.path, f"root runs [batch] command = {config.batch.command}",
-                                   config.batch.command)
+        _refuse_unless_roots_alone(
+            config.path, f"root runs [batch] command = {config.batch.command}", config.batch.command
+        )
 
 
 def _read_config(path: str) -> tuple[configparser.ConfigParser, int]:
@@ -773,8 +849,9 @@ def load_config(path: str) -> Config:
     sections = ("pool", "openstack", "ssh", "batch", "check", "metrics", "logging")
     unknown = set(parser.sections()) - set(sections)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: "
-                          + ", ".join(f"[{name}]" for name in sections))
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(unknown)}; allowed: " + ", ".join(f"[{name}]" for name in sections)
+        )
     _check_secret_permissions(path, parser, mode)
     config = Config(
         path=path,
@@ -836,14 +913,18 @@ class Vm:
         """The free text of this VM's reason, after its kind."""
         why = self.why
         if why is Why.STATUS:
-            return self.reason[len("status "):]
-        return self.reason if why in (Why.TAINTED, Why.NONE) else self.reason[len(why.value):].lstrip(": ")
+            return self.reason[len("status ") :]
+        return self.reason if why in (Why.TAINTED, Why.NONE) else self.reason[len(why.value) :].lstrip(": ")
 
     @property
     def booting(self) -> bool:
         """Still on its way to its first Free: counts as capacity that is coming."""
-        return self.state == UNUSABLE and not self.tainted and self.last_healthy is None and (
-            self.why in (Why.CREATING, Why.BUILDING, Why.ADOPTED, Why.UNREACHABLE))
+        return (
+            self.state == UNUSABLE
+            and not self.tainted
+            and self.last_healthy is None
+            and (self.why in (Why.CREATING, Why.BUILDING, Why.ADOPTED, Why.UNREACHABLE))
+        )
 
     @property
     def deleting(self) -> bool:
@@ -934,8 +1015,9 @@ def _copied(value: Any) -> Any:
         return {key: item if type(item) in _IMMUTABLE else _copied(item) for key, item in value.items()}
     if hasattr(kind, "__dataclass_fields__"):  # a record (a class itself is not: its kind is type)
         new = object.__new__(kind)  # as copy.copy makes it, without its __reduce_ex__ round trip
-        new.__dict__.update({name: item if type(item) in _IMMUTABLE else _copied(item)
-                             for name, item in value.__dict__.items()})
+        new.__dict__.update(
+            {name: item if type(item) in _IMMUTABLE else _copied(item) for name, item in value.__dict__.items()}
+        )
         return new
     return copy.deepcopy(value)  # anything else a future field might hold
 
@@ -960,7 +1042,14 @@ def _observe_wait(state: PoolState, seconds: float) -> None:
 # Nova's statuses, translated at the boundary into the few that matter to the policy.
 # SERVER_UNKNOWN: Nova cannot say (a server in a down cell): no news, neither good nor bad.
 SERVER_ACTIVE, SERVER_BUILDING, SERVER_ERROR, SERVER_DOWN, SERVER_DELETING, SERVER_OTHER, SERVER_UNKNOWN = (
-    "active", "building", "error", "down", "deleting", "other", "unknown")
+    "active",
+    "building",
+    "error",
+    "down",
+    "deleting",
+    "other",
+    "unknown",
+)
 
 # The observations, actions and outcomes below are made once and only read, yet not frozen:
 # frozen=True generates three more methods per class, paid for at every command's start-up.
@@ -1026,6 +1115,7 @@ class Observation:
 
 
 JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_jobs and unsure_jobs
+
 
 # Actions: decisions as data, applied by the executor through the adapters.
 @dataclass
@@ -1101,9 +1191,20 @@ def _set_state(vm: Vm, state: VmState, reason: str, now: float) -> None:
 
 # -- acquire and hand-over --
 
-def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, host: str,
-                 live_waiters: frozenset[tuple[int, int]], *, started: float | None = None,
-                 pid_start: int = 0, records: Sequence[JobRecord] = ()) -> tuple[PoolState, Claimed | Waiting | Ended]:
+
+def plan_acquire(
+    state: PoolState,
+    job: str,
+    user: str,
+    now: float,
+    pid: int,
+    host: str,
+    live_waiters: frozenset[tuple[int, int]],
+    *,
+    started: float | None = None,
+    pid_start: int = 0,
+    records: Sequence[JobRecord] = (),
+) -> tuple[PoolState, Claimed | Waiting | Ended]:
     """Claim a Free VM for the job, or queue it first-come first-served.
 
     `started` is when this attempt of the job began: a release of the job after it means the
@@ -1143,7 +1244,7 @@ def plan_acquire(state: PoolState, job: str, user: str, now: float, pid: int, ho
         new.requests.append(request)
     else:  # a re-run of the prologue: this process now waits for the job
         request.pid, request.host, request.pid_start, request.user = pid, host, pid_start, user
-    ahead = new.requests[:new.requests.index(request)]
+    ahead = new.requests[: new.requests.index(request)]
     position = sum(1 for r in ahead if not _passed_over(new, r))
     free = free_vms(new)
     if len(free) <= position:
@@ -1159,6 +1260,7 @@ def _same_owner(holder: str | None, asker: str) -> bool:
 
 
 # -- the hooks' job records: after a lost, corrupt or restored state file --
+
 
 def _follow_records(state: PoolState, records: Sequence[JobRecord], now: float) -> list[Note]:
     """Where the hooks' job records and the state disagree, the records are right: the state file
@@ -1177,12 +1279,22 @@ def _follow_records(state: PoolState, records: Sequence[JobRecord], now: float) 
             if not vm.tainted:
                 vm.tainted = f"named by the records of jobs {', '.join(sorted({record.job, *others}))}"
                 _set_state(vm, UNUSABLE, vm.tainted, now)
-                notes.append(Note(logging.ERROR, f"{describe_vm(vm)} {vm.tainted}: several jobs may run there; "
-                                                 "never handed out again, deleted once released"))
+                notes.append(
+                    Note(
+                        logging.ERROR,
+                        f"{describe_vm(vm)} {vm.tainted}: several jobs may run there; "
+                        "never handed out again, deleted once released",
+                    )
+                )
             continue
         if vm.deleting:
-            notes.append(Note(logging.ERROR, f"{describe_vm(vm)} runs job {record.job} by its record, but its "
-                                             "delete was already sent: the job loses its VM"))
+            notes.append(
+                Note(
+                    logging.ERROR,
+                    f"{describe_vm(vm)} runs job {record.job} by its record, but its "
+                    "delete was already sent: the job loses its VM",
+                )
+            )
             continue
         was = f"{vm.state}" + (f" ({vm.reason})" if vm.reason else "")
         vm.job, vm.user, vm.job_missing_since = record.job, record.user, None
@@ -1192,9 +1304,14 @@ def _follow_records(state: PoolState, records: Sequence[JobRecord], now: float) 
         vm.last_healthy = vm.last_healthy or now  # it served a job: not a boot to wait for
         if vm.state == FREE or vm.reason == UNKNOWN_PAST:
             _set_state(vm, BUSY, "", now)
-        notes.append(Note(logging.ERROR, f"{describe_vm(vm)} runs job {record.job} ({record.user}) by the hooks' "
-                                         f"record, but the state had it {was}: the state file was lost or "
-                                         "restored; the VM is the job's again"))
+        notes.append(
+            Note(
+                logging.ERROR,
+                f"{describe_vm(vm)} runs job {record.job} ({record.user}) by the hooks' "
+                f"record, but the state had it {was}: the state file was lost or "
+                "restored; the VM is the job's again",
+            )
+        )
     return notes
 
 
@@ -1212,8 +1329,9 @@ def free_vms(state: PoolState) -> list[Vm]:
     return sorted((vm for vm in state.vms if vm.open_to_jobs), key=lambda vm: vm.since, reverse=True)
 
 
-def plan_hand_over(state: PoolState, now: float, host: str,
-                   alive: Callable[[Request], bool]) -> tuple[PoolState, list[Action]]:
+def plan_hand_over(
+    state: PoolState, now: float, host: str, alive: Callable[[Request], bool]
+) -> tuple[PoolState, list[Action]]:
     """Hand the Free VMs to the jobs at the head of the queue, in queue order, as they come Free.
 
     A waiter only learns of a freed VM at its next look, and takes the state lock after others
@@ -1239,8 +1357,13 @@ def plan_hand_over(state: PoolState, now: float, host: str,
         vm = free.pop(0)
         _claim(new, vm, request, now)
         new.handed.append(request)
-        notes.append(Note(logging.INFO, f"{describe_vm(vm)} handed to job {request.job} ({request.user}), "
-                                        f"first in line after {now - request.since:.1f}s"))
+        notes.append(
+            Note(
+                logging.INFO,
+                f"{describe_vm(vm)} handed to job {request.job} ({request.user}), "
+                f"first in line after {now - request.since:.1f}s",
+            )
+        )
     return new, notes
 
 
@@ -1258,8 +1381,9 @@ def _give_up_job(vm: Vm, taint: str, now: float) -> None:
     _set_state(vm, UNUSABLE, vm.tainted, now)
 
 
-def vms_still_to_free(state: PoolState, job: str, pid: int, host: str,
-                      alive: Callable[[Request], bool] = lambda request: True) -> int:
+def vms_still_to_free(
+    state: PoolState, job: str, pid: int, host: str, alive: Callable[[Request], bool] = lambda request: True
+) -> int:
     """Seen in an unlocked snapshot: how many more VMs must come Free before a locked try can
     claim one for this waiter; 0 when a locked try could claim now, or end the wait.
 
@@ -1276,9 +1400,11 @@ def vms_still_to_free(state: PoolState, job: str, pid: int, host: str,
     if ended is not None and ended >= request.started:
         return 0
     free = sum(1 for vm in state.vms if vm.open_to_jobs)
-    ahead = state.requests[:state.requests.index(request)]
-    return max(0, sum(1 for other in ahead if (other.host != host or alive(other)) and not _passed_over(state, other))
-               + 1 - free)
+    ahead = state.requests[: state.requests.index(request)]
+    return max(
+        0,
+        sum(1 for other in ahead if (other.host != host or alive(other)) and not _passed_over(state, other)) + 1 - free,
+    )
 
 
 def waiter_sleep(to_free: int, claims_per_second: float | None, poll: float) -> float:
@@ -1397,8 +1523,10 @@ def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
         # Its address changed under the job: the pinned key went with the old address. Free,
         # the next prologue could not verify it; a probe pins it again first.
         _set_state(vm, UNUSABLE, reason_text(Why.UNREACHABLE, "address changed while busy, host key to pin"), now)
-        return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job}; its address changed, "
-                                     "probing it before the next job")
+        return Note(
+            logging.WARNING,
+            f"{describe_vm(vm)} released by job {job}; its address changed, probing it before the next job",
+        )
     if was == BUSY and not vm.tainted:
         _set_state(vm, FREE, "", now)
         return Note(logging.INFO, f"{describe_vm(vm)} released by job {job}, now free")
@@ -1409,6 +1537,7 @@ def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
 
 
 # -- the reconcile pass, VM by VM --
+
 
 def desired_size(state: PoolState, pool: PoolConfig, spares: bool = True) -> int:
     wanted = state.count(BUSY) + len(state.requests) + (pool.min_free if spares else 0)
@@ -1421,8 +1550,7 @@ def starved(state: PoolState) -> bool:
     return bool(state.requests) and state.quota_blocked_since is not None
 
 
-def plan_reconcile(state: PoolState, seen: Observation, config: Config,
-                   now: float) -> tuple[PoolState, list[Action]]:
+def plan_reconcile(state: PoolState, seen: Observation, config: Config, now: float) -> tuple[PoolState, list[Action]]:
     """One reconcile decision: compare the state with the cloud and decide what to do."""
     new = copy_state(state)
     actions: list[Action] = []
@@ -1454,13 +1582,23 @@ def _listing_lost_many(state: PoolState, servers: dict[str, Server]) -> str:
     known = [vm for vm in state.vms if vm.server_id and not vm.deleting]
     lost = [vm for vm in known if vm.server_id not in servers]
     if len(lost) >= 2 and len(lost) * 2 >= len(known):
-        return (f"the server listing lacks {len(lost)} of {len(known)} known servers at once: treated as "
-                "incomplete (nothing dropped, nothing created)")
+        return (
+            f"the server listing lacks {len(lost)} of {len(known)} known servers at once: treated as "
+            "incomplete (nothing dropped, nothing created)"
+        )
     return ""
 
 
-def _reconcile_vm(state: PoolState, vm: Vm, servers: dict[str, Server], by_name: dict[str, Server],
-                  seen: Observation, config: Config, now: float, trust_absence: bool = True) -> list[Action]:
+def _reconcile_vm(
+    state: PoolState,
+    vm: Vm,
+    servers: dict[str, Server],
+    by_name: dict[str, Server],
+    seen: Observation,
+    config: Config,
+    now: float,
+    trust_absence: bool = True,
+) -> list[Action]:
     pool = config.pool
     if vm.server_id is None:  # creating: bind it once the cloud lists it
         server = by_name.get(vm.name)
@@ -1503,8 +1641,9 @@ def _new_address(vm: Vm, server: Server, now: float) -> list[Action]:
     return [Note(logging.WARNING, f"{describe_vm(vm)}: address changed from {old}")] if old else []
 
 
-def _by_server_status(state: PoolState, vm: Vm, server: Server, seen: Observation, config: Config,
-                      now: float) -> list[Action]:
+def _by_server_status(
+    state: PoolState, vm: Vm, server: Server, seen: Observation, config: Config, now: float
+) -> list[Action]:
     pool = config.pool
     if server.status == SERVER_ERROR:
         return _delete_failed_boot(state, vm, f"server in ERROR: {server.fault or 'no fault given'}", pool, now)
@@ -1515,8 +1654,9 @@ def _by_server_status(state: PoolState, vm: Vm, server: Server, seen: Observatio
     return _active(state, vm, seen, config, now)
 
 
-def _server_absent(state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, now: float,
-                   trust_absence: bool) -> list[Action]:
+def _server_absent(
+    state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, now: float, trust_absence: bool
+) -> list[Action]:
     """Believe a server is gone only when two listings in a row lack it (one may be incomplete).
 
     A listing that may be incomplete (most servers lost at once, or pages a down cell's servers
@@ -1545,15 +1685,21 @@ def _server_gone(state: PoolState, vm: Vm, seen: Observation, pool: PoolConfig, 
         if vm.reason != VANISHED:
             _set_state(vm, UNUSABLE, VANISHED, now)
             vm.tainted = VANISHED
-            actions.append(Note(logging.ERROR, f"{describe_vm(vm)} VANISHED from the cloud while busy with job "
-                                               f"{vm.job} of {vm.user}: the job has lost its VM"))
+            actions.append(
+                Note(
+                    logging.ERROR,
+                    f"{describe_vm(vm)} VANISHED from the cloud while busy with job "
+                    f"{vm.job} of {vm.user}: the job has lost its VM",
+                )
+            )
         # Its epilogue releases it; if that never comes, the batch system's word frees the slot.
         job = vm.job
         actions += _check_job_alive(vm, seen, pool, now)
         if vm.job is None:
             state.vms.remove(vm)
-            actions.append(Note(logging.WARNING, f"{describe_vm(vm)}: its server is gone and job {job} is over: "
-                                                 "forgotten"))
+            actions.append(
+                Note(logging.WARNING, f"{describe_vm(vm)}: its server is gone and job {job} is over: forgotten")
+            )
         return actions
     state.vms.remove(vm)
     if not vm.tainted:
@@ -1586,8 +1732,13 @@ def _count_boot_failure(state: PoolState, vm: Vm, pool: PoolConfig, now: float) 
     _back_off(state, pool, now)  # each failed canary waits longer: no create/delete loop
     if state.protected_since is None:
         state.protected_since = now
-        return [Note(logging.ERROR, f"protected mode: {state.boot_failures} consecutive failed boots; "
-                                    f"one canary boot at a time, next at {fmt_time(state.backoff_until)}")]
+        return [
+            Note(
+                logging.ERROR,
+                f"protected mode: {state.boot_failures} consecutive failed boots; "
+                f"one canary boot at a time, next at {fmt_time(state.backoff_until)}",
+            )
+        ]
     return [Note(logging.WARNING, f"protected mode: canary failed; next at {fmt_time(state.backoff_until)}")]
 
 
@@ -1657,8 +1808,9 @@ def _active(state: PoolState, vm: Vm, seen: Observation, config: Config, now: fl
         return []
     if vm.address is None:
         return []
-    return [ProbeSsh(vm.name, vm.server_id or "", vm.address, tuple(vm.host_keys),
-                     first_contact=vm.last_healthy is None)]
+    return [
+        ProbeSsh(vm.name, vm.server_id or "", vm.address, tuple(vm.host_keys), first_contact=vm.last_healthy is None)
+    ]
 
 
 def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) -> list[Action]:
@@ -1677,15 +1829,16 @@ def _check_job_alive(vm: Vm, seen: Observation, pool: PoolConfig, now: float) ->
     _give_up_job(vm, f"job {job} gone without epilogue", now)
     if vm.server_id is None or vm.reason == VANISHED or vm.tainted == VANISHED:
         return [Note(logging.ERROR, f"{describe_vm(vm)}: job {job} gone without epilogue")]
-    return [Note(logging.ERROR, f"{describe_vm(vm)}: job {job} gone without epilogue, deleting the VM"),
-            _mark_delete(vm, vm.tainted, now)]
+    return [
+        Note(logging.ERROR, f"{describe_vm(vm)}: job {job} gone without epilogue, deleting the VM"),
+        _mark_delete(vm, vm.tainted, now),
+    ]
 
 
 DROPPED_CLEAN_MAX_AGE = 86400.0
 
 
-def _adopt_orphans(state: PoolState, servers: list[Server], records: Sequence[JobRecord],
-                   now: float) -> list[Action]:
+def _adopt_orphans(state: PoolState, servers: list[Server], records: Sequence[JobRecord], now: float) -> list[Action]:
     """Servers with the pool's tag that the state does not know: adopt when seen twice, or at once
     for the job whose record names it (a lost state file: the job runs there, its VM is its own).
 
@@ -1696,8 +1849,7 @@ def _adopt_orphans(state: PoolState, servers: list[Server], records: Sequence[Jo
     deleted after unusable_timeout, never handed out. Nova's created_at is never compared with
     this node's clock.
     """
-    state.dropped_clean = {name: at for name, at in state.dropped_clean.items()
-                             if now - at < DROPPED_CLEAN_MAX_AGE}
+    state.dropped_clean = {name: at for name, at in state.dropped_clean.items() if now - at < DROPPED_CLEAN_MAX_AGE}
     known = {vm.server_id for vm in state.vms}
     recorded: dict[str, list[JobRecord]] = {}
     for record in records:
@@ -1715,19 +1867,37 @@ def _adopt_orphans(state: PoolState, servers: list[Server], records: Sequence[Jo
             continue
         if server.id not in state.orphans:
             state.orphans[server.id] = now
-            actions.append(Note(logging.WARNING, f"server {server.name} ({server.id}) carries the pool's tag but "
-                                                 "is not in the state; adopting it if seen again"))
+            actions.append(
+                Note(
+                    logging.WARNING,
+                    f"server {server.name} ({server.id}) carries the pool's tag but "
+                    "is not in the state; adopting it if seen again",
+                )
+            )
             continue
         del state.orphans[server.id]
         name = server.vm_name or server.name
         ours = state.dropped_clean.pop(name, None) is not None
-        vm = Vm(name=name, state=UNUSABLE, reason=ADOPTED, since=now, created_at=now,
-                server_id=server.id, address=server.address, tainted="" if ours else UNKNOWN_PAST)
+        vm = Vm(
+            name=name,
+            state=UNUSABLE,
+            reason=ADOPTED,
+            since=now,
+            created_at=now,
+            server_id=server.id,
+            address=server.address,
+            tainted="" if ours else UNKNOWN_PAST,
+        )
         if vm.tainted:
             vm.reason = vm.tainted
         state.vms.append(vm)
-        actions.append(Note(logging.WARNING, f"{describe_vm(vm)} adopted (server {server.id})"
-                                             + ("" if ours else ": unknown past, will be deleted, never used")))
+        actions.append(
+            Note(
+                logging.WARNING,
+                f"{describe_vm(vm)} adopted (server {server.id})"
+                + ("" if ours else ": unknown past, will be deleted, never used"),
+            )
+        )
         if server.status == SERVER_ERROR:
             actions.append(_mark_delete(vm, "adopted in ERROR", now))
     state.orphans = {sid: first for sid, first in state.orphans.items() if sid in listed}
@@ -1738,15 +1908,31 @@ def _adopt_for_job(state: PoolState, server: Server, record: JobRecord, now: flo
     """A server the state lost, that a job runs on by the hooks' record: the job's VM again, Busy
     (or Unusable under its job until ACTIVE), its pinned host key taken from the record."""
     active = server.status == SERVER_ACTIVE
-    vm = Vm(name=server.vm_name or server.name, state=BUSY if active else UNUSABLE, since=now, created_at=now,
-            reason="" if active else ADOPTED, server_id=server.id, address=server.address, job=record.job,
-            user=record.user, last_healthy=now, host_keys=list(record.host_keys))
+    vm = Vm(
+        name=server.vm_name or server.name,
+        state=BUSY if active else UNUSABLE,
+        since=now,
+        created_at=now,
+        reason="" if active else ADOPTED,
+        server_id=server.id,
+        address=server.address,
+        job=record.job,
+        user=record.user,
+        last_healthy=now,
+        host_keys=list(record.host_keys),
+    )
     state.vms.append(vm)
-    return [Note(logging.ERROR, f"{describe_vm(vm)} adopted for job {record.job} ({record.user}) from the hooks' "
-                                "record: the state had lost it")]
+    return [
+        Note(
+            logging.ERROR,
+            f"{describe_vm(vm)} adopted for job {record.job} ({record.user}) from the hooks' "
+            "record: the state had lost it",
+        )
+    ]
 
 
 # -- scaling --
+
 
 def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
     while True:
@@ -1756,8 +1942,9 @@ def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
             return name
 
 
-def _scale(state: PoolState, config: Config, listed_names: set[str], now: float,
-           give_way: bool = False) -> list[Action]:
+def _scale(
+    state: PoolState, config: Config, listed_names: set[str], now: float, give_way: bool = False
+) -> list[Action]:
     """Towards the desired size. While another pool's jobs wait on the project's quota (give_way),
     this pool keeps no spares and lets VMs idle for give_way_after go, down to min."""
     pool = config.pool
@@ -1775,14 +1962,20 @@ def _scale(state: PoolState, config: Config, listed_names: set[str], now: float,
     return []
 
 
-def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, listed_names: set[str],
-              now: float) -> list[Action]:
+def _scale_up(
+    state: PoolState, config: Config, shortfall: int, room: int, listed_names: set[str], now: float
+) -> list[Action]:
     count = min(shortfall, room)
     if count <= 0:
         return []
     if state.paused_since is not None:
-        return [Note(logging.INFO, f"not creating {count} VM(s): paused since {fmt_time(state.paused_since)} "
-                                   f"by {state.paused_by}: {state.paused_reason}")]
+        return [
+            Note(
+                logging.INFO,
+                f"not creating {count} VM(s): paused since {fmt_time(state.paused_since)} "
+                f"by {state.paused_by}: {state.paused_reason}",
+            )
+        ]
     if state.backoff_until is not None and now < state.backoff_until:
         return [Note(logging.INFO, f"not creating {count} VM(s): backing off until {fmt_time(state.backoff_until)}")]
     if state.protected_since is not None:
@@ -1801,18 +1994,20 @@ def _scale_up(state: PoolState, config: Config, shortfall: int, room: int, liste
 
 def _scale_down(state: PoolState, pool: PoolConfig, excess: int, now: float, idle_for: float) -> list[Action]:
     in_cloud = sum(1 for vm in state.vms if not vm.deleting)
-    idle = sorted((vm for vm in state.vms if vm.state == FREE and now - vm.since > idle_for),
-                  key=lambda vm: vm.since)
+    idle = sorted((vm for vm in state.vms if vm.state == FREE and now - vm.since > idle_for), key=lambda vm: vm.since)
     count = min(excess, len(idle), max(0, in_cloud - pool.min))
     why = f"idle for more than {idle_for:.0f}s" + (
-        ", giving way to another pool's waiting jobs" if idle_for < pool.idle_timeout else "")
+        ", giving way to another pool's waiting jobs" if idle_for < pool.idle_timeout else ""
+    )
     return [_mark_delete(vm, why, now) for vm in idle[:count]]
 
 
 # -- outcomes of the cloud calls --
 
-def plan_created(state: PoolState, name: str, server_id: str | None, error: CloudError | None,
-                 pool: PoolConfig, now: float) -> tuple[PoolState, list[Action]]:
+
+def plan_created(
+    state: PoolState, name: str, server_id: str | None, error: CloudError | None, pool: PoolConfig, now: float
+) -> tuple[PoolState, list[Action]]:
     """Record the outcome of a create call."""
     new = copy_state(state)
     vm = new.vm_named(name)
@@ -1830,16 +2025,26 @@ def plan_created(state: PoolState, name: str, server_id: str | None, error: Clou
         _back_off(new, pool, now)
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # refused: nothing was created, no need to wait out create_grace
-        return new, [Note(logging.ERROR, f"vm {name} not created: {error}; check [openstack] image, flavor, "
-                                         "network, key_name, security_groups; backing off until "
-                                         f"{fmt_time(new.backoff_until)}")]
+        return new, [
+            Note(
+                logging.ERROR,
+                f"vm {name} not created: {error}; check [openstack] image, flavor, "
+                "network, key_name, security_groups; backing off until "
+                f"{fmt_time(new.backoff_until)}",
+            )
+        ]
     if isinstance(error, QuotaExceeded):
         _back_off(new, pool, now, error.retry_after)
         new.quota_blocked_since = new.quota_blocked_since or now
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # the cloud said no: nothing was created
-        return new, [Note(logging.ERROR, f"vm {name} not created: {error}; backing off "
-                                         f"{new.backoff_delay:.0f}s until {fmt_time(new.backoff_until)}")]
+        return new, [
+            Note(
+                logging.ERROR,
+                f"vm {name} not created: {error}; backing off "
+                f"{new.backoff_delay:.0f}s until {fmt_time(new.backoff_until)}",
+            )
+        ]
     # Any other failure may or may not have created the server: keep the intent; the next
     # passes bind it by name if it exists, or drop it after create_grace. It counts as a failed
     # boot, so a cloud that keeps refusing (a bad image, a 500) ends in protected mode.
@@ -1856,8 +2061,9 @@ def plan_not_created(state: PoolState, names: Sequence[str]) -> PoolState:
     return new
 
 
-def plan_deleted(state: PoolState, name: str, error: CloudError | None, now: float,
-                 server_id: str = "") -> tuple[PoolState, list[Action]]:
+def plan_deleted(
+    state: PoolState, name: str, error: CloudError | None, now: float, server_id: str = ""
+) -> tuple[PoolState, list[Action]]:
     new = copy_state(state)
     vm = new.vm_named(name)
     if vm is None or (server_id and vm.server_id != server_id):
@@ -1885,6 +2091,7 @@ def clear_protected_mode(state: PoolState) -> PoolState:
 
 # -- admin actions --
 
+
 def _admin_vm(state: PoolState, name: str) -> Vm:
     vm = state.vm_named(name)
     if vm is None:
@@ -1893,8 +2100,9 @@ def _admin_vm(state: PoolState, name: str) -> Vm:
     return vm
 
 
-def plan_drain(state: PoolState, names: Sequence[str], by: str, reason: str,
-               now: float) -> tuple[PoolState, list[Action]]:
+def plan_drain(
+    state: PoolState, names: Sequence[str], by: str, reason: str, now: float
+) -> tuple[PoolState, list[Action]]:
     """No new job on these VMs; each is deleted by the next pass once it holds no job."""
     new = copy_state(state)
     vms = [_admin_vm(new, name) for name in names]
@@ -1909,33 +2117,46 @@ def plan_drain(state: PoolState, names: Sequence[str], by: str, reason: str,
     return new, notes
 
 
-def plan_admin_delete(state: PoolState, name: str, by: str, reason: str, force: bool,
-                      now: float) -> tuple[PoolState, list[Action]]:
+def plan_admin_delete(
+    state: PoolState, name: str, by: str, reason: str, force: bool, now: float
+) -> tuple[PoolState, list[Action]]:
     """Delete a VM by the next pass; a Busy one only with force (its job loses the VM)."""
     vm = _admin_vm(state, name)
     if vm.job and not force:
-        raise BadInput(f"{describe_vm(vm)} is busy with job {vm.job} of {vm.user or 'no user'}: "
-                       "use `vmpool drain` to delete it once the job ends, or --force to delete it now")
+        raise BadInput(
+            f"{describe_vm(vm)} is busy with job {vm.job} of {vm.user or 'no user'}: "
+            "use `vmpool drain` to delete it once the job ends, or --force to delete it now"
+        )
     new, notes = plan_drain(state, [name], by, reason, now)
     held = new.vm_named(name)
     assert held is not None
     if held.job:
         job, user = held.job, held.user
         _give_up_job(held, f"deleted by {by} under job {job}", now)
-        notes = [Note(logging.ERROR, f"{describe_vm(held)} deleted by {by} while busy with job {job} of "
-                                     f"{user or 'no user'}: {reason}; the job loses its VM")]
+        notes = [
+            Note(
+                logging.ERROR,
+                f"{describe_vm(held)} deleted by {by} while busy with job {job} of "
+                f"{user or 'no user'}: {reason}; the job loses its VM",
+            )
+        ]
     return new, notes
 
 
 def plan_pause(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
     """No creates until resumed (deletes and probes go on)."""
     if state.paused_since is not None:
-        return state, [Note(logging.INFO, f"already paused since {fmt_time(state.paused_since)} by "
-                                          f"{state.paused_by}: {state.paused_reason}")]
+        return state, [
+            Note(
+                logging.INFO,
+                f"already paused since {fmt_time(state.paused_since)} by {state.paused_by}: {state.paused_reason}",
+            )
+        ]
     new = copy_state(state)
     new.paused_since, new.paused_by, new.paused_reason = now, by, reason
-    return new, [Note(logging.WARNING, f"pool {state.pool} paused by {by}: {reason}; no VM is created until "
-                                       "`vmpool resume`")]
+    return new, [
+        Note(logging.WARNING, f"pool {state.pool} paused by {by}: {reason}; no VM is created until `vmpool resume`")
+    ]
 
 
 def plan_resume(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
@@ -1958,6 +2179,7 @@ def plan_clear_backoff(state: PoolState, by: str, reason: str, now: float) -> tu
 
 
 # -- outcomes of cloud errors and SSH probes --
+
 
 def plan_cloud_error(state: PoolState, message: str, now: float) -> PoolState:
     """Remember the last cloud failure: status and acquire's timeout message show it."""
@@ -1993,8 +2215,9 @@ def plan_probed(state: PoolState, results: Sequence[ProbeResult], now: float) ->
                 vm.reason = reason_text(Why.UNREACHABLE, result.detail)
             else:
                 _set_state(vm, UNUSABLE, reason_text(Why.UNREACHABLE, result.detail), now)
-            actions.append(Note(logging.WARNING, f"{describe_vm(vm)} unusable: {result.detail}, since "
-                                                 f"{fmt_time(vm.since)}"))
+            actions.append(
+                Note(logging.WARNING, f"{describe_vm(vm)} unusable: {result.detail}, since {fmt_time(vm.since)}")
+            )
     return new, actions
 
 
@@ -2019,6 +2242,7 @@ CLOCK_REFRESH = 60.0  # how stale the recorded clock pair may get before a write
 
 # -- the clock --
 
+
 def plan_clock(state: PoolState, now: float, boot_id: str, boot_seconds: float) -> tuple[PoolState, list[Action]]:
     """Keep the state's wall-clock times true to elapsed time across a wall-clock step.
 
@@ -2039,8 +2263,13 @@ def plan_clock(state: PoolState, now: float, boot_id: str, boot_seconds: float) 
     new = copy_state(state)
     if abs(step) > CLOCK_STEP_TOLERANCE:
         _shift_times(new, step)
-        notes.append(Note(logging.WARNING, f"the wall clock stepped by {step:+.0f}s since the state was last "
-                                           "written; its times are shifted with it (timeouts keep real time)"))
+        notes.append(
+            Note(
+                logging.WARNING,
+                f"the wall clock stepped by {step:+.0f}s since the state was last "
+                "written; its times are shifted with it (timeouts keep real time)",
+            )
+        )
     new.clock = {"wall": now, "boot": boot_seconds, "boot_id": boot_id}
     return new, notes
 
@@ -2048,6 +2277,7 @@ def plan_clock(state: PoolState, now: float, boot_id: str, boot_seconds: float) 
 def _shift_times(state: PoolState, step: float) -> None:
     def shifted(value: float | None) -> float | None:
         return None if value is None else value + step
+
     for vm in state.vms:
         vm.since, vm.created_at = vm.since + step, vm.created_at + step
         vm.last_healthy, vm.delete_requested_at = shifted(vm.last_healthy), shifted(vm.delete_requested_at)
@@ -2065,6 +2295,7 @@ def _shift_times(state: PoolState, step: float) -> None:
 
 # -- read-outs: explanations, health, log text --
 
+
 def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
     """Say why no VM could be had, for the acquire timeout message."""
     reasons = []
@@ -2074,8 +2305,9 @@ def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
     if state.backoff_until and now < state.backoff_until:
         reasons.append(f"cloud refused creates, backing off until {fmt_time(state.backoff_until)}")
     if state.protected_since is not None:
-        reasons.append(f"protected mode since {fmt_time(state.protected_since)} after "
-                       f"{state.boot_failures} failed boots")
+        reasons.append(
+            f"protected mode since {fmt_time(state.protected_since)} after {state.boot_failures} failed boots"
+        )
     booting = sum(1 for vm in state.vms if vm.booting)
     if booting:
         reasons.append(f"{booting} VM(s) still booting")
@@ -2115,12 +2347,18 @@ def pool_health(state: PoolState, pool: PoolConfig, now: float) -> Health:
     oldest = min((request.since for request in state.requests), default=now)
     backoff = max(0.0, state.backoff_until - now) if state.backoff_until is not None else 0.0
     return Health(
-        free=state.count(FREE), busy=state.count(BUSY), unusable=state.count(UNUSABLE),
-        drained=sum(1 for vm in state.vms if vm.drained), waiting=len(state.requests),
+        free=state.count(FREE),
+        busy=state.count(BUSY),
+        unusable=state.count(UNUSABLE),
+        drained=sum(1 for vm in state.vms if vm.drained),
+        waiting=len(state.requests),
         oldest_wait=max(0.0, now - oldest),
         since_reconcile=None if state.last_reconcile is None else max(0.0, now - state.last_reconcile),
-        backoff=backoff, protected=state.protected_since is not None, paused=state.paused_since is not None,
-        desired=desired_size(state, pool))
+        backoff=backoff,
+        protected=state.protected_since is not None,
+        paused=state.paused_since is not None,
+        desired=desired_size(state, pool),
+    )
 
 
 def describe_action(action: Action) -> str:
@@ -2171,19 +2409,29 @@ def state_text(state: PoolState) -> str:
     for name, default in NEWER_FIELDS.items():  # an older vmpool still reads the file while they are unused
         if fields[name] == default:
             del fields[name]
-    return json.dumps({"schema": STATE_SCHEMA, "version": STATE_VERSION, **fields},
-                      default=_fields_of, separators=(",", ":")) + "\n"
+    return (
+        json.dumps(
+            {"schema": STATE_SCHEMA, "version": STATE_VERSION, **fields}, default=_fields_of, separators=(",", ":")
+        )
+        + "\n"
+    )
 
 
 def state_from_json(data: Any, path: str, pool_name: str) -> PoolState:
     if not isinstance(data, dict) or data.get("schema") != STATE_SCHEMA:
-        raise StateError(f"{path}: not a vmpool state file (no \"schema\": \"{STATE_SCHEMA}\"); left untouched")
+        raise StateError(f'{path}: not a vmpool state file (no "schema": "{STATE_SCHEMA}"); left untouched')
     version = data.get("version")
     if version != STATE_VERSION:
         newer = isinstance(version, int) and version > STATE_VERSION
-        raise StateError(f"{path}: state version {version!r} " + (
-            f"was written by a newer vmpool (this one reads {STATE_VERSION}); upgrade vmpool" if newer else
-            f"is not one this vmpool reads ({STATE_VERSION})") + "; left untouched")
+        raise StateError(
+            f"{path}: state version {version!r} "
+            + (
+                f"was written by a newer vmpool (this one reads {STATE_VERSION}); upgrade vmpool"
+                if newer
+                else f"is not one this vmpool reads ({STATE_VERSION})"
+            )
+            + "; left untouched"
+        )
     if data.get("pool") != pool_name:
         raise StateError(f"{path}: belongs to pool {data.get('pool')!r}, not {pool_name!r}; left untouched")
     try:
@@ -2196,8 +2444,10 @@ def state_from_json(data: Any, path: str, pool_name: str) -> PoolState:
         raise StateCorrupt(f"{path}: malformed state ({error}); {REBUILT_BY_RECONCILE}") from None
 
 
-REBUILT_BY_RECONCILE = ("the next `vmpool reconcile` sets it aside and rebuilds the pool from the cloud and the "
-                        "hooks' job records (or restore a backup: docs/operating.md)")
+REBUILT_BY_RECONCILE = (
+    "the next `vmpool reconcile` sets it aside and rebuilds the pool from the cloud and the "
+    "hooks' job records (or restore a backup: docs/operating.md)"
+)
 
 
 def state_access_error(path: str, error: OSError) -> StateAccessError:
@@ -2208,12 +2458,16 @@ def state_access_error(path: str, error: OSError) -> StateAccessError:
         why = must_be_root(f"the state and its locks in {directory} are root's")
         return StateAccessError(f"{where}: permission denied{why}")
     if isinstance(error, PermissionError):
-        return StateAccessError(f"{where}: permission denied, even to root: check the owner, mode and attributes "
-                                f"(lsattr) of {directory} and of the filesystem it is on")
+        return StateAccessError(
+            f"{where}: permission denied, even to root: check the owner, mode and attributes "
+            f"(lsattr) of {directory} and of the filesystem it is on"
+        )
     reason = (error.strerror or str(error)).lower()
-    return StateAccessError(f"state directory {directory} cannot be created or written ({reason}: {where}); "
-                            f"create it (mkdir -m 700 {directory}) or set [pool] state_file to a file in a "
-                            "local directory that root can write")
+    return StateAccessError(
+        f"state directory {directory} cannot be created or written ({reason}: {where}); "
+        f"create it (mkdir -m 700 {directory}) or set [pool] state_file to a file in a "
+        "local directory that root can write"
+    )
 
 
 def fsync_dir(directory: str) -> None:
@@ -2262,6 +2516,7 @@ def wait_for_flock(fd: int, deadline: float) -> bool:
     there) or while the process has an alarm of its own, it falls back to polling every 10 ms.
     """
     import fcntl
+
     if filelock.lock_descriptor(fd, blocking=False):
         return True
     remaining = deadline - time.monotonic()
@@ -2334,13 +2589,16 @@ class StateStore:
         except (OSError, UnicodeDecodeError) as error:
             raise StateError(f"{self.path}: cannot read state: {error}") from None
         if mode & 0o022:
-            raise StateError(f"{self.path}: state is writable by group/others (mode {stat.S_IMODE(mode):04o}); "
-                             f"check who changed it, then: chmod 600 {self.path}")
+            raise StateError(
+                f"{self.path}: state is writable by group/others (mode {stat.S_IMODE(mode):04o}); "
+                f"check who changed it, then: chmod 600 {self.path}"
+            )
         if mode & 0o044:  # job ids, users and VM addresses are root's business only
             with contextlib.suppress(OSError):
                 os.chmod(self.path, 0o600)
-                log.warning(f"{self.path}: state was readable by group/others "
-                            f"(mode {stat.S_IMODE(mode):04o}); made it 0600")
+                log.warning(
+                    f"{self.path}: state was readable by group/others (mode {stat.S_IMODE(mode):04o}); made it 0600"
+                )
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -2379,8 +2637,9 @@ class StateStore:
                 waited = time.monotonic() - started
                 if timeout is not None or not moved or waited >= LOCK_PATIENCE * window:
                     raise self._timeout(waited)
-                log.warning(f"{self.path}.lock: busy for {waited:.0f}s while other vmpool commands take "
-                            "their turns; waiting on")
+                log.warning(
+                    f"{self.path}.lock: busy for {waited:.0f}s while other vmpool commands take their turns; waiting on"
+                )
                 deadline = time.monotonic() + window
             try:
                 # Only the head of the queue polls here, and only while something outside the queue
@@ -2398,8 +2657,9 @@ class StateStore:
             finally:
                 self._held.depth = 0
                 self._lock.release()
-                log.debug(f"state lock: waited {(got - started) * 1000:.0f} ms, "
-                          f"held {(time.monotonic() - got) * 1000:.0f} ms")
+                log.debug(
+                    f"state lock: waited {(got - started) * 1000:.0f} ms, held {(time.monotonic() - got) * 1000:.0f} ms"
+                )
         finally:
             os.close(queue)
 
@@ -2434,8 +2694,10 @@ class StateStore:
         return info.st_ino, info.st_mtime_ns
 
     def _timeout(self, waited: float) -> LockTimeout:
-        return LockTimeout(f"{self.path}.lock: could not lock the state within {waited:.0f}s "
-                           "(another vmpool holds it; see `fuser -v` on the lock file)")
+        return LockTimeout(
+            f"{self.path}.lock: could not lock the state within {waited:.0f}s "
+            "(another vmpool holds it; see `fuser -v` on the lock file)"
+        )
 
     def _sweep_temp_files(self) -> None:
         """Temp files of the state left by a writer killed mid-write (only lock holders write them)."""
@@ -2473,8 +2735,10 @@ class StateStore:
                 aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.localtime(now))}"
                 os.replace(self.path, aside)
                 fsync_dir(os.path.dirname(self.path))
-                return f"{error.args[0].split('; ')[0]}: moved to {aside}; rebuilding the pool from the cloud " \
-                       "and the hooks' job records"
+                return (
+                    f"{error.args[0].split('; ')[0]}: moved to {aside}; rebuilding the pool from the cloud "
+                    "and the hooks' job records"
+                )
 
 
 @contextlib.contextmanager
@@ -2532,10 +2796,17 @@ class Cloud(Protocol):
 DEMAND_GROUP_PREFIX = "vmpool-demand-"  # + the pool's name: a server group saying its jobs wait on the quota
 
 NOVA_STATUS = {
-    "ACTIVE": SERVER_ACTIVE, "BUILD": SERVER_BUILDING, "ERROR": SERVER_ERROR,
-    "SHUTOFF": SERVER_DOWN, "STOPPED": SERVER_DOWN, "SUSPENDED": SERVER_DOWN, "PAUSED": SERVER_DOWN,
-    "SHELVED": SERVER_DOWN, "SHELVED_OFFLOADED": SERVER_DOWN,
-    "DELETED": SERVER_DELETING, "SOFT_DELETED": SERVER_DELETING,
+    "ACTIVE": SERVER_ACTIVE,
+    "BUILD": SERVER_BUILDING,
+    "ERROR": SERVER_ERROR,
+    "SHUTOFF": SERVER_DOWN,
+    "STOPPED": SERVER_DOWN,
+    "SUSPENDED": SERVER_DOWN,
+    "PAUSED": SERVER_DOWN,
+    "SHELVED": SERVER_DOWN,
+    "SHELVED_OFFLOADED": SERVER_DOWN,
+    "DELETED": SERVER_DELETING,
+    "SOFT_DELETED": SERVER_DELETING,
 }
 
 
@@ -2549,6 +2820,7 @@ def server_status_from_nova(status: str, task_state: str | None) -> str:
 
 def parse_nova_time(text: str | None) -> float | None:
     import datetime
+
     try:
         return datetime.datetime.fromisoformat(text).timestamp() if text else None
     except ValueError:
@@ -2558,6 +2830,7 @@ def parse_nova_time(text: str | None) -> float | None:
 def next_page_marker(links: list[dict[str, Any]]) -> str:
     """The marker of Nova's "next" link (its host may be one we cannot reach: only the marker is used)."""
     from urllib.parse import parse_qs, urlsplit
+
     for link in links:
         if link.get("rel") == "next":
             return parse_qs(urlsplit(str(link.get("href", ""))).query).get("marker", [""])[0]
@@ -2589,6 +2862,7 @@ def retry_after_seconds(value: str | None, now: float) -> float:
     if value.strip().isdigit():
         return float(value.strip())
     import email.utils
+
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - now)
     except (TypeError, ValueError):
@@ -2602,6 +2876,7 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from keystoneauth1 import exceptions as ks_exc
         from novaclient import exceptions as nova_exc
+
         what = func.__name__.replace("_", " ")
         auth_url = getattr(args[0], "auth_url", "?") if args else "?"
         hint = getattr(args[0], "credentials_hint", "check the cloud credentials") if args else ""
@@ -2625,13 +2900,16 @@ def translate_cloud_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise CloudError(f"{what}: {unreachable(str(error), auth_url)}") from None
         except ks_exc.Unauthorized as error:
             raise not_keystone(args[0], what) or CloudRefused(
-                f"{what}: authentication failed at {auth_url}: {error} ({hint})") from None
+                f"{what}: authentication failed at {auth_url}: {error} ({hint})"
+            ) from None
         except (ks_exc.NotFound, ks_exc.BadRequest, ks_exc.DiscoveryFailure, ks_exc.InvalidResponse) as error:
             raise not_keystone(args[0], what) or CloudRefused(
                 f"{what}: Keystone at {auth_url} answered {type(error).__name__}: {error} "
-                "(check [openstack] auth_url: the Keystone v3 URL, e.g. https://host:5000/v3)") from None
+                "(check [openstack] auth_url: the Keystone v3 URL, e.g. https://host:5000/v3)"
+            ) from None
         except ks_exc.ClientException as error:
             raise CloudError(f"{what}: {type(error).__name__} (auth_url {auth_url}): {error}") from None
+
     return wrapper
 
 
@@ -2642,13 +2920,16 @@ def unreachable(message: str, auth_url: str) -> str:
     reason = errno.group(1).strip().lower() if errno else "no connection"
     if url is None or auth_url == "?" or url.group(1).startswith(auth_url.rstrip("/")):
         return f"cannot reach Keystone at {auth_url}: {reason} (check auth_url: its host, port and scheme)"
-    return (f"cannot reach the compute API at {url.group(1)}, which Keystone's catalog names: {reason} "
-            "(check the region_name and interface of the credentials)")
+    return (
+        f"cannot reach the compute API at {url.group(1)}, which Keystone's catalog names: {reason} "
+        "(check the region_name and interface of the credentials)"
+    )
 
 
 def known_clouds() -> str:
     """The clouds OpenStack's loader finds, for an error about a cloud name it does not know."""
     import openstack.config.loader
+
     try:
         loader = openstack.config.loader.OpenStackConfig()
         names = sorted(name for name in loader.get_cloud_names() if name != "envvars")
@@ -2664,8 +2945,10 @@ def not_keystone(cloud: Any, what: str) -> CloudRefused | None:
     auth_url = getattr(cloud, "auth_url", "?")
     if auth_url == "?" or getattr(cloud, "answers_as_keystone", lambda: True)():
         return None
-    return CloudRefused(f"{what}: {auth_url} answered, but is not a Keystone identity endpoint; set auth_url to "
-                        "Keystone's v3 URL, e.g. https://host:5000/v3 (`openstack endpoint list --service identity`)")
+    return CloudRefused(
+        f"{what}: {auth_url} answered, but is not a Keystone identity endpoint; set auth_url to "
+        "Keystone's v3 URL, e.g. https://host:5000/v3 (`openstack endpoint list --service identity`)"
+    )
 
 
 class NovaCloud:
@@ -2695,11 +2978,13 @@ class NovaCloud:
     def _client(self) -> Any:
         if self._nova is None:
             from novaclient import client as nova_client
+
             # keystoneauth1 re-authenticates on a 401 (an expired token) and retries once by itself.
             session = self._session()
             session.session.hooks["response"].append(self._keep_retry_after)
-            self._nova = nova_client.Client(self.MICROVERSION, session=session, region_name=self._region,
-                                            endpoint_type=self._interface)
+            self._nova = nova_client.Client(
+                self.MICROVERSION, session=session, region_name=self._region, endpoint_type=self._interface
+            )
         return self._nova
 
     def _keep_retry_after(self, response: Any, *args: Any, **kwargs: Any) -> None:
@@ -2712,10 +2997,15 @@ class NovaCloud:
     def answers_as_keystone(self) -> bool:
         """Does auth_url answer with Keystone's version document? True when it cannot tell."""
         import requests
+
         cloud = self.config.openstack
         try:
-            answer = requests.get(self.auth_url, timeout=cloud.api_timeout, verify=cloud.cacert or True,
-                                  headers={"Accept": "application/json"})
+            answer = requests.get(
+                self.auth_url,
+                timeout=cloud.api_timeout,
+                verify=cloud.cacert or True,
+                headers={"Accept": "application/json"},
+            )
         except (requests.RequestException, ValueError):
             return True
         return "vnd.openstack.identity" in answer.text  # the media type every Keystone version names
@@ -2727,16 +3017,23 @@ class NovaCloud:
             return self._session_from_openstack_config()
         from keystoneauth1 import session as ks_session
         from keystoneauth1.identity import v3
+
         auth: Any
         if cloud.application_credential_id:
             auth = v3.ApplicationCredential(
-                auth_url=cloud.auth_url, application_credential_id=cloud.application_credential_id,
-                application_credential_secret=cloud.application_credential_secret)
+                auth_url=cloud.auth_url,
+                application_credential_id=cloud.application_credential_id,
+                application_credential_secret=cloud.application_credential_secret,
+            )
         else:
             auth = v3.Password(
-                auth_url=cloud.auth_url, username=cloud.username, password=cloud.password,
-                user_domain_name=cloud.user_domain_name or "Default", project_name=cloud.project_name,
-                project_domain_name=cloud.project_domain_name or "Default")
+                auth_url=cloud.auth_url,
+                username=cloud.username,
+                password=cloud.password,
+                user_domain_name=cloud.user_domain_name or "Default",
+                project_name=cloud.project_name,
+                project_domain_name=cloud.project_domain_name or "Default",
+            )
         self._region, self._interface = cloud.region_name or None, cloud.interface or "public"
         return ks_session.Session(auth=auth, timeout=cloud.api_timeout, verify=cloud.cacert or True)
 
@@ -2747,10 +3044,12 @@ class NovaCloud:
         [openstack] region_name, interface and cacert, when set, override what it read."""
         import openstack.config
         import openstack.exceptions
+
         cloud = self.config.openstack
         source = credentials_source(cloud)
-        overrides: dict[str, Any] = {key: value for key, value in (("region_name", cloud.region_name),
-                                                                   ("cacert", cloud.cacert)) if value}
+        overrides: dict[str, Any] = {
+            key: value for key, value in (("region_name", cloud.region_name), ("cacert", cloud.cacert)) if value
+        }
         # The loader skips a clouds.yaml that does not parse with a warning only: keep it for the error.
         skipped: list[str] = []
         collect = logging.Handler(logging.WARNING)
@@ -2758,16 +3057,20 @@ class NovaCloud:
         loader_log = logging.getLogger("openstack.config")
         loader_log.addHandler(collect)
         try:
-            region = openstack.config.get_cloud_region(cloud=cloud.cloud or None, api_timeout=cloud.api_timeout,
-                                                       **overrides)
+            region = openstack.config.get_cloud_region(
+                cloud=cloud.cloud or None, api_timeout=cloud.api_timeout, **overrides
+            )
             session = region.get_session()
         except openstack.exceptions.ConfigException as error:
             because = f" ({'; '.join(skipped)})" if skipped else known_clouds() if "not found" in str(error) else ""
-            raise ConfigError(f"{self.config.path}: {source}: {error}{because} (clouds.yaml is read from ./, "
-                              "~/.config/openstack/, /etc/openstack/ or $OS_CLIENT_CONFIG_FILE)") from None
+            raise ConfigError(
+                f"{self.config.path}: {source}: {error}{because} (clouds.yaml is read from ./, "
+                "~/.config/openstack/, /etc/openstack/ or $OS_CLIENT_CONFIG_FILE)"
+            ) from None
         except Exception as error:  # a file it cannot read, an auth plugin it does not know
-            raise ConfigError(f"{self.config.path}: {source}: cannot be read: {type(error).__name__}: "
-                              f"{' '.join(str(error).split())}") from None
+            raise ConfigError(
+                f"{self.config.path}: {source}: cannot be read: {type(error).__name__}: {' '.join(str(error).split())}"
+            ) from None
         finally:
             loader_log.removeHandler(collect)
         for warning in skipped:
@@ -2775,13 +3078,13 @@ class NovaCloud:
         self.auth_url = str((region.config.get("auth") or {}).get("auth_url") or "?")
         self._region = region.get_region_name("compute") or None
         read = region.get_interface("compute")  # a list when clouds.yaml gives several
-        self._interface = cloud.interface or (read[0] if isinstance(read, list) and read else str(read or "")) \
-            or "public"
+        self._interface = (
+            cloud.interface or (read[0] if isinstance(read, list) and read else str(read or "")) or "public"
+        )
         return session
 
     def _metadata(self, name: str) -> dict[str, str]:
-        return {**dict(self.config.openstack.metadata), METADATA_POOL_KEY: self.config.pool.name,
-                METADATA_VM_KEY: name}
+        return {**dict(self.config.openstack.metadata), METADATA_POOL_KEY: self.config.pool.name, METADATA_VM_KEY: name}
 
     @translate_cloud_errors
     def list_servers(self) -> ServerListing:
@@ -2800,6 +3103,7 @@ class NovaCloud:
         included once it has reached its cell. Each server counts once, as its latest page shows it.
         """
         from urllib.parse import urlencode
+
         servers: dict[str, Server] = {}
         marker, pages = "", 0
         while True:
@@ -2822,10 +3126,14 @@ class NovaCloud:
         if metadata.get(METADATA_POOL_KEY) != self.config.pool.name:
             return None  # not ours, whatever its name says (vmpool-gpu- also matches ^vmpool-)
         return Server(
-            id=raw["id"], name=raw.get("name") or "", vm_name=metadata.get(METADATA_VM_KEY, ""),
+            id=raw["id"],
+            name=raw.get("name") or "",
+            vm_name=metadata.get(METADATA_VM_KEY, ""),
             created_at=parse_nova_time(raw.get("created")),
             status=server_status_from_nova(raw.get("status") or "", raw.get("OS-EXT-STS:task_state")),
-            address=first_ipv4(raw.get("addresses") or {}), fault=(raw.get("fault") or {}).get("message", ""))
+            address=first_ipv4(raw.get("addresses") or {}),
+            fault=(raw.get("fault") or {}).get("message", ""),
+        )
 
     @translate_cloud_errors
     def create_server(self, name: str) -> str:
@@ -2838,8 +3146,13 @@ class NovaCloud:
         if cloud.availability_zone:
             extra["availability_zone"] = cloud.availability_zone
         server = self._client().servers.create(
-            name=name, image=cloud.image, flavor=cloud.flavor, nics=[{"net-id": cloud.network}],
-            meta=self._metadata(name), **extra)
+            name=name,
+            image=cloud.image,
+            flavor=cloud.flavor,
+            nics=[{"net-id": cloud.network}],
+            meta=self._metadata(name),
+            **extra,
+        )
         return str(server.id)
 
     @translate_cloud_errors
@@ -2848,23 +3161,27 @@ class NovaCloud:
 
     def _demand_groups(self) -> list[dict[str, Any]]:
         _, body = self._client().client.get("/os-server-groups")
-        return [group for group in body.get("server_groups") or []
-                if str(group.get("name", "")).startswith(DEMAND_GROUP_PREFIX)]
+        return [
+            group
+            for group in body.get("server_groups") or []
+            if str(group.get("name", "")).startswith(DEMAND_GROUP_PREFIX)
+        ]
 
     @translate_cloud_errors
     def pools_wanting(self) -> frozenset[str]:
         """The pools of the project whose jobs wait on its quota. Each says so with a server group
         named after it: the one kind of object every pool can list, and make, without a server of
         its own (a pool the quota keeps at no server at all must still be heard)."""
-        return frozenset(group["name"][len(DEMAND_GROUP_PREFIX):] for group in self._demand_groups())
+        return frozenset(group["name"][len(DEMAND_GROUP_PREFIX) :] for group in self._demand_groups())
 
     @translate_cloud_errors
     def signal_wanting(self, pool: str, wanting: bool) -> None:
         name = DEMAND_GROUP_PREFIX + pool
         mine = [group["id"] for group in self._demand_groups() if group.get("name") == name]
         if wanting and not mine:
-            self._client().client.post("/os-server-groups",
-                                       body={"server_group": {"name": name, "policy": "soft-affinity"}})
+            self._client().client.post(
+                "/os-server-groups", body={"server_group": {"name": name, "policy": "soft-affinity"}}
+            )
         for group_id in mine if not wanting else ():
             self._client().client.delete(f"/os-server-groups/{group_id}")
 
@@ -2885,11 +3202,11 @@ class NovaCloud:
 
         from novaclient import client as nova_client
         from novaclient import exceptions as nova_exc
+
         cloud = self.config.openstack
         session = self._client().client.session
         session.get_auth_headers()  # authenticate now
-        legacy = nova_client.Client("2.1", session=session, region_name=self._region,
-                                    endpoint_type=self._interface)
+        legacy = nova_client.Client("2.1", session=session, region_name=self._region, endpoint_type=self._interface)
 
         def get(path: str) -> dict[str, Any] | None:
             try:
@@ -2901,33 +3218,40 @@ class NovaCloud:
         def by_id(key: str, value: str, collection: str) -> str:
             if get(f"/{collection}/{quote(value, safe='')}") is not None:
                 return ""
-            named = [item["id"] for item in (get(f"/{collection}") or {}).get(collection, [])
-                     if item.get("name") == value]
+            named = [
+                item["id"] for item in (get(f"/{collection}") or {}).get(collection, []) if item.get("name") == value
+            ]
             if named:
                 return f"{value!r} is the name of {key} {named[0]}; give its ID: {key} = {named[0]}"
             return f"the cloud has no {key} with ID {value!r} (`openstack {key} list` shows them)"
 
-        findings = [("flavor", by_id("flavor", cloud.flavor, "flavors")),
-                    ("image", by_id("image", cloud.image, "images")),
-                    ("network", "" if get(f"/os-networks/{quote(cloud.network, safe='')}") is not None else
-                     f"the cloud has no network with ID {cloud.network!r} (`openstack network list` shows them)")]
+        findings = [
+            ("flavor", by_id("flavor", cloud.flavor, "flavors")),
+            ("image", by_id("image", cloud.image, "images")),
+            (
+                "network",
+                ""
+                if get(f"/os-networks/{quote(cloud.network, safe='')}") is not None
+                else f"the cloud has no network with ID {cloud.network!r} (`openstack network list` shows them)",
+            ),
+        ]
         if cloud.key_name:
             keypair = (get(f"/os-keypairs/{quote(cloud.key_name, safe='')}") or {}).get("keypair")
             if keypair is None:
                 problem = f"no key pair {cloud.key_name!r} in this project (`openstack keypair list`)"
             elif public_key is not None and keypair.get("public_key", "").split()[:2] != public_key.split()[:2]:
-                problem = (f"key pair {cloud.key_name!r} does not hold the public half of [ssh] private_key: "
-                           "root could not log in to the VMs")
+                problem = (
+                    f"key pair {cloud.key_name!r} does not hold the public half of [ssh] private_key: "
+                    "root could not log in to the VMs"
+                )
             else:
                 problem = ""
             findings.append(("key_name", problem))
         return findings
 
 
-HOST_KEY_BLOCK_RE = re.compile(
-    r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.DOTALL)
-HOST_KEY_LINE_RE = re.compile(
-    r"((?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp(?:256|384|521)|sk-\S+)\s+[A-Za-z0-9+/=]+)")
+HOST_KEY_BLOCK_RE = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.DOTALL)
+HOST_KEY_LINE_RE = re.compile(r"((?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp(?:256|384|521)|sk-\S+)\s+[A-Za-z0-9+/=]+)")
 
 
 def host_keys_from_console(console: str) -> list[str]:
@@ -2955,22 +3279,30 @@ class FabricRemote:
     def _connection(self, address: str, sock: Any = None) -> Any:
         """A fabric connection to the VM; over `sock` if given (connected already, by _reach)."""
         import fabric
+
         ssh = self.ssh
         return fabric.Connection(
-            address, user=ssh.user, port=ssh.port,
+            address,
+            user=ssh.user,
+            port=ssh.port,
             # connect_timeout bounds only the TCP connect and is truncated to an int (0 = none).
             connect_timeout=max(1, int(ssh.connect_timeout)),
             connect_kwargs={
-                "key_filename": ssh.private_key, "look_for_keys": False, "allow_agent": False,
-                "banner_timeout": ssh.banner_timeout, "auth_timeout": ssh.auth_timeout,
+                "key_filename": ssh.private_key,
+                "look_for_keys": False,
+                "allow_agent": False,
+                "banner_timeout": ssh.banner_timeout,
+                "auth_timeout": ssh.auth_timeout,
                 # a dead peer otherwise holds a channel open for paramiko's default hour
                 "channel_timeout": ssh.command_timeout,
                 **({"sock": sock} if sock is not None else {}),
-            })
+            },
+        )
 
     def _pin(self, connection: Any, address: str, host_keys: Sequence[str]) -> list[str]:
         """Trust exactly the pinned keys; with none, learn the key on first contact."""
         import paramiko
+
         client = connection.client
         learned: list[str] = []
         if host_keys:
@@ -3000,8 +3332,9 @@ class FabricRemote:
             try:
                 return _probe_in_processes(self.ssh, list(targets), processes, logins)
             except Exception as error:  # a worker killed (OOM), no /dev/shm...: slower, but probed
-                log.warning(f"probing in {processes} processes failed ({type(error).__name__}: {error}); "
-                            "probing in this one")
+                log.warning(
+                    f"probing in {processes} processes failed ({type(error).__name__}: {error}); probing in this one"
+                )
         return probe_in_threads(self.ssh, list(targets), self.ssh.probe_parallelism)
 
     def _reach(self, address: str) -> Any:
@@ -3009,6 +3342,7 @@ class FabricRemote:
         the ProbeResult of a VM that is not reached: no connection within connect_timeout, or no
         banner within banner_timeout."""
         import socket
+
         ssh = self.ssh
         try:
             sock = socket.create_connection((address, ssh.port), timeout=max(1, int(ssh.connect_timeout)))
@@ -3022,8 +3356,10 @@ class FabricRemote:
             sock.recv(1, socket.MSG_PEEK)  # the server speaks first; b"" (closed): paramiko says why
         except TimeoutError:
             sock.close()
-            log.debug(f"ssh {address} port {ssh.port}: TCP connected, but no SSH protocol banner within "
-                      f"{ssh.banner_timeout:g}s (a hung sshd, or one refusing over MaxStartups)")
+            log.debug(
+                f"ssh {address} port {ssh.port}: TCP connected, but no SSH protocol banner within "
+                f"{ssh.banner_timeout:g}s (a hung sshd, or one refusing over MaxStartups)"
+            )
             return ProbeResult(address, False, f"ssh: no SSH banner within {ssh.banner_timeout:.0f}s")
         except OSError as error:
             sock.close()
@@ -3045,6 +3381,7 @@ class FabricRemote:
     def _log_in(self, address: str, host_keys: Sequence[str], sock: Any) -> ProbeResult:
         import paramiko
         from invoke.exceptions import CommandTimedOut
+
         connection = self._connection(address, sock)
         learned = self._pin(connection, address, host_keys)
         # logged in, then the VM stopped answering (or a hung shell): no better than no SSH
@@ -3063,8 +3400,9 @@ class FabricRemote:
         except CommandTimedOut:
             return timed_out
         except paramiko.BadHostKeyException as error:
-            return ProbeResult(address, False, f"presented {error.key.get_name()} key not pinned",
-                               host_key_changed=True)
+            return ProbeResult(
+                address, False, f"presented {error.key.get_name()} key not pinned", host_key_changed=True
+            )
         except paramiko.SSHException as error:
             if "not found in known_hosts" in str(error):
                 return ProbeResult(address, False, "host key not pinned", host_key_changed=True)
@@ -3093,6 +3431,7 @@ def probe_threads(logins: int, targets: int) -> int:
     """A probing process's threads: WAITS_PER_LOGIN per login slot, no more than the targets, nor
     than half its file descriptor limit (each thread holds a socket; the rest is for the logins)."""
     import resource
+
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     budget = soft // 2 if soft != resource.RLIM_INFINITY else WAITS_PER_LOGIN * logins
     return max(1, min(WAITS_PER_LOGIN * logins, targets, budget))
@@ -3101,13 +3440,15 @@ def probe_threads(logins: int, targets: int) -> int:
 def probe_in_threads(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], logins: int) -> list[ProbeResult]:
     """FabricRemote.probe over the targets, `logins` logins at a time; results in the targets' order."""
     from concurrent.futures import ThreadPoolExecutor
+
     remote, slots = FabricRemote(ssh), threading.BoundedSemaphore(logins)
     with ThreadPoolExecutor(max_workers=probe_threads(logins, len(targets))) as executor:
         return list(executor.map(lambda target: remote.probe(target[0], target[1], slots), targets))
 
 
-def _probe_in_processes(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], processes: int,
-                        logins: int) -> list[ProbeResult]:
+def _probe_in_processes(
+    ssh: SshConfig, targets: list[tuple[str, Sequence[str]]], processes: int, logins: int
+) -> list[ProbeResult]:
     """The targets through `processes` workers of `logins` login slots (and probe_threads threads)
     each, every thread taking the next target from one queue: a dead VM holds a thread for its
     timeout wherever it is, and the rest flow to the free threads. (Dealt out in fixed shares,
@@ -3116,6 +3457,7 @@ def _probe_in_processes(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]]
     threads and locks), quiet as this one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
     context = multiprocessing.get_context("forkserver")
     todo = context.Queue()  # a feeder thread writes it: put() never blocks on the pipe
     for item in enumerate(targets):
@@ -3125,10 +3467,12 @@ def _probe_in_processes(ssh: SshConfig, targets: list[tuple[str, Sequence[str]]]
         todo.put(None)  # one end mark per thread
     verbose = log.isEnabledFor(logging.DEBUG)
     try:
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=_probe_worker_started,
-                                 initargs=(verbose, todo)) as executor:
-            answers = list(executor.map(_probe_from_queue, [ssh] * processes, [logins] * processes,
-                                        [threads] * processes))
+        with ProcessPoolExecutor(
+            processes, mp_context=context, initializer=_probe_worker_started, initargs=(verbose, todo)
+        ) as executor:
+            answers = list(
+                executor.map(_probe_from_queue, [ssh] * processes, [logins] * processes, [threads] * processes)
+            )
     finally:
         todo.cancel_join_thread()  # what a broken worker left in it is not waited for
         todo.close()
@@ -3167,8 +3511,10 @@ def _probe_from_queue(ssh: SshConfig, logins: int, threads: int) -> list[tuple[i
             index, (address, host_keys) = item
             answers.append((index, remote.probe(address, host_keys, login_slot())))  # list.append: atomic
             item = _probe_queue.get()
-    workers = [threading.Thread(target=probe_until_end, args=(_probe_queue.get(),), daemon=True)
-               for _ in range(threads)]
+
+    workers = [
+        threading.Thread(target=probe_until_end, args=(_probe_queue.get(),), daemon=True) for _ in range(threads)
+    ]
     try:
         for worker in workers:
             worker.start()
@@ -3182,6 +3528,7 @@ def _probe_from_queue(ssh: SshConfig, logins: int, threads: int) -> list[tuple[i
 def public_key_of(path: str) -> tuple[str | None, str]:
     """The OpenSSH public line of a private key file, or why it cannot be used (passphrase, format)."""
     import paramiko
+
     try:
         key = paramiko.PKey.from_path(path)
     except paramiko.PasswordRequiredException:
@@ -3193,6 +3540,7 @@ def public_key_of(path: str) -> tuple[str | None, str]:
 
 def _b64(data: str) -> bytes:
     import base64
+
     return base64.b64decode(data.split()[0])
 
 
@@ -3214,8 +3562,19 @@ def _learning_policy(learned: list[str]) -> Any:
 JOB_ALIVE, JOB_GONE, JOB_UNKNOWN = "alive", "gone", "unknown"
 TORQUE_UNKNOWN_JOB = 153  # qstat's exit code for "Unknown Job Id"
 # Slurm job states after which the job holds nothing (COMPLETING still runs the epilog).
-SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
-               "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT", "REVOKED"}
+SLURM_ENDED = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "TIMEOUT",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 
 
 class Batch(Protocol):
@@ -3256,10 +3615,12 @@ class CommandBatch:
 
     def job_state(self, job: str) -> str:
         import subprocess
+
         argv = [part.replace("{jobid}", job) for part in self.argv]
         try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=self.timeout, errors="replace")
+            done = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.timeout, errors="replace"
+            )
         except (OSError, subprocess.TimeoutExpired) as error:
             return f"{JOB_UNKNOWN}: {argv[0]} failed to run: {error}"
         return self.parse(done.returncode, done.stdout, done.stderr)
@@ -3275,6 +3636,7 @@ def _exit_code_answer(gone_codes: tuple[int, ...]) -> Callable[[int, str, str], 
         if exit_code in gone_codes:
             return JOB_GONE
         return JOB_ALIVE if exit_code == 0 else f"{JOB_UNKNOWN}: job_alive_command exited {exit_code}"
+
     return parse
 
 
@@ -3282,10 +3644,12 @@ def batch_for(config: Config) -> Batch:
     """The configured way to ask whether a job lives: job_alive_command, else the batch system's own tool."""
     import shlex
     import shutil
+
     pool, batch = config.pool, config.batch
     if pool.job_alive_command:
-        return CommandBatch(shlex.split(pool.job_alive_command), _exit_code_answer(pool.job_gone_exit_codes),
-                            pool.job_alive_timeout)
+        return CommandBatch(
+            shlex.split(pool.job_alive_command), _exit_code_answer(pool.job_gone_exit_codes), pool.job_alive_timeout
+        )
     if batch.system == "none":
         return NoBatch()
     # cron's PATH is /usr/bin:/bin; TORQUE and Slurm built from source live in /usr/local/bin
@@ -3320,10 +3684,17 @@ class Pool:
     state change goes through _update. Its two long-running machines are classes of their own:
     the acquire that waits for a VM (WaitingAcquire) and the reconcile pass (ReconcilePass)."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time,
-                 cloud: Cloud | None = None, remote: Remote | None = None, batch: Batch | None = None,
-                 monotonic: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 boot_clock: Callable[[], tuple[str, float]] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+        cloud: Cloud | None = None,
+        remote: Remote | None = None,
+        batch: Batch | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        boot_clock: Callable[[], tuple[str, float]] | None = None,
+    ):
         self.config = config
         self.clock = clock  # wall clock: what the state records
         self.monotonic = monotonic  # waits and deadlines inside this process
@@ -3354,6 +3725,7 @@ class Pool:
             if freed:
                 new, handed = plan_hand_over(new, self.clock(), self.host, request_alive)
             return new, result
+
         result = self.store.update(checked, lock_timeout)
         if freed:  # once the state says so: a woken waiter must find its VM Free, or handed to it
             self.store.note_freed(freed)
@@ -3380,14 +3752,25 @@ class Pool:
 
     # -- acquire / release --
 
-    def try_claim(self, job: str, user: str, started: float | None = None,
-                  lock_timeout: float | None = None) -> Claimed | Waiting | Ended:
+    def try_claim(
+        self, job: str, user: str, started: float | None = None, lock_timeout: float | None = None
+    ) -> Claimed | Waiting | Ended:
         pid = os.getpid()
 
         def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting | Ended]:
-            return plan_acquire(state, job, user, self.clock(), pid, self.host, live_waiters(state),
-                                started=started, pid_start=process_start(pid),
-                                records=job_records_to_follow(state, self.config.pool.job_records))
+            return plan_acquire(
+                state,
+                job,
+                user,
+                self.clock(),
+                pid,
+                self.host,
+                live_waiters(state),
+                started=started,
+                pid_start=process_start(pid),
+                records=job_records_to_follow(state, self.config.pool.job_records),
+            )
+
         outcome: Claimed | Waiting | Ended = self._update(change, lock_timeout)
         if not isinstance(outcome, Ended):
             self.apply_notes(outcome.notes)
@@ -3400,6 +3783,7 @@ class Pool:
     def release(self, job: str, unusable: str = "") -> None:
         actions = self._update(lambda state: plan_release(state, job, self.clock(), unusable))
         self.apply_notes(actions)
+
     # -- reconcile --
 
     def reconcile(self, *, probe_free: bool = True, dry_run: bool = False, quiet: bool = False) -> bool:
@@ -3461,8 +3845,10 @@ class WaitingAcquire:
                 if self.monotonic() >= deadline:
                     outcome = self._try_claim_by(deadline, job, user, started)  # a VM handed over meanwhile?
                     if isinstance(outcome, Waiting):
-                        raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: "
-                                            f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}")
+                        raise NoVmAvailable(
+                            f"job {job}: no VM within {timeout:.0f}s: "
+                            f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}"
+                        )
                     break
                 mark = self.store.freed_mark()  # before the look: a VM freed meanwhile wakes it early
                 to_free, claims = self._look(job)
@@ -3475,18 +3861,22 @@ class WaitingAcquire:
                     outcome = self._try_claim_by(deadline, job, user, started)
                 if isinstance(outcome, Waiting):
                     rate = queue_speed.claimed(claims, self.monotonic())
-                    self._sleep_unless_freed(waiter_sleep(to_free, rate, self.config.pool.acquire_poll),
-                                             to_free, mark)
+                    self._sleep_unless_freed(waiter_sleep(to_free, rate, self.config.pool.acquire_poll), to_free, mark)
         except BaseException:
             with contextlib.suppress(VmpoolError):
                 self.pool._update(functools.partial(_without_result, withdraw_request, job=job, now=self.clock()))
             raise
         if isinstance(outcome, Ended):
-            raise JobEnded(f"job {job}: its epilogue released it at {fmt_time(outcome.at)}, after this attempt "
-                           f"began at {fmt_time(started)}: the job is over, no VM taken")
+            raise JobEnded(
+                f"job {job}: its epilogue released it at {fmt_time(outcome.at)}, after this attempt "
+                f"began at {fmt_time(started)}: the job is over, no VM taken"
+            )
         vm = outcome.vm
-        held = " (already held: an earlier run of its prologue may have prepared it)" if outcome.already_held else (
-            f" (handed over when it came Free, at {fmt_time(vm.since)})" if outcome.handed else "")
+        held = (
+            " (already held: an earlier run of its prologue may have prepared it)"
+            if outcome.already_held
+            else (f" (handed over when it came Free, at {fmt_time(vm.since)})" if outcome.handed else "")
+        )
         log.info(f"{describe_vm(vm)} acquired by job {job} for {user}{held}")
         return outcome
 
@@ -3524,15 +3914,15 @@ class WaitingAcquire:
             return 0, 0  # the locked try reports it
         last = state.last_pass
         if waiting_pass_may_help(state, self.config.pool) and (
-                last is None or self.clock() - last >= self.config.pool.pass_interval):
+            last is None or self.clock() - last >= self.config.pool.pass_interval
+        ):
             try:  # drive boots forward, leaving room between passes for other waiters
                 self.pool.reconcile(probe_free=False, quiet=True)
             except LockTimeout as error:
                 log.warning(f"job {job}: skipping a waiting pass: {error}")
             with contextlib.suppress(StateError):
                 state = self.store.read()
-        return (vms_still_to_free(state, job, os.getpid(), self.host, request_alive),
-                state.counters.get("acquires", 0))
+        return (vms_still_to_free(state, job, os.getpid(), self.host, request_alive), state.counters.get("acquires", 0))
 
 
 class ReconcilePass:
@@ -3564,10 +3954,17 @@ class ReconcilePass:
         snapshot = self.store.read()
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
-            seen = Observation(servers=servers, live_waiters=live_waiters(state), host=self.host,
-                               dead_jobs=dead_jobs, unsure_jobs=unsure_jobs, probe_free=probe_free,
-                               records=job_records_to_follow(state, self.config.pool.job_records),
-                               others_wanting=others, listing_complete=getattr(servers, "complete", True))
+            seen = Observation(
+                servers=servers,
+                live_waiters=live_waiters(state),
+                host=self.host,
+                dead_jobs=dead_jobs,
+                unsure_jobs=unsure_jobs,
+                probe_free=probe_free,
+                records=job_records_to_follow(state, self.config.pool.job_records),
+                others_wanting=others,
+                listing_complete=getattr(servers, "complete", True),
+            )
             new, actions = plan_reconcile(state, seen, self.config, self.clock())
             new.last_pass = self.clock()
             return new, actions
@@ -3597,8 +3994,10 @@ class ReconcilePass:
         self.signalled = self.config.pool.name in wanting
         others = wanting - {self.config.pool.name}
         if others:
-            log.info(f"pools {', '.join(sorted(others))} wait on the project's quota: idle VMs above min give way "
-                     f"after {self.config.pool.give_way_after:.0f}s")
+            log.info(
+                f"pools {', '.join(sorted(others))} wait on the project's quota: idle VMs above min give way "
+                f"after {self.config.pool.give_way_after:.0f}s"
+            )
         return others
 
     def _signal_demand(self, _: object) -> None:
@@ -3608,8 +4007,9 @@ class ReconcilePass:
             return
         self.cloud.signal_wanting(self.config.pool.name, wanting)
         if wanting:
-            log.warning("jobs wait and the project's quota refused a create: asking the project's other pools "
-                        "to give way")
+            log.warning(
+                "jobs wait and the project's quota refused a create: asking the project's other pools to give way"
+            )
         else:
             log.info("no longer waiting on the project's quota")
 
@@ -3640,8 +4040,9 @@ class ReconcilePass:
             self.pool.list_error_told = str(error)
             log.log(level, f"cannot list servers, skipping cloud decisions this pass: {error}")
             if not dry_run:
-                self.pool._update(functools.partial(
-                    _without_result, plan_cloud_error, message=str(error), now=self.clock()))
+                self.pool._update(
+                    functools.partial(_without_result, plan_cloud_error, message=str(error), now=self.clock())
+                )
         # Asking the batch system is slow: cron's passes do it, an acquire's waiting passes do not
         # (and say so: not asking is no news, it must not restart a lost epilogue's grace).
         return servers, self._ask_jobs() if probe_free else (None, frozenset())
@@ -3653,13 +4054,16 @@ class ReconcilePass:
         if not jobs:
             return frozenset(), frozenset()
         from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=8) as executor:
             answers = list(executor.map(self.batch.job_state, jobs))
         for job, answer in zip(jobs, answers, strict=True):
             if answer.startswith(JOB_UNKNOWN):
-                log.warning(f"cannot tell whether job {job} lives: {answer[len(JOB_UNKNOWN):].strip(': ')}")
-        return (frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer == JOB_GONE),
-                frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer.startswith(JOB_UNKNOWN)))
+                log.warning(f"cannot tell whether job {job} lives: {answer[len(JOB_UNKNOWN) :].strip(': ')}")
+        return (
+            frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer == JOB_GONE),
+            frozenset(job for job, answer in zip(jobs, answers, strict=True) if answer.startswith(JOB_UNKNOWN)),
+        )
 
     def _delete(self, deletes: list[DeleteServer]) -> None:
         for action in deletes:
@@ -3671,8 +4075,13 @@ class ReconcilePass:
             except CloudError as caught:
                 error = caught
             failpoint("after-delete")
-            self.pool.apply_notes(self.pool._update(functools.partial(
-                plan_deleted, name=action.name, error=error, now=self.clock(), server_id=action.server_id)))
+            self.pool.apply_notes(
+                self.pool._update(
+                    functools.partial(
+                        plan_deleted, name=action.name, error=error, now=self.clock(), server_id=action.server_id
+                    )
+                )
+            )
 
     def _create(self, creates: list[CreateServer]) -> None:
         """Send the creates side by side (a real Nova takes 0.5-2 s per POST), each still between
@@ -3684,6 +4093,7 @@ class ReconcilePass:
         if not creates:
             return
         from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+
         cloud = self.cloud  # one client, made before the threads share it
 
         def send(action: CreateServer) -> tuple[str | None, CloudError | None] | None:
@@ -3717,9 +4127,18 @@ class ReconcilePass:
                 skipped.append(action.name)
                 return
             server_id, error = outcome
-            self.pool.apply_notes(self.pool._update(functools.partial(
-                plan_created, name=action.name, server_id=server_id, error=error, pool=self.config.pool,
-                now=self.clock())))
+            self.pool.apply_notes(
+                self.pool._update(
+                    functools.partial(
+                        plan_created,
+                        name=action.name,
+                        server_id=server_id,
+                        error=error,
+                        pool=self.config.pool,
+                        now=self.clock(),
+                    )
+                )
+            )
 
         # 10 at a time: a burst of creates takes a few POSTs' time, and the API is not flooded
         with ThreadPoolExecutor(max_workers=min(len(creates), 10)) as executor:
@@ -3739,17 +4158,19 @@ class ReconcilePass:
         if not probes:
             return
         from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=min(len(probes), 16)) as executor:  # console reads, first contact only
             pinned = list(executor.map(self._keys_to_pin, probes))
         unpinned = [(action, keys) for action, keys in zip(probes, pinned, strict=True) if keys is None]
         to_probe = [(action, keys) for action, keys in zip(probes, pinned, strict=True) if keys is not None]
         answers = self.remote.probe_all([(action.address, keys) for action, keys in to_probe])
-        results = [ProbeResult(action.name, False, "no pinned host key (console shows none)",
-                               server_id=action.server_id) for action, _ in unpinned]
+        results = [
+            ProbeResult(action.name, False, "no pinned host key (console shows none)", server_id=action.server_id)
+            for action, _ in unpinned
+        ]
         for (action, keys), result in zip(to_probe, answers, strict=True):
             learned = tuple(keys) if keys and not action.host_keys else result.host_keys
-            results.append(dataclasses.replace(result, name=action.name, host_keys=learned,
-                                               server_id=action.server_id))
+            results.append(dataclasses.replace(result, name=action.name, host_keys=learned, server_id=action.server_id))
 
         def record(state: PoolState) -> tuple[PoolState, list[Action]]:
             new, notes = plan_probed(state, results, self.clock())
@@ -3822,8 +4243,7 @@ def job_records_to_follow(state: PoolState, directory: str) -> list[JobRecord]:
     if not names:
         return []
     explained = {vm.job for vm in state.vms if vm.job} | state.ended_jobs.keys()
-    records = (read_job_record(directory, name) for name in names
-               if name not in explained and JOB_ID_RE.match(name))
+    records = (read_job_record(directory, name) for name in names if name not in explained and JOB_ID_RE.match(name))
     return [record for record in records if record is not None]
 
 
@@ -3850,13 +4270,19 @@ def read_job_record(directory: str, job: str) -> JobRecord | None:
             keys = [" ".join(line.split()[1:3]) for line in lines if len(line.split()) >= 3]
     if not values.get("SERVER_ID") or not values.get("VM_NAME"):
         return None
-    return JobRecord(job=job, vm_name=values["VM_NAME"], server_id=values["SERVER_ID"],
-                     user=values.get("JOB_USER", ""), host_keys=tuple(keys))
+    return JobRecord(
+        job=job,
+        vm_name=values["VM_NAME"],
+        server_id=values["SERVER_ID"],
+        user=values.get("JOB_USER", ""),
+        host_keys=tuple(keys),
+    )
 
 
 def invoking_user() -> str:
     """Who ran the command: the admin behind sudo, else this process's user."""
     import pwd
+
     if os.environ.get("SUDO_USER"):
         return os.environ["SUDO_USER"]
     try:
@@ -3888,16 +4314,29 @@ COUNTERS = {
     "tainted_releases": "Releases that left the VM tainted (never reused)",
 }
 # Every metric name vmpool exports (a histogram adds _bucket, _sum and _count; a counter _total).
-METRIC_NAMES = ("vmpool_vms", "vmpool_vms_drained", "vmpool_waiting_jobs", "vmpool_oldest_wait_seconds",
-                "vmpool_desired_vms", "vmpool_max_vms", "vmpool_min_vms", "vmpool_protected_mode",
-                "vmpool_consecutive_failed_boots", "vmpool_backoff_seconds", "vmpool_paused", "vmpool_waiting_on_quota",
-                "vmpool_last_reconcile_timestamp_seconds", "vmpool_acquire_wait_seconds",
-                *(f"vmpool_{name}_total" for name in COUNTERS))
+METRIC_NAMES = (
+    "vmpool_vms",
+    "vmpool_vms_drained",
+    "vmpool_waiting_jobs",
+    "vmpool_oldest_wait_seconds",
+    "vmpool_desired_vms",
+    "vmpool_max_vms",
+    "vmpool_min_vms",
+    "vmpool_protected_mode",
+    "vmpool_consecutive_failed_boots",
+    "vmpool_backoff_seconds",
+    "vmpool_paused",
+    "vmpool_waiting_on_quota",
+    "vmpool_last_reconcile_timestamp_seconds",
+    "vmpool_acquire_wait_seconds",
+    *(f"vmpool_{name}_total" for name in COUNTERS),
+)
 
 
 def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     """The pool as Prometheus metric families (built fresh from the state on each call)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
     pool, health, name = config.pool, pool_health(state, config.pool, now), config.pool.name
     vms = GaugeMetricFamily("vmpool_vms", "VMs per state and reason", labels=["pool", "state", "reason"])
     by_kind: dict[tuple[str, str], int] = {(FREE, ""): 0, (BUSY, ""): 0, (UNUSABLE, ""): 0}
@@ -3912,6 +4351,7 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
         family = GaugeMetricFamily(metric, help_text, labels=["pool"])
         family.add_metric([name], value)
         families.append(family)
+
     gauge("vmpool_vms_drained", "VMs drained by an admin (no new job; deleted once free)", health.drained)
     gauge("vmpool_waiting_jobs", "Jobs waiting in acquire for a VM", health.waiting)
     gauge("vmpool_oldest_wait_seconds", "How long the longest-waiting job has waited", health.oldest_wait)
@@ -3922,10 +4362,16 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     gauge("vmpool_consecutive_failed_boots", "Failed boots since the last good one", state.boot_failures)
     gauge("vmpool_backoff_seconds", "Seconds of create back-off left", health.backoff)
     gauge("vmpool_paused", "1 while an admin paused creates", int(health.paused))
-    gauge("vmpool_waiting_on_quota", "1 while jobs wait and the project's quota refused a create (the other "
-          "pools are asked to give way)", int(starved(state)))
-    gauge("vmpool_last_reconcile_timestamp_seconds", "When a reconcile pass last saw the cloud (0: never)",
-          state.last_reconcile or 0)
+    gauge(
+        "vmpool_waiting_on_quota",
+        "1 while jobs wait and the project's quota refused a create (the other pools are asked to give way)",
+        int(starved(state)),
+    )
+    gauge(
+        "vmpool_last_reconcile_timestamp_seconds",
+        "When a reconcile pass last saw the cloud (0: never)",
+        state.last_reconcile or 0,
+    )
     for counter, help_text in COUNTERS.items():
         family = CounterMetricFamily(f"vmpool_{counter}", help_text, labels=["pool"])
         family.add_metric([name], state.counters.get(counter, 0))
@@ -3936,8 +4382,7 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     for bound, count in zip([*(str(bound) for bound in ACQUIRE_WAIT_BUCKETS), "+Inf"], counts, strict=True):
         cumulative += count
         buckets.append((bound, cumulative))
-    waits = HistogramMetricFamily("vmpool_acquire_wait_seconds", "How long acquire waited for a VM",
-                                  labels=["pool"])
+    waits = HistogramMetricFamily("vmpool_acquire_wait_seconds", "How long acquire waited for a VM", labels=["pool"])
     waits.add_metric([name], buckets, sum_value=histogram.get("sum", 0.0))
     families.append(waits)
     return families
@@ -3957,20 +4402,27 @@ def metrics_registry(state: PoolState, config: Config, now: float) -> Any:
 
 def metrics_text(state: PoolState, config: Config, now: float) -> str:
     from prometheus_client import generate_latest
+
     return str(generate_latest(metrics_registry(state, config, now)).decode("utf-8"))
 
 
 def write_metrics_file(state: PoolState, config: Config, now: float) -> None:
     """Replace the textfile collector's file whole (prometheus_client writes a temp file and renames it)."""
     from prometheus_client import write_to_textfile
+
     try:
         write_to_textfile(config.metrics.textfile, metrics_registry(state, config, now))
     except OSError as error:
         raise ConfigError(f"[metrics] textfile = {config.metrics.textfile!r}: cannot write: {error}") from None
 
 
-def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[], float],
-              thresholds: CheckConfig, output_problems: Sequence[tuple[str, str]] = ()) -> None:
+def run_check(
+    state_of: Callable[[], PoolState],
+    config: Config,
+    now: Callable[[], float],
+    thresholds: CheckConfig,
+    output_problems: Sequence[tuple[str, str]] = (),
+) -> None:
     """`vmpool check` as a Nagios/Icinga plugin; nagiosplugin prints the result and exits 0-3.
     A log, syslog or metrics output that cannot work (`setup_outputs`) is a WARNING."""
     import nagiosplugin
@@ -3988,8 +4440,9 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
                 nagiosplugin.Metric("waiting", health.waiting, min=0, context="count"),
                 nagiosplugin.Metric("oldest_wait", round(health.oldest_wait), "s", min=0, context="oldest_wait"),
                 # never reconciled: reported as -1 and judged by its own context
-                nagiosplugin.Metric("since_reconcile", -1 if since is None else round(since), "s",
-                                    context="since_reconcile"),
+                nagiosplugin.Metric(
+                    "since_reconcile", -1 if since is None else round(since), "s", context="since_reconcile"
+                ),
                 nagiosplugin.Metric("backoff", round(health.backoff), "s", min=0, context="count"),
                 nagiosplugin.Metric("protected", int(health.protected), min=0, max=1, context="protected"),
                 nagiosplugin.Metric("paused", int(health.paused), min=0, max=1, context="paused"),
@@ -4006,8 +4459,9 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
         def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
             if not metric.value:
                 return self.result_cls(nagiosplugin.Ok, None, metric)
-            return self.result_cls(nagiosplugin.Warn, "; ".join(f"{setting}: {problem}"
-                                                                for setting, problem in output_problems), metric)
+            return self.result_cls(
+                nagiosplugin.Warn, "; ".join(f"{setting}: {problem}" for setting, problem in output_problems), metric
+            )
 
     def switch(level: str) -> str | None:  # a 0/1 metric: alert when it is 1
         return None if level == "ok" else "0:0"
@@ -4015,8 +4469,10 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
     class Words(nagiosplugin.Summary):
         def ok(self, results: Any) -> str:
             values = {result.metric.name: result.metric.value for result in results}
-            return (f"{values['free']} free, {values['busy']} busy, {values['unusable']} unusable, "
-                    f"{values['waiting']} waiting; last reconcile {values['since_reconcile']}s ago")
+            return (
+                f"{values['free']} free, {values['busy']} busy, {values['unusable']} unusable, "
+                f"{values['waiting']} waiting; last reconcile {values['since_reconcile']}s ago"
+            )
 
         def problem(self, results: Any) -> str:
             return "; ".join(self.describe(result) for result in results.most_significant)
@@ -4025,30 +4481,35 @@ def run_check(state_of: Callable[[], PoolState], config: Config, now: Callable[[
             metric, value = result.metric.name, result.metric.value
             if result.hint and (metric == "outputs" or (metric == "since_reconcile" and value < 0)):
                 return str(result.hint)
-            words = {"since_reconcile": f"no reconcile pass for {value}s",
-                     "oldest_wait": f"a job has waited {value}s for a VM",
-                     "unusable": f"{value} VM(s) unusable", "protected": "protected mode: boots keep failing",
-                     "paused": "paused by an admin (vmpool resume)"}
+            words = {
+                "since_reconcile": f"no reconcile pass for {value}s",
+                "oldest_wait": f"a job has waited {value}s for a VM",
+                "unusable": f"{value} VM(s) unusable",
+                "protected": "protected mode: boots keep failing",
+                "paused": "paused by an admin (vmpool resume)",
+            }
             limit = f" (threshold {result.hint.split('range ')[-1].rstrip(')')})" if result.hint else ""
             return words.get(metric, str(result)) + (limit if metric not in ("protected", "paused") else "")
 
     check = nagiosplugin.Check(
         PoolResource(),
         nagiosplugin.ScalarContext("count"),
-        nagiosplugin.ScalarContext("unusable", thresholds.unusable_warning or None,
-                                   thresholds.unusable_critical or None),
+        nagiosplugin.ScalarContext(
+            "unusable", thresholds.unusable_warning or None, thresholds.unusable_critical or None
+        ),
         nagiosplugin.ScalarContext("oldest_wait", thresholds.wait_warning or None, thresholds.wait_critical or None),
-        SinceReconcile("since_reconcile", thresholds.reconcile_warning or None,
-                       thresholds.reconcile_critical or None),
+        SinceReconcile("since_reconcile", thresholds.reconcile_warning or None, thresholds.reconcile_critical or None),
         nagiosplugin.ScalarContext("protected", *_levels(thresholds.protected, switch)),
         nagiosplugin.ScalarContext("paused", *_levels(thresholds.paused, switch)),
         Outputs("outputs"),
-        Words())
+        Words(),
+    )
     try:
         check.main(timeout=thresholds.timeout)
     except nagiosplugin.Timeout:
-        raise VmpoolError(f"no answer within the plugin timeout ({thresholds.timeout:g}s) while reading "
-                          f"{config.pool.state_file}") from None
+        raise VmpoolError(
+            f"no answer within the plugin timeout ({thresholds.timeout:g}s) while reading {config.pool.state_file}"
+        ) from None
 
 
 def _levels(level: str, switch: Callable[[str], str | None]) -> tuple[str | None, str | None]:
@@ -4064,14 +4525,44 @@ def _levels(level: str, switch: Callable[[str], str | None]) -> tuple[str | None
 # create the first alone, probe), on a state in memory. What it leaves out is in docs/simulate.md.
 
 SIM_HOST = "simulated"  # the node the replay's acquires run on
-SWF_FIELDS = ("job number", "submit time", "wait time", "run time", "allocated processors", "average cpu time",
-              "used memory", "requested processors", "requested time", "requested memory", "status", "user id",
-              "group id", "executable number", "queue number", "partition number", "preceding job number",
-              "think time")
+SWF_FIELDS = (
+    "job number",
+    "submit time",
+    "wait time",
+    "run time",
+    "allocated processors",
+    "average cpu time",
+    "used memory",
+    "requested processors",
+    "requested time",
+    "requested memory",
+    "status",
+    "user id",
+    "group id",
+    "executable number",
+    "queue number",
+    "partition number",
+    "preceding job number",
+    "think time",
+)
 CSV_COLUMNS = {  # a column's accepted names (sacct's among them) -> the field it fills
-    "job": "job", "jobid": "job", "submit": "submit", "submit_time": "submit", "run": "run", "elapsed": "run",
-    "run_time": "run", "runtime": "run", "cores": "cores", "alloccpus": "cores", "ncpus": "cores",
-    "processors": "cores", "memory": "memory", "reqmem": "memory", "mem": "memory", "user": "user"}
+    "job": "job",
+    "jobid": "job",
+    "submit": "submit",
+    "submit_time": "submit",
+    "run": "run",
+    "elapsed": "run",
+    "run_time": "run",
+    "runtime": "run",
+    "cores": "cores",
+    "alloccpus": "cores",
+    "ncpus": "cores",
+    "processors": "cores",
+    "memory": "memory",
+    "reqmem": "memory",
+    "mem": "memory",
+    "user": "user",
+}
 MEMORY_UNITS = {"k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}  # -> MiB
 
 
@@ -4108,8 +4599,10 @@ def read_job_log(path: str, kind: str = "auto") -> JobLog:
     seen: dict[str, int] = {}
     for index, job in enumerate(log_.jobs):
         if job.job in seen:
-            raise BadInput(f"{path}: job {job.job} appears twice (jobs {seen[job.job] + 1} and {index + 1} "
-                           "of the log): each job needs its own id")
+            raise BadInput(
+                f"{path}: job {job.job} appears twice (jobs {seen[job.job] + 1} and {index + 1} "
+                "of the log): each job needs its own id"
+            )
         seen[job.job] = index
     log_.jobs.sort(key=lambda job: job.submit)
     if not log_.jobs:
@@ -4134,10 +4627,14 @@ def _swf_jobs(path: str, lines: list[str]) -> JobLog:
         if not fields or fields[0].startswith(";"):
             continue
         if len(fields) != len(SWF_FIELDS):
-            raise BadInput(f"{path}:{number}: {len(fields)} fields, an SWF line has {len(SWF_FIELDS)} "
-                           f"({', '.join(SWF_FIELDS[:4])}, ...)")
-        values = [_number(path, number, f"field {index} ({name})", text)
-                  for index, (name, text) in enumerate(zip(SWF_FIELDS, fields, strict=True), 1)]
+            raise BadInput(
+                f"{path}:{number}: {len(fields)} fields, an SWF line has {len(SWF_FIELDS)} "
+                f"({', '.join(SWF_FIELDS[:4])}, ...)"
+            )
+        values = [
+            _number(path, number, f"field {index} ({name})", text)
+            for index, (name, text) in enumerate(zip(SWF_FIELDS, fields, strict=True), 1)
+        ]
         if values[1] < 0:
             raise BadInput(f"{path}:{number}: field 2 (submit time) = {fields[1]}: a job needs its submit time")
         if values[3] < 0:
@@ -4145,13 +4642,22 @@ def _swf_jobs(path: str, lines: list[str]) -> JobLog:
             continue
         cores = int(values[4] if values[4] > 0 else values[7] if values[7] > 0 else 1)
         per_core = values[9] if values[9] > 0 else values[6] if values[6] > 0 else 0.0  # KiB per processor
-        jobs.append(LoggedJob(job=fields[0], submit=values[1], run=values[3], cores=cores,
-                              memory=per_core * cores / 1024, user="" if values[11] < 0 else f"u{fields[11]}"))
+        jobs.append(
+            LoggedJob(
+                job=fields[0],
+                submit=values[1],
+                run=values[3],
+                cores=cores,
+                memory=per_core * cores / 1024,
+                user="" if values[11] < 0 else f"u{fields[11]}",
+            )
+        )
     return JobLog(jobs, skipped)
 
 
 def _csv_jobs(path: str, lines: list[str]) -> JobLog:
     import csv
+
     header_at = next((i for i, line in enumerate(lines) if line.strip()), None)
     if header_at is None:
         raise BadInput(f"{path}: no job to replay in the log")
@@ -4160,10 +4666,12 @@ def _csv_jobs(path: str, lines: list[str]) -> JobLog:
     names = [CSV_COLUMNS.get(name.strip().lower(), "") for name in header.split(delimiter)]
     missing = [name for name in ("submit", "run") if name not in names]
     if missing:
-        raise BadInput(f"{path}:{header_at + 1}: the header names no {' and no '.join(missing)} column "
-                       "(a CSV job log has submit,run[,cores,memory,user,job])")
+        raise BadInput(
+            f"{path}:{header_at + 1}: the header names no {' and no '.join(missing)} column "
+            "(a CSV job log has submit,run[,cores,memory,user,job])"
+        )
     jobs, skipped = [], 0
-    for number, row in enumerate(csv.reader(lines[header_at + 1:], delimiter=delimiter), header_at + 2):
+    for number, row in enumerate(csv.reader(lines[header_at + 1 :], delimiter=delimiter), header_at + 2):
         if not row or not "".join(row).strip():
             continue
         if len(row) != len(names):
@@ -4174,10 +4682,16 @@ def _csv_jobs(path: str, lines: list[str]) -> JobLog:
             skipped += 1
             continue
         cores = int(_number(path, number, "cores", values["cores"])) if values.get("cores") else 1
-        jobs.append(LoggedJob(job=values.get("job") or f"line{number}", submit=_instant(path, number, values["submit"]),
-                              run=run, cores=max(cores, 1), memory=_mebibytes(path, number, values.get("memory", ""),
-                                                                              max(cores, 1)),
-                              user=values.get("user", "")))
+        jobs.append(
+            LoggedJob(
+                job=values.get("job") or f"line{number}",
+                submit=_instant(path, number, values["submit"]),
+                run=run,
+                cores=max(cores, 1),
+                memory=_mebibytes(path, number, values.get("memory", ""), max(cores, 1)),
+                user=values.get("user", ""),
+            )
+        )
     return JobLog(jobs, skipped)
 
 
@@ -4205,11 +4719,13 @@ def _instant(path: str, line: int, text: str) -> float:
     except ValueError:
         pass
     import datetime
+
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise BadInput(f"{path}:{line}: submit = {text!r}: expected seconds or a date like 2024-03-01T09:30:00") \
-            from None
+        raise BadInput(
+            f"{path}:{line}: submit = {text!r}: expected seconds or a date like 2024-03-01T09:30:00"
+        ) from None
     return moment.replace(tzinfo=moment.tzinfo or datetime.UTC).timestamp()
 
 
@@ -4238,6 +4754,7 @@ class SimCloud:
 
     def __init__(self, settings: SimCloudSettings, clock: Callable[[], float]):
         import random
+
         self.settings = settings
         self.clock = clock
         self.random = random.Random(settings.seed)
@@ -4246,10 +4763,18 @@ class SimCloud:
 
     def list_servers(self) -> list[Server]:
         now = self.clock()
-        return [Server(id=server_id, name=name, vm_name=name, address=f"sim-{server_id}", created_at=ready - (
-                    self.settings.boot_time), status=SERVER_BUILDING if now < ready else SERVER_ERROR if fails
-                    else SERVER_ACTIVE, fault="simulated boot failure" if fails else "")
-                for server_id, (name, ready, fails) in self.servers.items()]
+        return [
+            Server(
+                id=server_id,
+                name=name,
+                vm_name=name,
+                address=f"sim-{server_id}",
+                created_at=ready - (self.settings.boot_time),
+                status=SERVER_BUILDING if now < ready else SERVER_ERROR if fails else SERVER_ACTIVE,
+                fault="simulated boot failure" if fails else "",
+            )
+            for server_id, (name, ready, fails) in self.servers.items()
+        ]
 
     def create_server(self, name: str) -> str:
         if self.settings.quota and len(self.servers) >= self.settings.quota:
@@ -4302,9 +4827,17 @@ class Replay:
     skipped, only stamped (every_pass=True runs them all, to show it changes nothing).
     """
 
-    def __init__(self, jobs: Sequence[LoggedJob], config: Config, cloud: SimCloudSettings, *,
-                 prepare_time: float = 0.0, reconcile_every: float = 60.0, every_pass: bool = False,
-                 samples: bool = False):
+    def __init__(
+        self,
+        jobs: Sequence[LoggedJob],
+        config: Config,
+        cloud: SimCloudSettings,
+        *,
+        prepare_time: float = 0.0,
+        reconcile_every: float = 60.0,
+        every_pass: bool = False,
+        samples: bool = False,
+    ):
         self.config, self.pool = config, config.pool
         self.prepare_time, self.reconcile_every, self.every_pass = prepare_time, reconcile_every, every_pass
         self.now = jobs[0].submit if jobs else 0.0
@@ -4314,6 +4847,7 @@ class Replay:
         self.pids = {job.job: index for index, job in enumerate(jobs, 1)}
         import heapq
         from collections import deque
+
         self.push, self.pop = heapq.heappush, heapq.heappop
         self.events: list[tuple[float, int, int, Any]] = []
         self.sequence = 0
@@ -4389,8 +4923,11 @@ class Replay:
     def _acquire(self, job: str) -> None:
         """The prologue's `vmpool acquire` (Pool.try_claim), or a waiter taking the VM handed to it."""
         user = self.jobs[job].job.user
-        outcome = self._update(lambda state: plan_acquire(
-            state, job, user, self.now, self.pids[job], SIM_HOST, self._live_waiters(), started=self.now))
+        outcome = self._update(
+            lambda state: plan_acquire(
+                state, job, user, self.now, self.pids[job], SIM_HOST, self._live_waiters(), started=self.now
+            )
+        )
         if isinstance(outcome, Claimed):
             self.waiting.discard(job)
             replayed = self.jobs[job]
@@ -4445,32 +4982,47 @@ class Replay:
 
     def _reconcile(self, probe_free: bool) -> None:
         """Pool._reconcile_locked: list, decide, then delete, create (the first alone) and probe."""
-        if self.quiet_until is not None and not self.every_pass and (
-                self.now < self.quiet_until[0] and self.now <= self.quiet_until[1]):
+        if (
+            self.quiet_until is not None
+            and not self.every_pass
+            and (self.now < self.quiet_until[0] and self.now <= self.quiet_until[1])
+        ):
             self.state.last_pass = self.state.last_reconcile = self.now  # all such a pass would change
             self._schedule_pass()
             return
-        seen = Observation(servers=self.cloud.list_servers(), live_waiters=self._live_waiters(), host=SIM_HOST,
-                           dead_jobs=frozenset() if probe_free else None, probe_free=probe_free)
+        seen = Observation(
+            servers=self.cloud.list_servers(),
+            live_waiters=self._live_waiters(),
+            host=SIM_HOST,
+            dead_jobs=frozenset() if probe_free else None,
+            probe_free=probe_free,
+        )
         before = self.state
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
             new, actions = plan_reconcile(state, seen, self.config, self.now)
             new.last_pass = self.now
             return new, actions
+
         actions: list[Action] = self._update(decide)
         decided = [action for action in actions if not isinstance(action, Note)]
-        quiet = all(isinstance(action, ProbeSsh) and self._healthy_free(before, action.name) for action in decided) \
-            and dataclasses.replace(self.state, last_pass=before.last_pass, last_reconcile=before.last_reconcile) \
+        quiet = (
+            all(isinstance(action, ProbeSsh) and self._healthy_free(before, action.name) for action in decided)
+            and dataclasses.replace(self.state, last_pass=before.last_pass, last_reconcile=before.last_reconcile)
             == before
+        )
         for action in decided:
             if isinstance(action, DeleteServer):
                 self._delete(action)
         self._create([action for action in decided if isinstance(action, CreateServer)])
         probes = [action for action in decided if isinstance(action, ProbeSsh)]
         if probes:  # SSH always answers; the console's keys are pinned at first contact
-            results = [ProbeResult(probe.name, True, host_keys=probe.host_keys or ("ssh-ed25519 simulated",),
-                                   server_id=probe.server_id) for probe in probes]
+            results = [
+                ProbeResult(
+                    probe.name, True, host_keys=probe.host_keys or ("ssh-ed25519 simulated",), server_id=probe.server_id
+                )
+                for probe in probes
+            ]
             self._update(lambda state: plan_probed(state, results, self.now))
         if quiet:
             self.quiet_until = self._next_change()
@@ -4485,12 +5037,20 @@ class Replay:
         """When a pass can next decide something the last one did not: from the first pass at or
         after a boot's end or the back-off's; from the first pass after a VM's timeout."""
         pool, inf = self.pool, float("inf")
-        at_or_after = [self.cloud.next_change() or inf, self.state.backoff_until or inf,
-                       *(at + DROPPED_CLEAN_MAX_AGE for at in self.state.dropped_clean.values())]
+        at_or_after = [
+            self.cloud.next_change() or inf,
+            self.state.backoff_until or inf,
+            *(at + DROPPED_CLEAN_MAX_AGE for at in self.state.dropped_clean.values()),
+        ]
         after = [inf]
         for vm in self.state.vms:
-            after += [vm.since + pool.idle_timeout, vm.since + pool.unusable_timeout, vm.since + pool.ready_timeout,
-                      vm.created_at + pool.build_timeout, vm.created_at + pool.create_grace]
+            after += [
+                vm.since + pool.idle_timeout,
+                vm.since + pool.unusable_timeout,
+                vm.since + pool.ready_timeout,
+                vm.created_at + pool.build_timeout,
+                vm.created_at + pool.create_grace,
+            ]
             if vm.delete_requested_at is not None:
                 after.append(vm.delete_requested_at + pool.delete_timeout)
         return (min(t for t in at_or_after if t > self.now), min(t for t in after if t >= self.now))
@@ -4502,8 +5062,9 @@ class Replay:
             self.trace.append((self.now, "delete", action.name, action.reason))
         except CloudError as caught:
             error = caught
-        self._update(functools.partial(plan_deleted, name=action.name, error=error, now=self.now,
-                                       server_id=action.server_id))
+        self._update(
+            functools.partial(plan_deleted, name=action.name, error=error, now=self.now, server_id=action.server_id)
+        )
 
     def _create(self, creates: list[CreateServer]) -> None:
         skipped = []
@@ -4519,13 +5080,17 @@ class Replay:
                 self.peak = max(self.peak, len(self.cloud.servers))
             except CloudError as caught:
                 error = caught
-            self._update(functools.partial(plan_created, name=action.name, server_id=server_id, error=error,
-                                           pool=self.pool, now=self.now))
+            self._update(
+                functools.partial(
+                    plan_created, name=action.name, server_id=server_id, error=error, pool=self.pool, now=self.now
+                )
+            )
         if skipped:
             self._update(functools.partial(_without_result, plan_not_created, names=skipped))
 
 
 # -- what a replay tells: waits, VM-hours, boots; and the two baselines --
+
 
 @dataclass
 class Outcome:
@@ -4544,21 +5109,32 @@ class Outcome:
     def summary(self) -> dict[str, Any]:
         waits = sorted(self.waits)
         hours = {key: round(value / 3600, 2) for key, value in dataclasses.asdict(self.usage).items()}
-        return {"wait": {"mean": round(sum(waits) / len(waits), 1) if waits else 0.0,
-                         "p50": round(percentile(waits, 50), 1), "p95": round(percentile(waits, 95), 1),
-                         "max": round(waits[-1], 1) if waits else 0.0,
-                         "waited": sum(1 for wait in waits if wait > 0),
-                         "in_acquire": round(sum(self.acquire_waits) / max(len(self.acquire_waits), 1), 1)},
-                "vm_hours": hours["cloud"], "busy_hours": hours["busy"], "idle_hours": hours["free"],
-                "booting_hours": hours["booting"],
-                "other_hours": round(max(0.0, hours["cloud"] - hours["busy"] - hours["free"] - hours["booting"]), 2),
-                "job_hours": round(self.job_seconds / 3600, 2), "boots": self.boots,
-                "failed_boots": self.failed_boots, "deletes": self.deletes, "peak_vms": self.peak}
+        return {
+            "wait": {
+                "mean": round(sum(waits) / len(waits), 1) if waits else 0.0,
+                "p50": round(percentile(waits, 50), 1),
+                "p95": round(percentile(waits, 95), 1),
+                "max": round(waits[-1], 1) if waits else 0.0,
+                "waited": sum(1 for wait in waits if wait > 0),
+                "in_acquire": round(sum(self.acquire_waits) / max(len(self.acquire_waits), 1), 1),
+            },
+            "vm_hours": hours["cloud"],
+            "busy_hours": hours["busy"],
+            "idle_hours": hours["free"],
+            "booting_hours": hours["booting"],
+            "other_hours": round(max(0.0, hours["cloud"] - hours["busy"] - hours["free"] - hours["booting"]), 2),
+            "job_hours": round(self.job_seconds / 3600, 2),
+            "boots": self.boots,
+            "failed_boots": self.failed_boots,
+            "deletes": self.deletes,
+            "peak_vms": self.peak,
+        }
 
 
 def percentile(ordered: Sequence[float], share: float) -> float:
     """The nearest-rank percentile of sorted values (0 for none)."""
     import math
+
     return ordered[max(0, math.ceil(len(ordered) * share / 100) - 1)] if ordered else 0.0
 
 
@@ -4566,15 +5142,23 @@ def replay_outcome(replay: Replay) -> Outcome:
     jobs = replay.jobs.values()
     counters = replay.state.counters
     claimed = [job for job in jobs if job.claimed is not None and job.started is not None]
-    return Outcome("pool", [job.claimed - job.job.submit for job in claimed],  # type: ignore[operator]
-                   [job.claimed - job.started for job in claimed], replay.usage,  # type: ignore[operator]
-                   sum(replay.prepare_time + job.job.run for job in jobs), counters.get("boots", 0),
-                   counters.get("failed_boots", 0), counters.get("deletes", 0), replay.peak)
+    return Outcome(
+        "pool",
+        [job.claimed - job.job.submit for job in claimed],  # type: ignore[operator]
+        [job.claimed - job.started for job in claimed],  # type: ignore[operator]
+        replay.usage,
+        sum(replay.prepare_time + job.job.run for job in jobs),
+        counters.get("boots", 0),
+        counters.get("failed_boots", 0),
+        counters.get("deletes", 0),
+        replay.peak,
+    )
 
 
 def _slot_starts(jobs: Sequence[LoggedJob], slots: int, holds: Callable[[LoggedJob], float]) -> list[float]:
     """When each job starts on a node of `slots` slots, first come first served (jobs by submit)."""
     import heapq
+
     ends: list[float] = []
     starts = []
     for job in jobs:
@@ -4586,19 +5170,30 @@ def _slot_starts(jobs: Sequence[LoggedJob], slots: int, holds: Callable[[LoggedJ
     return starts
 
 
-def baselines(jobs: Sequence[LoggedJob], pool: PoolConfig, cloud: SimCloudSettings,
-              prepare_time: float) -> list[Outcome]:
+def baselines(
+    jobs: Sequence[LoggedJob], pool: PoolConfig, cloud: SimCloudSettings, prepare_time: float
+) -> list[Outcome]:
     """A fixed pool of max VMs always on, and one VM booted per job and deleted after it (cloud
     bursting without a pool), on the same node of max slots."""
     import heapq
+
     work = [prepare_time + job.run for job in jobs]
     job_seconds = sum(work)
     fixed = _slot_starts(jobs, pool.max, lambda job: prepare_time + job.run)
     span = max(start + held for start, held in zip(fixed, work, strict=True)) - jobs[0].submit
-    outcomes = [Outcome(f"fixed {pool.max} VMs", [start - job.submit for start, job in zip(fixed, jobs, strict=True)],
-                        [0.0] * len(jobs),
-                        Usage(cloud=pool.max * span, busy=job_seconds, free=pool.max * span - job_seconds),
-                        job_seconds, pool.max, 0, 0, pool.max)]
+    outcomes = [
+        Outcome(
+            f"fixed {pool.max} VMs",
+            [start - job.submit for start, job in zip(fixed, jobs, strict=True)],
+            [0.0] * len(jobs),
+            Usage(cloud=pool.max * span, busy=job_seconds, free=pool.max * span - job_seconds),
+            job_seconds,
+            pool.max,
+            0,
+            0,
+            pool.max,
+        )
+    ]
     boot = cloud.boot_time
     fresh = _slot_starts(jobs, pool.max, lambda job: boot + prepare_time + job.run)
     running: list[float] = []
@@ -4609,17 +5204,39 @@ def baselines(jobs: Sequence[LoggedJob], pool: PoolConfig, cloud: SimCloudSettin
         heapq.heappush(running, start + boot + held)
         peak = max(peak, len(running))
     waits = [start + boot - job.submit for start, job in zip(fresh, jobs, strict=True)]
-    outcomes.append(Outcome("one VM per job", waits, [boot] * len(jobs),
-                            Usage(cloud=len(jobs) * boot + job_seconds, busy=job_seconds, booting=len(jobs) * boot),
-                            job_seconds, len(jobs), 0, len(jobs), peak))
+    outcomes.append(
+        Outcome(
+            "one VM per job",
+            waits,
+            [boot] * len(jobs),
+            Usage(cloud=len(jobs) * boot + job_seconds, busy=job_seconds, booting=len(jobs) * boot),
+            job_seconds,
+            len(jobs),
+            0,
+            len(jobs),
+            peak,
+        )
+    )
     return outcomes
 
 
 # -- the command: settings, one replay or a sweep, text, JSON and a plot --
 
-SIMULATE_KEYS = ("min", "max", "min_free", "idle_timeout", "pass_interval", "build_timeout", "ready_timeout",
-                 "unusable_timeout", "create_grace", "delete_timeout", "protect_after_failures", "backoff_initial",
-                 "backoff_max")  # the [pool] settings a replay uses
+SIMULATE_KEYS = (
+    "min",
+    "max",
+    "min_free",
+    "idle_timeout",
+    "pass_interval",
+    "build_timeout",
+    "ready_timeout",
+    "unusable_timeout",
+    "create_grace",
+    "delete_timeout",
+    "protect_after_failures",
+    "backoff_initial",
+    "backoff_max",
+)  # the [pool] settings a replay uses
 
 
 def simulation_pool(path: str, settings: Sequence[str]) -> PoolConfig:
@@ -4651,9 +5268,17 @@ def sweep_values(sweep: str) -> tuple[str, list[str]]:
     return key.strip(), listed
 
 
-def simulate_report(log_path: str, log_format: str, pool: PoolConfig, cloud: SimCloudSettings, *,
-                    prepare_time: float, reconcile_every: float, sweep: str | None,
-                    samples: bool = False) -> dict[str, Any]:
+def simulate_report(
+    log_path: str,
+    log_format: str,
+    pool: PoolConfig,
+    cloud: SimCloudSettings,
+    *,
+    prepare_time: float,
+    reconcile_every: float,
+    sweep: str | None,
+    samples: bool = False,
+) -> dict[str, Any]:
     """Replay the log (once, or once per swept value) and the baselines: the figures as data."""
     job_log = read_job_log(log_path, log_format)
     jobs = job_log.jobs
@@ -4666,19 +5291,25 @@ def simulate_report(log_path: str, log_format: str, pool: PoolConfig, cloud: Sim
     rows, replays = [], []
     for value, settings in runs:
         config = Config(path="", pool=settings, openstack=OpenStackConfig(), ssh=SshConfig())
-        replay = Replay(jobs, config, cloud, prepare_time=prepare_time, reconcile_every=reconcile_every,
-                        samples=samples).run()
+        replay = Replay(
+            jobs, config, cloud, prepare_time=prepare_time, reconcile_every=reconcile_every, samples=samples
+        ).run()
         replays.append(replay)
         rows.append({**({"value": value} if sweep else {}), **replay_outcome(replay).summary()})
     elapsed = time.monotonic() - started
     report: dict[str, Any] = {
-        "schema": "vmpool-simulate", "version": 1, "log": log_path, "jobs": len(jobs), "skipped": job_log.skipped,
+        "schema": "vmpool-simulate",
+        "version": 1,
+        "log": log_path,
+        "jobs": len(jobs),
+        "skipped": job_log.skipped,
         "days": round((max(job.submit + job.run for job in jobs) - jobs[0].submit) / 86400, 2),
         "settings": {name: getattr(pool, name) for name in SIMULATE_KEYS},
         "cloud": {**dataclasses.asdict(cloud), "prepare_time": prepare_time, "reconcile_every": reconcile_every},
         "pool": rows[0] if not sweep else None,
         "baselines": {outcome.name: outcome.summary() for outcome in baselines(jobs, pool, cloud, prepare_time)},
-        "replayed_in": round(elapsed, 2), "jobs_per_second": round(len(jobs) * len(runs) / max(elapsed, 1e-9)),
+        "replayed_in": round(elapsed, 2),
+        "jobs_per_second": round(len(jobs) * len(runs) / max(elapsed, 1e-9)),
     }
     if sweep:
         report["sweep"] = {"key": key, "rows": rows}
@@ -4687,13 +5318,23 @@ def simulate_report(log_path: str, log_format: str, pool: PoolConfig, cloud: Sim
     return report
 
 
-SIMULATE_ROWS = (("wait mean", "wait", "mean"), ("wait p50", "wait", "p50"), ("wait p95", "wait", "p95"),
-                 ("wait max", "wait", "max"), ("  of it in acquire (mean)", "wait", "in_acquire"),
-                 ("jobs that waited", "wait", "waited"), ("VM-hours", "vm_hours", ""),
-                 ("  busy (job-hours)", "busy_hours", ""), ("  idle", "idle_hours", ""),
-                 ("  booting", "booting_hours", ""), ("  other (deleting)", "other_hours", ""),
-                 ("boots", "boots", ""), ("  failed", "failed_boots", ""), ("deletes", "deletes", ""),
-                 ("most VMs at once", "peak_vms", ""))
+SIMULATE_ROWS = (
+    ("wait mean", "wait", "mean"),
+    ("wait p50", "wait", "p50"),
+    ("wait p95", "wait", "p95"),
+    ("wait max", "wait", "max"),
+    ("  of it in acquire (mean)", "wait", "in_acquire"),
+    ("jobs that waited", "wait", "waited"),
+    ("VM-hours", "vm_hours", ""),
+    ("  busy (job-hours)", "busy_hours", ""),
+    ("  idle", "idle_hours", ""),
+    ("  booting", "booting_hours", ""),
+    ("  other (deleting)", "other_hours", ""),
+    ("boots", "boots", ""),
+    ("  failed", "failed_boots", ""),
+    ("deletes", "deletes", ""),
+    ("most VMs at once", "peak_vms", ""),
+)
 
 
 def _figure(summary: dict[str, Any], key: str, part: str) -> str:
@@ -4706,18 +5347,28 @@ def _figure(summary: dict[str, Any], key: str, part: str) -> str:
 def simulate_text(report: dict[str, Any]) -> str:
     settings, cloud = report["settings"], report["cloud"]
     skipped = f" ({report['skipped']:,} skipped: run time unknown)" if report["skipped"] else ""
-    lines = [f"replay of {report['log']}: {report['jobs']:,} jobs{skipped} over {report['days']:g} days",
-             f"pool: min {settings['min']}, max {settings['max']}, min_free {settings['min_free']}, "
-             f"idle_timeout {settings['idle_timeout']:g}s; cloud (simulated): boot {cloud['boot_time']:g}s, "
-             f"{cloud['boot_failures']:.0%} of boots fail, quota {cloud['quota'] or 'none'}; "
-             f"prepare {cloud['prepare_time']:g}s; reconcile every {cloud['reconcile_every']:g}s", ""]
-    columns = ([(f"{report['sweep']['key']}={row['value']}", row) for row in report["sweep"]["rows"]]
-               if "sweep" in report else [("pool", report["pool"])]) + list(report["baselines"].items())
+    lines = [
+        f"replay of {report['log']}: {report['jobs']:,} jobs{skipped} over {report['days']:g} days",
+        f"pool: min {settings['min']}, max {settings['max']}, min_free {settings['min_free']}, "
+        f"idle_timeout {settings['idle_timeout']:g}s; cloud (simulated): boot {cloud['boot_time']:g}s, "
+        f"{cloud['boot_failures']:.0%} of boots fail, quota {cloud['quota'] or 'none'}; "
+        f"prepare {cloud['prepare_time']:g}s; reconcile every {cloud['reconcile_every']:g}s",
+        "",
+    ]
+    columns = (
+        [(f"{report['sweep']['key']}={row['value']}", row) for row in report["sweep"]["rows"]]
+        if "sweep" in report
+        else [("pool", report["pool"])]
+    ) + list(report["baselines"].items())
     table = [["", *(name for name, _ in columns)]]
     table += [[label, *(_figure(summary, key, part) for _, summary in columns)] for label, key, part in SIMULATE_ROWS]
     widths = [max(len(row[index]) for row in table) for index in range(len(table[0]))]
-    lines += ["  ".join(cell.ljust(widths[0]) if index == 0 else cell.rjust(widths[index])
-                        for index, cell in enumerate(row)).rstrip() for row in table]
+    lines += [
+        "  ".join(
+            cell.ljust(widths[0]) if index == 0 else cell.rjust(widths[index]) for index, cell in enumerate(row)
+        ).rstrip()
+        for row in table
+    ]
     lines += ["", f"replayed in {report['replayed_in']:.1f}s ({report['jobs_per_second']:,} jobs/s)"]
     return "\n".join(lines)
 
@@ -4725,13 +5376,21 @@ def simulate_text(report: dict[str, Any]) -> str:
 def plot_usage(samples: Sequence[tuple[float, int, int, int]], path: str, title: str) -> None:
     """VMs over time (busy, free, booting), stacked: matplotlib (the optional extra vmpool[simulate])."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     start = samples[0][0] if samples else 0.0
     days = [(sample[0] - start) / 86400 for sample in samples]
     figure, axes = plt.subplots(figsize=(12, 4))
-    axes.stackplot(days, [s[1] for s in samples], [s[2] for s in samples], [s[3] for s in samples],
-                   labels=("busy", "free", "booting"), step="post")
+    axes.stackplot(
+        days,
+        [s[1] for s in samples],
+        [s[2] for s in samples],
+        [s[3] for s in samples],
+        labels=("busy", "free", "booting"),
+        step="post",
+    )
     axes.set_xlabel("days")
     axes.set_ylabel("VMs")
     axes.set_title(title)
@@ -4747,6 +5406,7 @@ def plot_usage(samples: Sequence[tuple[float, int, int, int]], path: str, title:
 
 def can_plot() -> bool:
     import importlib.util
+
     return importlib.util.find_spec("matplotlib") is not None
 
 
@@ -4765,23 +5425,42 @@ def format_age(seconds: float) -> str:
 def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
     """The documented, stable `status --json` schema (version 1)."""
     return {
-        "schema": "vmpool-status", "version": 1, "pool": config.pool.name, "now": now,
+        "schema": "vmpool-status",
+        "version": 1,
+        "pool": config.pool.name,
+        "now": now,
         "limits": {"min": config.pool.min, "max": config.pool.max, "min_free": config.pool.min_free},
         "counts": {s: state.count(s) for s in (FREE, BUSY, UNUSABLE)},
         "desired": desired_size(state, config.pool),
         "waiting": [{"job": r.job, "user": r.user, "since": r.since} for r in state.requests],
-        "last_reconcile": state.last_reconcile, "boot_failures": state.boot_failures,
-        "protected_since": state.protected_since, "backoff_until": state.backoff_until,
+        "last_reconcile": state.last_reconcile,
+        "boot_failures": state.boot_failures,
+        "protected_since": state.protected_since,
+        "backoff_until": state.backoff_until,
         "backoff_delay": state.backoff_delay,
         "waiting_on_quota_since": state.quota_blocked_since if starved(state) else None,
-        "paused": None if state.paused_since is None else {
-            "since": state.paused_since, "by": state.paused_by, "reason": state.paused_reason},
-        "last_cloud_error": state.last_cloud_error or None, "last_cloud_error_at": state.last_cloud_error_at,
-        "vms": [{"name": vm.name, "server_id": vm.server_id, "address": vm.address, "state": vm.state,
-                 "reason": vm.reason or None, "job": vm.job, "user": vm.user, "since": vm.since,
-                 "created_at": vm.created_at, "last_healthy": vm.last_healthy, "tainted": vm.tainted or None,
-                 "drained": vm.drained or None}
-                for vm in sorted(state.vms, key=lambda vm: vm.name)],
+        "paused": None
+        if state.paused_since is None
+        else {"since": state.paused_since, "by": state.paused_by, "reason": state.paused_reason},
+        "last_cloud_error": state.last_cloud_error or None,
+        "last_cloud_error_at": state.last_cloud_error_at,
+        "vms": [
+            {
+                "name": vm.name,
+                "server_id": vm.server_id,
+                "address": vm.address,
+                "state": vm.state,
+                "reason": vm.reason or None,
+                "job": vm.job,
+                "user": vm.user,
+                "since": vm.since,
+                "created_at": vm.created_at,
+                "last_healthy": vm.last_healthy,
+                "tainted": vm.tainted or None,
+                "drained": vm.drained or None,
+            }
+            for vm in sorted(state.vms, key=lambda vm: vm.name)
+        ],
     }
 
 
@@ -4789,34 +5468,55 @@ def status_text(state: PoolState, config: Config, now: float) -> str:
     rows = [("NAME", "ADDRESS", "STATE", "REASON", "JOB", "USER", "SINCE", "AGE")]
     for vm in sorted(state.vms, key=lambda vm: vm.name):
         reason = (vm.reason or "-") + (" (drained)" if vm.drained else "")
-        rows.append((vm.name, vm.address or "-", vm.state, reason, vm.job or "-", vm.user or "-",
-                     fmt_time(vm.since), format_age(now - vm.since)))
+        rows.append(
+            (
+                vm.name,
+                vm.address or "-",
+                vm.state,
+                reason,
+                vm.job or "-",
+                vm.user or "-",
+                fmt_time(vm.since),
+                format_age(now - vm.since),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
+    ]
     pool = config.pool
     lines.append("")
-    lines.append(f"pool {pool.name}: min {pool.min}, max {pool.max}, min_free {pool.min_free}, "
-                 f"desired {desired_size(state, pool)}; free {state.count(FREE)}, busy {state.count(BUSY)}, "
-                 f"unusable {state.count(UNUSABLE)}")
+    lines.append(
+        f"pool {pool.name}: min {pool.min}, max {pool.max}, min_free {pool.min_free}, "
+        f"desired {desired_size(state, pool)}; free {state.count(FREE)}, busy {state.count(BUSY)}, "
+        f"unusable {state.count(UNUSABLE)}"
+    )
     waiting = ", ".join(f"{r.job} ({r.user}, {format_age(now - r.since)})" for r in state.requests) or "none"
     lines.append(f"waiting: {waiting}")
     last = state.last_reconcile
     lines.append(f"last reconcile: {fmt_time(last)}" + (f" ({format_age(now - last)} ago)" if last else " (never)"))
     if state.paused_since is not None:
-        lines.append(f"PAUSED since {fmt_time(state.paused_since)} ({format_age(now - state.paused_since)} ago) "
-                     f"by {state.paused_by}: {state.paused_reason}; no VM is created (resume: vmpool resume)")
+        lines.append(
+            f"PAUSED since {fmt_time(state.paused_since)} ({format_age(now - state.paused_since)} ago) "
+            f"by {state.paused_by}: {state.paused_reason}; no VM is created (resume: vmpool resume)"
+        )
     for vm in sorted((vm for vm in state.vms if vm.drained), key=lambda vm: vm.name):
         lines.append(f"{describe_vm(vm)} drained {vm.drained}")
     if state.protected_since is not None:
-        lines.append(f"PROTECTED MODE since {fmt_time(state.protected_since)}: {state.boot_failures} failed boots; "
-                     "one canary boot at a time (clear: vmpool reconcile --clear-protection)")
+        lines.append(
+            f"PROTECTED MODE since {fmt_time(state.protected_since)}: {state.boot_failures} failed boots; "
+            "one canary boot at a time (clear: vmpool reconcile --clear-protection)"
+        )
     if state.backoff_until and now < state.backoff_until:
-        lines.append(f"BACKING OFF creates until {fmt_time(state.backoff_until)} "
-                     f"(delay {state.backoff_delay:.0f}s, doubling per refusal up to {pool.backoff_max:.0f}s)")
+        lines.append(
+            f"BACKING OFF creates until {fmt_time(state.backoff_until)} "
+            f"(delay {state.backoff_delay:.0f}s, doubling per refusal up to {pool.backoff_max:.0f}s)"
+        )
     if starved(state):
-        lines.append(f"WAITING ON THE PROJECT'S QUOTA since {fmt_time(state.quota_blocked_since)}: the project's "
-                     "other pools are asked to give way")
+        lines.append(
+            f"WAITING ON THE PROJECT'S QUOTA since {fmt_time(state.quota_blocked_since)}: the project's "
+            "other pools are asked to give way"
+        )
     if state.last_cloud_error:
         lines.append(f"last cloud error at {fmt_time(state.last_cloud_error_at)}: {state.last_cloud_error}")
     return "\n".join(lines)
@@ -4854,8 +5554,10 @@ def _background_thread_failed(args: Any) -> None:
     transport that died meanwhile raises EOFError there; the probe itself already reported the
     VM in one line. Python would print that thread's traceback to stderr (cron mail, a job's .e):
     vmpool logs it as a debug line instead (shown with -v)."""
-    log.debug(f"background thread {getattr(args.thread, 'name', '?')}: {args.exc_type.__name__}: {args.exc_value}",
-              exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    log.debug(
+        f"background thread {getattr(args.thread, 'name', '?')}: {args.exc_type.__name__}: {args.exc_value}",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def setup_outputs(config: Config) -> list[tuple[str, str]]:
@@ -4889,14 +5591,18 @@ def setup_syslog(logs: LoggingConfig) -> tuple[str, str] | None:
     if not logs.syslog or any(getattr(h, "vmpool_syslog", False) for h in log.handlers):
         return None
     import logging.handlers
+
     address = logs.syslog_address
     try:
         is_socket = stat.S_ISSOCK(os.stat(address).st_mode)
     except OSError:
         is_socket = False
     if not is_socket:
-        return (f"[logging] syslog_address = {address}", "not a syslog socket (is rsyslog or systemd-journald "
-                "running?): start one, set [logging] syslog_address, or syslog = false")
+        return (
+            f"[logging] syslog_address = {address}",
+            "not a syslog socket (is rsyslog or systemd-journald "
+            "running?): start one, set [logging] syslog_address, or syslog = false",
+        )
     facility = logging.handlers.SysLogHandler.facility_names[logs.facility]
     try:
         handler = logging.handlers.SysLogHandler(address=address, facility=facility)
@@ -4912,13 +5618,21 @@ def textfile_problem(metrics: MetricsConfig) -> tuple[str, str] | None:
     directory = os.path.dirname(metrics.textfile)
     if not metrics.textfile or os.path.isdir(directory):
         return None
-    return (f"[metrics] textfile = {metrics.textfile}", f"no directory {directory}: create it or point textfile "
-            "at node_exporter's --collector.textfile.directory")
+    return (
+        f"[metrics] textfile = {metrics.textfile}",
+        f"no directory {directory}: create it or point textfile at node_exporter's --collector.textfile.directory",
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="VMPOOL_CONFIG", default=DEFAULT_CONFIG_PATH, show_default=True,
-              help="INI config file (env: VMPOOL_CONFIG).")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="VMPOOL_CONFIG",
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    help="INI config file (env: VMPOOL_CONFIG).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 @click.version_option(__version__, prog_name="vmpool")
 @click.pass_context
@@ -4945,27 +5659,54 @@ def _verbose_after_subcommand(ctx: click.Context, param: click.Parameter, value:
 
 def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--config and -v after the subcommand too (`vmpool status --config X`, `vmpool reconcile -v`)."""
-    command = click.option("--config", "config_after", default=None, expose_value=False, is_eager=True,
-                           callback=_config_after_subcommand, help="INI config file (as before the subcommand).")(
-        command)
-    return click.option("-v", "--verbose", "verbose_after", is_flag=True, expose_value=False,
-                        callback=_verbose_after_subcommand, help="Log debug detail.")(command)
+    command = click.option(
+        "--config",
+        "config_after",
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_config_after_subcommand,
+        help="INI config file (as before the subcommand).",
+    )(command)
+    return click.option(
+        "-v",
+        "--verbose",
+        "verbose_after",
+        is_flag=True,
+        expose_value=False,
+        callback=_verbose_after_subcommand,
+        help="Log debug detail.",
+    )(command)
 
 
 @cli.command()
 @click.argument("job_id")
-@click.option("--user", default="", help="The job's owner (recorded; shown by status). Without it, a VM the job "
-              "holds is its own whoever owns it.")
+@click.option(
+    "--user",
+    default="",
+    help="The job's owner (recorded; shown by status). Without it, a VM the job holds is its own whoever owns it.",
+)
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for a VM [pool acquire_timeout].")
-@click.option("--format", "output", type=click.Choice(["address", "env"]), default="address",
-              help="address: the VM's address; env: KEY=value lines for the hooks.")
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["address", "env"]),
+    default="address",
+    help="address: the VM's address; env: KEY=value lines for the hooks.",
+)
 @common_options
-@click.option("--started", type=float, default=None, metavar="EPOCH",
-              help="When this attempt of the job began (the prologue's start, seconds since the epoch); "
-                   "a release of the job after it ends the wait with exit 8. Default: now.")
+@click.option(
+    "--started",
+    type=float,
+    default=None,
+    metavar="EPOCH",
+    help="When this attempt of the job began (the prologue's start, seconds since the epoch); "
+    "a release of the job after it ends the wait with exit 8. Default: now.",
+)
 @click.pass_context
-def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, output: str,
-            started: float | None) -> None:
+def acquire(
+    ctx: click.Context, job_id: str, user: str, timeout: float | None, output: str, started: float | None
+) -> None:
     """Get a VM for JOB_ID and print its address (exit 0).
 
     Idempotent: a job that holds a VM gets the same VM again, and without --user too (a VM
@@ -4991,11 +5732,16 @@ def acquire(ctx: click.Context, job_id: str, user: str, timeout: float | None, o
 
 def hook_env(claimed: Claimed, config: Config) -> str:
     ssh, vm = config.ssh, claimed.vm
-    pairs = [("VMPOOL_VM_NAME", vm.name), ("VMPOOL_SERVER_ID", vm.server_id or ""),
-             ("VMPOOL_ADDRESS", vm.address or ""), ("VMPOOL_SSH_USER", ssh.user),
-             ("VMPOOL_SSH_PORT", str(ssh.port)), ("VMPOOL_SSH_KEY", ssh.private_key),
-             ("VMPOOL_KNOWN_HOSTS", ssh.known_hosts),
-             ("VMPOOL_ALREADY_HELD", "yes" if claimed.already_held else "no")]
+    pairs = [
+        ("VMPOOL_VM_NAME", vm.name),
+        ("VMPOOL_SERVER_ID", vm.server_id or ""),
+        ("VMPOOL_ADDRESS", vm.address or ""),
+        ("VMPOOL_SSH_USER", ssh.user),
+        ("VMPOOL_SSH_PORT", str(ssh.port)),
+        ("VMPOOL_SSH_KEY", ssh.private_key),
+        ("VMPOOL_KNOWN_HOSTS", ssh.known_hosts),
+        ("VMPOOL_ALREADY_HELD", "yes" if claimed.already_held else "no"),
+    ]
     return "\n".join(f"{key}={value}" for key, value in pairs)
 
 
@@ -5077,8 +5823,11 @@ def verify(ctx: click.Context) -> None:
     existing = os.path.dirname(os.path.abspath(config.pool.state_file))
     while not os.path.exists(existing):  # vmpool makes the missing directories
         existing = os.path.dirname(existing)
-    report(f"[pool] state_file = {config.pool.state_file}", on_kernel_file_system(config.pool.state_file) or (
-        "" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user"))
+    report(
+        f"[pool] state_file = {config.pool.state_file}",
+        on_kernel_file_system(config.pool.state_file)
+        or ("" if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable for this user"),
+    )
     for setting, path in (("[ssh] known_hosts", config.ssh.known_hosts), ("[pool] log_file", config.pool.log_file)):
         if path and on_kernel_file_system(path):
             report(f"{setting} = {path}", on_kernel_file_system(path))
@@ -5123,10 +5872,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     except StateAccessError:
         raise  # the file may be fine: moving it aside would lose the pool's record
     except StateError as error:
-        raise StateError(f"{error}\nTo recover: docs/operating.md, \"Backup and restore\".") from None
+        raise StateError(f'{error}\nTo recover: docs/operating.md, "Backup and restore".') from None
     now = pool.clock()
-    click.echo(json.dumps(status_json(state, pool.config, now), indent=1) if as_json
-               else status_text(state, pool.config, now))
+    click.echo(
+        json.dumps(status_json(state, pool.config, now), indent=1) if as_json else status_text(state, pool.config, now)
+    )
 
 
 @cli.command()
@@ -5168,8 +5918,12 @@ def metrics(ctx: click.Context) -> None:
 
 
 def reason_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--reason", default="no reason given", show_default=True,
-                        help="Why: logged with the invoking user, shown by status.")(command)
+    return click.option(
+        "--reason",
+        default="no reason given",
+        show_default=True,
+        help="Why: logged with the invoking user, shown by status.",
+    )(command)
 
 
 @cli.command()
@@ -5231,30 +5985,82 @@ def clear_backoff(ctx: click.Context, reason: str) -> None:
 
 @cli.command()
 @click.argument("log_file", metavar="LOG")
-@click.option("--format", "log_format", type=click.Choice(["auto", "swf", "csv"]), default="auto", show_default=True,
-              help="The log's format: SWF (Parallel Workloads Archive) or CSV with a header; auto: by its look.")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="A [pool] setting for this replay, "
-              "over the config's (repeatable).")
-@click.option("--sweep", default=None, metavar="KEY=V1,V2,...", help="Replay once per value of a [pool] setting "
-              "and print the wait/cost table (e.g. idle_timeout=60,600,1800).")
-@click.option("--boot-time", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Seconds from create to a VM that answers SSH.")
-@click.option("--boot-failures", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="The share of boots that end in ERROR.")
+@click.option(
+    "--format",
+    "log_format",
+    type=click.Choice(["auto", "swf", "csv"]),
+    default="auto",
+    show_default=True,
+    help="The log's format: SWF (Parallel Workloads Archive) or CSV with a header; auto: by its look.",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A [pool] setting for this replay, over the config's (repeatable).",
+)
+@click.option(
+    "--sweep",
+    default=None,
+    metavar="KEY=V1,V2,...",
+    help="Replay once per value of a [pool] setting and print the wait/cost table (e.g. idle_timeout=60,600,1800).",
+)
+@click.option(
+    "--boot-time",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds from create to a VM that answers SSH.",
+)
+@click.option(
+    "--boot-failures",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="The share of boots that end in ERROR.",
+)
 @click.option("--quota", type=click.IntRange(min=0), default=0, help="Servers the project may hold (0: no limit).")
-@click.option("--prepare-time", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Seconds the prologue holds a claimed VM before the job runs.")
-@click.option("--reconcile-every", type=click.FloatRange(min=1), default=60.0, show_default=True,
-              help="Seconds between cron's reconcile passes.")
+@click.option(
+    "--prepare-time",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds the prologue holds a claimed VM before the job runs.",
+)
+@click.option(
+    "--reconcile-every",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between cron's reconcile passes.",
+)
 @click.option("--seed", type=int, default=1, show_default=True, help="Which boots fail (the same seed, the same).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable (schema vmpool-simulate, version 1).")
-@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
-              help="VMs over time (busy, free, booting); needs matplotlib (pip install 'vmpool[simulate]').")
+@click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    metavar="FILE.png",
+    help="VMs over time (busy, free, booting); needs matplotlib (pip install 'vmpool[simulate]').",
+)
 @common_options
 @click.pass_context
-def simulate(ctx: click.Context, log_file: str, log_format: str, settings: tuple[str, ...], sweep: str | None,
-             boot_time: float, boot_failures: float, quota: int, prepare_time: float, reconcile_every: float,
-             seed: int, as_json: bool, plot_path: str | None) -> None:
+def simulate(
+    ctx: click.Context,
+    log_file: str,
+    log_format: str,
+    settings: tuple[str, ...],
+    sweep: str | None,
+    boot_time: float,
+    boot_failures: float,
+    quota: int,
+    prepare_time: float,
+    reconcile_every: float,
+    seed: int,
+    as_json: bool,
+    plot_path: str | None,
+) -> None:
     """Replay a job log (SWF or CSV) through the pool's own decisions and print the waits and VM-hours.
 
     The [pool] settings come from --config (--config /dev/null: the defaults) and --set; the cloud,
@@ -5264,9 +6070,16 @@ def simulate(ctx: click.Context, log_file: str, log_format: str, settings: tuple
     if plot_path and not can_plot():
         raise BadInput("--plot needs matplotlib: pip install 'vmpool[simulate]' (or matplotlib) in vmpool's venv")
     pool = simulation_pool(ctx.find_root().obj["config_path"], settings)
-    report = simulate_report(log_file, log_format, pool, SimCloudSettings(boot_time, boot_failures, quota, seed),
-                             prepare_time=prepare_time, reconcile_every=reconcile_every, sweep=sweep,
-                             samples=bool(plot_path))
+    report = simulate_report(
+        log_file,
+        log_format,
+        pool,
+        SimCloudSettings(boot_time, boot_failures, quota, seed),
+        prepare_time=prepare_time,
+        reconcile_every=reconcile_every,
+        sweep=sweep,
+        samples=bool(plot_path),
+    )
     if plot_path:
         plot_usage(report.pop("samples"), plot_path, f"{log_file}: VMs of pool {pool.name} over time")
     click.echo(json.dumps(report, indent=1) if as_json else simulate_text(report))

@@ -59,8 +59,11 @@ def percentile(samples: list[float], fraction: float) -> float:
 def run_acquire(config: str, job: str, timeout: float = 120) -> tuple[float, float, str, int]:
     """(start, end, stdout, exit code) of one acquire process."""
     started = time.perf_counter()
-    done = subprocess.run([VMPOOL, "-v", "--config", config, "acquire", job, "--user", "u", "--timeout", str(timeout)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [VMPOOL, "-v", "--config", config, "acquire", job, "--user", "u", "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+    )
     LOCK_LOG.extend(LOCK_LINE.findall(done.stderr))
     for pattern, times in ((QUEUED_LINE, QUEUED_AT), (CLAIMED_LINE, CLAIMED_AT)):
         for stamp, logged_job in pattern.findall(done.stderr):
@@ -73,6 +76,7 @@ def run_acquire(config: str, job: str, timeout: float = 120) -> tuple[float, flo
 def log_time(stamp: str) -> float:
     """A vmpool log line's time ("2026-12-01 05:45:03,242"), seconds since the epoch."""
     import datetime
+
     whole, millis = stamp.split(",")
     return datetime.datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp() + int(millis) / 1000
 
@@ -87,8 +91,14 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def concurrent(config: str, jobs: list[str], gap: float = 0.0, results: dict[str, Run] | None = None,
-               then: Callable[[str, Run], None] | None = None, timeout: float = 120) -> dict[str, Run]:
+def concurrent(
+    config: str,
+    jobs: list[str],
+    gap: float = 0.0,
+    results: dict[str, Run] | None = None,
+    then: Callable[[str, Run], None] | None = None,
+    timeout: float = 120,
+) -> dict[str, Run]:
     """Start one thread per acquire process; all released by one barrier (or `gap` s apart, in order).
     Each result lands in `results` as its process ends, and `then` runs on it in the same thread."""
     results = {} if results is None else results
@@ -116,14 +126,18 @@ def summary(name: str, runs: list[tuple[float, float, str, int]], cpu: float) ->
     held = [int(h) / 1000 for _, h in LOCK_LOG]
     waited = [int(w) / 1000 for w, _ in LOCK_LOG]
     if held:
-        print(f"  {'':28s} state lock held: p50 {statistics.median(held) * 1000:4.0f} ms, sum {sum(held):5.1f} s;"
-              f" waited p50 {statistics.median(waited):5.2f} s max {max(waited):5.2f} s ({len(held)} locks)")
+        print(
+            f"  {'':28s} state lock held: p50 {statistics.median(held) * 1000:4.0f} ms, sum {sum(held):5.1f} s;"
+            f" waited p50 {statistics.median(waited):5.2f} s max {max(waited):5.2f} s ({len(held)} locks)"
+        )
     LOCK_LOG.clear()
     wall = max(end for _, end, _, _ in runs) - min(start for start, _, _, _ in runs)
     each = [end - start for start, end, _, _ in runs]
     failed = sum(1 for *_, code in runs if code != 0)
-    print(f"  {name:28s} wall {wall:6.2f} s   per process p50 {percentile(each, 0.5) * 1000:6.0f} ms"
-          f"  p99 {percentile(each, 0.99) * 1000:6.0f} ms   cpu {cpu:5.1f} s   failed {failed}")
+    print(
+        f"  {name:28s} wall {wall:6.2f} s   per process p50 {percentile(each, 0.5) * 1000:6.0f} ms"
+        f"  p99 {percentile(each, 0.99) * 1000:6.0f} ms   cpu {cpu:5.1f} s   failed {failed}"
+    )
     return wall
 
 
@@ -228,8 +242,10 @@ def queue_burst(vms: int) -> tuple[int, str]:
             concurrent(config, jobs, gap, results, release_if_among_the_first, timeout=QUEUE_ACQUIRE_TIMEOUT)
 
         # the first wave takes the VMs; the second arrives 5 ms apart (its order is the FCFS order)
-        threads = [threading.Thread(target=wave, args=(first, 0.0)),
-                   threading.Thread(target=wave, args=(second, 0.005))]
+        threads = [
+            threading.Thread(target=wave, args=(first, 0.0)),
+            threading.Thread(target=wave, args=(second, 0.005)),
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -237,8 +253,10 @@ def queue_burst(vms: int) -> tuple[int, str]:
         wall = time.perf_counter() - started
         held = [int(h) for _, h in LOCK_LOG]
         waited = [int(w) for w, _ in LOCK_LOG]
-        print(f"  acquires' state locks: {len(held)}, held p50 {statistics.median(held)} ms, "
-              f"sum {sum(held) / 1000:.1f} s, waited p50 {statistics.median(waited)} ms max {max(waited)} ms")
+        print(
+            f"  acquires' state locks: {len(held)}, held p50 {statistics.median(held)} ms, "
+            f"sum {sum(held) / 1000:.1f} s, waited p50 {statistics.median(waited)} ms max {max(waited)} ms"
+        )
         LOCK_LOG.clear()
         state = store.read()
         claimed_at = {vm.job: vm.since for vm in state.vms if vm.job}
@@ -246,17 +264,22 @@ def queue_burst(vms: int) -> tuple[int, str]:
         failed = [job for job in everyone if results[job][3] != 0]
         waiters = [job for job in everyone if job in QUEUED_AT]
         release_failures = sum(1 for _, code in releases if code)
-        print(f"  {2 * vms} acquires vs {vms} Free, {vms} releases during the burst: wall {wall:.1f} s; "
-              f"served {2 * vms - len(failed)}/{2 * vms} ({len(waiters)} after waiting in the queue), "
-              f"failed {len(failed)}; releases {len(releases)}, failed {release_failures}, p50 "
-              f"{statistics.median(s for s, _ in releases) * 1000:.0f} ms p99 "
-              f"{percentile([s for s, _ in releases], 0.99) * 1000:.0f} ms; requests left {len(state.requests)}")
+        print(
+            f"  {2 * vms} acquires vs {vms} Free, {vms} releases during the burst: wall {wall:.1f} s; "
+            f"served {2 * vms - len(failed)}/{2 * vms} ({len(waiters)} after waiting in the queue), "
+            f"failed {len(failed)}; releases {len(releases)}, failed {release_failures}, p50 "
+            f"{statistics.median(s for s, _ in releases) * 1000:.0f} ms p99 "
+            f"{percentile([s for s, _ in releases], 0.99) * 1000:.0f} ms; requests left {len(state.requests)}"
+        )
         if waiters:
             took = [results[job][1] - results[job][0] for job in waiters]
             print(f"  queued jobs' acquire: p50 {statistics.median(took):.2f} s  p99 {percentile(took, 0.99):.2f} s")
         addresses = [results[job][2] for job in everyone if results[job][3] == 0 and job not in holders]
-        doubles = len(addresses) - len(set(addresses)) + sum(
-            1 for job in everyone if job not in holders and results[job][3] == 0 and job not in claimed_at)
+        doubles = (
+            len(addresses)
+            - len(set(addresses))
+            + sum(1 for job in everyone if job not in holders and results[job][3] == 0 and job not in claimed_at)
+        )
         problems += len(failed) + release_failures + len(state.requests) + doubles + (vms - len(releases))
         # FCFS: a later-queued job getting a VM first is only allowed while a VM was there for the
         # earlier one too, i.e. the earlier one gets its VM within one acquire poll (0.5 s) plus
@@ -265,16 +288,22 @@ def queue_burst(vms: int) -> tuple[int, str]:
         served_at = {job: at for job in waiters if (at := claimed_at.get(job, CLAIMED_AT.get(job))) is not None}
         order = sorted(served_at, key=QUEUED_AT.__getitem__)
         overtaken = overtaking(order, served_at)
-        print(f"  FCFS: {overtaken} of {len(order)} queued jobs served > 1.5 s after a later-queued job; "
-              f"double assignments {doubles}")
+        print(
+            f"  FCFS: {overtaken} of {len(order)} queued jobs served > 1.5 s after a later-queued job; "
+            f"double assignments {doubles}"
+        )
         # for the record, not a check: when each acquire itself logged its claim (it takes a VM handed
         # to it at its next look, after a poll and its turn at the lock)
         logged = sorted((job for job in waiters if job in CLAIMED_AT), key=QUEUED_AT.__getitem__)
-        print(f"  the acquires' own claim lines: {overtaking(logged, CLAIMED_AT)} of {len(logged)} "
-              "logged > 1.5 s after a later-queued job's")
+        print(
+            f"  the acquires' own claim lines: {overtaking(logged, CLAIMED_AT)} of {len(logged)} "
+            "logged > 1.5 s after a later-queued job's"
+        )
         problems += overtaken + (len(waiters) - len(order))
-        figure = (f"{2 * vms - len(failed)}/{2 * vms} served in {wall:.1f} s, {overtaken} of {len(order)} queued "
-                  f"jobs out of queue order, {doubles} double, {len(releases) - release_failures}/{vms} releases")
+        figure = (
+            f"{2 * vms - len(failed)}/{2 * vms} served in {wall:.1f} s, {overtaken} of {len(order)} queued "
+            f"jobs out of queue order, {doubles} double, {len(releases) - release_failures}/{vms} releases"
+        )
     return problems, figure
 
 
@@ -308,22 +337,36 @@ def main() -> int:
         # what the machine gives any 200 new interpreters right now (other users' load included)
         machine = floor_burst(args.vms)
         floors.append(machine)
-        print(f"  the import floor's own ratio in this run: {machine:.2f}x; vmpool's relative to it: "
-              f"{ratio / machine:.2f}x")
+        print(
+            f"  the import floor's own ratio in this run: {machine:.2f}x; vmpool's relative to it: "
+            f"{ratio / machine:.2f}x"
+        )
     if ratios:
         part_ok &= statistics.median(ratios) <= TARGET
-        record("burst", what=f"{args.vms} `vmpool acquire` processes started together vs one after another, "
-               f"{args.vms} Free VMs (wall)", target=f"<= {TARGET}x; no double assignment, no failed acquire",
-               figure=f"{statistics.median(ratios):.2f}x (the bare interpreters' own burst "
-               f"{statistics.median(floors):.2f}x)", value=round(statistics.median(ratios), 2), unit="x", met=part_ok)
+        record(
+            "burst",
+            what=f"{args.vms} `vmpool acquire` processes started together vs one after another, "
+            f"{args.vms} Free VMs (wall)",
+            target=f"<= {TARGET}x; no double assignment, no failed acquire",
+            figure=f"{statistics.median(ratios):.2f}x (the bare interpreters' own burst "
+            f"{statistics.median(floors):.2f}x)",
+            value=round(statistics.median(ratios), 2),
+            unit="x",
+            met=part_ok,
+        )
         ok &= part_ok
     if not args.skip_queue:
         problems, figure = queue_burst(args.vms)
         ok &= problems == 0
-        record("burst_queue", what=f"{2 * args.vms} acquires for {args.vms} Free VMs, the first {args.vms} jobs "
-               f"releasing {JOB_SECONDS} s after they start", target="every job served, in queue order; none lost",
-               figure=figure, met=problems == 0,
-               command="make bench-burst (part 2; alone: bench_burst.py --only-queue)")
+        record(
+            "burst_queue",
+            what=f"{2 * args.vms} acquires for {args.vms} Free VMs, the first {args.vms} jobs "
+            f"releasing {JOB_SECONDS} s after they start",
+            target="every job served, in queue order; none lost",
+            figure=figure,
+            met=problems == 0,
+            command="make bench-burst (part 2; alone: bench_burst.py --only-queue)",
+        )
     for error in ERRORS[:5]:
         print(f"  {error}")
     if not ok:

@@ -63,8 +63,9 @@ def scale_up(bed: Bed, directory: Path, name: str, vms: int, vmpool: list[str]) 
     """(seconds until every create was sent and recorded, seconds until all Free, requests per pass)."""
     directory.mkdir()
     pool = PoolHandle(bed, directory, name)
-    pool.settings["pool"].update({"min": vms, "max": vms, "min_free": 0, "build_timeout": 300, "ready_timeout": 300,
-                                  "create_grace": 120})
+    pool.settings["pool"].update(
+        {"min": vms, "max": vms, "min_free": 0, "build_timeout": 300, "ready_timeout": 300, "create_grace": 120}
+    )
     pool.write_config()
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -89,8 +90,10 @@ def scale_up(bed: Bed, directory: Path, name: str, vms: int, vmpool: list[str]) 
     run("reconcile")
     counts = bed.counts()
     requests = sum(counts.values())
-    print(f"    one cron pass over {vms} Free VMs: {requests} requests at the proxy: "
-          + ", ".join(f"{key} x{n}" for key, n in sorted(counts.items())))
+    print(
+        f"    one cron pass over {vms} Free VMs: {requests} requests at the proxy: "
+        + ", ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+    )
     ssh_costs(pool)
     pool.delete_everything()
     return sent, free, requests
@@ -99,10 +102,23 @@ def scale_up(bed: Bed, directory: Path, name: str, vms: int, vmpool: list[str]) 
 def ssh_costs(pool: PoolHandle, rounds: int = 20) -> None:
     """What one ssh to a pool VM costs the hooks: a new connection each time vs an OpenSSH ControlMaster."""
     import statistics
+
     vm = pool.vms("free")[0]
     control = Path(pool.dir) / "cm-%C"
-    base = ["ssh", "-i", pool.key, "-o", f"UserKnownHostsFile={pool.known_hosts}", "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes", "-l", "root", vm["address"]]
+    base = [
+        "ssh",
+        "-i",
+        pool.key,
+        "-o",
+        f"UserKnownHostsFile={pool.known_hosts}",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-l",
+        "root",
+        vm["address"],
+    ]
 
     def timed(extra: list[str]) -> float:
         started = time.perf_counter()
@@ -114,8 +130,10 @@ def ssh_costs(pool: PoolHandle, rounds: int = 20) -> None:
     timed(master)  # opens the master
     reused = statistics.median(timed(master) for _ in range(rounds))
     subprocess.run([*base[:1], "-o", f"ControlPath={control}", "-O", "exit", *base[1:]], capture_output=True)
-    print(f"    ssh root@vm true (median of {rounds}): new connection {fresh * 1000:.0f} ms, "
-          f"through a ControlMaster {reused * 1000:.0f} ms")
+    print(
+        f"    ssh root@vm true (median of {rounds}): new connection {fresh * 1000:.0f} ms, "
+        f"through a ControlMaster {reused * 1000:.0f} ms"
+    )
 
 
 def main() -> int:
@@ -130,8 +148,10 @@ def main() -> int:
         started = time.monotonic()
         bed = Bed.start(Path(tmp) / "bed")
         try:
-            print(f"test bed up in {time.monotonic() - started:.0f}s; every create POST delayed {args.post_delay:g}s "
-                  f"(load {os.getloadavg()[0]:.1f})")
+            print(
+                f"test bed up in {time.monotonic() - started:.0f}s; every create POST delayed {args.post_delay:g}s "
+                f"(load {os.getloadavg()[0]:.1f})"
+            )
             bed.add_fault("nova", "POST", r"/servers$", "delay", delay=args.post_delay)
             runs = [("this vmpool", [sys.executable, "-m", "vmpool"])]
             if not args.no_baseline:
@@ -149,12 +169,18 @@ def main() -> int:
                 ratio = results["this vmpool"] / results["baseline"]
                 print(f"  creates sent: {ratio:.2f}x the baseline (target <= {TARGET}x)")
                 ok &= ratio <= TARGET
-                record("cloud", what=f"0 -> {args.vms} VMs, every create POST delayed {args.post_delay:g} s: time "
-                       "until every create was sent, vs the same vmpool sending them one after another; then "
-                       f"Nova requests in one cron pass over {args.vms} Free servers",
-                       target=f"<= {TARGET}x; <= 3 requests per pass (O(1))", met=ok, value=round(ratio, 2), unit="x",
-                       figure=f"{ratio:.2f}x ({results['this vmpool']:.1f} vs {results['baseline']:.1f} s); "
-                       f"{most_requests} requests per pass")
+                record(
+                    "cloud",
+                    what=f"0 -> {args.vms} VMs, every create POST delayed {args.post_delay:g} s: time "
+                    "until every create was sent, vs the same vmpool sending them one after another; then "
+                    f"Nova requests in one cron pass over {args.vms} Free servers",
+                    target=f"<= {TARGET}x; <= 3 requests per pass (O(1))",
+                    met=ok,
+                    value=round(ratio, 2),
+                    unit="x",
+                    figure=f"{ratio:.2f}x ({results['this vmpool']:.1f} vs {results['baseline']:.1f} s); "
+                    f"{most_requests} requests per pass",
+                )
         finally:
             bed.stop()
     if not ok:

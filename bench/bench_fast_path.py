@@ -37,6 +37,7 @@ def compile_vmpool() -> None:
     """Byte-compile vmpool.py as `pip install` does at a site: with PYTHONDONTWRITEBYTECODE set (as on
     the shared test machine) every new process would otherwise compile the module again (~60 ms)."""
     import py_compile
+
     py_compile.compile(vp.__file__, doraise=True)
 
 
@@ -69,10 +70,22 @@ known_hosts = {directory}/known_hosts
 
 
 def seeded_state(vms: int, now: float) -> vp.PoolState:
-    return vp.PoolState(pool="bench", vms=[
-        vp.Vm(name=f"bench-{n:04d}", state=vp.FREE, since=now, created_at=now, server_id=f"id-{n}",
-              address=f"127.9.{n // 250}.{n % 250 + 2}", last_healthy=now, host_keys=["ssh-ed25519 AAAA"])
-        for n in range(vms)])
+    return vp.PoolState(
+        pool="bench",
+        vms=[
+            vp.Vm(
+                name=f"bench-{n:04d}",
+                state=vp.FREE,
+                since=now,
+                created_at=now,
+                server_id=f"id-{n}",
+                address=f"127.9.{n // 250}.{n % 250 + 2}",
+                last_healthy=now,
+                host_keys=["ssh-ed25519 AAAA"],
+            )
+            for n in range(vms)
+        ],
+    )
 
 
 def make_pool(directory: Path, vms: int) -> str:
@@ -87,8 +100,10 @@ def figures(name: str, samples: list[float]) -> float:
     samples = sorted(samples)
     p95 = samples[int(len(samples) * 0.95) - 1]
     median = statistics.median(samples)
-    print(f"  {name:34s} n={len(samples):3d}  median {median * 1000:7.1f} ms"
-          f"  p95 {p95 * 1000:7.1f} ms  max {samples[-1] * 1000:7.1f} ms")
+    print(
+        f"  {name:34s} n={len(samples):3d}  median {median * 1000:7.1f} ms"
+        f"  p95 {p95 * 1000:7.1f} ms  max {samples[-1] * 1000:7.1f} ms"
+    )
     return median
 
 
@@ -147,23 +162,32 @@ def main() -> int:
         for command in ("acquire", "release"):
             modules, cumulative = imported_by([VMPOOL, "--config", config, command, "99"])
             heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
-            extra = sorted(((cumulative[m], m) for m in modules - floor_modules
-                            if "." not in m and m != "vmpool"), reverse=True)[:6]
-            print(f"  -X importtime, {command}: vmpool {cumulative.get('vmpool', 0) / 1000:.1f} ms cumulative; "
-                  f"beyond the floor: {', '.join(f'{m} {us / 1000:.1f}' for us, m in extra)} ms; "
-                  f"heavy modules: {', '.join(heavy) or 'none'}")
+            extra = sorted(
+                ((cumulative[m], m) for m in modules - floor_modules if "." not in m and m != "vmpool"), reverse=True
+            )[:6]
+            print(
+                f"  -X importtime, {command}: vmpool {cumulative.get('vmpool', 0) / 1000:.1f} ms cumulative; "
+                f"beyond the floor: {', '.join(f'{m} {us / 1000:.1f}' for us, m in extra)} ms; "
+                f"heavy modules: {', '.join(heavy) or 'none'}"
+            )
             ok &= not heavy
             heavy_seen = heavy_seen or heavy
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import novaclient.client, fabric"], check=True)
         print(f"  (for scale: importing novaclient + fabric alone takes {(time.perf_counter() - start) * 1000:.0f} ms)")
-        record("fast_path", what=f"warm `acquire` and `release` of a Free VM ({args.vms} VMs), each a new process, "
-               "median, vs the import floor `python -c \"import click, filelock\"`",
-               target=f"<= {TARGET}x the floor each; no cloud or SSH library imported",
-               figure=f"acquire {ratios['acquire']:.2f}x, release {ratios['release']:.2f}x "
-               f"({medians['acquire'] * 1000:.1f} / {medians['release'] * 1000:.1f} vs {base * 1000:.1f} ms); "
-               f"heavy modules imported: {', '.join(heavy_seen) or 'none'}",
-               value=round(max(ratios.values()), 2), unit="x", met=ok, details={"rounds": args.rounds, "vms": args.vms})
+        record(
+            "fast_path",
+            what=f"warm `acquire` and `release` of a Free VM ({args.vms} VMs), each a new process, "
+            'median, vs the import floor `python -c "import click, filelock"`',
+            target=f"<= {TARGET}x the floor each; no cloud or SSH library imported",
+            figure=f"acquire {ratios['acquire']:.2f}x, release {ratios['release']:.2f}x "
+            f"({medians['acquire'] * 1000:.1f} / {medians['release'] * 1000:.1f} vs {base * 1000:.1f} ms); "
+            f"heavy modules imported: {', '.join(heavy_seen) or 'none'}",
+            value=round(max(ratios.values()), 2),
+            unit="x",
+            met=ok,
+            details={"rounds": args.rounds, "vms": args.vms},
+        )
     if not ok:
         print("FAILED: a target was missed or a heavy module was imported", file=sys.stderr)
     return 0 if ok else 1

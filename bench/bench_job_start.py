@@ -44,8 +44,9 @@ def acquired_at(log_file: str, job_id: str) -> float:
         if f"acquired by job {job_id} " in line:
             stamp = re.match(r"(\S+ \S+),(\d+)", line)
             assert stamp
-            return datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + \
-                int(stamp.group(2)) / 1000
+            return (
+                datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(stamp.group(2)) / 1000
+            )
     raise AssertionError(f"no acquire of {job_id} in {log_file}")
 
 
@@ -85,11 +86,17 @@ def main() -> int:
             pool.write_config(pool={"min": 2, "max": 3, "min_free": 1})
             pool.reconcile_until(lambda: len(pool.vms("free")) >= 2, 180, "2 Free VMs")
             mom = Mom(roots[0], pool, vmpool=VMPOOL_PATH)
-            print(f"warm pool: 2 Free VMs; {args.jobs} jobs through prologue, job starter, epilogue "
-                  f"(load {os.getloadavg()[0]:.1f})")
+            print(
+                f"warm pool: 2 Free VMs; {args.jobs} jobs through prologue, job starter, epilogue "
+                f"(load {os.getloadavg()[0]:.1f})"
+            )
             runs = [one_job(mom, f"{100 + n}.bench") for n in range(args.jobs)]
-            names = ("prologue start -> first line", "  acquire", "  rest of the prologue (key, prepare over SSH)",
-                     "  job starter -> first line (SSH)")
+            names = (
+                "prologue start -> first line",
+                "  acquire",
+                "  rest of the prologue (key, prepare over SSH)",
+                "  job starter -> first line (SSH)",
+            )
             for index, name in enumerate(names):
                 samples = sorted(run[index] for run in runs)
                 p95 = samples[max(0, round(0.95 * len(samples)) - 1)]
@@ -105,16 +112,25 @@ def main() -> int:
             cold_pool.write_config(pool={"min": 0, "max": 2, "min_free": 0})
             cold = Mom(roots[1], cold_pool, vmpool=VMPOOL_PATH)
             total, acquire, rest, starter = one_job(cold, "900.bench")
-            print(f"  cold (empty pool): {total:.1f} s = acquire {acquire:.1f} s (boot) + prologue {rest:.2f} s "
-                  f"+ starter {starter:.2f} s")
+            print(
+                f"  cold (empty pool): {total:.1f} s = acquire {acquire:.1f} s (boot) + prologue {rest:.2f} s "
+                f"+ starter {starter:.2f} s"
+            )
             cold_pool.delete_everything()
-            record("job_start", what=f"job start through the real hooks, prologue start -> the job's first line, "
-                   f"median of {args.jobs} warm jobs; one cold job (empty pool)",
-                   target=f"warm median <= {TARGET:g} s", met=median <= TARGET, value=round(median, 2), unit="s",
-                   figure=f"warm {median:.2f} s = acquire {parts[0] * 1000:.0f} ms + rest of the prologue "
-                   f"{parts[1] * 1000:.0f} ms + job starter {parts[2] * 1000:.0f} ms; cold {total:.1f} s")
+            record(
+                "job_start",
+                what=f"job start through the real hooks, prologue start -> the job's first line, "
+                f"median of {args.jobs} warm jobs; one cold job (empty pool)",
+                target=f"warm median <= {TARGET:g} s",
+                met=median <= TARGET,
+                value=round(median, 2),
+                unit="s",
+                figure=f"warm {median:.2f} s = acquire {parts[0] * 1000:.0f} ms + rest of the prologue "
+                f"{parts[1] * 1000:.0f} ms + job starter {parts[2] * 1000:.0f} ms; cold {total:.1f} s",
+            )
         finally:
             import shutil
+
             for root in roots:
                 shutil.rmtree(root, ignore_errors=True)
             bed.stop()

@@ -32,17 +32,30 @@ BANNER_TIMEOUT = 1.0
 
 
 def config_with(directory: Path, parallelism: int) -> vp.Config:
-    ssh = (f"connect_timeout = 1\nbanner_timeout = {BANNER_TIMEOUT}\nauth_timeout = 2\ncommand_timeout = 5\n"
-           f"probe_parallelism = {parallelism}\n")
+    ssh = (
+        f"connect_timeout = 1\nbanner_timeout = {BANNER_TIMEOUT}\nauth_timeout = 2\ncommand_timeout = 5\n"
+        f"probe_parallelism = {parallelism}\n"
+    )
     return vp.load_config(write_config(directory / f"vmpool-{parallelism}.conf", directory, 100, ssh))
 
 
 def reset_state(store: vp.StateStore, probes: list[vp.ProbeSsh]) -> None:
     """Every VM Unusable(unreachable) but once healthy: the probe decides what it is now."""
     now = time.time()
-    vms = [vp.Vm(name=p.name, state=vp.UNUSABLE, reason=vp.UNREACHABLE, since=now, created_at=now - 60,
-                 server_id=p.server_id, address=p.address, last_healthy=now - 30, host_keys=list(p.host_keys))
-           for p in probes]
+    vms = [
+        vp.Vm(
+            name=p.name,
+            state=vp.UNUSABLE,
+            reason=vp.UNREACHABLE,
+            since=now,
+            created_at=now - 60,
+            server_id=p.server_id,
+            address=p.address,
+            last_healthy=now - 30,
+            host_keys=list(p.host_keys),
+        )
+        for p in probes
+    ]
     store.update(lambda _: (vp.PoolState(pool="bench", vms=vms), None))
 
 
@@ -90,11 +103,13 @@ def main() -> int:
                 print(f"  probe_parallelism {parallelism:2d}: {seconds:6.2f} s   ({free}/{args.vms} Free)")
                 ok &= free == args.vms
 
-            frozen = {p.name for p in probes[:args.frozen]}
+            frozen = {p.name for p in probes[: args.frozen]}
             for name in frozen:
                 sup.set_fault(name, "hang")
-            print(f"probe step, {args.frozen} of {args.vms} VMs frozen before the banner "
-                  f"(banner_timeout {BANNER_TIMEOUT:g}s, median of {args.rounds}):")
+            print(
+                f"probe step, {args.frozen} of {args.vms} VMs frozen before the banner "
+                f"(banner_timeout {BANNER_TIMEOUT:g}s, median of {args.rounds}):"
+            )
             dead: dict[int, float] = {}
             for parallelism in (1, 16):
                 seconds, states = timed_probe(directory, parallelism, probes, args.rounds)
@@ -102,12 +117,18 @@ def main() -> int:
                 right = sum(1 for name, state in states.items() if (state == vp.FREE) == (name not in frozen))
                 print(f"  probe_parallelism {parallelism:2d}: {seconds:6.2f} s   ({right}/{args.vms} classified right)")
                 ok &= right == args.vms
-            record("probes", what=f"the SSH probe step of a pass, {args.vms} stand-in VMs, `probe_parallelism` "
-                   f"1 / 4 / 16; then {args.frozen} of them frozen before the banner (`banner_timeout` "
-                   f"{BANNER_TIMEOUT:g} s), 1 / 16", target="every VM classified right (no time target)",
-                   figure=f"healthy {' / '.join(f'{s:.2f}' for s in healthy.values())} s; "
-                   f"{args.frozen} frozen {' / '.join(f'{s:.2f}' for s in dead.values())} s",
-                   value=round(healthy[16], 2), unit="s", met=ok)
+            record(
+                "probes",
+                what=f"the SSH probe step of a pass, {args.vms} stand-in VMs, `probe_parallelism` "
+                f"1 / 4 / 16; then {args.frozen} of them frozen before the banner (`banner_timeout` "
+                f"{BANNER_TIMEOUT:g} s), 1 / 16",
+                target="every VM classified right (no time target)",
+                figure=f"healthy {' / '.join(f'{s:.2f}' for s in healthy.values())} s; "
+                f"{args.frozen} frozen {' / '.join(f'{s:.2f}' for s in dead.values())} s",
+                value=round(healthy[16], 2),
+                unit="s",
+                met=ok,
+            )
         finally:
             sup.close()
     if not ok:

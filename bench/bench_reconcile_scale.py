@@ -176,8 +176,9 @@ def main() -> int:
                     if kind != "ok":
                         sup.set_fault(vm_id, kind)
                     index += 1
-            print(f"{index} stand-in sshds booted in {time.perf_counter() - started:.0f}s "
-                  f"(load {os.getloadavg()[0]:.1f})")
+            print(
+                f"{index} stand-in sshds booted in {time.perf_counter() - started:.0f}s (load {os.getloadavg()[0]:.1f})"
+            )
             # VMs: the dead ones spread through the list, as they would be in a real pool
             dead = ["drop"] * args.drop + ["hang"] * args.frozen
             step = args.vms // len(dead)
@@ -189,21 +190,49 @@ def main() -> int:
             for n, kind in enumerate(layout):
                 address, keys = sshds[kind][n % len(sshds[kind])]
                 name = f"bench-{n:04d}"
-                vms.append(vp.Vm(name=name, state=vp.FREE, since=now, created_at=now - 600, server_id=f"id-{n}",
-                                 address=address, last_healthy=now, host_keys=list(keys)))
-                servers.append(vp.Server(id=f"id-{n}", name=name, status=vp.SERVER_ACTIVE, address=address,
-                                         vm_name=name, created_at=now - 600))
+                vms.append(
+                    vp.Vm(
+                        name=name,
+                        state=vp.FREE,
+                        since=now,
+                        created_at=now - 600,
+                        server_id=f"id-{n}",
+                        address=address,
+                        last_healthy=now,
+                        host_keys=list(keys),
+                    )
+                )
+                servers.append(
+                    vp.Server(
+                        id=f"id-{n}",
+                        name=name,
+                        status=vp.SERVER_ACTIVE,
+                        address=address,
+                        vm_name=name,
+                        created_at=now - 600,
+                    )
+                )
                 expected[name] = vp.FREE if kind == "ok" else vp.UNUSABLE
             counts = {kind: layout.count(kind) for kind in kinds}
-            print(f"{args.vms} VMs: {counts['ok']} healthy, {counts['drop']} dropping packets, "
-                  f"{counts['hang']} frozen before the banner; default ssh timeouts (connect 10 s)")
+            print(
+                f"{args.vms} VMs: {counts['ok']} healthy, {counts['drop']} dropping packets, "
+                f"{counts['hang']} frozen before the banner; default ssh timeouts (connect 10 s)"
+            )
             results = {}
-            for label, extra in (("probe_parallelism 16 (old default)", "probe_parallelism = 16\n"),
-                                 (f"defaults (probe_parallelism {vp.SshConfig().probe_parallelism})", "")):
+            for label, extra in (
+                ("probe_parallelism 16 (old default)", "probe_parallelism = 16\n"),
+                (f"defaults (probe_parallelism {vp.SshConfig().probe_parallelism})", ""),
+            ):
                 config = vp.load_config(write_config(directory / "vmpool.conf", directory, args.vms, extra))
                 pool = vp.Pool(config, cloud=ListedCloud(servers))
-                pool.store.update(lambda _: (vp.PoolState(pool="bench", vms=[
-                    vp.Vm(**{**vm.__dict__, "host_keys": list(vm.host_keys)}) for vm in vms]), None))
+                pool.store.update(
+                    lambda _: (
+                        vp.PoolState(
+                            pool="bench", vms=[vp.Vm(**{**vm.__dict__, "host_keys": list(vm.host_keys)}) for vm in vms]
+                        ),
+                        None,
+                    )
+                )
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 with Peak() as peak:
                     started = time.perf_counter()
@@ -215,24 +244,35 @@ def main() -> int:
                 for vm in [vm for vm in after if expected.get(vm.name) != vm.state][:3]:
                     print(f"    wrong: {vm.name} {vm.address} is {vm.state}: {vm.reason}")
                 grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
-                print(f"  {label:36s} pass {wall:5.1f} s; {right}/{args.vms} classified right; "
-                      f"peak {peak.threads} threads, {peak.fds} fds; max RSS +{grew:.0f} MiB")
-                print(f"  {'':36s} CPU: vmpool {peak.client_cpu:.1f} s (this process and its probe workers); "
-                      f"the machine {peak.machine_cpu:.1f} s of {os.cpu_count()} x {wall:.1f} s "
-                      "(the stand-in sshds share its cores)")
+                print(
+                    f"  {label:36s} pass {wall:5.1f} s; {right}/{args.vms} classified right; "
+                    f"peak {peak.threads} threads, {peak.fds} fds; max RSS +{grew:.0f} MiB"
+                )
+                print(
+                    f"  {'':36s} CPU: vmpool {peak.client_cpu:.1f} s (this process and its probe workers); "
+                    f"the machine {peak.machine_cpu:.1f} s of {os.cpu_count()} x {wall:.1f} s "
+                    "(the stand-in sshds share its cores)"
+                )
                 results[label] = wall
                 ok &= right == args.vms
             baseline, wall = results.values()
             target = config.ssh.connect_timeout + 5
-            print(f"  defaults vs the old default: {wall / baseline:.2f}x; target: pass <= connect_timeout + 5 "
-                  f"= {target:g} s")
+            print(
+                f"  defaults vs the old default: {wall / baseline:.2f}x; target: pass <= connect_timeout + 5 "
+                f"= {target:g} s"
+            )
             ok &= wall <= target
-            record("reconcile_scale", what=f"one reconcile pass, {args.vms} VMs ({counts['drop']} dropping packets, "
-                   f"{counts['hang']} frozen before the banner), default SSH timeouts",
-                   target=f"<= connect_timeout + 5 = {target:g} s; every VM classified right",
-                   figure=f"{wall:.1f} s ({wall / baseline:.2f}x the old default `probe_parallelism` 16's "
-                   f"{baseline:.1f} s); CPU: vmpool {peak.client_cpu:.1f} s; peak {peak.threads} threads",
-                   value=round(wall, 1), unit="s", met=ok)
+            record(
+                "reconcile_scale",
+                what=f"one reconcile pass, {args.vms} VMs ({counts['drop']} dropping packets, "
+                f"{counts['hang']} frozen before the banner), default SSH timeouts",
+                target=f"<= connect_timeout + 5 = {target:g} s; every VM classified right",
+                figure=f"{wall:.1f} s ({wall / baseline:.2f}x the old default `probe_parallelism` 16's "
+                f"{baseline:.1f} s); CPU: vmpool {peak.client_cpu:.1f} s; peak {peak.threads} threads",
+                value=round(wall, 1),
+                unit="s",
+                met=ok,
+            )
         finally:
             sup.close()
     if not ok:

@@ -44,16 +44,26 @@ def main() -> int:
     summary = vp.replay_outcome(replay).summary()
     rate = len(jobs) / elapsed
     limit = TARGET_SECONDS * len(jobs) / 20000
-    print(f"replayed {len(jobs):,} jobs over {args.days:g} days in {elapsed:.1f} s ({cpu:.1f} s CPU, load "
-          f"{os.getloadavg()[0]:.1f}): {rate:,.0f} jobs/s; target <= {limit:.0f} s")
-    print(f"  wait mean {summary['wait']['mean']:.0f} s, p95 {summary['wait']['p95']:.0f} s; "
-          f"{summary['vm_hours']:,.0f} VM-hours for {summary['job_hours']:,.0f} job-hours; {summary['boots']:,} boots")
+    print(
+        f"replayed {len(jobs):,} jobs over {args.days:g} days in {elapsed:.1f} s ({cpu:.1f} s CPU, load "
+        f"{os.getloadavg()[0]:.1f}): {rate:,.0f} jobs/s; target <= {limit:.0f} s"
+    )
+    print(
+        f"  wait mean {summary['wait']['mean']:.0f} s, p95 {summary['wait']['p95']:.0f} s; "
+        f"{summary['vm_hours']:,.0f} VM-hours for {summary['job_hours']:,.0f} job-hours; {summary['boots']:,} boots"
+    )
     met = elapsed <= limit
-    record("simulate", what=f"`vmpool simulate`: a generated {args.days:g}-day log of {len(jobs):,} jobs replayed "
-           "through the policy (max 32, 60 s boots), in process",
-           target=f"<= {limit:.0f} s (>= {len(jobs) / limit:.0f} jobs/s)",
-           figure=f"{elapsed:.1f} s, {rate:,.0f} jobs/s ({cpu:.1f} s CPU)", value=round(rate), unit="jobs/s",
-           met=met, details={"cpu_seconds": round(cpu, 1), "summary": summary})
+    record(
+        "simulate",
+        what=f"`vmpool simulate`: a generated {args.days:g}-day log of {len(jobs):,} jobs replayed "
+        "through the policy (max 32, 60 s boots), in process",
+        target=f"<= {limit:.0f} s (>= {len(jobs) / limit:.0f} jobs/s)",
+        figure=f"{elapsed:.1f} s, {rate:,.0f} jobs/s ({cpu:.1f} s CPU)",
+        value=round(rate),
+        unit="jobs/s",
+        met=met,
+        details={"cpu_seconds": round(cpu, 1), "summary": summary},
+    )
     if not met:
         print("FAILED: the replay is slower than its target", file=sys.stderr)
     return 0 if met else 1

@@ -65,7 +65,8 @@ def main() -> int:
             deepcopy = median_of(args.rounds, lambda _, state=state: vp.copy_state(state))
             load = median_of(args.rounds, lambda _, pool=pool: pool.store.load())
             to_text = getattr(vp, "state_text", None) or (  # an older vmpool (a baseline run): its own format
-                lambda state: json.dumps(vp.state_to_json(state), indent=1, sort_keys=True))
+                lambda state: json.dumps(vp.state_to_json(state), indent=1, sort_keys=True)
+            )
             text = median_of(args.rounds, lambda _, state=state, to_text=to_text: to_text(state))
             write = median_of(10, lambda _, pool=pool, state=state: pool.store.save(state))
 
@@ -74,16 +75,22 @@ def main() -> int:
                 subprocess.run([VMPOOL, "--config", config, "release", f"{5000 + n}"], check=True, capture_output=True)
 
             command = median_of(max(10, args.rounds // 3), cli)
-            print(f"  {size:5d} VMs ({os.path.getsize(pool.store.path) / 1024:5.0f} KiB): in process "
-                  f"{inproc[size] * 1000:6.1f} ms; CLI (2 processes) {command * 1000:6.0f} ms")
-            print(f"  {'':5s}       per read-modify-write: load {load * 1000:5.1f} ms, policy's copy_state "
-                  f"{deepcopy * 1000:5.1f} ms (x1 per update), text {text * 1000:5.1f} ms, "
-                  f"write+fsync {write * 1000:5.1f} ms")
+            print(
+                f"  {size:5d} VMs ({os.path.getsize(pool.store.path) / 1024:5.0f} KiB): in process "
+                f"{inproc[size] * 1000:6.1f} ms; CLI (2 processes) {command * 1000:6.0f} ms"
+            )
+            print(
+                f"  {'':5s}       per read-modify-write: load {load * 1000:5.1f} ms, policy's copy_state "
+                f"{deepcopy * 1000:5.1f} ms (x1 per update), text {text * 1000:5.1f} ms, "
+                f"write+fsync {write * 1000:5.1f} ms"
+            )
         small, large = SIZES
         growth = inproc[large] / inproc[small]
         limit = large / small * SLACK
-        print(f"  {large} vs {small} VMs: {growth:.1f}x for {large / small:.0f}x the records "
-              f"(target <= {limit:.0f}x: no worse than linear)")
+        print(
+            f"  {large} vs {small} VMs: {growth:.1f}x for {large / small:.0f}x the records "
+            f"(target <= {limit:.0f}x: no worse than linear)"
+        )
         ok &= growth <= limit
 
         # The history the state keeps (ended_jobs: the last ENDED_JOBS_KEPT releases) fills first;
@@ -100,19 +107,27 @@ def main() -> int:
                 pool.release(f"{100000 + served}")
                 served += 1
             return os.path.getsize(pool.store.path)
+
         first = serve(20)
         full = serve(vp.ENDED_JOBS_KEPT)
         after = serve(1000)
-        print(f"  history: state file {first} bytes after 20 jobs, {full} after {served - 1000:,} (the kept "
-              f"history full), {after} after {served:,}: {(after / full - 1) * 100:+.1f}% over the last 1,000 "
-              "(target <= +2%: bounded)")
+        print(
+            f"  history: state file {first} bytes after 20 jobs, {full} after {served - 1000:,} (the kept "
+            f"history full), {after} after {served:,}: {(after / full - 1) * 100:+.1f}% over the last 1,000 "
+            "(target <= +2%: bounded)"
+        )
         ok &= after <= full * 1.02
-        record("state_size", what=f"acquire + release in process, {large:,} vs {small} VM records; then the state "
-               "file over 1,000 more served jobs once its kept history is full",
-               target=f"<= {limit:.0f}x (no worse than linear); the file grows <= 2%",
-               figure=f"{growth:.1f}x ({inproc[small] * 1000:.1f} vs {inproc[large] * 1000:.1f} ms); "
-               f"state file {(after / full - 1) * 100:+.1f}% over the last 1,000 jobs",
-               value=round(growth, 1), unit="x", met=ok)
+        record(
+            "state_size",
+            what=f"acquire + release in process, {large:,} vs {small} VM records; then the state "
+            "file over 1,000 more served jobs once its kept history is full",
+            target=f"<= {limit:.0f}x (no worse than linear); the file grows <= 2%",
+            figure=f"{growth:.1f}x ({inproc[small] * 1000:.1f} vs {inproc[large] * 1000:.1f} ms); "
+            f"state file {(after / full - 1) * 100:+.1f}% over the last 1,000 jobs",
+            value=round(growth, 1),
+            unit="x",
+            met=ok,
+        )
     if not ok:
         print("FAILED: a target was missed", file=sys.stderr)
     return 0 if ok else 1

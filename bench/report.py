@@ -21,8 +21,17 @@ from results import RESULTS
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BEGIN = "<!-- latest figures: made by bench/report.py from bench/results/*.json; edit those, not this table -->"
 END = "<!-- end of the latest figures -->"
-ORDER = ("fast_path", "burst", "burst_queue", "state_size", "probes", "reconcile_scale", "cloud", "job_start",
-         "simulate")
+ORDER = (
+    "fast_path",
+    "burst",
+    "burst_queue",
+    "state_size",
+    "probes",
+    "reconcile_scale",
+    "cloud",
+    "job_start",
+    "simulate",
+)
 
 
 def cell(text: Any) -> str:
@@ -31,8 +40,10 @@ def cell(text: Any) -> str:
 
 def when(result: dict[str, Any]) -> str:
     machine = result.get("machine", {})
-    facts = [f"{machine['nproc']} cores" if machine.get("nproc") else "",
-             f"load {machine['load']}" if machine.get("load") is not None else ""]
+    facts = [
+        f"{machine['nproc']} cores" if machine.get("nproc") else "",
+        f"load {machine['load']}" if machine.get("load") is not None else "",
+    ]
     seed = " (seed: that day's figure copied by hand, not written by the bench)" if result.get("seed") else ""
     return f"{result['when'][:10]}, {', '.join(fact for fact in facts if fact)}{seed}"
 
@@ -44,9 +55,21 @@ def verdict(met: bool | None) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| benchmark | what | target | latest figure | when | command |", "| --- | --- | --- | --- | --- | --- |"]
     for result in results:
-        rows.append("| " + " | ".join(cell(text) for text in (
-            f"`{result['name']}`", result["what"], f"{result['target']}: {verdict(result['met'])}",
-            result["figure"], when(result), f"`{result['command']}`")) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                cell(text)
+                for text in (
+                    f"`{result['name']}`",
+                    result["what"],
+                    f"{result['target']}: {verdict(result['met'])}",
+                    result["figure"],
+                    when(result),
+                    f"`{result['command']}`",
+                )
+            )
+            + " |"
+        )
     return "\n".join(rows)
 
 

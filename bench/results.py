@@ -22,21 +22,52 @@ def machine() -> dict[str, Any]:
     """What the figure depends on besides the code: cores, load, CPU model, kernel, Python."""
     cpu = ""
     try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "load": round(os.getloadavg()[0], 1), "cpu": cpu,
-            "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "load": round(os.getloadavg()[0], 1),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
-def record(name: str, *, what: str, target: str, figure: str, met: bool | None, value: float | None = None,
-           unit: str = "", command: str | None = None, details: dict[str, Any] | None = None) -> Path:
+def record(
+    name: str,
+    *,
+    what: str,
+    target: str,
+    figure: str,
+    met: bool | None,
+    value: float | None = None,
+    unit: str = "",
+    command: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> Path:
     """Write bench/results/<name>.json (replacing the last one) and return its path. The command
     that measures it again is `make bench-<name>` unless another is given."""
-    result = {"name": name, "what": what, "target": target, "figure": figure, "value": value, "unit": unit,
-              "met": met, "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "command": command or f"make bench-{name}", "machine": machine(), "details": details or {}}
+    result = {
+        "name": name,
+        "what": what,
+        "target": target,
+        "figure": figure,
+        "value": value,
+        "unit": unit,
+        "met": met,
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command or f"make bench-{name}",
+        "machine": machine(),
+        "details": details or {},
+    }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     temporary = path.with_suffix(".json.tmp")

@@ -54,15 +54,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long ones first: the tests of one machine-wide node (an xdist_group, which one worker
     runs one after another) and the `slow` ones start while the short ones fill the other workers,
     rather than running alone at the end."""
+
     def long_first(item: pytest.Item) -> int:
         group = item.get_closest_marker("xdist_group")
         return 0 if item.get_closest_marker("slow") or (group and group.args[0] in LONG_GROUPS) else 1
+
     items.sort(key=long_first)
 
 
 @pytest.fixture(scope="session")
 def bed() -> Iterator[Any]:
     from tests.cloud.bed import Bed, leftovers
+
     run_dir = tempfile.mkdtemp(prefix="vmpool-bed-")
     try:
         started = Bed.start(run_dir)
@@ -92,15 +95,38 @@ class PoolHandle:
         os.chmod(self.key, 0o600)
         bed_config = bed.vmpool_sections()
         self.settings: dict[str, dict[str, Any]] = {
-            "pool": dict(name=name, min=0, max=3, min_free=0, state_file=self.state_file,
-                         log_file=str(directory / "vmpool.log"), lock_timeout=20, build_timeout=60,
-                         ready_timeout=30, unusable_timeout=30, idle_timeout=600, delete_timeout=30,
-                         create_grace=30, acquire_timeout=90, acquire_poll=0.2, pass_interval=0.5,
-                         protect_after_failures=3, backoff_initial=5, backoff_max=20,
-                         job_records=str(directory / "jobs")),
+            "pool": dict(
+                name=name,
+                min=0,
+                max=3,
+                min_free=0,
+                state_file=self.state_file,
+                log_file=str(directory / "vmpool.log"),
+                lock_timeout=20,
+                build_timeout=60,
+                ready_timeout=30,
+                unusable_timeout=30,
+                idle_timeout=600,
+                delete_timeout=30,
+                create_grace=30,
+                acquire_timeout=90,
+                acquire_poll=0.2,
+                pass_interval=0.5,
+                protect_after_failures=3,
+                backoff_initial=5,
+                backoff_max=20,
+                job_records=str(directory / "jobs"),
+            ),
             "openstack": {**bed_config["openstack"], "api_timeout": 15},
-            "ssh": {**bed_config["ssh"], "private_key": self.key, "connect_timeout": 3, "banner_timeout": 3,
-                    "auth_timeout": 3, "command_timeout": 10, "known_hosts": self.known_hosts},
+            "ssh": {
+                **bed_config["ssh"],
+                "private_key": self.key,
+                "connect_timeout": 3,
+                "banner_timeout": 3,
+                "auth_timeout": 3,
+                "command_timeout": 10,
+                "known_hosts": self.known_hosts,
+            },
             # no batch system on this machine: a test that wants one points [batch] command at a stand-in
             "batch": {"system": "none"},
         }
@@ -121,10 +147,23 @@ class PoolHandle:
     def prefix(self) -> str:
         return f"{self.name}-"
 
-    def run(self, *args: str, check: bool = True, timeout: float = 180, env: dict[str, str] | None = None,
-            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([VMPOOL, "--config", self.config_path, *args], capture_output=True, text=True,
-                                timeout=timeout, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 180,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [VMPOOL, "--config", self.config_path, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+        )
         # whatever went wrong, an admin (or cron's mail) gets vmpool's message, never a traceback
         assert TRACEBACK not in result.stderr, f"vmpool {' '.join(args)} printed a traceback:\n{result.stderr}"
         if check and result.returncode != 0:
@@ -133,8 +172,13 @@ class PoolHandle:
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         """A vmpool command in the background; the fixture kills it if the test left it running."""
-        proc = subprocess.Popen([VMPOOL, "--config", self.config_path, *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [VMPOOL, "--config", self.config_path, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         self.spawned.append(proc)
         return proc
 
@@ -157,9 +201,11 @@ class PoolHandle:
 
     def give_new_host_keys(self, server_id: str) -> list[str]:
         """Play a rebuilt (or impersonated) VM: new host keys, sshd restarted with them; their base64."""
-        regenerate = ("for t in ecdsa ed25519 rsa; do rm -f /etc/ssh/ssh_host_${t}_key*; "
-                      "ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${t}_key; done; "
-                      "cat /etc/ssh/ssh_host_*_key.pub")
+        regenerate = (
+            "for t in ecdsa ed25519 rsa; do rm -f /etc/ssh/ssh_host_${t}_key*; "
+            "ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${t}_key; done; "
+            "cat /etc/ssh/ssh_host_*_key.pub"
+        )
         rc, out, err = self.bed.vm_exec(server_id, ["sh", "-c", regenerate])
         assert rc == 0, err
         self.bed.vm_fault(server_id, "refuse")  # stops sshd ...
@@ -176,14 +222,17 @@ class PoolHandle:
         """The pool at min = max = count, every VM Free: its Free VMs as status shows them."""
         self.write_config(pool={"min": count, "max": count})
         free: list[dict[str, Any]] = self.reconcile_until(
-            lambda: len(self.vms("free")) == count and self.vms("free"), 120, f"{count} Free VMs")
+            lambda: len(self.vms("free")) == count and self.vms("free"), 120, f"{count} Free VMs"
+        )
         return free
 
     def reconcile_until(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
         """Run reconcile passes (as cron would, only faster) until the condition holds."""
+
         def step() -> Any:
             self.run("reconcile")
             return condition()
+
         return wait_until(step, timeout, what, interval=0.3)
 
     def delete_everything(self) -> None:
@@ -196,6 +245,7 @@ class PoolHandle:
                     with contextlib.suppress(Exception):  # already gone, or busy: next round
                         nova.servers.delete(server.id)
             return not servers
+
         wait_until(gone, 120, f"servers of pool {self.name} to be gone", interval=0.5)
 
 

@@ -52,13 +52,25 @@ def write_config(bed: Bed, directory: Path) -> str:
     key.chmod(0o600)
     sections = bed.vmpool_sections()  # [openstack] and [ssh] for this bed
     sections["pool"] = {
-        "name": "demo", "min": "1", "max": "4", "min_free": "1",
-        "state_file": f"{directory}/state/state.json", "log_file": f"{directory}/vmpool.log",
-        "idle_timeout": "15", "acquire_timeout": "120", "acquire_poll": "0.3", "pass_interval": "1",
+        "name": "demo",
+        "min": "1",
+        "max": "4",
+        "min_free": "1",
+        "state_file": f"{directory}/state/state.json",
+        "log_file": f"{directory}/vmpool.log",
+        "idle_timeout": "15",
+        "acquire_timeout": "120",
+        "acquire_poll": "0.3",
+        "pass_interval": "1",
         "ready_timeout": "60",
     }
-    sections["ssh"].update(private_key=str(key), known_hosts=f"{directory}/state/known_hosts",
-                           connect_timeout="5", banner_timeout="5", auth_timeout="5")
+    sections["ssh"].update(
+        private_key=str(key),
+        known_hosts=f"{directory}/state/known_hosts",
+        connect_timeout="5",
+        banner_timeout="5",
+        auth_timeout="5",
+    )
     config = configparser.ConfigParser(interpolation=None)
     config.read_dict(sections)
     path = directory / "vmpool.conf"
@@ -72,11 +84,30 @@ def install_hooks(directory: Path, config: str) -> PbsMom:
     mom = PbsMom(pbs_home, starter=pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=200)  # makes PBS_HOME
     # as a site installs them; the lines the installer asks a site to add to mom_priv/config
     # ($job_starter, $prologalarm) are what the demo's pbs_mom stand-in was just given
-    subprocess.run([str(ROOT / "hooks" / "install"), "install", "--pbs-home", str(pbs_home), "--vmpool", VMPOOL,
-                    "--vmpool-config", config, "--job-dir", str(directory / "jobs"),
-                    "--set", "REQUEUE_BACKOFF=5", "--set", "ACQUIRE_TIMEOUT=120"], check=True, capture_output=True)
-    print(f"hooks installed in {pbs_home / 'mom_priv'} with hooks/install, as on a site (the demo's pbs_mom "
-          "stand-in already has the $job_starter line the installer tells a site to add)")
+    subprocess.run(
+        [
+            str(ROOT / "hooks" / "install"),
+            "install",
+            "--pbs-home",
+            str(pbs_home),
+            "--vmpool",
+            VMPOOL,
+            "--vmpool-config",
+            config,
+            "--job-dir",
+            str(directory / "jobs"),
+            "--set",
+            "REQUEUE_BACKOFF=5",
+            "--set",
+            "ACQUIRE_TIMEOUT=120",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    print(
+        f"hooks installed in {pbs_home / 'mom_priv'} with hooks/install, as on a site (the demo's pbs_mom "
+        "stand-in already has the $job_starter line the installer tells a site to add)"
+    )
     return mom
 
 
@@ -105,8 +136,11 @@ def run_burst(mom: PbsMom, config: str) -> dict[str, tuple[int | None, int | Non
         time.sleep(4)
         vmpool(config, "reconcile")  # cron does this every minute; the demo is in a hurry
         running = sum(thread.is_alive() for thread in threads)
-        show_status(config, f"{time.monotonic() - started:.0f}s into the burst, {running} of {JOBS} jobs "
-                            "not finished (reconcile every 4 s)")
+        show_status(
+            config,
+            f"{time.monotonic() - started:.0f}s into the burst, {running} of {JOBS} jobs "
+            "not finished (reconcile every 4 s)",
+        )
     for thread in threads:
         thread.join()
     for job in jobs[:2]:  # what the job's owner got back, as TORQUE delivers it
@@ -155,8 +189,11 @@ def demo(bed: Bed, directory: Path, started: float) -> int:
 def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("make demo needs root (Torque hooks and the sshd VMs do)")
-    print(f"the demo creates the local users {' and '.join(USERS)} (kept afterwards) and runs a local cloud "
-          "on 127.0.0.0/8 (`make demo` installs missing system packages with apt-get before this)", flush=True)
+    print(
+        f"the demo creates the local users {' and '.join(USERS)} (kept afterwards) and runs a local cloud "
+        "on 127.0.0.0/8 (`make demo` installs missing system packages with apt-get before this)",
+        flush=True,
+    )
     directory = Path(tempfile.mkdtemp(prefix="vmpool-demo-", dir="/tmp"))
     directory.chmod(0o755)  # the job owners must reach the installed job starter
     say("starting the local cloud (Keystone, Nova API, placement, sshd VMs)")
@@ -168,8 +205,10 @@ def main() -> int:
         finally:
             bed.stop()
         left = leftovers(directory / "cloud")
-        print("left behind: " + ("nothing (no process, mount or firewall rule of the demo)" if not left
-                                 else "\n  ".join(["", *left])))
+        print(
+            "left behind: "
+            + ("nothing (no process, mount or firewall rule of the demo)" if not left else "\n  ".join(["", *left]))
+        )
         return 1 if left else result
     finally:
         shutil.rmtree(directory, ignore_errors=True)

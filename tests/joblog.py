@@ -46,8 +46,10 @@ def generate_swf(jobs: int, days: float, seed: int = 1) -> str:
         processors = 2 ** min(6, int(chance.expovariate(0.7)))
         memory_kb = chance.choice((512, 1024, 2048, 4096)) * 1024  # per processor
         user = chance.randint(1, 40)
-        lines.append(f"{number} {submit} -1 {run} {processors} -1 -1 {processors} {run * 2} {memory_kb} 1 "
-                     f"{user} {user % 7 + 1} -1 1 -1 -1 -1")
+        lines.append(
+            f"{number} {submit} -1 {run} {processors} -1 -1 {processors} {run * 2} {memory_kb} 1 "
+            f"{user} {user % 7 + 1} -1 1 -1 -1 -1"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -123,8 +123,7 @@ def ensure_users(names: tuple[str, ...]) -> None:
             try:
                 pwd.getpwnam(name)
             except KeyError:
-                subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name],
-                               check=True)
+                subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True)
 
 
 def ensure_system_user(name: str) -> pwd.struct_passwd:
@@ -133,8 +132,9 @@ def ensure_system_user(name: str) -> pwd.struct_passwd:
         try:
             pwd.getpwnam(name)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--create-home", "--shell", "/bin/bash", "--user-group", name],
-                           check=True)
+            subprocess.run(
+                ["useradd", "--system", "--create-home", "--shell", "/bin/bash", "--user-group", name], check=True
+            )
     return pwd.getpwnam(name)
 
 
@@ -142,6 +142,7 @@ def ensure_user_with_group(name: str, group: str) -> None:
     """A job owner whose primary group is `group` (not named after the user), its gid other than
     the user's uid (useradd --user-group gives uid == gid here, which hides a uid/gid mix-up)."""
     import grp
+
     with _one_useradd_at_a_time():
         try:
             grp.getgrnam(group)
@@ -153,12 +154,27 @@ def ensure_user_with_group(name: str, group: str) -> None:
         except KeyError:
             taken = {entry.pw_uid for entry in pwd.getpwall()}
             uid = next(uid for uid in range(1000, 60000) if uid != gid and uid not in taken)
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", "--no-user-group", "--gid", group,
-                            "--uid", str(uid), name], check=False)
+            subprocess.run(
+                [
+                    "useradd",
+                    "--create-home",
+                    "--shell",
+                    "/bin/bash",
+                    "--no-user-group",
+                    "--gid",
+                    group,
+                    "--uid",
+                    str(uid),
+                    name,
+                ],
+                check=False,
+            )
     owner = pwd.getpwnam(name)
     if owner.pw_gid != gid or owner.pw_uid == gid:
-        raise RuntimeError(f"user {name} exists with uid {owner.pw_uid} gid {owner.pw_gid}; "
-                           f"wanted primary group {group} ({gid}) and a uid other than {gid}")
+        raise RuntimeError(
+            f"user {name} exists with uid {owner.pw_uid} gid {owner.pw_gid}; "
+            f"wanted primary group {group} ({gid}) and a uid other than {gid}"
+        )
 
 
 def seconds(walltime: str) -> int:
@@ -257,10 +273,16 @@ class RunningHook:
 class PbsMom:
     """One pbs_mom with its PBS_HOME; hooks installed in PBS_HOME/mom_priv."""
 
-    def __init__(self, pbs_home: Path, starter: Path | None = None, alarm: float = 300,
-                 server: str = "vmpool-test.example", version: str = "6.1.3",
-                 pbs_environment: dict[str, str] | None = None,
-                 submit_dir: Callable[[pwd.struct_passwd], str] | None = None):
+    def __init__(
+        self,
+        pbs_home: Path,
+        starter: Path | None = None,
+        alarm: float = 300,
+        server: str = "vmpool-test.example",
+        version: str = "6.1.3",
+        pbs_environment: dict[str, str] | None = None,
+        submit_dir: Callable[[pwd.struct_passwd], str] | None = None,
+    ):
         self.pbs_home = Path(pbs_home)
         self.mom_priv = self.pbs_home / "mom_priv"
         self.jobs = self.mom_priv / "jobs"
@@ -276,10 +298,16 @@ class PbsMom:
         # mom_priv/pbs_environment: what the admin put there reaches every prologue and epilogue
         self.pbs_environment = dict(PBS_ENVIRONMENT if pbs_environment is None else pbs_environment)
         self.host = socket.gethostname()
-        for directory, mode in ((self.pbs_home, 0o755), (self.mom_priv, 0o751), (self.jobs, 0o751),
-                                (self.spool, 0o1777), (self.aux, 0o755), (self.undelivered, 0o1777),
-                                (self.pbs_home / "server_priv", 0o750),
-                                (self.pbs_home / "bin", 0o755)):
+        for directory, mode in (
+            (self.pbs_home, 0o755),
+            (self.mom_priv, 0o751),
+            (self.jobs, 0o751),
+            (self.spool, 0o1777),
+            (self.aux, 0o755),
+            (self.undelivered, 0o1777),
+            (self.pbs_home / "server_priv", 0o750),
+            (self.pbs_home / "bin", 0o755),
+        ):
             directory.mkdir(parents=True, exist_ok=True)
             os.chown(directory, 0, 0)
             os.chmod(directory, mode)
@@ -297,8 +325,13 @@ class PbsMom:
 
     def set_state(self, job: Job, state: str, exit_status: int | None = None) -> None:
         """The job's job_state as qstat shows it: Q, R, E, or C (completed; kept keep_completed s)."""
-        entry: dict[str, object] = {"state": state, "name": job.name, "owner": f"{job.user}@{self.host}",
-                                    "queue": job.queue, "server": self.server}
+        entry: dict[str, object] = {
+            "state": state,
+            "name": job.name,
+            "owner": f"{job.user}@{self.host}",
+            "queue": job.queue,
+            "server": self.server,
+        }
         if state == "C":
             entry.update(completed_at=time.time(), exit_status=exit_status if exit_status is not None else 0)
         self._change_table(lambda jobs: jobs.__setitem__(job.job_id, entry))
@@ -388,6 +421,7 @@ class PbsMom:
         if job.group:
             return job.group
         import grp
+
         return grp.getgrgid(job.owner.pw_gid).gr_name
 
     def workdir(self, job: Job) -> str:
@@ -416,9 +450,17 @@ class PbsMom:
         return ""
 
     def _hook_env(self, job: Job) -> dict[str, str]:
-        return {**self.pbs_environment, "PBS_NODEFILE": str(self.nodefile(job)), "PBS_O_WORKDIR": self.workdir(job),
-                "PBS_NP": str(job.ppn), "PBS_NUM_PPN": str(job.ppn), "PBS_NUM_NODES": "1",
-                "PBS_JOBID": job.job_id, "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue}
+        return {
+            **self.pbs_environment,
+            "PBS_NODEFILE": str(self.nodefile(job)),
+            "PBS_O_WORKDIR": self.workdir(job),
+            "PBS_NP": str(job.ppn),
+            "PBS_NUM_PPN": str(job.ppn),
+            "PBS_NUM_NODES": "1",
+            "PBS_JOBID": job.job_id,
+            "PBS_JOBNAME": job.name,
+            "PBS_QUEUE": job.queue,
+        }
 
     def _start_hook(self, name: str, argv: list[str], job: Job) -> subprocess.Popen[bytes] | str:
         """The hook started as pbs_mom starts it, or why pbs_mom would not start it."""
@@ -427,11 +469,17 @@ class PbsMom:
         if problem:
             return problem
         with open(self.out_path(job), "ab") as out, open(self.err_path(job), "ab") as err:
-            return subprocess.Popen([str(path), *argv], cwd=self.mom_priv, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, env=self._hook_env(job), start_new_session=True)
+            return subprocess.Popen(
+                [str(path), *argv],
+                cwd=self.mom_priv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=self._hook_env(job),
+                start_new_session=True,
+            )
 
-    def _finish_hook(self, name: str, process: subprocess.Popen[bytes], alarm: float | None,
-                     started: float) -> HookRun:
+    def _finish_hook(self, name: str, process: subprocess.Popen[bytes], alarm: float | None, started: float) -> HookRun:
         """Wait for a hook; at the alarm, SIGKILL its session (pbs_mom: $prologalarm - 10 s)."""
         alarm = self.alarm if alarm is None else alarm
         try:
@@ -463,16 +511,27 @@ class PbsMom:
     def epilogue_argv(self, job: Job, exit_status: int, session: int = 0) -> list[str]:
         """What this version of pbs_mom passes an epilogue: 11 arguments, 10 before TORQUE 5.1."""
         used = "cput=00:00:00,vmem=0kb,walltime=00:00:01,mem=0kb,energy_used=0"
-        argv = [job.job_id, job.user, self._group(job), job.name, str(session), job.resources, used,
-                job.queue, job.account, str(exit_status)]
+        argv = [
+            job.job_id,
+            job.user,
+            self._group(job),
+            job.name,
+            str(session),
+            job.resources,
+            used,
+            job.queue,
+            job.account,
+            str(exit_status),
+        ]
         return argv + [str(self.script_path(job))] if self.passes_script_path else argv
 
     def prologue(self, job: Job, alarm: float | None = None, argv: list[str] | None = None) -> HookRun:
         """Run the prologue; argv overrides pbs_mom's arguments (to play a hostile submission)."""
         return self._run_hook("prologue", self.prologue_argv(job) if argv is None else argv, job, alarm)
 
-    def epilogue(self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None,
-                 argv: list[str] | None = None) -> HookRun:
+    def epilogue(
+        self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None, argv: list[str] | None = None
+    ) -> HookRun:
         """The epilogue alone (as an admin runs it again); pbs_mom's end of a job is end()."""
         argv = self.epilogue_argv(job, exit_status, session) if argv is None else argv
         return self._run_hook("epilogue", argv, job, alarm)
@@ -492,8 +551,9 @@ class PbsMom:
 
     # --- the end of a job: epilogue, output back to the owner ---
 
-    def end(self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None,
-            argv: list[str] | None = None) -> HookRun:
+    def end(
+        self, job: Job, exit_status: int, session: int = 0, alarm: float | None = None, argv: list[str] | None = None
+    ) -> HookRun:
         """What pbs_mom does when a job ends, ran or not (catch_child.c, preobit_preparation):
         the epilogue, then its ji_mompost, send_back_std_and_staged_files: the job's output goes
         to its owner. exit_status: the job's, or the prologue's (HookRun.job_exit_status)."""
@@ -516,12 +576,19 @@ class PbsMom:
             return []
         owner = job.owner
         delivered = []
-        for spool, path in ((self.out_path(job), self.delivered_out_path(job)),
-                            (self.err_path(job), self.delivered_err_path(job))):
+        for spool, path in (
+            (self.out_path(job), self.delivered_out_path(job)),
+            (self.err_path(job), self.delivered_err_path(job)),
+        ):
             if not spool.exists():
                 continue
-            copy = subprocess.run(["/bin/cp", "-rp", str(spool), str(path)], capture_output=True,
-                                  user=owner.pw_uid, group=owner.pw_gid, extra_groups=[])
+            copy = subprocess.run(
+                ["/bin/cp", "-rp", str(spool), str(path)],
+                capture_output=True,
+                user=owner.pw_uid,
+                group=owner.pw_gid,
+                extra_groups=[],
+            )
             if copy.returncode == 0:
                 spool.unlink()
                 delivered.append(path)
@@ -541,14 +608,33 @@ class PbsMom:
         owner = job.owner
         return {
             **job.variables,
-            "HOME": owner.pw_dir, "USER": job.user, "LOGNAME": job.user, "SHELL": owner.pw_shell,
-            "PATH": "/bin:/usr/bin", "PBS_JOBID": job.job_id, "PBS_JOBNAME": job.name, "PBS_QUEUE": job.queue,
-            "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_O_WORKDIR": self.workdir(job), "PBS_O_HOME": owner.pw_dir,
-            "PBS_O_LOGNAME": job.user, "PBS_O_SHELL": owner.pw_shell, "PBS_O_HOST": self.host,
-            "PBS_O_SERVER": self.server, "PBS_O_QUEUE": job.queue, "PBS_O_PATH": "/usr/local/bin:/usr/bin:/bin",
-            "PBS_O_LANG": "C.UTF-8", "PBS_SERVER": self.server, "PBS_NODEFILE": str(self.nodefile(job)),
-            "PBS_NODENUM": "0", "PBS_TASKNUM": "1", "PBS_VNODENUM": "0", "PBS_MOMPORT": "15003",
-            "PBS_NP": str(job.ppn), "PBS_NUM_NODES": "1", "PBS_NUM_PPN": str(job.ppn),
+            "HOME": owner.pw_dir,
+            "USER": job.user,
+            "LOGNAME": job.user,
+            "SHELL": owner.pw_shell,
+            "PATH": "/bin:/usr/bin",
+            "PBS_JOBID": job.job_id,
+            "PBS_JOBNAME": job.name,
+            "PBS_QUEUE": job.queue,
+            "PBS_ENVIRONMENT": "PBS_BATCH",
+            "PBS_O_WORKDIR": self.workdir(job),
+            "PBS_O_HOME": owner.pw_dir,
+            "PBS_O_LOGNAME": job.user,
+            "PBS_O_SHELL": owner.pw_shell,
+            "PBS_O_HOST": self.host,
+            "PBS_O_SERVER": self.server,
+            "PBS_O_QUEUE": job.queue,
+            "PBS_O_PATH": "/usr/local/bin:/usr/bin:/bin",
+            "PBS_O_LANG": "C.UTF-8",
+            "PBS_SERVER": self.server,
+            "PBS_NODEFILE": str(self.nodefile(job)),
+            "PBS_NODENUM": "0",
+            "PBS_TASKNUM": "1",
+            "PBS_VNODENUM": "0",
+            "PBS_MOMPORT": "15003",
+            "PBS_NP": str(job.ppn),
+            "PBS_NUM_NODES": "1",
+            "PBS_NUM_PPN": str(job.ppn),
             "PBS_WALLTIME": str(seconds(job.walltime)),
             "PBS_VERSION": f"TORQUE-{self.version}",
         }
@@ -562,10 +648,18 @@ class PbsMom:
         if exec_with_exec:
             line = "exec " + line
         with open(self.out_path(job), "ab") as out, open(self.err_path(job), "ab") as err:
-            process = subprocess.Popen([str(self.starter), owner.pw_shell], cwd=owner.pw_dir,
-                                       stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                       env=self.job_environment(job), user=owner.pw_uid, group=owner.pw_gid,
-                                       extra_groups=[], start_new_session=True)
+            process = subprocess.Popen(
+                [str(self.starter), owner.pw_shell],
+                cwd=owner.pw_dir,
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=err,
+                env=self.job_environment(job),
+                user=owner.pw_uid,
+                group=owner.pw_gid,
+                extra_groups=[],
+                start_new_session=True,
+            )
         assert process.stdin is not None
         process.stdin.write(line.encode())
         process.stdin.close()

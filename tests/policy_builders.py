@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import vmpool as vp
 from vmpool import FREE, Config, Observation, OpenStackConfig, PoolConfig, PoolState, Server, SshConfig, Vm
 
@@ -9,33 +11,70 @@ NOW = 1_000_000.0
 HOST = "worker"
 
 
-def config(**pool: object) -> Config:
-    defaults = dict(name="p", min=0, max=4, min_free=0, state_file="/tmp/x/state.json", build_timeout=600,
-                    ready_timeout=300, unusable_timeout=600, idle_timeout=1800, delete_timeout=300,
-                    create_grace=120, protect_after_failures=3, backoff_initial=60, backoff_max=900)
+def config(**pool: Any) -> Config:
+    defaults: dict[str, Any] = dict(
+        name="p",
+        min=0,
+        max=4,
+        min_free=0,
+        state_file="/tmp/x/state.json",
+        build_timeout=600,
+        ready_timeout=300,
+        unusable_timeout=600,
+        idle_timeout=1800,
+        delete_timeout=300,
+        create_grace=120,
+        protect_after_failures=3,
+        backoff_initial=60,
+        backoff_max=900,
+    )
     defaults.update(pool)
-    return Config(path="test.conf", pool=PoolConfig(**defaults),  # type: ignore[arg-type]
-                  openstack=OpenStackConfig(auth_url="http://x", image="i", flavor="f", network="n",
-                                            username="u", password="p", project_name="p"),
-                  ssh=SshConfig())
+    return Config(
+        path="test.conf",
+        pool=PoolConfig(**defaults),
+        openstack=OpenStackConfig(
+            auth_url="http://x", image="i", flavor="f", network="n", username="u", password="p", project_name="p"
+        ),
+        ssh=SshConfig(),
+    )
 
 
-def vm(name: str, state: vp.VmState = FREE, *, reason: str = "", since: float = NOW - 10, server_id: str | None = None,
-       address: str | None = "127.0.1.2", job: str | None = None, healthy: bool = True, **extra: object) -> Vm:
-    return Vm(name=name, state=state, reason=reason, since=since, created_at=since,
-              server_id=server_id if server_id is not None else f"id-{name}", address=address, job=job,
-              user=extra.pop("user", "alice" if job else None),  # type: ignore[arg-type]
-              last_healthy=since if healthy else None,
-              host_keys=extra.pop("host_keys", ["ssh-ed25519 AAAA"] if healthy else []), **extra)  # type: ignore[arg-type]
+def vm(
+    name: str,
+    state: vp.VmState = FREE,
+    *,
+    reason: str = "",
+    since: float = NOW - 10,
+    server_id: str | None = None,
+    address: str | None = "127.0.1.2",
+    job: str | None = None,
+    healthy: bool = True,
+    **extra: Any,
+) -> Vm:
+    return Vm(
+        name=name,
+        state=state,
+        reason=reason,
+        since=since,
+        created_at=since,
+        server_id=server_id if server_id is not None else f"id-{name}",
+        address=address,
+        job=job,
+        user=extra.pop("user", "alice" if job else None),
+        last_healthy=since if healthy else None,
+        host_keys=extra.pop("host_keys", ["ssh-ed25519 AAAA"] if healthy else []),
+        **extra,
+    )
 
 
-def server(name: str, status: str = vp.SERVER_ACTIVE, **extra: object) -> Server:
-    return Server(id=f"id-{name}", name=name, vm_name=name, status=status,
-                  address=extra.pop("address", "127.0.1.2"), **extra)  # type: ignore[arg-type]
+def server(name: str, status: str = vp.SERVER_ACTIVE, **extra: Any) -> Server:
+    return Server(
+        id=f"id-{name}", name=name, vm_name=name, status=status, address=extra.pop("address", "127.0.1.2"), **extra
+    )
 
 
-def seen(*servers: Server, **extra: object) -> Observation:
-    return Observation(servers=list(servers), host=HOST, **extra)  # type: ignore[arg-type]
+def seen(*servers: Server, **extra: Any) -> Observation:
+    return Observation(servers=list(servers), host=HOST, **extra)
 
 
 def the(state: PoolState, name: str) -> Vm:

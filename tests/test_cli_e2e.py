@@ -23,10 +23,32 @@ from tests.conftest import ROOT, VMPOOL, PoolHandle, wait_until
 def ssh_as_root(pool: PoolHandle, address: str, command: str) -> subprocess.CompletedProcess[str]:
     """The way the hooks reach a VM: OpenSSH with vmpool's known_hosts, strict host key checking."""
     return subprocess.run(
-        ["ssh", "-F", "/dev/null", "-i", pool.key, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-         "-o", f"UserKnownHostsFile={pool.known_hosts}", "-o", "ConnectTimeout=5", f"root@{address}", command],
-        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            pool.key,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={pool.known_hosts}",
+            "-o",
+            "ConnectTimeout=5",
+            f"root@{address}",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_reconcile_fills_the_pool_to_min_with_reachable_pinned_vms(pool: PoolHandle) -> None:
@@ -37,8 +59,11 @@ def test_reconcile_fills_the_pool_to_min_with_reachable_pinned_vms(pool: PoolHan
     assert all(s.name.startswith(pool.prefix) and s.metadata["vmpool_vm"] == s.name for s in servers)
     for vm in pool.vms():
         console = pool.bed.admin_nova().servers.get_console_output(vm["server_id"])
-        pinned = [line.split(" ", 1)[1] for line in Path(pool.known_hosts).read_text().splitlines()
-                  if line.startswith(vm["address"] + " ")]
+        pinned = [
+            line.split(" ", 1)[1]
+            for line in Path(pool.known_hosts).read_text().splitlines()
+            if line.startswith(vm["address"] + " ")
+        ]
         assert pinned and sorted(pinned) == sorted(vp.host_keys_from_console(console))
         assert ssh_as_root(pool, vm["address"], "true").returncode == 0
 
@@ -63,11 +88,12 @@ def test_acquire_of_a_free_vm_never_touches_the_cloud_nor_imports_its_client(poo
     pool.write_config(pool={"min": 1})
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     pool.bed.reset_counts()
-    code = ("import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], 'acquire', '7', '--format', 'env']); "
-            "print('IMPORTED', sorted(m for m in ('novaclient', 'fabric', 'paramiko', 'keystoneauth1', 'openstack', "
-            "'prometheus_client', 'nagiosplugin') if m in sys.modules)); sys.exit(rc)")
-    result = subprocess.run([sys.executable, "-c", code, pool.config_path], capture_output=True, text=True,
-                            timeout=60)
+    code = (
+        "import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], 'acquire', '7', '--format', 'env']); "
+        "print('IMPORTED', sorted(m for m in ('novaclient', 'fabric', 'paramiko', 'keystoneauth1', 'openstack', "
+        "'prometheus_client', 'nagiosplugin') if m in sys.modules)); sys.exit(rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, pool.config_path], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "IMPORTED []" in result.stdout
     env = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith("VMPOOL_"))
@@ -80,9 +106,11 @@ def test_acquire_of_a_free_vm_never_touches_the_cloud_nor_imports_its_client(poo
 
 # --- start-up admission: one start slot per core for the imports ---
 
+
 def _slots(directory: Path, indexes: range) -> list[int]:
     """Hold these start slots of the directory, as commands in their imports would."""
     import fcntl
+
     fds = [os.open(directory / f"start-slot.{index}", os.O_RDWR | os.O_CREAT, 0o600) for index in indexes]
     for fd in fds:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -91,12 +119,15 @@ def _slots(directory: Path, indexes: range) -> list[int]:
 
 def _waits_for_a_flock(pid: int) -> bool:
     """/proc/locks lists a process blocked on a flock as '-> FLOCK ADVISORY WRITE <pid> ...'."""
-    return any(fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid)
-               for fields in map(str.split, Path("/proc/locks").read_text().splitlines()))
+    return any(
+        fields[1:3] == ["->", "FLOCK"] and fields[5] == str(pid)
+        for fields in map(str.split, Path("/proc/locks").read_text().splitlines())
+    )
 
 
 def test_a_start_slot_is_taken_while_one_is_free_and_none_once_the_wait_is_over(tmp_path: Path) -> None:
     import signal
+
     slots = tmp_path / "slots"
     handler = signal.getsignal(signal.SIGALRM)
     first, second = vp.take_start_slot(str(slots), 2, 5), vp.take_start_slot(str(slots), 2, 5)
@@ -137,8 +168,9 @@ def test_the_command_waits_for_a_start_slot_and_goes_on_without_one_after_start_
     os.close(held.pop(waiting.pid % cores))  # the slot it queues on: only that can let it in this hour
     assert waiting.wait(60) == 0 and vp.__version__ in waiting.communicate()[0]
     held += _slots(slots, range(waiting.pid % cores, waiting.pid % cores + 1))  # all held again, for good
-    stuck = subprocess.Popen([VMPOOL, "--version"], env={**env, "VMPOOL_START_SLOT_WAIT": "5"},
-                             stdout=subprocess.PIPE, text=True)
+    stuck = subprocess.Popen(
+        [VMPOOL, "--version"], env={**env, "VMPOOL_START_SLOT_WAIT": "5"}, stdout=subprocess.PIPE, text=True
+    )
     wait_until(lambda: _waits_for_a_flock(stuck.pid), 30, "the command waiting on a start slot")
     assert stuck.wait(60) == 0, "a stuck holder must not hold it up for good"
     for fd in held:
@@ -169,8 +201,14 @@ if __name__ == "__main__":
 """)
     command.chmod(0o755)
     slots = tmp_path / "slots"
-    result = subprocess.run([str(command)], env={**os.environ, "VMPOOL_START_SLOTS": str(slots)},
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [str(command)],
+        env={**os.environ, "VMPOOL_START_SLOTS": str(slots)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "[None,", "None]"], result.stdout
 
@@ -190,8 +228,10 @@ def test_waiting_acquires_are_served_first_come_first_served_as_vms_are_released
     waiters = {}
     for job in ("2", "3"):  # job 2 asks first, then job 3; both wait
         waiters[job] = pool.spawn("acquire", job, "--user", "bob", "--timeout", "60")
+
         def last_waiting(job: str = job) -> bool:
             return [r["job"] for r in pool.status()["waiting"]][-1:] == [job]
+
         wait_until(last_waiting, 30, f"job {job} to wait")
     assert [r["job"] for r in pool.status()["waiting"]] == ["2", "3"]
     pool.run("release", "1")
@@ -248,10 +288,19 @@ def test_killed_sshd_makes_a_vm_unusable_then_deleted_and_replaced(pool: PoolHan
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     victim = pool.vms("free")[0]
     pool.bed.vm_fault(victim["server_id"], "refuse")
-    pool.reconcile_until(lambda: any(vm["name"] == victim["name"] and vm["state"] == "unusable"
-                                     and "unreachable" in vm["reason"] for vm in pool.vms()), 30, "unreachable")
-    pool.reconcile_until(lambda: victim["server_id"] not in {s.id for s in pool.servers()}
-                         and pool.vms("free"), 90, "victim deleted and replaced")
+    pool.reconcile_until(
+        lambda: any(
+            vm["name"] == victim["name"] and vm["state"] == "unusable" and "unreachable" in vm["reason"]
+            for vm in pool.vms()
+        ),
+        30,
+        "unreachable",
+    )
+    pool.reconcile_until(
+        lambda: victim["server_id"] not in {s.id for s in pool.servers()} and pool.vms("free"),
+        90,
+        "victim deleted and replaced",
+    )
     assert pool.vms("free")[0]["name"] != victim["name"]
     log = Path(pool.settings["pool"]["log_file"]).read_text()
     assert f"vm {victim['name']} ({victim['address']}) unusable: ssh: " in log
@@ -260,20 +309,34 @@ def test_killed_sshd_makes_a_vm_unusable_then_deleted_and_replaced(pool: PoolHan
 def test_orphan_with_the_pool_tag_is_adopted_tainted_and_foreign_servers_untouched(pool: PoolHandle) -> None:
     info = pool.bed.info
     nova = pool.bed.nova()
-    orphan = nova.servers.create(name=f"{pool.prefix}9999", image=info["image_id"], flavor=info["flavor_id"],
-                                 nics=[{"net-id": info["network_id"]}], key_name=info["key_name"],
-                                 meta={"vmpool_pool": pool.name, "vmpool_vm": f"{pool.prefix}9999"})
-    foreign = nova.servers.create(name=f"{pool.prefix}8888", image=info["image_id"], flavor=info["flavor_id"],
-                                  nics=[{"net-id": info["network_id"]}], meta={"owner": "someone else"})
+    orphan = nova.servers.create(
+        name=f"{pool.prefix}9999",
+        image=info["image_id"],
+        flavor=info["flavor_id"],
+        nics=[{"net-id": info["network_id"]}],
+        key_name=info["key_name"],
+        meta={"vmpool_pool": pool.name, "vmpool_vm": f"{pool.prefix}9999"},
+    )
+    foreign = nova.servers.create(
+        name=f"{pool.prefix}8888",
+        image=info["image_id"],
+        flavor=info["flavor_id"],
+        nics=[{"net-id": info["network_id"]}],
+        meta={"owner": "someone else"},
+    )
     try:
         pool.run("reconcile")
         assert pool.vms() == [], "an orphan is adopted only when seen on a second pass"
         # Its past is unknown (a lost state file: it may run a job): adopted tainted, never handed out.
-        adopted = pool.reconcile_until(lambda: [vm for vm in pool.vms() if vm["server_id"] == orphan.id], 60,
-                                       "the orphan adopted")
+        adopted = pool.reconcile_until(
+            lambda: [vm for vm in pool.vms() if vm["server_id"] == orphan.id], 60, "the orphan adopted"
+        )
         assert adopted[0]["state"] == "unusable" and adopted[0]["tainted"] == "adopted with unknown past"
-        pool.reconcile_until(lambda: orphan.id not in {s.id for s in nova.servers.list()}, 90,
-                             "the adopted VM deleted after unusable_timeout")
+        pool.reconcile_until(
+            lambda: orphan.id not in {s.id for s in nova.servers.list()},
+            90,
+            "the adopted VM deleted after unusable_timeout",
+        )
         assert not pool.vms("free") and not pool.vms("busy")
         assert foreign.id in {s.id for s in nova.servers.list()}, "a server without the tag is never touched"
         assert all(vm["server_id"] != foreign.id for vm in pool.vms())
@@ -316,12 +379,14 @@ def test_shut_off_vms_are_unusable_and_a_busy_one_is_its_jobs_again_once_active(
     log = Path(pool.settings["pool"]["log_file"]).read_text()
     assert "of job 12.srv is shutoff" in log
     # The Free one is deleted after unusable_timeout; the job's VM is kept for its job.
-    pool.reconcile_until(lambda: free["server_id"] not in {s.id for s in pool.servers()}, 60,
-                         "the shut-off Free VM deleted")
+    pool.reconcile_until(
+        lambda: free["server_id"] not in {s.id for s in pool.servers()}, 60, "the shut-off Free VM deleted"
+    )
     assert reason(busy["server_id"]) == "shutoff"
     nova.servers.start(busy["server_id"])
-    pool.reconcile_until(lambda: [vm["job"] for vm in pool.vms("busy")] == ["12.srv"], 60,
-                         "the restarted VM Busy with its job again")
+    pool.reconcile_until(
+        lambda: [vm["job"] for vm in pool.vms("busy")] == ["12.srv"], 60, "the restarted VM Busy with its job again"
+    )
     assert pool.run("acquire", "12.srv", "--user", "gus").stdout.strip() == busy["address"]
 
 
@@ -330,8 +395,11 @@ def test_a_busy_vm_whose_server_goes_error_is_deleted_and_its_job_named(pool: Po
     vm = pool.vms("busy")[0]
     pool.bed.admin_nova().servers.reset_state(vm["server_id"], "error")
     # the state learns that the server is gone only from later listings (two in a row): wait for that
-    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()} and not pool.vms(), 60,
-                         "the ERROR server deleted and dropped from the state")
+    pool.reconcile_until(
+        lambda: vm["server_id"] not in {s.id for s in pool.servers()} and not pool.vms(),
+        60,
+        "the ERROR server deleted and dropped from the state",
+    )
     log = Path(pool.settings["pool"]["log_file"]).read_text()
     assert "of job 13.srv failed: server in ERROR" in log
     result = pool.run("release", "13.srv")  # the job's epilogue, later
@@ -361,12 +429,17 @@ def test_bad_job_ids_are_refused_before_anything(pool: PoolHandle, job: str) -> 
     assert not Path(pool.state_file).exists()
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"schema": "vmpool-state", "version": 2, "pool": "{pool}", "vms": []}',
-     "was written by a newer vmpool (this one reads 1); upgrade vmpool"),
-    ('{"jobs": {}}', "not a vmpool state file"),
-    ('{"schema": "vmpool-state", "version": 1, "pool": "elsewhere", "vms": []}', "belongs to pool 'elsewhere'"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '{"schema": "vmpool-state", "version": 2, "pool": "{pool}", "vms": []}',
+            "was written by a newer vmpool (this one reads 1); upgrade vmpool",
+        ),
+        ('{"jobs": {}}', "not a vmpool state file"),
+        ('{"schema": "vmpool-state", "version": 1, "pool": "elsewhere", "vms": []}', "belongs to pool 'elsewhere'"),
+    ],
+)
 def test_bad_state_is_reported_and_left_untouched(pool: PoolHandle, content: str, message: str) -> None:
     content = content.replace("{pool}", pool.name)
     Path(pool.state_file).parent.mkdir(mode=0o700)
@@ -384,8 +457,10 @@ def write_job_record(directory: Path, job: str, vm: dict, user: str, host_key: s
     """A job's record as the hooks' vh_write_record leaves it (root's part)."""
     record = directory / job
     record.mkdir(parents=True, mode=0o711)
-    (record / "root.env").write_text(f"VM_NAME={vm['name']}\nSERVER_ID={vm['server_id']}\nADDRESS={vm['address']}\n"
-                                     f"SSH_PORT=22\nSSH_USER=root\nSSH_KEY=/k\nJOB_USER={user}\n")
+    (record / "root.env").write_text(
+        f"VM_NAME={vm['name']}\nSERVER_ID={vm['server_id']}\nADDRESS={vm['address']}\n"
+        f"SSH_PORT=22\nSSH_USER=root\nSSH_KEY=/k\nJOB_USER={user}\n"
+    )
     (record / "root.env").chmod(0o600)
     (record / "root_known_hosts").write_text(f"{vm['address']} {host_key}\n")
     (record / "root_known_hosts").chmod(0o600)
@@ -399,8 +474,11 @@ def test_a_corrupt_state_is_set_aside_and_the_running_jobs_keep_their_vms(pool: 
     pool.write_config(pool={"max": 2, "job_records": str(records)})
     address = pool.run("acquire", "7", "--user", "alice").stdout.strip()
     [vm] = pool.vms()
-    [key] = [line.split(" ", 1)[1] for line in Path(pool.known_hosts).read_text().splitlines()
-             if line.startswith(address + " ")][:1]
+    [key] = [
+        line.split(" ", 1)[1]
+        for line in Path(pool.known_hosts).read_text().splitlines()
+        if line.startswith(address + " ")
+    ][:1]
     write_job_record(records, "7", vm, "alice", key)
     state = Path(pool.state_file)
     state.write_text(state.read_text()[:200])  # a disk that lost the file's tail
@@ -413,7 +491,8 @@ def test_a_corrupt_state_is_set_aside_and_the_running_jobs_keep_their_vms(pool: 
     assert aside.read_text() == damaged, "the damaged file is kept for the admin"
     rebuilt = pool.vms()
     assert [(v["server_id"], v["state"], v["job"], v["user"]) for v in rebuilt] == [
-        (vm["server_id"], "busy", "7", "alice")], "the job's VM is its own again at the first pass"
+        (vm["server_id"], "busy", "7", "alice")
+    ], "the job's VM is its own again at the first pass"
     other = pool.run("acquire", "8", "--user", "bob").stdout.strip()
     assert other != address, "no VM goes to a second job"
     pool.run("release", "7")
@@ -422,11 +501,16 @@ def test_a_corrupt_state_is_set_aside_and_the_running_jobs_keep_their_vms(pool: 
 
 def test_config_path_comes_from_the_option_then_the_environment_then_etc(pool: PoolHandle, tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin"}
-    by_env = subprocess.run([VMPOOL, "status", "--json"], capture_output=True, text=True,
-                            env={**env, "VMPOOL_CONFIG": pool.config_path})
+    by_env = subprocess.run(
+        [VMPOOL, "status", "--json"], capture_output=True, text=True, env={**env, "VMPOOL_CONFIG": pool.config_path}
+    )
     assert by_env.returncode == 0 and json.loads(by_env.stdout)["pool"] == pool.name
-    both = subprocess.run([VMPOOL, "--config", str(tmp_path / "other.conf"), "status"], capture_output=True,
-                          text=True, env={**env, "VMPOOL_CONFIG": pool.config_path})
+    both = subprocess.run(
+        [VMPOOL, "--config", str(tmp_path / "other.conf"), "status"],
+        capture_output=True,
+        text=True,
+        env={**env, "VMPOOL_CONFIG": pool.config_path},
+    )
     assert both.returncode == 3 and f"{tmp_path / 'other.conf'}: no such config file" in both.stderr
     if not Path(vp.DEFAULT_CONFIG_PATH).exists():
         neither = subprocess.run([VMPOOL, "status"], capture_output=True, text=True, env=env)
@@ -436,8 +520,7 @@ def test_config_path_comes_from_the_option_then_the_environment_then_etc(pool: P
 
 
 def test_config_errors_have_their_exit_code(pool: PoolHandle, tmp_path: Path) -> None:
-    result = subprocess.run([VMPOOL, "--config", str(tmp_path / "nope.conf"), "status"], capture_output=True,
-                            text=True)
+    result = subprocess.run([VMPOOL, "--config", str(tmp_path / "nope.conf"), "status"], capture_output=True, text=True)
     assert result.returncode == 3 and "no such config file" in result.stderr
     Path(pool.config_path).chmod(0o644)
     result = pool.run("status", check=False)
@@ -464,8 +547,12 @@ def test_application_credential_auth_works_end_to_end(pool: PoolHandle) -> None:
     info = pool.bed.info
     for key in ("username", "password", "project_name", "user_domain_name", "project_domain_name"):
         del pool.settings["openstack"][key]
-    pool.write_config(openstack={"application_credential_id": info["application_credential_id"],
-                                 "application_credential_secret": info["application_credential_secret"]})
+    pool.write_config(
+        openstack={
+            "application_credential_id": info["application_credential_id"],
+            "application_credential_secret": info["application_credential_secret"],
+        }
+    )
     address = pool.run("acquire", "31", "--user", "alice").stdout.strip()
     assert pool.vms("busy")[0]["address"] == address and pool.servers()
 
@@ -485,11 +572,15 @@ def test_vm_active_long_before_ssh_answers(pool: PoolHandle) -> None:
     assert ssh_as_root(pool, address, "true").returncode == 0
     pool.bed.set_behaviour(f"^{pool.prefix}", sshd_delay=600)
     pool.write_config(pool={"ready_timeout": 3, "min": 2})
-    pool.reconcile_until(lambda: any((vm["reason"] or "").startswith("unreachable") for vm in pool.vms()), 60,
-                         "an ACTIVE VM not answering SSH")
+    pool.reconcile_until(
+        lambda: any((vm["reason"] or "").startswith("unreachable") for vm in pool.vms()),
+        60,
+        "an ACTIVE VM not answering SSH",
+    )
     late = next(vm for vm in pool.vms() if (vm["reason"] or "").startswith("unreachable"))
-    pool.reconcile_until(lambda: late["server_id"] not in {s.id for s in pool.servers()}, 60,
-                         "the VM deleted after ready_timeout")
+    pool.reconcile_until(
+        lambda: late["server_id"] not in {s.id for s in pool.servers()}, 60, "the VM deleted after ready_timeout"
+    )
     assert "not reachable over SSH 3s after ACTIVE" in Path(pool.settings["pool"]["log_file"]).read_text()
 
 
@@ -508,8 +599,14 @@ def test_deleted_vms_leave_known_hosts(pool: PoolHandle) -> None:
 
 def test_config_and_verbose_options_work_after_the_subcommand_too(pool: PoolHandle) -> None:
     for args in (["status", "--config", pool.config_path], ["reconcile", "--config", pool.config_path, "-v"]):
-        result = subprocess.run([VMPOOL, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                                env={"PATH": "/usr/bin:/bin", "VMPOOL_CONFIG": "/nonexistent/vmpool.conf"})
+        result = subprocess.run(
+            [VMPOOL, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            env={"PATH": "/usr/bin:/bin", "VMPOOL_CONFIG": "/nonexistent/vmpool.conf"},
+        )
         assert result.returncode == 0, (args, result.stderr)
 
 
@@ -534,42 +631,74 @@ def test_a_state_directory_that_cannot_be_made_is_one_sentence_naming_it_exit_4(
     for command in (["acquire", "43", "--user", "alice"], ["release", "43"], ["reconcile"], ["status"]):
         result = pool.run(*command, check=False)
         assert result.returncode == 4, (command, result.stderr)
-        assert (f"state directory {pool.dir}/taken/state cannot be created or written (not a directory" in
-                one_error(result)), result.stderr
+        assert f"state directory {pool.dir}/taken/state cannot be created or written (not a directory" in one_error(
+            result
+        ), result.stderr
         assert f"mkdir -m 700 {pool.dir}/taken/state" in result.stderr and "move it aside" not in result.stderr
 
 
 def test_a_user_who_is_not_root_is_told_to_run_vmpool_as_root(pool: PoolHandle) -> None:
     def as_nobody(config: Path | str, *command: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", VMPOOL,
-                               "--config", str(config), *command], capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [
+                "setpriv",
+                "--reuid",
+                "nobody",
+                "--regid",
+                "nogroup",
+                "--clear-groups",
+                VMPOOL,
+                "--config",
+                str(config),
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
     # a config with a password is root's alone: that is the first thing nobody cannot read
     refused = as_nobody(pool.config_path, "acquire", "44")
-    assert refused.returncode == 3 and "cannot read config: permission denied: vmpool must run as root (the " \
-        "config is root's alone); run it as root or with sudo" in one_error(refused)
+    assert (
+        refused.returncode == 3
+        and "cannot read config: permission denied: vmpool must run as root (the "
+        "config is root's alone); run it as root or with sudo"
+        in one_error(refused)
+    )
     # a config anyone may read (its credentials in clouds.yaml): then root's log, then root's state
     opened = Path(tempfile.mkdtemp(prefix="vmpool-nobody-"))
     try:
         opened.chmod(0o755)
         shutil.copy(pool.key, opened / "id_pool")
         identity = ("auth_url", "username", "password", "user_domain_name", "project_name", "project_domain_name")
-        settings = {**pool.settings, "pool": {**pool.settings["pool"], "state_file": opened / "state" / "state.json"},
-                    "openstack": {**{key: value for key, value in pool.settings["openstack"].items()
-                                     if key not in identity}, "cloud": "site"},
-                    "ssh": {**pool.settings["ssh"], "private_key": opened / "id_pool"}}
+        settings = {
+            **pool.settings,
+            "pool": {**pool.settings["pool"], "state_file": opened / "state" / "state.json"},
+            "openstack": {
+                **{key: value for key, value in pool.settings["openstack"].items() if key not in identity},
+                "cloud": "site",
+            },
+            "ssh": {**pool.settings["ssh"], "private_key": opened / "id_pool"},
+        }
         settings["pool"]["log_file"] = opened / "vmpool.log"
         config = opened / "vmpool.conf"
-        config.write_text("".join(f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
-                                  for section, values in settings.items()))
+        config.write_text(
+            "".join(
+                f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+                for section, values in settings.items()
+            )
+        )
         config.chmod(0o644)
         pool.run("--config", str(config), "release", "44")  # root makes the state directory and the log
         # root's log is left alone (a monitoring user's `check` logs to stderr): the state is what it meets
         for command in (["acquire", "44"], ["release", "44"], ["reconcile"], ["status"]):
             result = as_nobody(config, *command)
             assert result.returncode == 4, (command, result.stderr)
-            assert f"permission denied: vmpool must run as root (the state and its locks in {opened}/state are " \
+            assert (
+                f"permission denied: vmpool must run as root (the state and its locks in {opened}/state are "
                 "root's); run it as root or with sudo" in one_error(result)
+            )
             assert "move it aside" not in result.stderr
     finally:
         shutil.rmtree(opened)
@@ -629,18 +758,24 @@ def test_verify_checks_the_whole_setup_and_names_each_wrong_key(pool: PoolHandle
     assert set(verdicts(good.stdout).values()) == {"ok"} and len(verdicts(good.stdout)) == 8, good.stdout
 
     from novaclient import client as nova_client  # the image's name, through Nova's image proxy
-    legacy = nova_client.Client("2.1", session=pool.bed.session(admin=True),
-                                endpoint_override=pool.bed.info["admin_compute_url"])
+
+    legacy = nova_client.Client(
+        "2.1", session=pool.bed.session(admin=True), endpoint_override=pool.bed.info["admin_compute_url"]
+    )
     image_name = legacy.client.get(f"/images/{pool.bed.info['image_id']}")[1]["image"]["name"]
     other_key = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)], check=True)
-    pool.write_config(openstack={"flavor": "bed.small", "image": image_name, "network": "no-such-network"},
-                      ssh={"private_key": str(other_key)})
+    pool.write_config(
+        openstack={"flavor": "bed.small", "image": image_name, "network": "no-such-network"},
+        ssh={"private_key": str(other_key)},
+    )
     bad = pool.run("verify", check=False)
     assert bad.returncode == 3, bad.stderr
     found = verdicts(bad.stdout)
-    assert found["[openstack] flavor"] == (f"FAILED: 'bed.small' is the name of flavor {pool.bed.info['flavor_id']}; "
-                                           f"give its ID: flavor = {pool.bed.info['flavor_id']}")
+    assert found["[openstack] flavor"] == (
+        f"FAILED: 'bed.small' is the name of flavor {pool.bed.info['flavor_id']}; "
+        f"give its ID: flavor = {pool.bed.info['flavor_id']}"
+    )
     assert found["[openstack] image"].endswith(f"give its ID: image = {pool.bed.info['image_id']}")
     assert found["[openstack] network"].startswith("FAILED: the cloud has no network with ID 'no-such-network'")
     assert "does not hold the public half of [ssh] private_key" in found["[openstack] key_name"]
@@ -661,22 +796,30 @@ def test_verify_checks_the_whole_setup_and_names_each_wrong_key(pool: PoolHandle
 
 def test_verify_fails_for_vmpool_files_on_a_kernel_file_system(pool: PoolHandle) -> None:
     """/proc, /sys and /dev look writable to root, but what vmpool writes there is gone or refused."""
-    pool.write_config(pool={"state_file": "/proc/vmpool/state.json", "log_file": "/dev/null"},
-                      ssh={"known_hosts": "/sys/vmpool/known_hosts"})
+    pool.write_config(
+        pool={"state_file": "/proc/vmpool/state.json", "log_file": "/dev/null"},
+        ssh={"known_hosts": "/sys/vmpool/known_hosts"},
+    )
     result = pool.run("verify", check=False)
     assert result.returncode == 3, result.stdout + result.stderr
     found = verdicts(result.stdout)
     for key, top in (("[pool] state_file", "/proc"), ("[ssh] known_hosts", "/sys"), ("[pool] log_file", "/dev")):
-        assert found[key] == f"FAILED: under {top}, the kernel's: keep vmpool's files on a disk, e.g. under " \
-                             "/var/lib/vmpool", result.stdout
+        assert (
+            found[key] == f"FAILED: under {top}, the kernel's: keep vmpool's files on a disk, e.g. under "
+            "/var/lib/vmpool"
+        ), result.stdout
     assert "3 check(s) failed" in result.stderr
 
 
 def test_the_beds_printed_config_passes_verify_and_pastes_no_admin_password(bed: Any, tmp_path: Path) -> None:
     """What `bed.py up` (and `bed.py config`) prints is a whole vmpool config once [pool] is added."""
     info = bed.info
-    printed = subprocess.run([sys.executable, str(ROOT / "tests" / "cloud" / "bed.py"), "config", info["run_dir"]],
-                             capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cloud" / "bed.py"), "config", info["run_dir"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert info["admin_password"] not in printed and f"known_hosts = {info['run_dir']}/known_hosts" in printed
     config = tmp_path / "vmpool.conf"
     config.write_text(f"[pool]\nstate_file = {tmp_path}/state.json\n\n{printed}")
@@ -688,8 +831,10 @@ def test_the_beds_printed_config_passes_verify_and_pastes_no_admin_password(bed:
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_failing_background_thread_is_a_debug_line_not_a_traceback_on_stderr(verbose: bool) -> None:
     # as fabric's command-timeout timer thread fails when it closes a transport that already died
-    code = (f"import threading, vmpool; vmpool.setup_logging({verbose}); "
-            "t = threading.Thread(target=lambda: 1 / 0, name='timer'); t.start(); t.join()")
+    code = (
+        f"import threading, vmpool; vmpool.setup_logging({verbose}); "
+        "t = threading.Thread(target=lambda: 1 / 0, name='timer'); t.start(); t.join()"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     if verbose:

@@ -79,11 +79,15 @@ def test_a_clean_vm_dropped_after_two_listings_is_adopted_clean_when_it_shows_up
     pool.write_config(pool={"min": 1, "max": 2})
     (vm,) = pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     pool.bed.add_fault("nova", "GET", r"/servers/detail$", "hide", hide_regex=f"^{vm['name']}$")
-    pool.reconcile_until(lambda: vm["name"] not in {v["name"] for v in pool.vms()}, 60,
-                         "the VM dropped after two listings without it")
+    pool.reconcile_until(
+        lambda: vm["name"] not in {v["name"] for v in pool.vms()}, 60, "the VM dropped after two listings without it"
+    )
     assert len(pool.servers()) <= 2
     pool.bed.clear_faults()
-    back = pool.reconcile_until(lambda: [v for v in pool.vms("free") if v["server_id"] == vm["server_id"]], 60,
-                                "the same server adopted and Free again")
+    back = pool.reconcile_until(
+        lambda: [v for v in pool.vms("free") if v["server_id"] == vm["server_id"]],
+        60,
+        "the same server adopted and Free again",
+    )
     assert back[0]["tainted"] is None
     assert len(pool.servers()) <= 2

@@ -38,16 +38,29 @@ def write_clouds(directory: Path, clouds: dict[str, Any], secure: dict[str, Any]
 
 
 def password_auth(info: dict[str, Any], with_password: bool = True) -> dict[str, Any]:
-    auth = {"auth_url": info["auth_url"], "username": info["username"], "project_name": info["project_name"],
-            "user_domain_name": info["user_domain_name"], "project_domain_name": info["project_domain_name"]}
+    auth = {
+        "auth_url": info["auth_url"],
+        "username": info["username"],
+        "project_name": info["project_name"],
+        "user_domain_name": info["user_domain_name"],
+        "project_domain_name": info["project_domain_name"],
+    }
     return {**auth, "password": info["password"]} if with_password else auth
 
 
 def test_a_clouds_yaml_entry_with_its_password_in_secure_yaml_runs_the_pool(pool: PoolHandle, tmp_path: Path) -> None:
     info = pool.bed.info
-    write_clouds(tmp_path, {"site": {"auth": password_auth(info, with_password=False),
-                                     "region_name": info["region_name"], "interface": "public"}},
-                 secure={"site": {"auth": {"password": info["password"]}}})
+    write_clouds(
+        tmp_path,
+        {
+            "site": {
+                "auth": password_auth(info, with_password=False),
+                "region_name": info["region_name"],
+                "interface": "public",
+            }
+        },
+        secure={"site": {"auth": {"password": info["password"]}}},
+    )
     without_credentials(pool)
     pool.write_config(openstack={"cloud": "site"})
 
@@ -60,10 +73,20 @@ def test_a_clouds_yaml_entry_with_its_password_in_secure_yaml_runs_the_pool(pool
 
 def test_a_clouds_yaml_entry_with_an_application_credential(pool: PoolHandle, tmp_path: Path) -> None:
     info = pool.bed.info
-    write_clouds(tmp_path, {"appcred": {
-        "auth_type": "v3applicationcredential", "region_name": info["region_name"],
-        "auth": {"auth_url": info["auth_url"], "application_credential_id": info["application_credential_id"],
-                 "application_credential_secret": info["application_credential_secret"]}}})
+    write_clouds(
+        tmp_path,
+        {
+            "appcred": {
+                "auth_type": "v3applicationcredential",
+                "region_name": info["region_name"],
+                "auth": {
+                    "auth_url": info["auth_url"],
+                    "application_credential_id": info["application_credential_id"],
+                    "application_credential_secret": info["application_credential_secret"],
+                },
+            }
+        },
+    )
     without_credentials(pool)
     pool.write_config(pool={"min": 1}, openstack={"cloud": "appcred"})
     env = {**clean_env(), "OS_CLIENT_CONFIG_FILE": str(tmp_path / "clouds.yaml")}  # another place it may be
@@ -71,6 +94,7 @@ def test_a_clouds_yaml_entry_with_an_application_credential(pool: PoolHandle, tm
     def booted() -> Any:
         pool.run("reconcile", env=env)
         return pool.vms("free")
+
     wait_until(booted, 120, "a Free VM booted with the application credential", interval=0.3)
 
     assert pool.run("verify", env=env).returncode == 0
@@ -80,10 +104,16 @@ def test_a_clouds_yaml_entry_with_an_application_credential(pool: PoolHandle, tm
 def test_an_openrcs_os_variables_serve_when_the_config_names_no_credentials(pool: PoolHandle) -> None:
     info = pool.bed.info
     without_credentials(pool)
-    openrc = {"OS_AUTH_URL": info["auth_url"], "OS_USERNAME": info["username"], "OS_PASSWORD": info["password"],
-              "OS_PROJECT_NAME": info["project_name"], "OS_USER_DOMAIN_NAME": info["user_domain_name"],
-              "OS_PROJECT_DOMAIN_NAME": info["project_domain_name"], "OS_REGION_NAME": info["region_name"],
-              "OS_IDENTITY_API_VERSION": "3"}
+    openrc = {
+        "OS_AUTH_URL": info["auth_url"],
+        "OS_USERNAME": info["username"],
+        "OS_PASSWORD": info["password"],
+        "OS_PROJECT_NAME": info["project_name"],
+        "OS_USER_DOMAIN_NAME": info["user_domain_name"],
+        "OS_PROJECT_DOMAIN_NAME": info["project_domain_name"],
+        "OS_REGION_NAME": info["region_name"],
+        "OS_IDENTITY_API_VERSION": "3",
+    }
 
     checked = pool.run("verify", env={**clean_env(), **openrc})
     assert f"the OS_* environment (OS_AUTH_URL={info['auth_url']}): authenticated" in checked.stdout
@@ -95,12 +125,16 @@ def test_an_openrcs_os_variables_serve_when_the_config_names_no_credentials(pool
     assert bare.returncode == 3 and "no cloud credentials: set cloud = NAME" in bare.stderr
 
 
-@pytest.mark.parametrize(("clouds_yaml", "cloud", "message"), [
-    ({"site": {"auth": {"auth_url": "http://127.0.0.1:9/v3"}}}, "elsewhere", "Cloud elsewhere was not found"),
-    ("clouds: [site: {auth", "site", "Skipping config file"),  # and why: the YAML error's words
-])
+@pytest.mark.parametrize(
+    ("clouds_yaml", "cloud", "message"),
+    [
+        ({"site": {"auth": {"auth_url": "http://127.0.0.1:9/v3"}}}, "elsewhere", "Cloud elsewhere was not found"),
+        ("clouds: [site: {auth", "site", "Skipping config file"),  # and why: the YAML error's words
+    ],
+)
 def test_a_wrong_cloud_name_or_a_broken_clouds_yaml_is_one_sentence_exit_3(
-        pool: PoolHandle, tmp_path: Path, clouds_yaml: Any, cloud: str, message: str) -> None:
+    pool: PoolHandle, tmp_path: Path, clouds_yaml: Any, cloud: str, message: str
+) -> None:
     if isinstance(clouds_yaml, dict):
         write_clouds(tmp_path, clouds_yaml)
     else:

@@ -48,8 +48,14 @@ def test_a_job_runs_on_a_vm_as_its_owner_and_leaves_no_trace(mom: Mom) -> None:
     alice = pwd.getpwnam("vmpt-alice")
     workdir = f"{mom.submit_dir(alice)}/project one"  # where she ran qsub: it exists on the node
     subprocess.run(["mkdir", workdir], check=True, user=alice.pw_uid, group=alice.pw_gid, extra_groups=[])
-    job = Job("101.vmpool-test.example", "vmpt-alice", name="hooks", workdir=workdir, args='first "second arg"',
-              variables={"MY_SETTING": "it's $HOME; `x`"}, script="""#!/bin/bash
+    job = Job(
+        "101.vmpool-test.example",
+        "vmpt-alice",
+        name="hooks",
+        workdir=workdir,
+        args='first "second arg"',
+        variables={"MY_SETTING": "it's $HOME; `x`"},
+        script="""#!/bin/bash
 #PBS -N hooks
 echo "whoami=$(whoami)"
 echo "host=$(hostname)"
@@ -65,7 +71,8 @@ echo secret > /tmp/alice-tmp; echo secret > /var/tmp/alice-vartmp; echo secret >
 setsid sh -c 'touch /tmp/alice-escaped; exec sleep 1000' </dev/null >/dev/null 2>&1 &
 for i in $(seq 100); do [ -e /tmp/alice-escaped ] && break; sleep 0.05; done
 exit 3
-""")
+""",
+    )
     mom.pbs.receive(job)
     first = mom.pbs.prologue(job)
     assert first.outcome == "run", messages(mom, job)
@@ -115,8 +122,11 @@ def test_output_streams_and_a_signalled_job_is_killed_on_its_vm(mom: Mom) -> Non
     running = mom.pbs.start(job)
 
     # (two SSH streams, two files: the .ER line may land a moment after the .OU line)
-    wait_until(lambda: mom.pbs.out(job) == "started\n" and "oops\n" in mom.pbs.err(job), 30,
-               "the job's first lines in .OU and .ER while it runs")
+    wait_until(
+        lambda: mom.pbs.out(job) == "started\n" and "oops\n" in mom.pbs.err(job),
+        30,
+        "the job's first lines in .OU and .ER while it runs",
+    )
     wait_until(lambda: mom.on_vm(vm, "pgrep", "-U", uid, "-x", "sleep")[0] == 0, 10, "the job's sleep on the VM")
     assert running.process.poll() is None
 
@@ -195,19 +205,35 @@ def traced_vmpool(mom: Mom) -> Path:
     """Reinstall the hooks with VMPOOL a wrapper that logs its calls; the log's path."""
     trace = mom.root / "vmpool-calls"
     tracer = mom.root / "vmpool-tracer"
-    tracer.write_text(f"#!/bin/sh\necho \"$*\" >> {trace}\nexec {VMPOOL} \"$@\"\n")
+    tracer.write_text(f'#!/bin/sh\necho "$*" >> {trace}\nexec {VMPOOL} "$@"\n')
     tracer.chmod(0o755)
     Mom.__init__(mom, mom.root, mom.pool, vmpool=str(tracer))
     return trace
 
 
-@pytest.mark.parametrize("position, value", [
-    (0, f"1;touch {PWNED}"), (0, "../../etc/passwd"), (0, f"$(touch {PWNED})"), (0, "123.server/../../x"),
-    (0, "123 456"), (0, ""), (0, "123\nserver"), (0, "-rf"),
-    (1, f"vmpt-alice;touch {PWNED}"), (1, "../root"), (1, "-rf"), (1, "$(id)"), (1, "root"), (1, "nosuchuser"),
-    (2, "users`id`"), (7, "/var/spool/torque/../../etc/shadow"),
-    ("workdir", "/home/vmpt-alice/../../etc"), ("workdir", "relative/dir"),
-])
+@pytest.mark.parametrize(
+    "position, value",
+    [
+        (0, f"1;touch {PWNED}"),
+        (0, "../../etc/passwd"),
+        (0, f"$(touch {PWNED})"),
+        (0, "123.server/../../x"),
+        (0, "123 456"),
+        (0, ""),
+        (0, "123\nserver"),
+        (0, "-rf"),
+        (1, f"vmpt-alice;touch {PWNED}"),
+        (1, "../root"),
+        (1, "-rf"),
+        (1, "$(id)"),
+        (1, "root"),
+        (1, "nosuchuser"),
+        (2, "users`id`"),
+        (7, "/var/spool/torque/../../etc/shadow"),
+        ("workdir", "/home/vmpt-alice/../../etc"),
+        ("workdir", "relative/dir"),
+    ],
+)
 def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str, value: str) -> None:
     Path(PWNED).unlink(missing_ok=True)  # a failed earlier run's, not this one's
     trace = traced_vmpool(mom)
@@ -233,8 +259,11 @@ def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str
     if epilogue.exit_code == 1:  # argv the epilogue can check: it refuses it too
         assert "nothing done" in mom.pbs.err(job) and calls == ""
     else:  # a well-formed but unusable job: the epilogue only makes sure no VM stays held
-        assert epilogue.exit_code == 0 and calls.split() == ["--config", mom.pool.config_path, "release",
-                                                                 argv[0], "--unusable"] + calls.split()[5:]
+        assert (
+            epilogue.exit_code == 0
+            and calls.split()
+            == ["--config", mom.pool.config_path, "release", argv[0], "--unusable"] + calls.split()[5:]
+        )
     assert not os.path.exists(PWNED)
     # nothing but the epilogue's "job ended" mark (when it got as far as writing it)
     assert [path.name for path in mom.job_dir.iterdir()] in ([], [f".ended.{argv[0]}"])
@@ -244,16 +273,23 @@ def test_bad_input_aborts_the_job_and_runs_nothing(mom: Mom, position: int | str
 HOOKS_CONF = Path("mom_priv") / "vmpool" / "vmpool-hooks.conf"
 
 
-@pytest.mark.parametrize("breakage, problem", [
-    (lambda mom: (mom.pbs_home / HOOKS_CONF).chmod(0o664), "vmpool-hooks.conf is mode 664: writable by group"),
-    (lambda mom: os.chown(mom.pbs_home / HOOKS_CONF, pwd.getpwnam("vmpt-alice").pw_uid, -1),
-     "vmpool-hooks.conf is owned by uid"),
-    (lambda mom: (mom.pbs_home / HOOKS_CONF).parent.chmod(0o775), "mom_priv/vmpool is mode 775: writable by group"),
-    (lambda mom: (mom.pbs_home / HOOKS_CONF).with_name("vm-prepare.sh").chmod(0o666), "vm-prepare.sh is mode 666"),
-    (lambda mom: (mom.root / "vmpool-tracer").chmod(0o775), "vmpool-tracer is mode 775: writable by group"),
-    (lambda mom: os.chown(mom.root / "vmpool-tracer", pwd.getpwnam("vmpt-bob").pw_uid, -1),
-     "vmpool-tracer is owned by uid"),
-])
+@pytest.mark.parametrize(
+    "breakage, problem",
+    [
+        (lambda mom: (mom.pbs_home / HOOKS_CONF).chmod(0o664), "vmpool-hooks.conf is mode 664: writable by group"),
+        (
+            lambda mom: os.chown(mom.pbs_home / HOOKS_CONF, pwd.getpwnam("vmpt-alice").pw_uid, -1),
+            "vmpool-hooks.conf is owned by uid",
+        ),
+        (lambda mom: (mom.pbs_home / HOOKS_CONF).parent.chmod(0o775), "mom_priv/vmpool is mode 775: writable by group"),
+        (lambda mom: (mom.pbs_home / HOOKS_CONF).with_name("vm-prepare.sh").chmod(0o666), "vm-prepare.sh is mode 666"),
+        (lambda mom: (mom.root / "vmpool-tracer").chmod(0o775), "vmpool-tracer is mode 775: writable by group"),
+        (
+            lambda mom: os.chown(mom.root / "vmpool-tracer", pwd.getpwnam("vmpt-bob").pw_uid, -1),
+            "vmpool-tracer is owned by uid",
+        ),
+    ],
+)
 def test_hooks_refuse_a_config_or_vmpool_that_is_not_root_s_alone(mom: Mom, breakage, problem: str) -> None:
     trace = traced_vmpool(mom)
     breakage(mom)
@@ -359,25 +395,30 @@ def test_install_prints_the_mom_config_lines_that_match_what_it_installed(mom: M
     starter = mom.pbs_home / "mom_priv" / "vmpool" / "jobstarter"
     assert f"$job_starter {starter}" in lines, mom.install.stdout
     alarm = next(int(line.split()[1]) for line in lines if line.startswith("$prologalarm "))
-    conf = dict(line.split("=", 1) for line in
-                (mom.pbs_home / "mom_priv" / "vmpool" / "vmpool-hooks.conf").read_text().splitlines()
-                if "=" in line and not line.startswith("#"))
+    conf = dict(
+        line.split("=", 1)
+        for line in (mom.pbs_home / "mom_priv" / "vmpool" / "vmpool-hooks.conf").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     assert (conf["ACQUIRE_TIMEOUT"], conf["REQUEUE_BACKOFF"]) == ("60", "2")  # HOOKS_SETTINGS reached it
     worst = sum(int(conf[key]) for key in ("ACQUIRE_TIMEOUT", "PREPARE_TIMEOUT", "RELEASE_TIMEOUT", "REQUEUE_BACKOFF"))
     assert alarm > worst, "the alarm must not kill a prologue that is still within its own timeouts"
     assert starter.stat().st_mode & 0o111 and (mom.pbs_home / "mom_priv" / "prologue").stat().st_uid == 0
 
 
-@pytest.mark.parametrize("breakage, message, mom_refuses", [
-    (break_prologue_mode, "prologue is mode 775: group/world-writable", True),
-    (break_epilogue_owner, "epilogue is owned by uid", True),
-    (break_prologue_exec, "not executable by its owner", True),
-    (break_prologue_symlink, "must be a regular file", True),
-    (break_starter_exec, "jobstarter is mode 644: job owners cannot use it", False),
-    (break_library_writable, "vmpool-hooks.sh is mode 666", False),
-    (break_mom_priv_owner, "mom_priv is owned by uid", False),
-    (break_vmpool_path, "VMPOOL=/nonexistent/vmpool", False),
-])
+@pytest.mark.parametrize(
+    "breakage, message, mom_refuses",
+    [
+        (break_prologue_mode, "prologue is mode 775: group/world-writable", True),
+        (break_epilogue_owner, "epilogue is owned by uid", True),
+        (break_prologue_exec, "not executable by its owner", True),
+        (break_prologue_symlink, "must be a regular file", True),
+        (break_starter_exec, "jobstarter is mode 644: job owners cannot use it", False),
+        (break_library_writable, "vmpool-hooks.sh is mode 666", False),
+        (break_mom_priv_owner, "mom_priv is owned by uid", False),
+        (break_vmpool_path, "VMPOOL=/nonexistent/vmpool", False),
+    ],
+)
 def test_wrong_permissions_are_caught_by_the_check(mom: Mom, breakage, message: str, mom_refuses: bool) -> None:
     check = ["make", "-s", "-C", str(ROOT), "check-hooks", f"PBS_HOME={mom.pbs_home}"]
     assert subprocess.run(check, capture_output=True, text=True).returncode == 0
@@ -389,8 +430,9 @@ def test_wrong_permissions_are_caught_by_the_check(mom: Mom, breakage, message: 
     assert message in result.stderr, result.stderr
     assert "Torque would requeue the jobs" in result.stderr
     if mom_refuses:  # what Torque would do instead: requeue the job, again and again
-        assert PbsMom.permission_problem(mom.pbs_home / "mom_priv" / "prologue") \
-            or PbsMom.permission_problem(mom.pbs_home / "mom_priv" / "epilogue")
+        assert PbsMom.permission_problem(mom.pbs_home / "mom_priv" / "prologue") or PbsMom.permission_problem(
+            mom.pbs_home / "mom_priv" / "epilogue"
+        )
 
 
 # --- isolation, requeue safety ---
@@ -408,8 +450,9 @@ for other in vmpt-alice vmpt-bob; do cat "/home/$other/secret" 2>/dev/null; done
     prologues: dict[str, HookRun] = {}
     for job in jobs:
         mom.pbs.receive(job)
-    threads = [threading.Thread(target=lambda job=job: prologues.update({job.user: mom.pbs.prologue(job)}))
-               for job in jobs]
+    threads = [
+        threading.Thread(target=lambda job=job: prologues.update({job.user: mom.pbs.prologue(job)})) for job in jobs
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -433,13 +476,40 @@ for other in vmpt-alice vmpt-bob; do cat "/home/$other/secret" 2>/dev/null; done
     alice = pwd.getpwnam("vmpt-alice")
     for user in ("vmpt-bob", "vmpt-alice"):
         result = subprocess.run(
-            ["ssh", "-F", "/dev/null", "-i", str(mom.job_dir / "201" / "id_ed25519"), "-o", "BatchMode=yes",
-             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5",
-             "-l", user, vms["vmpt-bob"]["address"], "true"],
-            capture_output=True, text=True, user=alice.pw_uid, group=alice.pw_gid, extra_groups=[], timeout=30)
+            [
+                "ssh",
+                "-F",
+                "/dev/null",
+                "-i",
+                str(mom.job_dir / "201" / "id_ed25519"),
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=5",
+                "-l",
+                user,
+                vms["vmpt-bob"]["address"],
+                "true",
+            ],
+            capture_output=True,
+            text=True,
+            user=alice.pw_uid,
+            group=alice.pw_gid,
+            extra_groups=[],
+            timeout=30,
+        )
         assert result.returncode == 255 and "Permission denied" in result.stderr, result.stderr
-    stolen = subprocess.run(["cat", str(mom.job_dir / "202" / "id_ed25519")], capture_output=True,
-                            user=alice.pw_uid, group=alice.pw_gid, extra_groups=[])
+    stolen = subprocess.run(
+        ["cat", str(mom.job_dir / "202" / "id_ed25519")],
+        capture_output=True,
+        user=alice.pw_uid,
+        group=alice.pw_gid,
+        extra_groups=[],
+    )
     assert stolen.returncode != 0 and not stolen.stdout
     for job, status in zip(jobs, statuses, strict=True):
         assert mom.pbs.end(job, status).exit_code == 0, messages(mom, job)
@@ -457,8 +527,11 @@ def test_a_prologue_killed_by_the_alarm_while_waiting_is_requeued_and_holds_no_v
 
     assert prologue.exit_code is None and prologue.outcome == "requeue"
     # vmpool acquire runs in the prologue's process group: the alarm's SIGKILL ends it too
-    wait_until(lambda: subprocess.run(["pgrep", "-f", f"acquire {job.job_id} "]).returncode != 0, 10,
-               "the killed prologue's acquire to be gone")
+    wait_until(
+        lambda: subprocess.run(["pgrep", "-f", f"acquire {job.job_id} "]).returncode != 0,
+        10,
+        "the killed prologue's acquire to be gone",
+    )
     mom.pool.run("reconcile")  # cron: drops the dead acquire's request, drives the VM it asked for
     assert mom.pool.status()["waiting"] == []
     assert prologue.job_exit_status is not None
@@ -501,8 +574,15 @@ def test_root_creates_no_workdir_for_the_user_and_bash_env_runs_nothing_on_the_n
     (planted / "evil.sh").chmod(0o755)
     workdir = "/usr/local/lib/vmpt-planted/site-packages"
     submitted = mom.submit_dir(pwd.getpwnam("vmpt-alice"))  # qsub -o/-e: the workdir is not hers on the node
-    job = Job("121", "vmpt-alice", workdir=workdir, variables={"BASH_ENV": str(planted / "evil.sh")},
-              script="pwd\n", stdout=f"{submitted}/planted.out", stderr=f"{submitted}/planted.err")
+    job = Job(
+        "121",
+        "vmpt-alice",
+        workdir=workdir,
+        variables={"BASH_ENV": str(planted / "evil.sh")},
+        script="pwd\n",
+        stdout=f"{submitted}/planted.out",
+        stderr=f"{submitted}/planted.err",
+    )
     try:
         prologue, status, epilogue = mom.pbs.run(job)
         assert (prologue.exit_code, status, epilogue.exit_code) == (0, 0, 0), messages(mom, job)
@@ -551,8 +631,15 @@ def test_a_job_whose_vm_preparation_keeps_failing_is_aborted_not_requeued_foreve
 def read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
     """Try to read a file as `user` (uid, primary gid, no supplementary groups)."""
     owner = pwd.getpwnam(user)
-    return subprocess.run(["cat", "--", str(path)], capture_output=True, text=True, user=owner.pw_uid,
-                          group=owner.pw_gid, extra_groups=[], timeout=30)
+    return subprocess.run(
+        ["cat", "--", str(path)],
+        capture_output=True,
+        text=True,
+        user=owner.pw_uid,
+        group=owner.pw_gid,
+        extra_groups=[],
+        timeout=30,
+    )
 
 
 def test_a_vm_whose_host_key_changed_after_the_prologue_runs_no_job_and_serves_no_other(mom: Mom) -> None:
@@ -563,13 +650,15 @@ def test_a_vm_whose_host_key_changed_after_the_prologue_runs_no_job_and_serves_n
     vm = mom.vm_of(job)
     record = mom.job_dir / job.job_id
     pinned = (record / "known_hosts").read_text()
-    port = next(line.split("=", 1)[1] for line in (record / "root.env").read_text().splitlines()
-                if line.startswith("SSH_PORT="))
+    port = next(
+        line.split("=", 1)[1] for line in (record / "root.env").read_text().splitlines() if line.startswith("SSH_PORT=")
+    )
     # The VM gets new host keys (a rebuilt or impersonated VM); its sshd restarts with them.
     new = mom.pool.give_new_host_keys(vm["server_id"])
     assert len(new) == 3 and not any(key in pinned for key in new)
-    scan = subprocess.run(["ssh-keyscan", "-T", "5", "-p", port, vm["address"]], capture_output=True, text=True,
-                          timeout=30)
+    scan = subprocess.run(
+        ["ssh-keyscan", "-T", "5", "-p", port, vm["address"]], capture_output=True, text=True, timeout=30
+    )
     assert any(key in scan.stdout for key in new), f"the VM does not present its new keys: {scan.stdout}"
 
     status = mom.pbs.start(job).wait(60)
@@ -636,9 +725,13 @@ def test_the_job_record_is_readable_by_the_job_owner_only(mom: Mom) -> None:
     record = mom.job_dir / job.job_id
     info = record.lstat()
     assert stat.S_ISDIR(info.st_mode) and (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o711)
-    owners = {"job.env": (alice.pw_uid, alice.pw_gid, 0o400), "known_hosts": (alice.pw_uid, alice.pw_gid, 0o400),
-              "id_ed25519": (alice.pw_uid, alice.pw_gid, 0o400), "root.env": (0, 0, 0o600),
-              "root_known_hosts": (0, 0, 0o600)}
+    owners = {
+        "job.env": (alice.pw_uid, alice.pw_gid, 0o400),
+        "known_hosts": (alice.pw_uid, alice.pw_gid, 0o400),
+        "id_ed25519": (alice.pw_uid, alice.pw_gid, 0o400),
+        "root.env": (0, 0, 0o600),
+        "root_known_hosts": (0, 0, 0o600),
+    }
     for name, expected in owners.items():
         info = (record / name).lstat()
         assert stat.S_ISREG(info.st_mode), name
@@ -651,8 +744,9 @@ def test_the_job_record_is_readable_by_the_job_owner_only(mom: Mom) -> None:
     for name in owners:
         stolen = read_as(bob.pw_name, record / name)
         assert stolen.returncode != 0 and stolen.stdout == "" and "Permission denied" in stolen.stderr, name
-    listing = subprocess.run(["ls", str(record)], capture_output=True, text=True, user=bob.pw_uid,
-                             group=bob.pw_gid, extra_groups=[])
+    listing = subprocess.run(
+        ["ls", str(record)], capture_output=True, text=True, user=bob.pw_uid, group=bob.pw_gid, extra_groups=[]
+    )
     assert listing.returncode != 0 and listing.stdout == ""
     for name in ("job.env", "known_hosts"):
         mine = read_as(alice.pw_name, record / name)
@@ -675,11 +769,16 @@ def test_the_job_owner_has_the_node_s_uid_and_primary_gid_on_the_vm(mom: Mom) ->
     # The stand-in VM sees the node's /etc: like a real image, it must not know the owner at all.
     rc, _, err = mom.on_vm(vm, "sh", "-c", f"userdel {carol.pw_name} && groupdel {group.gr_name}")
     assert rc == 0, err
-    for database, key in (("passwd", carol.pw_name), ("passwd", str(carol.pw_uid)),
-                          ("group", group.gr_name), ("group", str(group.gr_gid))):
+    for database, key in (
+        ("passwd", carol.pw_name),
+        ("passwd", str(carol.pw_uid)),
+        ("group", group.gr_name),
+        ("group", str(group.gr_gid)),
+    ):
         assert mom.on_vm(vm, "getent", database, key)[0] != 0, (database, key)
-    job = Job("404", carol.pw_name,
-              script='echo "uid=$(id -u) gid=$(id -g) user=$(id -un) group=$(id -gn) groups=$(id -G)"\n')
+    job = Job(
+        "404", carol.pw_name, script='echo "uid=$(id -u) gid=$(id -g) user=$(id -un) group=$(id -gn) groups=$(id -G)"\n'
+    )
     mom.pbs.receive(job)
     assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     assert mom.vm_of(job)["name"] == vm["name"]
@@ -687,8 +786,9 @@ def test_the_job_owner_has_the_node_s_uid_and_primary_gid_on_the_vm(mom: Mom) ->
     status = mom.pbs.start(job).wait(60)
 
     assert status == 0, messages(mom, job)
-    assert mom.pbs.out(job) == (f"uid={carol.pw_uid} gid={carol.pw_gid} user={carol.pw_name} "
-                                f"group={group.gr_name} groups={carol.pw_gid}\n")
+    assert mom.pbs.out(job) == (
+        f"uid={carol.pw_uid} gid={carol.pw_gid} user={carol.pw_name} group={group.gr_name} groups={carol.pw_gid}\n"
+    )
     assert os.getgrouplist(carol.pw_name, carol.pw_gid) == [carol.pw_gid], "the node gives her no other group"
     rc, entry, _ = mom.on_vm(vm, "getent", "passwd", carol.pw_name)
     assert rc == 0 and entry.split(":")[2:4] == [str(carol.pw_uid), str(carol.pw_gid)], entry
@@ -708,8 +808,11 @@ def test_a_job_deleted_while_its_prologue_waits_leaves_no_vm_key_or_record(mom: 
     job = Job("310", "vmpt-alice", script="true\n")
     mom.pbs.receive(job)
     prologue = mom.pbs.start_prologue(job)
-    wait_until(lambda: [w for w in mom.pool.status()["waiting"] if w["job"] == job.job_id], 60,
-               "the prologue's request waiting for a VM")
+    wait_until(
+        lambda: [w for w in mom.pool.status()["waiting"] if w["job"] == job.job_id],
+        60,
+        "the prologue's request waiting for a VM",
+    )
 
     # qdel: pbs_mom runs the epilogue and leaves the prologue running. The prologue's shell is
     # held (SIGSTOP; its vmpool acquire runs on) until the output is delivered: it must give up
@@ -752,8 +855,13 @@ def test_a_lost_or_restored_state_costs_no_running_job_its_vm(mom: Mom, loss: st
         state.write_text(backup)
     other = mom.pool.run("acquire", "312", "--user", "vmpt-bob", "--timeout", "90").stdout.strip()
     assert other != vm["address"], "the running job's VM went to another job"
-    mom.pool.reconcile_until(lambda: any(v["job"] == "311" and v["state"] == "busy" and v["server_id"] ==
-                                         vm["server_id"] for v in mom.pool.vms()), 60, "job 311's VM its own again")
+    mom.pool.reconcile_until(
+        lambda: any(
+            v["job"] == "311" and v["state"] == "busy" and v["server_id"] == vm["server_id"] for v in mom.pool.vms()
+        ),
+        60,
+        "job 311's VM its own again",
+    )
     status = running.wait(60)
     assert status == 0 and "finished" in mom.pbs.out(job), messages(mom, job)
     assert mom.pbs.end(job, status).exit_code == 0, messages(mom, job)
@@ -818,18 +926,21 @@ def test_the_job_shell_on_the_vm_is_a_login_shell_as_pbs_mom_starts_it(mom: Mom)
     assert status == 0, messages(mom, job)
     shell = job.owner.pw_shell
     assert mom.pbs.end(job, exit_status=status).exit_code == 0, messages(mom, job)
-    assert mom.pbs.delivered_out(job) == f"parent={PbsMom.login_shell_argv0(shell)}\nsite=loaded\n", \
-        messages(mom, job)
+    assert mom.pbs.delivered_out(job) == f"parent={PbsMom.login_shell_argv0(shell)}\nsite=loaded\n", messages(mom, job)
 
 
 def test_a_job_s_term_trap_prints_and_gets_kill_grace_before_sigkill(mom: Mom) -> None:
     Mom.__init__(mom, mom.root, mom.pool, KILL_GRACE=8)
-    job = Job("321", "vmpt-bob", script="""trap 'echo trapped; sleep 1; echo still in the trap; sleep 100
+    job = Job(
+        "321",
+        "vmpt-bob",
+        script="""trap 'echo trapped; sleep 1; echo still in the trap; sleep 100
     echo late' TERM
 echo started
 sleep 1000 &
 wait
-""")
+""",
+    )
     mom.pbs.receive(job)
     assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
@@ -849,13 +960,17 @@ wait
 def test_a_forwarded_sigint_reaches_a_job_that_starts_with_default_dispositions(mom: Mom) -> None:
     # The job's SigIgn, then that of vm-run.sh, the ssh session's shell (the baseline: a test
     # machine's sshd may hand its sessions an ignored SIGQUIT; vm-run.sh must add nothing).
-    job = Job("322", "vmpt-alice", script="""grep '^SigIgn:' /proc/$$/status
+    job = Job(
+        "322",
+        "vmpt-alice",
+        script="""grep '^SigIgn:' /proc/$$/status
 grep '^SigIgn:' /proc/$(ps -o ppid= -p $PPID | tr -d ' ')/status
 trap 'echo caught INT; exit 7' INT
 echo ready
 sleep 1000
 echo not reached
-""")
+""",
+    )
     mom.pbs.receive(job)
     assert mom.pbs.prologue(job).outcome == "run", messages(mom, job)
     vm = mom.vm_of(job)
@@ -883,10 +998,13 @@ def test_root_hooks_run_nothing_from_bash_env_shellopts_or_exported_functions(mo
     planted = Path(tempfile.mkdtemp(prefix="vmpt-rootenv-", dir="/tmp"))
     marker = planted / "ran-as-root"
     (planted / "env.sh").write_text(f"touch {marker}\n")
-    mom.pbs.pbs_environment.update({
-        "BASH_ENV": str(planted / "env.sh"), "SHELLOPTS": "xtrace",
-        "BASH_FUNC_mktemp%%": f"() {{ touch {marker}; command mktemp \"$@\"; }}",
-    })
+    mom.pbs.pbs_environment.update(
+        {
+            "BASH_ENV": str(planted / "env.sh"),
+            "SHELLOPTS": "xtrace",
+            "BASH_FUNC_mktemp%%": f'() {{ touch {marker}; command mktemp "$@"; }}',
+        }
+    )
     job = Job("330", "vmpt-bob", script="true\n")
     try:
         prologue, status, epilogue = mom.pbs.run(job)
@@ -905,7 +1023,10 @@ def test_the_qstat_stand_in_answers_as_torque_6_1_qstat_f_1(mom: Mom) -> None:
 
     unknown = qstat()
     assert (unknown.returncode, unknown.stdout, unknown.stderr) == (
-        153, "", f"qstat: Unknown Job Id Error {job.job_id}\n")
+        153,
+        "",
+        f"qstat: Unknown Job Id Error {job.job_id}\n",
+    )
     mom.pbs.receive(job)
     running = qstat()
     assert running.returncode == 0 and running.stdout.startswith(f"Job Id: {job.job_id}\n"), running
@@ -940,12 +1061,15 @@ def fake_vmpool_install(mom: Mom) -> dict[str, Path]:
     return {"venv": venv, "site": site, "source": source}
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda paths: (paths["source"] / "vmpool.py").chmod(0o664), "vmpool.py is mode 664: group/world-writable"),
-    (lambda paths: paths["site"].chmod(0o775), "site-packages is mode 775: group/world-writable"),
-    (lambda paths: os.chown(paths["source"], pwd.getpwnam("vmpt-alice").pw_uid, -1), "checkout is owned by uid"),
-    (lambda paths: (paths["venv"] / "bin").chmod(0o777), "bin is mode 777: group/world-writable"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda paths: (paths["source"] / "vmpool.py").chmod(0o664), "vmpool.py is mode 664: group/world-writable"),
+        (lambda paths: paths["site"].chmod(0o775), "site-packages is mode 775: group/world-writable"),
+        (lambda paths: os.chown(paths["source"], pwd.getpwnam("vmpt-alice").pw_uid, -1), "checkout is owned by uid"),
+        (lambda paths: (paths["venv"] / "bin").chmod(0o777), "bin is mode 777: group/world-writable"),
+    ],
+)
 def test_check_hooks_checks_everything_root_executes_through_vmpool(mom: Mom, breakage, message: str) -> None:
     paths = fake_vmpool_install(mom)
     check = ["make", "-s", "-C", str(ROOT), "check-hooks", f"PBS_HOME={mom.pbs_home}"]

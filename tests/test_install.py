@@ -20,23 +20,31 @@ pytestmark = pytest.mark.xdist_group("install")
 def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("site")
     dirs = {"PREFIX": base / "opt" / "vmpool", "BINDIR": base / "bin", "SYSCONFDIR": base / "etc"}
-    subprocess.run(["make", "-s", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return dirs
 
 
 def test_the_command_is_on_path_and_runs_as_a_module_too(site: dict[str, Path]) -> None:
     import vmpool
+
     on_path = subprocess.run([str(site["BINDIR"] / "vmpool"), "--version"], capture_output=True, text=True)
-    as_module = subprocess.run([str(site["PREFIX"] / "bin" / "python"), "-m", "vmpool", "--version"],
-                               capture_output=True, text=True)
+    as_module = subprocess.run(
+        [str(site["PREFIX"] / "bin" / "python"), "-m", "vmpool", "--version"], capture_output=True, text=True
+    )
     assert on_path.stdout == as_module.stdout == f"vmpool, version {vmpool.__version__}\n"
 
 
 def test_the_venv_holds_the_dependency_versions_the_tests_ran_with(site: dict[str, Path]) -> None:
     pinned = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
-    frozen = subprocess.run([str(site["PREFIX"] / "bin" / "pip"), "freeze"], capture_output=True, text=True,
-                            check=True).stdout
+    frozen = subprocess.run(
+        [str(site["PREFIX"] / "bin" / "pip"), "freeze"], capture_output=True, text=True, check=True
+    ).stdout
     installed = dict(line.split("==") for line in frozen.splitlines() if "==" in line)
     for name in ("click", "filelock", "python-novaclient", "keystoneauth1", "fabric", "paramiko"):
         assert installed[name] == pinned[name], name
@@ -48,8 +56,13 @@ def test_the_config_example_lands_private_and_an_existing_config_is_kept(site: d
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
     config.write_text(config.read_text() + "\n# the site's own edit\n")
-    subprocess.run(["make", "-s", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in site.items())],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in site.items())],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert config.read_text().endswith("# the site's own edit\n"), "a second install overwrote the config"
 
 
@@ -57,16 +70,20 @@ def test_bash_completion_completes_subcommands(site: dict[str, Path]) -> None:
     script = site["SYSCONFDIR"] / "bash_completion.d" / "vmpool"
     # what bash does on TAB once the script is sourced: calls its function (with the command
     # name) and COMP_WORDS set
-    probe = (f"source {script}; COMP_WORDS=(vmpool rec); COMP_CWORD=1; PATH={site['BINDIR']}:$PATH; "
-             "_vmpool_completion vmpool; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    probe = (
+        f"source {script}; COMP_WORDS=(vmpool rec); COMP_CWORD=1; PATH={site['BINDIR']}:$PATH; "
+        "_vmpool_completion vmpool; printf '%s\\n' \"${COMPREPLY[@]}\""
+    )
     completed = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
     assert completed.stdout.split() == ["reconcile"]
 
 
-def test_the_cron_d_line_runs_reconcile_as_root_every_minute_with_the_installed_config(
-        site: dict[str, Path]) -> None:
-    lines = [line for line in (site["PREFIX"] / "share" / "vmpool" / "cron.d" / "vmpool").read_text().splitlines()
-             if line and not line.startswith("#") and "=" not in line.split()[0]]
+def test_the_cron_d_line_runs_reconcile_as_root_every_minute_with_the_installed_config(site: dict[str, Path]) -> None:
+    lines = [
+        line
+        for line in (site["PREFIX"] / "share" / "vmpool" / "cron.d" / "vmpool").read_text().splitlines()
+        if line and not line.startswith("#") and "=" not in line.split()[0]
+    ]
     assert len(lines) == 1
     fields = lines[0].split(None, 6)
     assert fields[:6] == ["*", "*", "*", "*", "*", "root"]
@@ -75,8 +92,9 @@ def test_the_cron_d_line_runs_reconcile_as_root_every_minute_with_the_installed_
     assert not (site["PREFIX"] / "share" / "vmpool" / "systemd").exists(), "one way to schedule reconcile: cron.d"
 
 
-def test_the_command_on_path_reads_the_installed_config_unless_told_otherwise(site: dict[str, Path],
-                                                                             tmp_path: Path) -> None:
+def test_the_command_on_path_reads_the_installed_config_unless_told_otherwise(
+    site: dict[str, Path], tmp_path: Path
+) -> None:
     config = site["SYSCONFDIR"] / "vmpool" / "vmpool.conf"
     env = {"PATH": "/usr/bin:/bin"}
     default = subprocess.run([str(site["BINDIR"] / "vmpool"), "status"], capture_output=True, text=True, env=env)
@@ -84,7 +102,8 @@ def test_the_command_on_path_reads_the_installed_config_unless_told_otherwise(si
     other = tmp_path / "other.conf"
     for how in ({"VMPOOL_CONFIG": str(other)}, {}):
         args = [] if how else ["--config", str(other)]
-        chosen = subprocess.run([str(site["BINDIR"] / "vmpool"), *args, "status"], capture_output=True, text=True,
-                                env={**env, **how})
+        chosen = subprocess.run(
+            [str(site["BINDIR"] / "vmpool"), *args, "status"], capture_output=True, text=True, env={**env, **how}
+        )
         assert chosen.returncode == 3 and f" ERROR {other}: no such config file" in chosen.stderr, chosen.stderr
     assert "make install" in (site["BINDIR"] / "vmpool").read_text()

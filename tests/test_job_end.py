@@ -43,8 +43,7 @@ def test_a_job_deleted_while_its_acquire_waits_gets_no_vm(pool: PoolHandle) -> N
     assert pool.status()["waiting"] == []
 
 
-def test_an_acquire_called_after_the_epilogue_ran_gets_nothing_but_a_requeued_attempt_does(
-        pool: PoolHandle) -> None:
+def test_an_acquire_called_after_the_epilogue_ran_gets_nothing_but_a_requeued_attempt_does(pool: PoolHandle) -> None:
     pool.fill(1)
     before = time.time() - 5
     pool.run("release", "3.srv")  # the epilogue ran before the prologue reached acquire
@@ -87,7 +86,8 @@ def test_a_lost_epilogue_is_recovered_out_of_the_box_through_qstat(mom: Mom) -> 
 
     mom.pbs.set_state(job, "C", exit_status=0)  # the job completed; its epilogue never ran
 
-    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 90,
-                         "the lost job's VM deleted, never reused")
+    pool.reconcile_until(
+        lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 90, "the lost job's VM deleted, never reused"
+    )
     assert f"job {job.job_id} gone without epilogue" in log_text(pool)
     assert not pool.vms("busy")

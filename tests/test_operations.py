@@ -32,6 +32,7 @@ def as_admin(name: str) -> dict[str, str]:
 
 # --- admin actions ---
 
+
 def test_drain_keeps_a_busy_vm_for_its_job_then_reconcile_deletes_it(pool: PoolHandle) -> None:
     pool.write_config(pool={"min": 1, "max": 1})  # at max: a new job can only get the drained VM, or none
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
@@ -102,11 +103,13 @@ def test_clear_backoff_after_a_quota_refusal_creates_at_the_next_pass(pool: Pool
 
 # --- the Nagios/Icinga plugin ---
 
+
 def set_state(pool: PoolHandle, **fields: Any) -> None:
     """Play a pool in trouble: change the state file as vmpool would (under its lock)."""
     import dataclasses
 
     import vmpool as vp
+
     store = vp.StateStore(pool.state_file, pool.name, 10)
     store.update(lambda state: (dataclasses.replace(state, **fields), None))
 
@@ -125,8 +128,17 @@ def test_check_is_a_monitoring_plugin_over_the_pools_state(pool: PoolHandle) -> 
     ok = pool.run("check")
     status, perfdata = plugin_output(ok)
     assert status.startswith("VMPOOL OK - 1 free, 0 busy, 0 unusable, 0 waiting; last reconcile")
-    assert set(perfdata) == {"free", "busy", "unusable", "waiting", "oldest_wait", "since_reconcile", "backoff",
-                             "protected", "paused"}
+    assert set(perfdata) == {
+        "free",
+        "busy",
+        "unusable",
+        "waiting",
+        "oldest_wait",
+        "since_reconcile",
+        "backoff",
+        "protected",
+        "paused",
+    }
     assert perfdata["free"] == "1" and perfdata["protected"] == "0"
     pool.run("pause", "--reason", "maintenance")
     paused = pool.run("check", check=False)
@@ -148,13 +160,17 @@ def test_check_is_a_monitoring_plugin_over_the_pools_state(pool: PoolHandle) -> 
 
 def test_check_reports_a_long_wait_and_never_waits_for_the_state_lock(pool: PoolHandle) -> None:
     import filelock
+
     pool.write_config(pool={"max": 1})
     pool.run("reconcile")
     pool.run("pause", "--reason", "test")
     waiter = pool.spawn("acquire", "9", "--user", "bob", "--timeout", "120")
     wait_until(lambda: pool.status()["waiting"], 30, "job 9 to wait")
-    long_wait = wait_until(lambda: (r := pool.run("check", "--paused", "ok", "--wait-critical", "1", check=False))
-                           .returncode == 2 and r, 60, "a wait longer than 1s to be critical")
+    long_wait = wait_until(
+        lambda: (r := pool.run("check", "--paused", "ok", "--wait-critical", "1", check=False)).returncode == 2 and r,
+        60,
+        "a wait longer than 1s to be critical",
+    )
     assert "a job has waited" in long_wait.stdout and int(plugin_output(long_wait)[1]["waiting"]) == 1
     waiter.kill()
     waiter.communicate()
@@ -184,10 +200,15 @@ def test_check_with_a_bad_threshold_or_config_is_unknown(pool: PoolHandle) -> No
 def as_user(user: str, *command: str) -> subprocess.CompletedProcess[str]:
     """A command as `user` (no supplementary groups), as Nagios's NRPE runs a plugin."""
     import pwd
+
     account = pwd.getpwnam(user)
-    return subprocess.run(["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups",
-                           *command],
-                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+    return subprocess.run(
+        ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+    )
 
 
 def test_check_status_and_metrics_work_for_a_user_who_reads_the_state_but_not_the_key(pool: PoolHandle) -> None:
@@ -196,6 +217,7 @@ def test_check_status_and_metrics_work_for_a_user_who_reads_the_state_but_not_th
     import pwd
     import shutil
     import tempfile
+
     pool.run("reconcile")
     user = "nobody"
     monitor = Path(tempfile.mkdtemp(prefix="vmpool-monitor-", dir="/tmp"))
@@ -203,8 +225,9 @@ def test_check_status_and_metrics_work_for_a_user_who_reads_the_state_but_not_th
         (monitor / "state").mkdir()
         shutil.copy(pool.state_file, monitor / "state" / "state.json")
         config = monitor / "vmpool.conf"
-        config.write_text(Path(pool.config_path).read_text().replace(pool.state_file, str(monitor / "state" /
-                                                                                          "state.json")))
+        config.write_text(
+            Path(pool.config_path).read_text().replace(pool.state_file, str(monitor / "state" / "state.json"))
+        )
         for path in (monitor, monitor / "state", monitor / "state" / "state.json", config):
             os.chown(path, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
         config.chmod(0o600)
@@ -214,16 +237,20 @@ def test_check_status_and_metrics_work_for_a_user_who_reads_the_state_but_not_th
             result = as_user(user, sys.executable, "-m", "vmpool", "--config", str(config), *args)
             assert result.returncode == 0, f"vmpool {args[0]} as {user}: {result.stdout}{result.stderr}"
             assert TRACEBACK not in result.stderr and "WARNING" not in result.stderr, result.stderr
-        assert result.stdout.startswith("# HELP") and "VMPOOL OK - " in as_user(
-            user, sys.executable, "-m", "vmpool", "--config", str(config), "check").stdout
+        assert (
+            result.stdout.startswith("# HELP")
+            and "VMPOOL OK - " in as_user(user, sys.executable, "-m", "vmpool", "--config", str(config), "check").stdout
+        )
     finally:
         shutil.rmtree(monitor)
 
 
 # --- Prometheus ---
 
+
 def test_reconcile_writes_the_metrics_file_that_parses_and_counts_the_pools_life(pool: PoolHandle) -> None:
     from prometheus_client.parser import text_string_to_metric_families
+
     textfile = pool.dir / "textfile" / "vmpool.prom"
     textfile.parent.mkdir()
     configure(pool, metrics={"textfile": str(textfile)})
@@ -232,8 +259,12 @@ def test_reconcile_writes_the_metrics_file_that_parses_and_counts_the_pools_life
     pool.run("reconcile")
 
     def samples(text: str) -> dict[str, float]:
-        return {s.name + ("" if "le" not in s.labels else f"[{s.labels['le']}]"): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            s.name + ("" if "le" not in s.labels else f"[{s.labels['le']}]"): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
     written = samples(textfile.read_text())
     assert written["vmpool_acquires_total"] == 1 and written["vmpool_releases_total"] == 1
     assert written["vmpool_boots_total"] >= 1 and written["vmpool_acquire_wait_seconds_count"] == 1
@@ -250,10 +281,13 @@ def test_acquire_and_release_never_import_the_monitoring_libraries(pool: PoolHan
     heavy = "('prometheus_client', 'nagiosplugin')"
     for args in (["acquire", "4", "--user", "alice", "--timeout", "90"], ["release", "4"]):
         # the acquire waits for a boot: its own reconcile passes run, without the metrics step
-        code = (f"import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], *sys.argv[2:]]); "
-                f"print('IMPORTED', sorted(m for m in {heavy} if m in sys.modules)); sys.exit(rc)")
-        result = subprocess.run([sys.executable, "-c", code, pool.config_path, *args], capture_output=True,
-                                text=True, timeout=120)
+        code = (
+            f"import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], *sys.argv[2:]]); "
+            f"print('IMPORTED', sorted(m for m in {heavy} if m in sys.modules)); sys.exit(rc)"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code, pool.config_path, *args], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stderr
         assert "IMPORTED []" in result.stdout
     assert not textfile.exists(), "only cron's passes write the metrics"
@@ -261,6 +295,7 @@ def test_acquire_and_release_never_import_the_monitoring_libraries(pool: PoolHan
 
 def test_every_query_of_the_grafana_dashboard_names_a_metric_vmpool_exports() -> None:
     import vmpool as vp
+
     dashboard = json.loads((ROOT / "contrib" / "grafana-vmpool.json").read_text())
     exported = set(vp.METRIC_NAMES) | {f"vmpool_acquire_wait_seconds_{suffix}" for suffix in ("bucket", "sum", "count")}
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
@@ -268,13 +303,16 @@ def test_every_query_of_the_grafana_dashboard_names_a_metric_vmpool_exports() ->
     named = {name for query in queries for name in re.findall(r"\bvmpool_[a-z_]+", query)}
     assert queries and named <= exported, named - exported
     assert {name for name in exported if not name.startswith("vmpool_acquire_wait_seconds")} <= named | {
-        "vmpool_acquire_wait_seconds"}, "every exported metric has a panel"
+        "vmpool_acquire_wait_seconds"
+    }, "every exported metric has a panel"
 
 
 # --- syslog ---
 
+
 def test_syslog_gets_the_same_lines_as_the_log_file_with_the_facility(pool: PoolHandle) -> None:
     import socket
+
     address = str(pool.dir / "log.sock")  # a stand-in for /dev/log: a datagram socket, as rsyslog makes
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(address)
@@ -286,8 +324,9 @@ def test_syslog_gets_the_same_lines_as_the_log_file_with_the_facility(pool: Pool
     finally:
         receiver.close()
     message = f"pool {pool.name} paused by carol: syslog test"
-    assert line.startswith(f"<{19 * 8 + 4}>vmpool[") and line.rstrip("\x00").endswith(message + "; no VM is "
-                                                                                      "created until `vmpool resume`")
+    assert line.startswith(f"<{19 * 8 + 4}>vmpool[") and line.rstrip("\x00").endswith(
+        message + "; no VM is created until `vmpool resume`"
+    )
     assert message in log_text(pool)
 
 
@@ -295,16 +334,23 @@ def test_a_broken_log_syslog_or_metrics_output_warns_and_never_stops_a_job(pool:
     """The hooks requeue a job whose acquire fails: what only watches the pool is a warning on every
     command's path, a FAILED line of `verify` and a WARNING of `check`."""
     pool.settings["pool"]["log_file"] = str(pool.dir / "no-such-dir" / "vmpool.log")
-    configure(pool, logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")},
-              metrics={"textfile": str(pool.dir / "nowhere" / "vmpool.prom")})
-    broken = {"[pool] log_file": "cannot open it", "[logging] syslog_address": "not a syslog socket",
-              "[metrics] textfile": "no directory"}
+    configure(
+        pool,
+        logging={"syslog": "true", "syslog_address": str(pool.dir / "no-such-socket")},
+        metrics={"textfile": str(pool.dir / "nowhere" / "vmpool.prom")},
+    )
+    broken = {
+        "[pool] log_file": "cannot open it",
+        "[logging] syslog_address": "not a syslog socket",
+        "[metrics] textfile": "no directory",
+    }
     acquired = pool.run("acquire", "7", "--user", "alice")
     assert acquired.stdout.strip() == pool.vms("busy")[0]["address"]
     for result in (acquired, pool.run("release", "7"), pool.run("reconcile")):
         for setting, problem in broken.items():
-            assert re.search(rf"WARNING .*{re.escape(setting)} = .*: {problem}.*; going on without it",
-                             result.stderr), result.stderr
+            assert re.search(
+                rf"WARNING .*{re.escape(setting)} = .*: {problem}.*; going on without it", result.stderr
+            ), result.stderr
     verified = pool.run("verify", check=False)
     assert verified.returncode == 3, verified.stdout + verified.stderr
     for setting, problem in broken.items():
@@ -312,5 +358,14 @@ def test_a_broken_log_syslog_or_metrics_output_warns_and_never_stops_a_job(pool:
     checked = pool.run("check", check=False)
     assert checked.returncode == 1 and checked.stdout.startswith("VMPOOL WARNING - "), checked.stdout
     assert all(f"{setting} = " in checked.stdout for setting in ("[logging] syslog_address", "[metrics] textfile"))
-    assert set(plugin_output(checked)[1]) == {"free", "busy", "unusable", "waiting", "oldest_wait",
-                                              "since_reconcile", "backoff", "protected", "paused"}
+    assert set(plugin_output(checked)[1]) == {
+        "free",
+        "busy",
+        "unusable",
+        "waiting",
+        "oldest_wait",
+        "since_reconcile",
+        "backoff",
+        "protected",
+        "paused",
+    }

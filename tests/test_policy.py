@@ -26,6 +26,7 @@ from vmpool import (
 
 # --- acquire / release ---
 
+
 def test_acquire_claims_the_most_recently_freed_vm() -> None:
     state = PoolState(pool="p", vms=[vm("a", since=NOW - 50), vm("b", since=NOW - 5)])
     new, outcome = vp.plan_acquire(state, "1.srv", "alice", NOW, pid=10, host=HOST, live_waiters=frozenset())
@@ -66,8 +67,11 @@ def test_requests_from_another_host_are_not_pruned_by_pid() -> None:
 
 
 def test_freed_vms_are_handed_to_the_head_of_the_queue_in_order() -> None:
-    state = PoolState(pool="p", vms=[vm("a", since=NOW - 50), vm("b", since=NOW - 5), vm("c", BUSY, job="9")],
-                      requests=queued("1", "2", "3"))
+    state = PoolState(
+        pool="p",
+        vms=[vm("a", since=NOW - 50), vm("b", since=NOW - 5), vm("c", BUSY, job="9")],
+        requests=queued("1", "2", "3"),
+    )
     new, notes = vp.plan_hand_over(state, NOW, HOST, alive=lambda request: True)
     assert (new.vm_named("b").job, new.vm_named("a").job) == ("1", "2"), "most recently freed to the first in line"
     assert all(new.vm_named(name).state == BUSY and new.vm_named(name).user == "bob" for name in "ab")
@@ -84,15 +88,17 @@ def test_a_dead_waiter_of_this_host_is_pruned_not_handed_a_vm_and_another_host_s
 
 
 def test_nothing_is_handed_to_an_ended_job_or_to_one_that_still_holds_a_vm() -> None:
-    state = PoolState(pool="p", vms=[vm("a"), vm("x", UNUSABLE, job="2")], requests=queued("1", "2", "3"),
-                      ended_jobs={"1": NOW - 1})
+    state = PoolState(
+        pool="p", vms=[vm("a"), vm("x", UNUSABLE, job="2")], requests=queued("1", "2", "3"), ended_jobs={"1": NOW - 1}
+    )
     new, _ = vp.plan_hand_over(state, NOW, HOST, alive=lambda request: True)
     assert new.vm_named("a").job == "3" and [r.job for r in new.requests] == ["1", "2"]
 
 
 def test_a_waiter_takes_the_vm_handed_to_it_as_not_already_held() -> None:
-    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
-                                 alive=lambda request: True)
+    state, _ = vp.plan_hand_over(
+        PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST, alive=lambda request: True
+    )
     new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, live(100))
     assert outcome == vp.Claimed(the(new, "a"), already_held=False, handed=True) and new.handed == []
     # the next run of its prologue finds it held: it may have prepared it
@@ -101,8 +107,9 @@ def test_a_waiter_takes_the_vm_handed_to_it_as_not_already_held() -> None:
 
 
 def test_a_handed_vm_its_waiter_never_took_is_free_again_when_the_waiter_gives_up_or_dies() -> None:
-    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
-                                 alive=lambda request: True)
+    state, _ = vp.plan_hand_over(
+        PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST, alive=lambda request: True
+    )
     withdrawn = vp.withdraw_request(state, "1", NOW + 1)
     assert withdrawn.vm_named("a").state == FREE and withdrawn.vm_named("a").job is None and withdrawn.handed == []
     pruned, _ = vp.plan_acquire(state, "2", "carol", NOW + 1, 300, HOST, live_waiters=live(300))
@@ -112,8 +119,9 @@ def test_a_handed_vm_its_waiter_never_took_is_free_again_when_the_waiter_gives_u
 
 
 def test_the_job_s_release_while_its_vm_is_handed_frees_it() -> None:
-    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
-                                 alive=lambda request: True)
+    state, _ = vp.plan_hand_over(
+        PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST, alive=lambda request: True
+    )
     new, _ = vp.plan_release(state, "1", NOW + 1)
     assert new.vm_named("a").state == FREE and new.handed == [] and new.ended_jobs["1"] == NOW + 1
 
@@ -121,8 +129,9 @@ def test_the_job_s_release_while_its_vm_is_handed_frees_it() -> None:
 def test_a_job_released_as_unusable_while_its_vm_is_handed_over_gives_it_back_free() -> None:
     """The epilogue of a job deleted before its prologue took the VM finds no record of it and
     releases as unusable: the VM was never touched, it stays in service."""
-    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
-                                 alive=lambda request: True)
+    state, _ = vp.plan_hand_over(
+        PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST, alive=lambda request: True
+    )
     new, _ = vp.plan_release(state, "1", NOW + 1, unusable="epilogue: no job record")
     assert new.vm_named("a").state == FREE and not new.vm_named("a").tainted and new.handed == []
     taken, _ = vp.plan_acquire(state, "1", "bob", NOW + 1, 100, HOST, live(100))
@@ -131,8 +140,9 @@ def test_a_job_released_as_unusable_while_its_vm_is_handed_over_gives_it_back_fr
 
 
 def test_a_waiter_whose_handed_vm_failed_before_it_took_it_keeps_its_place() -> None:
-    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1", "2", "3")), NOW, HOST,
-                                 alive=lambda request: True)
+    state, _ = vp.plan_hand_over(
+        PoolState(pool="p", vms=[vm("a")], requests=queued("1", "2", "3")), NOW, HOST, alive=lambda request: True
+    )
     state.vm_named("a").state, state.vm_named("a").reason = UNUSABLE, vp.ERROR_REASON  # it failed meanwhile
     new, outcome = vp.plan_acquire(state, "1", "bob", NOW + 5, 100, HOST, live(100, 101, 102))
     assert isinstance(outcome, vp.Waiting) and outcome.position == 0
@@ -142,8 +152,9 @@ def test_a_waiter_whose_handed_vm_failed_before_it_took_it_keeps_its_place() -> 
 
 def test_requests_that_take_no_vm_in_their_turn_do_not_count_as_ahead() -> None:
     """The same rule as the hand-over's: an ended job's request, or one whose job holds a VM."""
-    state = PoolState(pool="p", vms=[vm("a"), vm("x", BUSY, job="2")], requests=queued("1", "2", "3"),
-                      ended_jobs={"1": NOW - 1})
+    state = PoolState(
+        pool="p", vms=[vm("a"), vm("x", BUSY, job="2")], requests=queued("1", "2", "3"), ended_jobs={"1": NOW - 1}
+    )
     state.vm_named("x").user = "bob"
     _, outcome = vp.plan_acquire(state, "3", "bob", NOW, 102, HOST, live(100, 101, 102))
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a"
@@ -151,8 +162,9 @@ def test_requests_that_take_no_vm_in_their_turn_do_not_count_as_ahead() -> None:
 
 
 def test_a_handed_vm_whose_address_changed_is_probed_before_it_is_free_again() -> None:
-    state, _ = vp.plan_hand_over(PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST,
-                                 alive=lambda request: True)
+    state, _ = vp.plan_hand_over(
+        PoolState(pool="p", vms=[vm("a")], requests=queued("1")), NOW, HOST, alive=lambda request: True
+    )
     state.vm_named("a").host_keys = []  # a new address: the pinned key went with the old one
     new = vp.withdraw_request(state, "1", NOW + 1)
     a = new.vm_named("a")
@@ -163,6 +175,7 @@ def test_the_state_file_has_no_handed_list_while_it_is_empty() -> None:
     """An older vmpool, which knows no hand-over, still reads it (a downgrade, an acquire of the
     old version still waiting through the upgrade)."""
     import json
+
     empty = PoolState(pool="p", vms=[vm("a")], requests=queued("1"))
     assert "handed" not in json.loads(vp.state_text(empty)) and "handed" not in vp.state_to_json(empty)
     handed, _ = vp.plan_hand_over(empty, NOW, HOST, alive=lambda request: True)
@@ -204,12 +217,16 @@ def test_release_twice_does_not_free_a_vm_claimed_in_between() -> None:
 
 # --- reconcile: per-VM decisions ---
 
-@pytest.mark.parametrize(("status", "age", "expect_delete", "reason"), [
-    (vp.SERVER_BUILDING, 10, False, vp.BUILDING),
-    (vp.SERVER_BUILDING, 601, True, vp.DELETING),
-    (vp.SERVER_ERROR, 1, True, vp.DELETING),
-    (vp.SERVER_DOWN, 10, False, vp.SHUTOFF),
-])
+
+@pytest.mark.parametrize(
+    ("status", "age", "expect_delete", "reason"),
+    [
+        (vp.SERVER_BUILDING, 10, False, vp.BUILDING),
+        (vp.SERVER_BUILDING, 601, True, vp.DELETING),
+        (vp.SERVER_ERROR, 1, True, vp.DELETING),
+        (vp.SERVER_DOWN, 10, False, vp.SHUTOFF),
+    ],
+)
 def test_server_status_decides(status: str, age: float, expect_delete: bool, reason: str) -> None:
     state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.BUILDING, since=NOW - age, healthy=False)])
     new, actions = vp.plan_reconcile(state, seen(server("a", status)), config(), NOW)
@@ -218,10 +235,10 @@ def test_server_status_decides(status: str, age: float, expect_delete: bool, rea
 
 
 def test_error_at_build_counts_a_failed_boot_and_protects_after_n() -> None:
-    state = PoolState(pool="p", boot_failures=2,
-                      vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
-    new, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_ERROR, fault="No valid host")),
-                                     config(min=2), NOW)
+    state = PoolState(pool="p", boot_failures=2, vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    new, actions = vp.plan_reconcile(
+        state, seen(server("a", vp.SERVER_ERROR, fault="No valid host")), config(min=2), NOW
+    )
     assert new.boot_failures == 3 and new.protected_since == NOW
     assert "No valid host" in kinds(actions, DeleteServer)[0].reason
     # protected: nothing more now; after the back-off one canary, not the whole shortfall
@@ -233,22 +250,32 @@ def test_error_at_build_counts_a_failed_boot_and_protects_after_n() -> None:
 
 
 def test_failed_canary_backs_off_longer_no_create_delete_loop() -> None:
-    state = PoolState(pool="p", protected_since=NOW - 100, boot_failures=3, backoff_delay=60,
-                      vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    state = PoolState(
+        pool="p",
+        protected_since=NOW - 100,
+        boot_failures=3,
+        backoff_delay=60,
+        vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)],
+    )
     new, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_ERROR)), config(min=1), NOW)
     assert kinds(actions, CreateServer) == [] and new.backoff_delay == 120 and new.backoff_until == NOW + 120
 
 
 def test_protected_mode_waits_for_the_canary() -> None:
-    state = PoolState(pool="p", protected_since=NOW - 5, boot_failures=3,
-                      vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    state = PoolState(
+        pool="p", protected_since=NOW - 5, boot_failures=3, vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)]
+    )
     _, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_BUILDING)), config(min=3), NOW)
     assert kinds(actions, CreateServer) == []
 
 
 def test_first_successful_probe_clears_protected_mode() -> None:
-    state = PoolState(pool="p", protected_since=NOW - 5, boot_failures=3,
-                      vms=[vm("a", UNUSABLE, reason=vp.UNREACHABLE, healthy=False)])
+    state = PoolState(
+        pool="p",
+        protected_since=NOW - 5,
+        boot_failures=3,
+        vms=[vm("a", UNUSABLE, reason=vp.UNREACHABLE, healthy=False)],
+    )
     new, _ = vp.plan_probed(state, [ProbeResult("a", True, host_keys=("ssh-ed25519 AAAA",))], NOW)
     assert new.protected_since is None and new.boot_failures == 0
     assert new.vm_named("a").state == FREE and new.vm_named("a").host_keys == ["ssh-ed25519 AAAA"]
@@ -265,8 +292,7 @@ def test_active_server_gets_probed_and_unreachable_counts_from_first_failure() -
 
 
 def test_never_ready_vm_deleted_after_ready_timeout() -> None:
-    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason="unreachable: refused", since=NOW - 301,
-                                        healthy=False)])
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason="unreachable: refused", since=NOW - 301, healthy=False)])
     new, actions = vp.plan_reconcile(state, seen(server("a")), config(), NOW)
     assert "not reachable" in kinds(actions, DeleteServer)[0].reason and new.boot_failures == 1
 
@@ -363,15 +389,19 @@ def test_listing_failure_decides_nothing_about_servers() -> None:
 
 # --- reconcile: scaling ---
 
-@pytest.mark.parametrize(("pool", "vms", "waiting", "creates"), [
-    (dict(min=2), [], 0, 2),
-    (dict(min=0, min_free=1), [], 0, 1),
-    (dict(min=0, max=3), [], 5, 3),
-    (dict(min=0, max=3), ["busy", "busy"], 5, 1),
-    (dict(min=0, max=4), ["booting"], 1, 0),  # a boot in progress already covers the request
-    (dict(min=0, max=4), ["booting"], 2, 1),
-    (dict(min=0, max=2), ["tainted", "busy"], 1, 0),  # tainted VMs hold a slot until deleted
-])
+
+@pytest.mark.parametrize(
+    ("pool", "vms", "waiting", "creates"),
+    [
+        (dict(min=2), [], 0, 2),
+        (dict(min=0, min_free=1), [], 0, 1),
+        (dict(min=0, max=3), [], 5, 3),
+        (dict(min=0, max=3), ["busy", "busy"], 5, 1),
+        (dict(min=0, max=4), ["booting"], 1, 0),  # a boot in progress already covers the request
+        (dict(min=0, max=4), ["booting"], 2, 1),
+        (dict(min=0, max=2), ["tainted", "busy"], 1, 0),  # tainted VMs hold a slot until deleted
+    ],
+)
 def test_scale_up(pool: dict, vms: list[str], waiting: int, creates: int) -> None:
     records = []
     for index, kind in enumerate(vms):
@@ -406,8 +436,7 @@ def test_quota_refusal_backs_off_with_a_growing_delay() -> None:
 
 
 @pytest.mark.parametrize(("retry_after", "delay"), [(0, 60), (45, 60), (300, 300), (5000, 900)])
-def test_a_limit_refusal_backs_off_at_least_its_retry_after_up_to_backoff_max(retry_after: float,
-                                                                               delay: float) -> None:
+def test_a_limit_refusal_backs_off_at_least_its_retry_after_up_to_backoff_max(retry_after: float, delay: float) -> None:
     state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
     new, _ = vp.plan_created(state, "a", None, vp.QuotaExceeded("429", retry_after), config().pool, NOW)
     assert (new.backoff_delay, new.backoff_until) == (delay, NOW + delay)
@@ -421,8 +450,10 @@ def test_other_create_errors_keep_the_intent() -> None:
 
 
 def test_scale_down_deletes_longest_idle_free_vms_above_desired_not_below_min() -> None:
-    state = PoolState(pool="p", vms=[vm("a", since=NOW - 4000), vm("b", since=NOW - 2000), vm("c", since=NOW - 10),
-                                     vm("d", BUSY, job="1")])
+    state = PoolState(
+        pool="p",
+        vms=[vm("a", since=NOW - 4000), vm("b", since=NOW - 2000), vm("c", since=NOW - 10), vm("d", BUSY, job="1")],
+    )
     listed = seen(*(server(n) for n in "abcd"), probe_free=False)
     _, actions = vp.plan_reconcile(state, listed, config(min=1), NOW)
     assert [d.name for d in kinds(actions, DeleteServer)] == ["a", "b"]
@@ -434,8 +465,9 @@ def test_lost_epilogue_vm_deleted_after_grace_never_reused() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="7")])
     first, _ = vp.plan_reconcile(state, seen(server("a"), dead_jobs=frozenset({"7"})), config(job_gone_grace=60), NOW)
     assert first.vm_named("a").state == BUSY
-    later, actions = vp.plan_reconcile(first, seen(server("a"), dead_jobs=frozenset({"7"})),
-                                       config(job_gone_grace=60), NOW + 61)
+    later, actions = vp.plan_reconcile(
+        first, seen(server("a"), dead_jobs=frozenset({"7"})), config(job_gone_grace=60), NOW + 61
+    )
     assert kinds(actions, DeleteServer) and later.vm_named("a").tainted
     back, _ = vp.plan_reconcile(first, seen(server("a")), config(job_gone_grace=60), NOW + 61)
     assert back.vm_named("a").job_missing_since is None
@@ -446,14 +478,16 @@ def test_lost_epilogue_grace_runs_out_while_jobs_wait(absent: bool) -> None:
     """A waiting acquire's passes do not ask the batch system (dead_jobs None): no news, so the
     grace that cron's passes started runs on; it used to restart at every waiting pass."""
     pool = config(job_gone_grace=600, max=2, unusable_timeout=10_000)
-    state = PoolState(pool="p", vms=[vm("a", BUSY, job="7"), vm("b", UNUSABLE, reason=vp.BUILDING, healthy=False)],
-                      requests=[vp.Request(job="8", user="bob", since=NOW, pid=11, host=HOST)])
+    state = PoolState(
+        pool="p",
+        vms=[vm("a", BUSY, job="7"), vm("b", UNUSABLE, reason=vp.BUILDING, healthy=False)],
+        requests=[vp.Request(job="8", user="bob", since=NOW, pid=11, host=HOST)],
+    )
     listing = [server("b", vp.SERVER_BUILDING)] + ([] if absent else [server("a")])
     tainted_at = None
     for second in range(0, 1800, 30):  # cron's pass every minute, a waiting pass between them
         cron = second % 60 == 0
-        observed = seen(*listing, live_waiters=live(11), probe_free=cron,
-                        dead_jobs=frozenset({"7"}) if cron else None)
+        observed = seen(*listing, live_waiters=live(11), probe_free=cron, dead_jobs=frozenset({"7"}) if cron else None)
         state, _ = vp.plan_reconcile(state, observed, pool, NOW + second)
         if state.vm_named("a") is None or state.vm_named("a").job is None:
             tainted_at = second
@@ -482,11 +516,24 @@ def test_new_address_drops_pinned_keys() -> None:
 
 # --- small pure helpers ---
 
-@pytest.mark.parametrize(("job", "ok"), [
-    ("123", True), ("123.server.domain", True), ("123[4].server", True), ("123[]", True),
-    ("", False), ("abc", False), ("1;rm -rf /", False), ("1 2", False), ("../1", False), ("1.$(id)", False),
-    ("1\n2", False), ("1.-x", False),
-])
+
+@pytest.mark.parametrize(
+    ("job", "ok"),
+    [
+        ("123", True),
+        ("123.server.domain", True),
+        ("123[4].server", True),
+        ("123[]", True),
+        ("", False),
+        ("abc", False),
+        ("1;rm -rf /", False),
+        ("1 2", False),
+        ("../1", False),
+        ("1.$(id)", False),
+        ("1\n2", False),
+        ("1.-x", False),
+    ],
+)
 def test_job_ids(job: str, ok: bool) -> None:
     if ok:
         assert vp.validate_job_id(job) == job
@@ -495,10 +542,20 @@ def test_job_ids(job: str, ok: bool) -> None:
             vp.validate_job_id(job)
 
 
-@pytest.mark.parametrize(("user", "ok"), [
-    ("alice", True), ("_svc", True), ("a.b-c", True), ("-x", False), ("a b", False), ("a;b", False),
-    ("../x", False), ("", False), ("x" * 33, False),
-])
+@pytest.mark.parametrize(
+    ("user", "ok"),
+    [
+        ("alice", True),
+        ("_svc", True),
+        ("a.b-c", True),
+        ("-x", False),
+        ("a b", False),
+        ("a;b", False),
+        ("../x", False),
+        ("", False),
+        ("x" * 33, False),
+    ],
+)
 def test_user_names(user: str, ok: bool) -> None:
     if ok:
         assert vp.validate_user_name(user) == user
@@ -508,10 +565,12 @@ def test_user_names(user: str, ok: bool) -> None:
 
 
 def test_host_keys_from_console_takes_the_last_block() -> None:
-    console = ("boot\n-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 OLD root@x\n-----END SSH HOST KEY KEYS-----\n"
-               "reboot\nci-info: -----BEGIN SSH HOST KEY KEYS-----\n"
-               "ci-info: ecdsa-sha2-nistp256 AAAAE2 root@vm\nci-info: ssh-ed25519 AAAAC3 root@vm\n"
-               "ci-info: -----END SSH HOST KEY KEYS-----\n")
+    console = (
+        "boot\n-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 OLD root@x\n-----END SSH HOST KEY KEYS-----\n"
+        "reboot\nci-info: -----BEGIN SSH HOST KEY KEYS-----\n"
+        "ci-info: ecdsa-sha2-nistp256 AAAAE2 root@vm\nci-info: ssh-ed25519 AAAAC3 root@vm\n"
+        "ci-info: -----END SSH HOST KEY KEYS-----\n"
+    )
     assert vp.host_keys_from_console(console) == ["ecdsa-sha2-nistp256 AAAAE2", "ssh-ed25519 AAAAC3"]
     assert vp.host_keys_from_console("no keys here") == []
 
@@ -524,36 +583,48 @@ def test_nova_status_translation() -> None:
 
 
 def test_known_hosts_lists_pinned_live_vms_only() -> None:
-    state = PoolState(pool="p", vms=[vm("a", host_keys=["ssh-ed25519 AAAA"]),
-                                     vm("b", address="127.0.1.3", host_keys=["ssh-ed25519 BBBB"],
-                                        delete_requested_at=NOW)])
+    state = PoolState(
+        pool="p",
+        vms=[
+            vm("a", host_keys=["ssh-ed25519 AAAA"]),
+            vm("b", address="127.0.1.3", host_keys=["ssh-ed25519 BBBB"], delete_requested_at=NOW),
+        ],
+    )
     assert vp.known_hosts_text(state, 22) == "127.0.1.2 ssh-ed25519 AAAA\n"
     assert vp.known_hosts_text(state, 2222) == "[127.0.1.2]:2222 ssh-ed25519 AAAA\n"
 
 
 def test_explain_no_vm_names_the_reasons() -> None:
-    state = PoolState(pool="p", vms=[vm(f"v{i}", BUSY, job=str(i)) for i in range(4)], backoff_until=NOW + 60,
-                      last_cloud_error="quota exceeded", last_cloud_error_at=NOW - 5)
+    state = PoolState(
+        pool="p",
+        vms=[vm(f"v{i}", BUSY, job=str(i)) for i in range(4)],
+        backoff_until=NOW + 60,
+        last_cloud_error="quota exceeded",
+        last_cloud_error_at=NOW - 5,
+    )
     text = vp.explain_no_vm(state, config().pool, NOW)
     assert "pool at max (4 of 4" in text and "backing off" in text and "quota exceeded" in text
 
 
 def test_state_roundtrips_through_json() -> None:
-    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")], requests=[vp.Request("2", "b", NOW, 1, HOST)],
-                      orphans={"x": NOW})
+    state = PoolState(
+        pool="p", vms=[vm("a", BUSY, job="1")], requests=[vp.Request("2", "b", NOW, 1, HOST)], orphans={"x": NOW}
+    )
     data = vp.state_to_json(state)
     assert vp.state_from_json(data, "f", "p") == state
     assert dataclasses.asdict(state)["vms"][0]["job"] == "1"
 
 
 def test_not_created_withdraws_only_unsent_intents() -> None:
-    state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING),
-                                     vm("b", UNUSABLE, reason=vp.BUILDING)])
+    state = PoolState(
+        pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING), vm("b", UNUSABLE, reason=vp.BUILDING)]
+    )
     new = vp.plan_not_created(state, ["a", "b"])
     assert [v.name for v in new.vms] == ["b"]
 
 
 # --- regressions found in review ---
+
 
 def test_vm_still_waiting_for_ssh_counts_as_coming_capacity() -> None:
     state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason="unreachable: connection refused", healthy=False)])
@@ -584,8 +655,9 @@ def test_lost_epilogue_clock_does_not_carry_over_to_the_next_job() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="7", job_missing_since=NOW - 900)])
     released, _ = vp.plan_release(state, "7", NOW)
     claimed, _ = vp.plan_acquire(released, "8", "bob", NOW, 11, HOST, live(11))
-    _, actions = vp.plan_reconcile(claimed, seen(server("a"), dead_jobs=frozenset({"8"})),
-                                   config(job_gone_grace=60), NOW + 1)
+    _, actions = vp.plan_reconcile(
+        claimed, seen(server("a"), dead_jobs=frozenset({"8"})), config(job_gone_grace=60), NOW + 1
+    )
     assert kinds(actions, DeleteServer) == []
 
 
@@ -610,9 +682,11 @@ def test_adopted_servers_of_unknown_past_are_never_handed_out(age: float, droppe
 
 
 def test_servers_being_deleted_count_toward_max() -> None:
-    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW),
-                                     vm("b", BUSY, job="1")],
-                      requests=[vp.Request("2", "u", NOW, 5, "elsewhere")])
+    state = PoolState(
+        pool="p",
+        vms=[vm("a", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW), vm("b", BUSY, job="1")],
+        requests=[vp.Request("2", "u", NOW, 5, "elsewhere")],
+    )
     _, actions = vp.plan_reconcile(state, seen(server("a"), server("b")), config(max=2), NOW + 1)
     assert kinds(actions, CreateServer) == []
 
@@ -632,8 +706,14 @@ def test_probe_of_another_server_with_the_same_name_is_ignored() -> None:
 
 def test_state_survives_a_json_text_roundtrip() -> None:
     import json
-    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1", host_keys=["ssh-ed25519 AAAA"])],
-                      requests=[vp.Request("2", "b", NOW, 1, HOST)], orphans={"x": NOW}, backoff_until=NOW)
+
+    state = PoolState(
+        pool="p",
+        vms=[vm("a", BUSY, job="1", host_keys=["ssh-ed25519 AAAA"])],
+        requests=[vp.Request("2", "b", NOW, 1, HOST)],
+        orphans={"x": NOW},
+        backoff_until=NOW,
+    )
     assert vp.state_from_json(json.loads(json.dumps(vp.state_to_json(state))), "f", "p") == state
 
 
@@ -667,8 +747,7 @@ def test_the_same_job_and_user_get_their_vm_again_marked_already_held() -> None:
 
 def test_a_release_after_the_attempt_began_ends_its_wait() -> None:
     """pbs_mom runs a deleted job's epilogue while its prologue still waits in acquire."""
-    state, outcome = vp.plan_acquire(PoolState(pool="p"), "5", "alice", NOW, 10, HOST, live(10),
-                                     started=NOW - 1)
+    state, outcome = vp.plan_acquire(PoolState(pool="p"), "5", "alice", NOW, 10, HOST, live(10), started=NOW - 1)
     assert isinstance(outcome, vp.Waiting)
     state, _ = vp.plan_release(state, "5", NOW + 10)  # the epilogue: no VM held, the request withdrawn
     assert state.requests == []
@@ -731,8 +810,9 @@ def test_tagged_servers_not_adopted_yet_count_toward_max() -> None:
 
 def test_an_unknown_status_server_is_present_but_tells_nothing() -> None:
     state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1")])
-    down_cell = seen(Server(id="id-a", name="", status=vp.SERVER_UNKNOWN),
-                     Server(id="id-b", name="", status=vp.SERVER_UNKNOWN))
+    down_cell = seen(
+        Server(id="id-a", name="", status=vp.SERVER_UNKNOWN), Server(id="id-b", name="", status=vp.SERVER_UNKNOWN)
+    )
     for minute in range(3):
         state, actions = vp.plan_reconcile(state, down_cell, config(max=2), NOW + 60 * minute)
         assert [v.state for v in state.vms] == [FREE, BUSY] and not kinds(actions, DeleteServer)
@@ -789,8 +869,11 @@ def test_the_old_longest_free_first_rule_kept_every_vm_warm() -> None:
 
 
 def booting_pool() -> PoolState:
-    return PoolState(pool="p", vms=[vm(name, UNUSABLE, reason=vp.BUILDING, since=NOW - 30, healthy=False)
-                                    for name in "abc"], clock={"wall": NOW, "boot": 500.0, "boot_id": "boot-1"})
+    return PoolState(
+        pool="p",
+        vms=[vm(name, UNUSABLE, reason=vp.BUILDING, since=NOW - 30, healthy=False) for name in "abc"],
+        clock={"wall": NOW, "boot": 500.0, "boot_id": "boot-1"},
+    )
 
 
 @pytest.mark.parametrize("step", [3600.0, -3600.0])
@@ -825,6 +908,7 @@ def test_small_drift_and_a_new_boot_shift_nothing() -> None:
 
 def test_a_reused_pid_does_not_keep_a_dead_acquires_request_alive() -> None:
     import os
+
     me = os.getpid()
     mine = vp.Request("1", "alice", NOW, me, HOST, pid_start=vp.process_start(me))
     impostor = vp.Request("2", "bob", NOW, me, HOST, pid_start=vp.process_start(me) + 1)
@@ -837,12 +921,12 @@ def test_a_pid_reused_by_another_waiter_does_not_keep_the_dead_waiters_place() -
     """Job 1's acquire died; job 2's acquire got the same pid: job 1's request must go, or it
     holds the head of the queue (and a VM handed to it) until the job's epilogue."""
     import os
+
     me = os.getpid()
     dead = vp.Request("1", "alice", NOW - 60, me, HOST, pid_start=vp.process_start(me) - 100)
     alive = vp.Request("2", "bob", NOW - 30, me, HOST, pid_start=vp.process_start(me))
     state = PoolState(pool="p", vms=[vm("a")], requests=[dead, alive])
-    new, outcome = vp.plan_acquire(state, "2", "bob", NOW, me, HOST, vp.live_waiters(state),
-                                   pid_start=alive.pid_start)
+    new, outcome = vp.plan_acquire(state, "2", "bob", NOW, me, HOST, vp.live_waiters(state), pid_start=alive.pid_start)
     assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "a", "the dead waiter kept its place ahead"
     assert new.requests == []
     handed = PoolState(pool="p", vms=[vm("a", BUSY, job="1")], handed=[dead], requests=[alive])
@@ -850,30 +934,37 @@ def test_a_pid_reused_by_another_waiter_does_not_keep_the_dead_waiters_place() -
     assert after.vm_named("a").state == FREE or after.vm_named("a").job == "2", "the dead waiter's VM came back"
 
 
-@pytest.mark.parametrize(("exit_code", "stdout", "stderr", "answer"), [
-    (0, "Job Id: 5.srv\n    Job_Name = STDIN\n    job_state = R\n", "", vp.JOB_ALIVE),
-    (0, "Job Id: 5.srv\n    job_state = Q\n", "", vp.JOB_ALIVE),
-    (0, "Job Id: 5.srv\n    job_state = E\n", "", vp.JOB_ALIVE),
-    (0, "Job Id: 5.srv\n    job_state = C\n", "", vp.JOB_GONE),
-    (153, "", "qstat: Unknown Job Id Error 5.srv\n", vp.JOB_GONE),
-    (1, "", "Communication failure.\n", "unknown"),
-])
+@pytest.mark.parametrize(
+    ("exit_code", "stdout", "stderr", "answer"),
+    [
+        (0, "Job Id: 5.srv\n    Job_Name = STDIN\n    job_state = R\n", "", vp.JOB_ALIVE),
+        (0, "Job Id: 5.srv\n    job_state = Q\n", "", vp.JOB_ALIVE),
+        (0, "Job Id: 5.srv\n    job_state = E\n", "", vp.JOB_ALIVE),
+        (0, "Job Id: 5.srv\n    job_state = C\n", "", vp.JOB_GONE),
+        (153, "", "qstat: Unknown Job Id Error 5.srv\n", vp.JOB_GONE),
+        (1, "", "Communication failure.\n", "unknown"),
+    ],
+)
 def test_torque_job_state_reads_qstat(exit_code: int, stdout: str, stderr: str, answer: str) -> None:
     assert vp.torque_job_state(exit_code, stdout, stderr).split(":")[0] == answer
 
 
-@pytest.mark.parametrize(("exit_code", "stdout", "stderr", "answer"), [
-    (0, "JobId=5 JobName=x UserId=a(1000) JobState=RUNNING Reason=None", "", vp.JOB_ALIVE),
-    (0, "JobId=5 JobName=x JobState=COMPLETING Reason=None", "", vp.JOB_ALIVE),
-    (0, "JobId=5 JobName=x JobState=CANCELLED Reason=None", "", vp.JOB_GONE),
-    (1, "", "slurm_load_jobs error: Invalid job id specified\n", vp.JOB_GONE),
-    (1, "", "slurm_load_jobs error: Unable to contact slurm controller\n", "unknown"),
-])
+@pytest.mark.parametrize(
+    ("exit_code", "stdout", "stderr", "answer"),
+    [
+        (0, "JobId=5 JobName=x UserId=a(1000) JobState=RUNNING Reason=None", "", vp.JOB_ALIVE),
+        (0, "JobId=5 JobName=x JobState=COMPLETING Reason=None", "", vp.JOB_ALIVE),
+        (0, "JobId=5 JobName=x JobState=CANCELLED Reason=None", "", vp.JOB_GONE),
+        (1, "", "slurm_load_jobs error: Invalid job id specified\n", vp.JOB_GONE),
+        (1, "", "slurm_load_jobs error: Unable to contact slurm controller\n", "unknown"),
+    ],
+)
 def test_slurm_job_state_reads_scontrol(exit_code: int, stdout: str, stderr: str, answer: str) -> None:
     assert vp.slurm_job_state(exit_code, stdout, stderr).split(":")[0] == answer
 
 
 # --- admin actions: drain, delete, pause, resume, clear-backoff ---
+
 
 def test_a_drained_free_vm_is_never_claimed_and_deleted_by_the_next_pass() -> None:
     state = PoolState(pool="p", vms=[vm("a")])
@@ -951,6 +1042,7 @@ def test_clear_backoff_lets_the_next_pass_create() -> None:
 
 # --- monitoring: counters and the acquire wait histogram kept in the state ---
 
+
 def test_counters_are_incremented_by_the_plans_that_decide_them() -> None:
     state = PoolState(pool="p", vms=[vm("a"), vm("b")])
     state, _ = vp.plan_acquire(state, "1", "alice", NOW, 10, HOST, frozenset())
@@ -979,14 +1071,18 @@ def test_a_claim_after_waiting_lands_in_the_wait_histogram() -> None:
 
 def test_metrics_text_parses_and_carries_exactly_the_documented_names() -> None:
     from prometheus_client.parser import text_string_to_metric_families
-    state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1"),
-                                     vm("c", UNUSABLE, reason="unreachable: ssh timeout after 10s")],
-                      requests=[vp.Request(job="2", user="bob", since=NOW - 30, pid=1, host=HOST)],
-                      protected_since=NOW - 5, backoff_until=NOW + 60, counters={"boots": 3})
+
+    state = PoolState(
+        pool="p",
+        vms=[vm("a"), vm("b", BUSY, job="1"), vm("c", UNUSABLE, reason="unreachable: ssh timeout after 10s")],
+        requests=[vp.Request(job="2", user="bob", since=NOW - 30, pid=1, host=HOST)],
+        protected_since=NOW - 5,
+        backoff_until=NOW + 60,
+        counters={"boots": 3},
+    )
     state.vm_named("a").drained = "at 12:00:00 by x: r"
     vp._observe_wait(state, 7.0)
-    families = {family.name: family for family in
-                text_string_to_metric_families(vp.metrics_text(state, config(), NOW))}
+    families = {family.name: family for family in text_string_to_metric_families(vp.metrics_text(state, config(), NOW))}
     exported = {f"{name}_total" if family.type == "counter" else name for name, family in families.items()}
     assert exported == set(vp.METRIC_NAMES)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
@@ -1010,9 +1106,11 @@ def test_pool_health_reports_what_the_check_judges() -> None:
 
 def test_a_waiter_looks_before_it_locks() -> None:
     """Waiting acquires take the state lock only when a locked try could change something for them."""
-    state = PoolState(pool="p", vms=[vm("a", BUSY, job="1")],
-                      requests=[vp.Request("2", "bob", NOW, 10, HOST, started=NOW),
-                                vp.Request("3", "eve", NOW, 11, HOST)])
+    state = PoolState(
+        pool="p",
+        vms=[vm("a", BUSY, job="1")],
+        requests=[vp.Request("2", "bob", NOW, 10, HOST, started=NOW), vp.Request("3", "eve", NOW, 11, HOST)],
+    )
     assert vp.vms_still_to_free(state, "3", 11, HOST) == 2, "nothing free, one ahead: two VMs must come Free"
     state.vms.append(vm("b"))
     assert vp.vms_still_to_free(state, "2", 10, HOST) == 0, "a Free VM for the head of the queue"
@@ -1072,19 +1170,28 @@ def _mutables(value: object, path: str = "state") -> list[tuple[str, object]]:
     if isinstance(value, dict):
         return [(path, value)] + [m for key, item in value.items() for m in _mutables(item, f"{path}[{key!r}]")]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [(path, value)] + [m for f in dataclasses.fields(value)
-                                  for m in _mutables(getattr(value, f.name), f"{path}.{f.name}")]
+        return [(path, value)] + [
+            m for f in dataclasses.fields(value) for m in _mutables(getattr(value, f.name), f"{path}.{f.name}")
+        ]
     return []
 
 
 def test_copy_state_shares_nothing_mutable_with_the_original() -> None:
     # every field set, so that a field added later without a copy would show here
-    state = vp.PoolState(pool="p", vms=[vm("a", BUSY, job="1.srv", host_keys=["ssh-ed25519 AAAA"], drained="x")],
-                         requests=[vp.Request("2.srv", "bob", NOW, 42, "node", 7, NOW)])
+    state = vp.PoolState(
+        pool="p",
+        vms=[vm("a", BUSY, job="1.srv", host_keys=["ssh-ed25519 AAAA"], drained="x")],
+        requests=[vp.Request("2.srv", "bob", NOW, 42, "node", 7, NOW)],
+    )
     for f in dataclasses.fields(state):
         if getattr(state, f.name) in ({}, None, 0, 0.0, ""):
-            setattr(state, f.name, {"k": [1.0, {"n": 2}]} if f.type.startswith("dict") else
-                    (NOW if "float" in f.type else 1 if f.type == "int" else "set"))
+            setattr(
+                state,
+                f.name,
+                {"k": [1.0, {"n": 2}]}
+                if f.type.startswith("dict")
+                else (NOW if "float" in f.type else 1 if f.type == "int" else "set"),
+            )
     vp._observe_wait(state, 3.0)
 
     copied = vp.copy_state(state)
@@ -1098,6 +1205,7 @@ def test_copy_state_shares_nothing_mutable_with_the_original() -> None:
 
 
 # --- the hooks' job records: a lost, corrupt or restored state file ---
+
 
 def record(job: str, name: str, user: str = "alice") -> vp.JobRecord:
     return vp.JobRecord(job=job, vm_name=name, server_id=f"id-{name}", user=user, host_keys=("ssh-ed25519 KEY",))
@@ -1119,8 +1227,12 @@ def test_a_job_record_of_a_released_job_is_not_followed() -> None:
 
 def test_a_vm_two_records_name_or_held_by_another_job_is_never_handed_out_again() -> None:
     state = PoolState(pool="p", vms=[vm("a", BUSY, job="8"), vm("b")])
-    new, _ = vp.plan_reconcile(state, seen(server("a"), server("b"), records=[record("7", "a"), record("6", "b"),
-                                                                               record("5", "b")]), config(), NOW)
+    new, _ = vp.plan_reconcile(
+        state,
+        seen(server("a"), server("b"), records=[record("7", "a"), record("6", "b"), record("5", "b")]),
+        config(),
+        NOW,
+    )
     a, b = new.vm_named("a"), new.vm_named("b")
     assert (a.state, a.job) == (UNUSABLE, "8") and "7, 8" in a.tainted, "job 8 keeps it; nobody gets it after"
     assert b.state == UNUSABLE and b.tainted and b.job is None
@@ -1137,27 +1249,31 @@ def test_a_server_the_state_lost_is_adopted_at_once_for_the_job_its_record_names
 
 
 def test_an_unknown_past_vm_that_a_record_explains_is_the_jobs() -> None:
-    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.UNKNOWN_PAST, tainted=vp.UNKNOWN_PAST,
-                                        healthy=False)])
+    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.UNKNOWN_PAST, tainted=vp.UNKNOWN_PAST, healthy=False)])
     new, _ = vp.plan_reconcile(state, seen(server("a"), records=[record("7", "a")]), config(), NOW)
     assert (new.vm_named("a").state, new.vm_named("a").job, new.vm_named("a").tainted) == (BUSY, "7", "")
 
 
 # --- the VM's state and the kind of its reason ---
 
-@pytest.mark.parametrize(("reason", "tainted", "why", "detail"), [
-    ("creating", "", vp.Why.CREATING, ""),
-    ("building", "", vp.Why.BUILDING, ""),
-    ("unreachable", "", vp.Why.UNREACHABLE, ""),
-    ("unreachable: no SSH banner within 10s", "", vp.Why.UNREACHABLE, "no SSH banner within 10s"),
-    ("status SHELVED_OFFLOADED", "", vp.Why.STATUS, "SHELVED_OFFLOADED"),
-    ("vanished", "vanished", vp.Why.VANISHED, ""),
-    ("adopted with unknown past", "adopted with unknown past", vp.Why.TAINTED, "adopted with unknown past"),
-    ("deleting", "scrub failed", vp.Why.DELETING, ""),
-    ("unreachableness", "", vp.Why.NONE, "unreachableness"),  # a word that only starts like a kind
-])
-def test_a_reason_reads_apart_into_its_kind_and_free_text_and_back(reason: str, tainted: str, why: vp.Why,
-                                                                   detail: str) -> None:
+
+@pytest.mark.parametrize(
+    ("reason", "tainted", "why", "detail"),
+    [
+        ("creating", "", vp.Why.CREATING, ""),
+        ("building", "", vp.Why.BUILDING, ""),
+        ("unreachable", "", vp.Why.UNREACHABLE, ""),
+        ("unreachable: no SSH banner within 10s", "", vp.Why.UNREACHABLE, "no SSH banner within 10s"),
+        ("status SHELVED_OFFLOADED", "", vp.Why.STATUS, "SHELVED_OFFLOADED"),
+        ("vanished", "vanished", vp.Why.VANISHED, ""),
+        ("adopted with unknown past", "adopted with unknown past", vp.Why.TAINTED, "adopted with unknown past"),
+        ("deleting", "scrub failed", vp.Why.DELETING, ""),
+        ("unreachableness", "", vp.Why.NONE, "unreachableness"),  # a word that only starts like a kind
+    ],
+)
+def test_a_reason_reads_apart_into_its_kind_and_free_text_and_back(
+    reason: str, tainted: str, why: vp.Why, detail: str
+) -> None:
     machine = vm("a", UNUSABLE, reason=reason, tainted=tainted)
     assert (machine.why, machine.detail) == (why, detail)
     if why not in (vp.Why.TAINTED, vp.Why.NONE):
@@ -1165,8 +1281,9 @@ def test_a_reason_reads_apart_into_its_kind_and_free_text_and_back(reason: str, 
 
 
 def test_the_state_file_keeps_its_strings_for_the_typed_state() -> None:
-    state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1"),
-                                     vm("c", UNUSABLE, reason="unreachable: refused", healthy=False)])
+    state = PoolState(
+        pool="p", vms=[vm("a"), vm("b", BUSY, job="1"), vm("c", UNUSABLE, reason="unreachable: refused", healthy=False)]
+    )
     text = vp.state_text(state)
     assert '"state":"free"' in text and '"state":"busy"' in text and '"reason":"unreachable: refused"' in text
     again = vp.state_from_json(vp.state_to_json(state), "x", "p")
@@ -1176,9 +1293,12 @@ def test_the_state_file_keeps_its_strings_for_the_typed_state() -> None:
 
 # --- several pools in one project: giving way on the project's quota ---
 
+
 def test_idle_vms_above_min_give_way_while_another_pools_jobs_wait_on_the_quota() -> None:
-    state = PoolState(pool="p", vms=[vm("a", since=NOW - 120), vm("b", since=NOW - 90), vm("c", since=NOW - 30),
-                                     vm("d", BUSY, job="1")])
+    state = PoolState(
+        pool="p",
+        vms=[vm("a", since=NOW - 120), vm("b", since=NOW - 90), vm("c", since=NOW - 30), vm("d", BUSY, job="1")],
+    )
     listed = [server(n) for n in "abcd"]
     pool = config(min=0, min_free=1, idle_timeout=1800, give_way_after=60)
     _, alone = vp.plan_reconcile(state, seen(*listed, probe_free=False), pool, NOW)
@@ -1186,28 +1306,41 @@ def test_idle_vms_above_min_give_way_while_another_pools_jobs_wait_on_the_quota(
     _, giving = vp.plan_reconcile(state, seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})), pool, NOW)
     assert [d.name for d in kinds(giving, DeleteServer)] == ["a", "b"], "idle past give_way_after, spares too"
     assert all("giving way" in d.reason for d in kinds(giving, DeleteServer))
-    _, kept = vp.plan_reconcile(state, seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})),
-                                config(min=3, min_free=1, give_way_after=60), NOW)
+    _, kept = vp.plan_reconcile(
+        state,
+        seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})),
+        config(min=3, min_free=1, give_way_after=60),
+        NOW,
+    )
     assert [d.name for d in kinds(kept, DeleteServer)] == ["a"], "never below min"
-    _, never = vp.plan_reconcile(state, seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})),
-                                 config(min=0, min_free=1, give_way_after=0), NOW)
+    _, never = vp.plan_reconcile(
+        state,
+        seen(*listed, probe_free=False, others_wanting=frozenset({"gpu"})),
+        config(min=0, min_free=1, give_way_after=0),
+        NOW,
+    )
     assert kinds(never, DeleteServer) == [], "give_way_after = 0: never"
 
 
 def test_a_pool_giving_way_boots_no_spares() -> None:
-    _, actions = vp.plan_reconcile(PoolState(pool="p"), seen(others_wanting=frozenset({"gpu"})),
-                                   config(min=0, min_free=2), NOW)
+    _, actions = vp.plan_reconcile(
+        PoolState(pool="p"), seen(others_wanting=frozenset({"gpu"})), config(min=0, min_free=2), NOW
+    )
     assert kinds(actions, CreateServer) == []
     _, alone = vp.plan_reconcile(PoolState(pool="p"), seen(), config(min=0, min_free=2), NOW)
     assert len(kinds(alone, CreateServer)) == 2
 
 
 def test_a_pool_waits_on_the_quota_from_a_quota_refusal_until_a_create_goes_through() -> None:
-    waiting = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.CREATING, server_id="", healthy=False)],
-                        requests=[vp.Request(job="1", user="bob", since=NOW, pid=10, host=HOST)])
+    waiting = PoolState(
+        pool="p",
+        vms=[vm("a", UNUSABLE, reason=vp.CREATING, server_id="", healthy=False)],
+        requests=[vp.Request(job="1", user="bob", since=NOW, pid=10, host=HOST)],
+    )
     waiting.vms[0].server_id = None
-    refused, _ = vp.plan_created(waiting, "a", None, vp.QuotaExceeded("Quota exceeded for instances"),
-                                 config().pool, NOW)
+    refused, _ = vp.plan_created(
+        waiting, "a", None, vp.QuotaExceeded("Quota exceeded for instances"), config().pool, NOW
+    )
     assert vp.starved(refused) and refused.quota_blocked_since == NOW
     assert '"quota_blocked_since":' in vp.state_text(refused)
     refused.vms.append(vm("b", UNUSABLE, reason=vp.CREATING, healthy=False))
@@ -1215,19 +1348,20 @@ def test_a_pool_waits_on_the_quota_from_a_quota_refusal_until_a_create_goes_thro
     created, _ = vp.plan_created(refused, "b", "id-b", None, config().pool, NOW + 60)
     assert not vp.starved(created) and created.quota_blocked_since is None
     assert "quota_blocked_since" not in vp.state_text(created), "an older vmpool still reads the file"
-    broken, _ = vp.plan_created(waiting, "a", None, vp.CloudRefused("Can not find requested image"),
-                                config().pool, NOW)
+    broken, _ = vp.plan_created(waiting, "a", None, vp.CloudRefused("Can not find requested image"), config().pool, NOW)
     assert not vp.starved(broken), "a refusal that is not the quota asks no one to give way"
 
 
 # --- a down cell (issue 21) ---
 
+
 def test_a_listing_without_exactly_half_the_servers_is_not_believed() -> None:
     """The experiment that made a pool of max 4 hold 6: a down cell held 2 of its 4 servers."""
     state = PoolState(pool="p", vms=[vm("a"), vm("b", BUSY, job="1"), vm("c"), vm("d", BUSY, job="2")])
     for minute in range(0, 10):
-        state, actions = vp.plan_reconcile(state, seen(server("a"), server("b")), config(max=4, min=4),
-                                           NOW + 60 * minute)
+        state, actions = vp.plan_reconcile(
+            state, seen(server("a"), server("b")), config(max=4, min=4), NOW + 60 * minute
+        )
         assert [v.name for v in state.vms] == ["a", "b", "c", "d"] and not kinds(actions, CreateServer), minute
         assert state.vm_named("d").state == BUSY and state.vm_named("d").job == "2"
     state, actions = vp.plan_reconcile(state, seen(*(server(n) for n in "abcd")), config(max=4, min=4), NOW + 600)

@@ -27,8 +27,14 @@ def test_a_listing_that_lacks_less_than_half_the_servers_is_believed_after_two_l
 
 def test_servers_whose_delete_was_asked_for_may_leave_the_listing() -> None:
     """Their going is expected: it does not make a listing look incomplete."""
-    state = PoolState(pool="p", vms=[vm("a"), vm("b", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW - 5),
-                                     vm("c", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW - 5)])
+    state = PoolState(
+        pool="p",
+        vms=[
+            vm("a"),
+            vm("b", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW - 5),
+            vm("c", UNUSABLE, reason=vp.DELETING, delete_requested_at=NOW - 5),
+        ],
+    )
     for offset in (0, 60):
         state, actions = vp.plan_reconcile(state, seen(server("a")), config(min=1), NOW + offset)
     assert [v.name for v in state.vms] == ["a"] and "treated as incomplete" not in str(actions)
@@ -81,8 +87,9 @@ def test_a_server_adopted_in_error_is_deleted_at_once_and_fails_no_boot() -> Non
 @pytest.mark.parametrize(("offset", "given_up"), [(30, False), (60, False), (61, True)])
 def test_a_job_that_looks_gone_keeps_its_vm_through_job_gone_grace(offset: float, given_up: bool) -> None:
     dead = seen(server("a"), dead_jobs=frozenset({"7"}))
-    state, _ = vp.plan_reconcile(PoolState(pool="p", vms=[vm("a", BUSY, job="7")]), dead, config(job_gone_grace=60),
-                                 NOW)
+    state, _ = vp.plan_reconcile(
+        PoolState(pool="p", vms=[vm("a", BUSY, job="7")]), dead, config(job_gone_grace=60), NOW
+    )
     later, actions = vp.plan_reconcile(state, dead, config(job_gone_grace=60), NOW + offset)
     assert bool(kinds(actions, DeleteServer)) == given_up and (later.vm_named("a").job is None) == given_up
 
@@ -99,8 +106,9 @@ def test_a_busy_vm_that_is_shut_off_is_deleted_only_once_its_job_let_it_go() -> 
 
 def test_a_vm_tainted_under_its_job_is_neither_busy_again_nor_deleted_while_the_job_holds_it() -> None:
     """It vanished under its job, then Nova lists it ACTIVE again."""
-    state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason=vp.VANISHED, tainted=vp.VANISHED, since=NOW - 601,
-                                        job="1")])
+    state = PoolState(
+        pool="p", vms=[vm("a", UNUSABLE, reason=vp.VANISHED, tainted=vp.VANISHED, since=NOW - 601, job="1")]
+    )
     new, actions = vp.plan_reconcile(state, seen(server("a")), config(), NOW)
     assert (new.vm_named("a").state, new.vm_named("a").job) == (UNUSABLE, "1") and kinds(actions, DeleteServer) == []
 
@@ -179,8 +187,13 @@ def test_only_a_first_boot_resets_the_failed_boot_count() -> None:
 @pytest.mark.parametrize(("protected", "backoff_kept"), [(False, False), (True, True)])
 def test_a_created_server_ends_the_back_off_except_in_protected_mode(protected: bool, backoff_kept: bool) -> None:
     """In protected mode the canary's boot, not its create, proves the cloud well."""
-    state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)], backoff_until=NOW + 60,
-                      backoff_delay=60, protected_since=NOW - 100 if protected else None)
+    state = PoolState(
+        pool="p",
+        vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)],
+        backoff_until=NOW + 60,
+        backoff_delay=60,
+        protected_since=NOW - 100 if protected else None,
+    )
     new, _ = vp.plan_created(state, "a", "id-a", None, config().pool, NOW)
     assert (new.backoff_until is not None) == backoff_kept
 
@@ -246,8 +259,9 @@ def test_a_clock_step_while_a_job_waits_is_not_counted_as_its_wait() -> None:
 
 
 def test_a_backward_clock_step_does_not_stretch_the_back_off() -> None:
-    state = PoolState(pool="p", backoff_until=NOW + 60, backoff_delay=60,
-                      clock={"wall": NOW, "boot": 500.0, "boot_id": "boot-1"})
+    state = PoolState(
+        pool="p", backoff_until=NOW + 60, backoff_delay=60, clock={"wall": NOW, "boot": 500.0, "boot_id": "boot-1"}
+    )
     state, _ = vp.plan_clock(state, NOW + 61 - 3600, "boot-1", 561.0)  # 61 real seconds later
     _, actions = vp.plan_reconcile(state, seen(), config(min=1), NOW + 61 - 3600)
     assert len(kinds(actions, CreateServer)) == 1

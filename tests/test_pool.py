@@ -38,9 +38,16 @@ class FakeCloud:
         self.calls.append("list")
         for server in self.servers.values():
             server["lists"] += 1
-        return [vp.Server(id=sid, name=s["name"], vm_name=s["name"], address=s["address"],
-                          status=vp.SERVER_ACTIVE if s["lists"] > self.build_lists else vp.SERVER_BUILDING)
-                for sid, s in self.servers.items()]
+        return [
+            vp.Server(
+                id=sid,
+                name=s["name"],
+                vm_name=s["name"],
+                address=s["address"],
+                status=vp.SERVER_ACTIVE if s["lists"] > self.build_lists else vp.SERVER_BUILDING,
+            )
+            for sid, s in self.servers.items()
+        ]
 
     def create_server(self, name: str) -> str:
         self.calls.append("create")
@@ -86,11 +93,27 @@ class FakeRemote:
 def setup(tmp_path: Path) -> tuple[vp.Pool, FakeCloud, FakeRemote]:
     config = vp.Config(
         path="test.conf",
-        pool=vp.PoolConfig(name="p", min=0, max=3, min_free=0, state_file=str(tmp_path / "state" / "state.json"),
-                           acquire_poll=0.01, pass_interval=0.01, backoff_initial=60),
-        openstack=vp.OpenStackConfig(auth_url="http://127.0.0.1:9", image="i", flavor="f", network="n",
-                                     username="u", password="p", project_name="p"),
-        ssh=vp.SshConfig(private_key=str(tmp_path / "key"), known_hosts=str(tmp_path / "known_hosts")))
+        pool=vp.PoolConfig(
+            name="p",
+            min=0,
+            max=3,
+            min_free=0,
+            state_file=str(tmp_path / "state" / "state.json"),
+            acquire_poll=0.01,
+            pass_interval=0.01,
+            backoff_initial=60,
+        ),
+        openstack=vp.OpenStackConfig(
+            auth_url="http://127.0.0.1:9",
+            image="i",
+            flavor="f",
+            network="n",
+            username="u",
+            password="p",
+            project_name="p",
+        ),
+        ssh=vp.SshConfig(private_key=str(tmp_path / "key"), known_hosts=str(tmp_path / "known_hosts")),
+    )
     cloud = FakeCloud()
     remote = FakeRemote()
     return vp.Pool(config, cloud=cloud, remote=remote), cloud, remote
@@ -98,6 +121,7 @@ def setup(tmp_path: Path) -> tuple[vp.Pool, FakeCloud, FakeRemote]:
 
 def with_pool(pool: vp.Pool, **changes: Any) -> vp.Pool:
     import dataclasses
+
     config = dataclasses.replace(pool.config, pool=dataclasses.replace(pool.config.pool, **changes))
     return vp.Pool(config, cloud=pool.cloud, remote=pool.remote)
 
@@ -125,7 +149,8 @@ def test_reconcile_creates_to_min_with_one_listing_per_pass(setup: tuple[vp.Pool
 
 
 def test_a_step_that_fails_unexpectedly_is_logged_and_the_later_steps_still_run(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote], caplog: pytest.LogCaptureFixture) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote], caplog: pytest.LogCaptureFixture
+) -> None:
     pool, cloud, _ = setup
     pool = with_pool(pool, min=1, unusable_timeout=0.001)  # a dirty VM is deleted on the next pass
     pool.reconcile()
@@ -147,7 +172,8 @@ def test_a_step_that_fails_unexpectedly_is_logged_and_the_later_steps_still_run(
 
 
 def test_free_vms_are_in_known_hosts_as_soon_as_the_state_says_free(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote],
+) -> None:
     pool, _, _ = setup
     pool = with_pool(pool, min=1)
     real_save = pool.store.save
@@ -194,8 +220,15 @@ class FakeTime:
 
 def timed(pool: vp.Pool, fake: FakeTime) -> vp.Pool:
     # the boot clock too: against the real one, a slow (loaded) run would look like a wall-clock step
-    return vp.Pool(pool.config, clock=fake.clock, cloud=pool.cloud, remote=pool.remote,
-                   monotonic=fake.monotonic, sleep=fake.sleep, boot_clock=lambda: ("fake-boot", fake.mono))
+    return vp.Pool(
+        pool.config,
+        clock=fake.clock,
+        cloud=pool.cloud,
+        remote=pool.remote,
+        monotonic=fake.monotonic,
+        sleep=fake.sleep,
+        boot_clock=lambda: ("fake-boot", fake.mono),
+    )
 
 
 def test_acquire_timeout_withdraws_the_request(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
@@ -210,7 +243,8 @@ def test_acquire_timeout_withdraws_the_request(setup: tuple[vp.Pool, FakeCloud, 
 
 
 def test_a_wall_clock_step_back_does_not_stretch_the_acquire_timeout(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote],
+) -> None:
     pool, cloud, _ = setup
     fake = FakeTime()
     cloud.fail_create = vp.QuotaExceeded("create server: quota exceeded for instances")
@@ -220,6 +254,7 @@ def test_a_wall_clock_step_back_does_not_stretch_the_acquire_timeout(
     def sleep_and_step_back(seconds: float) -> None:
         real_sleep(seconds)
         fake.wall -= 3600 if fake.sleeps == 3 else 0  # NTP steps the clock back an hour mid-wait
+
     stepping.sleep = sleep_and_step_back
     with pytest.raises(vp.NoVmAvailable):
         stepping.acquire("1", "alice", timeout=2)
@@ -272,7 +307,8 @@ def lock_held_elsewhere(pool: vp.Pool, until: threading.Event) -> Iterator[None]
 
 
 def test_an_acquire_outlasts_a_state_lock_busy_past_lock_timeout(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote], caplog: pytest.LogCaptureFixture) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote], caplog: pytest.LogCaptureFixture
+) -> None:
     """A few hundred prologues at once can keep the lock busy past lock_timeout: that is contention,
     and the acquire tries again until its own deadline instead of failing the job (exit 7)."""
     pool, _, _ = setup
@@ -290,8 +326,7 @@ def test_an_acquire_outlasts_a_state_lock_busy_past_lock_timeout(
     assert claimed.vm.job == "1" and pool.store.read().vm_of_job("1") is not None
 
 
-def test_an_acquire_gives_up_on_a_stuck_lock_at_its_own_deadline(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+def test_an_acquire_gives_up_on_a_stuck_lock_at_its_own_deadline(setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
     pool, _, _ = setup
     pool = with_pool(pool, min=1, max=1, lock_timeout=0.3)
     pool.reconcile()
@@ -305,7 +340,8 @@ def test_an_acquire_gives_up_on_a_stuck_lock_at_its_own_deadline(
 
 
 def test_a_waiter_at_max_with_every_vm_busy_runs_no_pass_of_its_own(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote],
+) -> None:
     """Only a release can bring it a VM; a pass would cost every waiter the cloud client's import."""
     pool, cloud, _ = setup
     pool = filled(pool, 1)
@@ -326,8 +362,10 @@ def _wait_for_log(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 
 
 
 def test_probe_threads_are_bounded_by_the_login_slots_the_targets_and_the_open_files_limit(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import resource
+
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
     assert vp.probe_threads(logins=64, targets=500) == vp.WAITS_PER_LOGIN * 64 == 256
     assert vp.probe_threads(logins=128, targets=500) == 500
@@ -340,11 +378,13 @@ def test_probe_threads_are_bounded_by_the_login_slots_the_targets_and_the_open_f
 
 
 def test_a_waiter_far_back_looks_again_within_a_poll_of_the_vms_its_place_needs_coming_free(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote],
+) -> None:
     """While the queue stands still it sleeps WAITER_POLL_STRETCH polls between looks; the
     releases that free the VMs its place needs wake it within one poll (the store's freed mark)."""
     import dataclasses
     import os
+
     pool, _, _ = setup
     fake = FakeTime()
     pool = timed(with_pool(pool, min=3, max=3), fake)
@@ -352,8 +392,9 @@ def test_a_waiter_far_back_looks_again_within_a_poll_of_the_vms_its_place_needs_
     pool.reconcile()
     for job in ("1", "2", "3"):
         pool.acquire(job, "alice", timeout=1)
-    ahead = vp.Request(job="9", user="carol", since=fake.wall, pid=os.getpid(), host=pool.host,
-                       pid_start=vp.process_start(os.getpid()))  # a live waiter ahead: this one needs 2 VMs
+    ahead = vp.Request(
+        job="9", user="carol", since=fake.wall, pid=os.getpid(), host=pool.host, pid_start=vp.process_start(os.getpid())
+    )  # a live waiter ahead: this one needs 2 VMs
     pool.store.update(lambda state: (dataclasses.replace(state, requests=[ahead]), None))
     poll = pool.config.pool.acquire_poll
     released_at: list[float] = []
@@ -365,6 +406,7 @@ def test_a_waiter_far_back_looks_again_within_a_poll_of_the_vms_its_place_needs_
             pool.release("1")
             pool.release("2")
             released_at.append(fake.mono)
+
     pool.sleep = sleep_while_two_jobs_end
     claimed = pool.acquire("4", "dave", timeout=60)
     assert claimed.vm.job == "4" and released_at
@@ -375,13 +417,24 @@ def _waiting(pool: vp.Pool, *jobs: str) -> None:
     """Queue live requests (this test process) for the jobs, in order, as sleeping acquires would."""
     import dataclasses
     import os
-    requests = [vp.Request(job=job, user="carol", since=time.time(), pid=os.getpid(), host=pool.host,
-                           pid_start=vp.process_start(os.getpid())) for job in jobs]
+
+    requests = [
+        vp.Request(
+            job=job,
+            user="carol",
+            since=time.time(),
+            pid=os.getpid(),
+            host=pool.host,
+            pid_start=vp.process_start(os.getpid()),
+        )
+        for job in jobs
+    ]
     pool.store.update(lambda state: (dataclasses.replace(state, requests=requests), None))
 
 
 def test_a_release_hands_its_vm_to_the_first_waiter_in_the_same_write(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote],
+) -> None:
     pool, _, _ = setup
     pool = filled(pool, 2)
     first, second = (pool.acquire(job, "alice", timeout=1).vm.name for job in ("1", "2"))
@@ -399,7 +452,8 @@ def test_a_release_hands_its_vm_to_the_first_waiter_in_the_same_write(
 
 
 def test_a_vm_handed_over_as_the_acquire_times_out_is_taken_not_dropped(
-        setup: tuple[vp.Pool, FakeCloud, FakeRemote]) -> None:
+    setup: tuple[vp.Pool, FakeCloud, FakeRemote],
+) -> None:
     pool, _, _ = setup
     fake = FakeTime()
     pool = timed(with_pool(pool, min=1, max=1), fake)
@@ -411,6 +465,7 @@ def test_a_vm_handed_over_as_the_acquire_times_out_is_taken_not_dropped(
         fake.sleep(10)
         if pool.store.read().vm_named(held).job == "1":
             pool.release("1")  # handed to job 2 after its last look, before its deadline's check
+
     pool.sleep = sleep_past_the_deadline_while_job_1_ends
     claimed = pool.acquire("2", "bob", timeout=5)
     assert claimed.vm.name == held and claimed.handed

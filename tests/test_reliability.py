@@ -36,18 +36,22 @@ def assert_consistent(pool: PoolHandle) -> None:
 
 def settle(pool: PoolHandle, passes: int = 3, timeout: float = 120) -> None:
     """Clean reconcile passes until nothing is creating or deleting any more, then `passes` more."""
+
     def quiet() -> bool:
         pool.run("reconcile", check=False)
         # Nothing on its way in or out; the only Unusable VMs left are lost ones still held by their job.
         return not pool.status()["waiting"] and all(
             vm["reason"] not in ("creating", "deleting", "building") and (vm["state"] != "unusable" or vm["job"])
-            for vm in pool.vms())
+            for vm in pool.vms()
+        )
+
     wait_until(quiet, timeout, "the pool to settle", interval=0.5)
     for _ in range(passes):
         pool.run("reconcile")
 
 
 # --- concurrency ---
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # its own waits add up to more than the default 300 s
@@ -57,13 +61,23 @@ def test_fifty_concurrent_acquires_against_thirty_free_vms(pool: PoolHandle) -> 
     # cron's reconcile, running back to back for the whole test; it stops after the pass it is in
     # when the flag appears (a pass killed midway could leave a server the teardown never saw)
     stop_flag = pool.dir / "stop-reconciling"
-    reconciler = subprocess.Popen(["bash", "-c", 'while [ ! -e "$2" ]; do "$0" --config "$1" reconcile; done',
-                                   VMPOOL, pool.config_path, str(stop_flag)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reconciler = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            'while [ ! -e "$2" ]; do "$0" --config "$1" reconcile; done',
+            VMPOOL,
+            pool.config_path,
+            str(stop_flag),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         waiters = {str(n): pool.spawn("acquire", str(n), "--user", "u", "--timeout", "240") for n in range(50)}
-        wait_until(lambda: len(pool.vms("busy")) == 30 and len(pool.status()["waiting"]) == 20, 120,
-                   "30 busy and 20 waiting")
+        wait_until(
+            lambda: len(pool.vms("busy")) == 30 and len(pool.status()["waiting"]) == 20, 120, "30 busy and 20 waiting"
+        )
         busy = pool.vms("busy")
         assert len({vm["name"] for vm in busy}) == 30 and len({vm["job"] for vm in busy}) == 30
         served_first = {vm["job"] for vm in busy}
@@ -73,8 +87,9 @@ def test_fifty_concurrent_acquires_against_thirty_free_vms(pool: PoolHandle) -> 
             assert release.wait(120) == 0
         wait_until(lambda: len(pool.vms("busy")) == 20 and not pool.status()["waiting"], 120, "waiters served")
         outputs = {job: proc.communicate(timeout=120) for job, proc in waiters.items()}
-        assert all(proc.returncode == 0 for proc in waiters.values()), \
-            {job: err for job, (_, err) in outputs.items() if waiters[job].returncode}
+        assert all(proc.returncode == 0 for proc in waiters.values()), {
+            job: err for job, (_, err) in outputs.items() if waiters[job].returncode
+        }
         second = {vm["job"]: vm["address"] for vm in pool.vms("busy")}
         assert set(second) == set(waiters) - served_first
         assert len(set(second.values())) == 20
@@ -86,8 +101,7 @@ def test_fifty_concurrent_acquires_against_thirty_free_vms(pool: PoolHandle) -> 
     assert len(pool.servers()) == 30
 
 
-def test_releases_hand_their_vms_to_the_waiters_in_queue_order_and_wake_even_one_far_back(
-        pool: PoolHandle) -> None:
+def test_releases_hand_their_vms_to_the_waiters_in_queue_order_and_wake_even_one_far_back(pool: PoolHandle) -> None:
     """Real acquire processes: job 4 queues behind job 3, so it needs two VMs to come Free and,
     the queue standing still, sleeps WAITER_POLL_STRETCH polls (8 x 5 s) between looks. Each
     release hands its VM, in its own write, to the first job in line; and it appends to the
@@ -107,8 +121,9 @@ def test_releases_hand_their_vms_to_the_waiters_in_queue_order_and_wake_even_one
     pool.run("release", "1")
     assert {(vm["job"], vm["address"]) for vm in pool.vms("busy")} == {("3", addresses["2"]), ("4", addresses["1"])}
     # 5 s polls: job 4's stretched sleep would last 40 s; a poll, process start-up and the claim far less
-    wait_until(lambda: all(proc.poll() is not None for proc in waiting), 20,
-               "both waiters served, woken by the releases")
+    wait_until(
+        lambda: all(proc.poll() is not None for proc in waiting), 20, "both waiters served, woken by the releases"
+    )
     outputs = [proc.communicate() for proc in waiting]
     assert [proc.returncode for proc in waiting] == [0, 0], outputs
     for (out, err), address in zip(outputs, (addresses["2"], addresses["1"]), strict=True):
@@ -120,16 +135,24 @@ def test_releases_hand_their_vms_to_the_waiters_in_queue_order_and_wake_even_one
 # --- crashes ---
 
 CRASH_POINTS = [
-    ("reconcile", "before-create"), ("reconcile", "after-create"), ("reconcile", "before-replace"),
-    ("reconcile", "after-replace"), ("acquire", "before-replace"), ("acquire", "after-create"),
-    ("release", "before-replace"), ("release", "after-replace"),
+    ("reconcile", "before-create"),
+    ("reconcile", "after-create"),
+    ("reconcile", "before-replace"),
+    ("reconcile", "after-replace"),
+    ("acquire", "before-replace"),
+    ("acquire", "after-create"),
+    ("release", "before-replace"),
+    ("release", "after-replace"),
     # the later writes of a pass: after the creates, after the probes
-    ("reconcile", "before-replace:2"), ("reconcile", "before-replace:3"), ("reconcile", "after-replace:2"),
+    ("reconcile", "before-replace:2"),
+    ("reconcile", "before-replace:3"),
+    ("reconcile", "after-replace:2"),
 ]
 
 
 def test_a_state_lock_held_too_long_gives_exit_7_and_loses_nothing(pool: PoolHandle) -> None:
     import filelock
+
     pool.write_config(pool={"lock_timeout": 1})
     pool.run("acquire", "70", "--user", "ida")
     before = Path(pool.state_file).read_bytes()
@@ -148,10 +171,14 @@ def test_a_state_lock_held_too_long_gives_exit_7_and_loses_nothing(pool: PoolHan
 
 @pytest.mark.parametrize(("command", "point"), CRASH_POINTS)
 def test_kill_minus_nine_at_every_step_leaves_a_state_that_reconcile_repairs(
-        pool: PoolHandle, command: str, point: str) -> None:
+    pool: PoolHandle, command: str, point: str
+) -> None:
     pool.write_config(pool={"min": 1, "create_grace": 3})
-    args = {"reconcile": ("reconcile",), "acquire": ("acquire", "77", "--user", "u", "--timeout", "30"),
-            "release": ("release", "77")}[command]
+    args = {
+        "reconcile": ("reconcile",),
+        "acquire": ("acquire", "77", "--user", "u", "--timeout", "30"),
+        "release": ("release", "77"),
+    }[command]
     if command == "release":
         pool.run("acquire", "77", "--user", "u")
     crashed = pool.run(*args, check=False, env={**os.environ, "VMPOOL_FAILPOINT": point})
@@ -175,13 +202,16 @@ def test_kill_during_delete_is_finished_by_the_next_passes(pool: PoolHandle, poi
 
 # --- cloud faults ---
 
+
 def test_api_500_and_reset_and_slow_answers_give_clear_errors_and_lose_nothing(pool: PoolHandle) -> None:
     # create_grace 3: the create that got a 500 is given up (and made again) after 3 s, not 30
     pool.write_config(pool={"min": 1, "create_grace": 3}, openstack={"api_timeout": 2})
-    for action, extra, message in (("status", {"status": 500}, "HTTP 500"),
-                                   ("status", {"status": 503}, "HTTP 503"),
-                                   ("reset", {}, "cannot reach the compute API"),
-                                   ("delay", {"delay": 5}, "did not answer in time (api_timeout)")):
+    for action, extra, message in (
+        ("status", {"status": 500}, "HTTP 500"),
+        ("status", {"status": 503}, "HTTP 503"),
+        ("reset", {}, "cannot reach the compute API"),
+        ("delay", {"delay": 5}, "did not answer in time (api_timeout)"),
+    ):
         pool.bed.add_fault("nova", "GET", r"/servers/detail", action, **extra)
         started = time.monotonic()
         result = pool.run("reconcile", check=False)
@@ -218,8 +248,9 @@ def test_quota_exceeded_backs_off_without_a_create_loop(pool: PoolHandle) -> Non
             pool.run("reconcile")
     finally:
         pool.bed.set_quota(instances=100)
-    creates = sum(n for key, n in pool.bed.counts().items() if key.startswith("nova POST") and
-                  key.rstrip().endswith("/servers"))
+    creates = sum(
+        n for key, n in pool.bed.counts().items() if key.startswith("nova POST") and key.rstrip().endswith("/servers")
+    )
     assert creates == 1, pool.bed.counts()
     status = pool.status()
     assert status["backoff_until"] and status["backoff_until"] > time.time()
@@ -234,8 +265,7 @@ def test_neutrons_port_limit_backs_off_and_a_waiting_job_waits_for_its_vm(pool: 
     try:
         waiting = pool.spawn("acquire", "61", "--user", "alice", "--timeout", "120")
         log = Path(pool.settings["pool"]["log_file"])
-        wait_until(lambda: log.exists() and "Maximum number of ports exceeded" in log.read_text(), 60,
-                   "Nova's refusal")
+        wait_until(lambda: log.exists() and "Maximum number of ports exceeded" in log.read_text(), 60, "Nova's refusal")
         status = pool.status()
         assert status["backoff_until"] and status["boot_failures"] == 0 and not status["protected_since"]
         assert waiting.poll() is None, waiting.communicate()  # not failed fast: the limit may lift
@@ -250,11 +280,20 @@ def test_neutrons_port_limit_backs_off_and_a_waiting_job_waits_for_its_vm(pool: 
 @pytest.mark.parametrize("code", [413, 429])
 def test_an_over_limit_answer_backs_off_as_long_as_its_retry_after_says(pool: PoolHandle, code: int) -> None:
     import email.utils
+
     pool.write_config(pool={"min": 1, "protect_after_failures": 1, "backoff_initial": 2, "backoff_max": 60})
     until = int(time.time()) + 30  # an HTTP date has whole seconds
     for retry_after, seconds in (("7", 7.0), (email.utils.formatdate(until, usegmt=True), None)):
-        pool.bed.add_fault("nova", "POST", r"/servers$", "status", status=code, times=1,
-                           message="Rate limit exceeded", headers={"Retry-After": retry_after})
+        pool.bed.add_fault(
+            "nova",
+            "POST",
+            r"/servers$",
+            "status",
+            status=code,
+            times=1,
+            message="Rate limit exceeded",
+            headers={"Retry-After": retry_after},
+        )
         asked = time.time()
         result = pool.run("reconcile")
         assert f"over a limit of the cloud: Rate limit exceeded (HTTP {code})" in result.stderr, result.stderr
@@ -286,6 +325,7 @@ def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None
         if before.protected_since is not None:
             assert made <= 1 and not (made and booting), (made, booting)
         return bool(pool.vms("free")) and not pool.status()["protected_since"]
+
     # (VMs created before protected mode began may still be booting, and fail, meanwhile)
     wait_until(one_canary_pass, 120, "a canary boot to clear protected mode", interval=0.3)
     assert pool.status()["boot_failures"] == 0
@@ -293,13 +333,16 @@ def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None
 
 def test_an_admin_clears_protected_mode_and_lifts_the_one_canary_limit(pool: PoolHandle) -> None:
     # max 6: the failed servers still being deleted must not hold back the creates counted below
-    pool.write_config(pool={"min": 3, "max": 6, "protect_after_failures": 2, "backoff_initial": 600,
-                            "backoff_max": 600})
+    pool.write_config(
+        pool={"min": 3, "max": 6, "protect_after_failures": 2, "backoff_initial": 600, "backoff_max": 600}
+    )
     pool.bed.set_behaviour(f"^{pool.prefix}", error=True)
     # Protected, and every failed server seen failing (none still booting to fail after the clear).
-    pool.reconcile_until(lambda: pool.status()["protected_since"] and all(vm["reason"] == "deleting"
-                                                                          for vm in pool.vms()),
-                         90, "protected mode with every boot failed")
+    pool.reconcile_until(
+        lambda: pool.status()["protected_since"] and all(vm["reason"] == "deleting" for vm in pool.vms()),
+        90,
+        "protected mode with every boot failed",
+    )
     pool.bed.clear_behaviours()  # the admin fixed the image; without a clear the canary waits 600s
     pool.bed.reset_counts()
     pool.run("reconcile")
@@ -364,8 +407,11 @@ def test_a_delete_the_cloud_refuses_does_not_stop_the_pass_from_replacing_the_vm
     assert "HTTP 500" in Path(pool.settings["pool"]["log_file"]).read_text()
     assert broken in {s.id for s in pool.servers()}
     pool.bed.clear_faults()
-    pool.reconcile_until(lambda: broken not in {s.id for s in pool.servers()} and pool.vms("free"), 90,
-                         "the ERROR server deleted and its replacement Free")
+    pool.reconcile_until(
+        lambda: broken not in {s.id for s in pool.servers()} and pool.vms("free"),
+        90,
+        "the ERROR server deleted and its replacement Free",
+    )
     settle(pool)
     assert_consistent(pool)
 
@@ -375,8 +421,7 @@ def test_busy_vm_deleted_behind_our_back_names_its_job(pool: PoolHandle) -> None
     vm = pool.vms("busy")[0]
     pool.bed.admin_nova().servers.delete(vm["server_id"])
     pool.reconcile_until(lambda: pool.vms()[0]["reason"] == "vanished", 60, "the VM marked vanished")
-    vanished = [line for line in Path(pool.settings["pool"]["log_file"]).read_text().splitlines()
-                if "VANISHED" in line]
+    vanished = [line for line in Path(pool.settings["pool"]["log_file"]).read_text().splitlines() if "VANISHED" in line]
     assert len(vanished) == 1 and " ERROR " in vanished[0] and "job 66.srv of dave" in vanished[0], vanished
     pool.run("release", "66.srv")
     pool.reconcile_until(lambda: not pool.vms(), 30, "the vanished VM dropped")
@@ -393,8 +438,11 @@ def test_servers_the_cloud_is_still_deleting_are_never_handed_out_and_dropped_on
     nova = pool.bed.admin_nova()
     for vm in (busy, free):
         nova.servers.delete(vm["server_id"])
-    wait_until(lambda: [getattr(s, "OS-EXT-STS:task_state") for s in pool.servers()] == ["deleting"] * 2, 10,
-               "both servers listed as deleting")
+    wait_until(
+        lambda: [getattr(s, "OS-EXT-STS:task_state") for s in pool.servers()] == ["deleting"] * 2,
+        10,
+        "both servers listed as deleting",
+    )
     pool.run("reconcile")
     by_id = {vm["server_id"]: vm for vm in pool.vms()}
     assert (by_id[free["server_id"]]["state"], by_id[free["server_id"]]["reason"]) == ("unusable", "deleting")
@@ -402,14 +450,18 @@ def test_servers_the_cloud_is_still_deleting_are_never_handed_out_and_dropped_on
     assert "of job 71.srv is deleting" in Path(pool.settings["pool"]["log_file"]).read_text()
     refused = pool.run("acquire", "72.srv", "--user", "erin", "--timeout", "1", check=False)
     assert refused.returncode != 0 and not pool.vms("busy"), "a VM the cloud is deleting was handed out"
-    pool.reconcile_until(lambda: free["server_id"] not in {vm["server_id"] for vm in pool.vms()}, 60,
-                         "the Free VM dropped once the cloud finished deleting it")
+    pool.reconcile_until(
+        lambda: free["server_id"] not in {vm["server_id"] for vm in pool.vms()},
+        60,
+        "the Free VM dropped once the cloud finished deleting it",
+    )
     pool.reconcile_until(lambda: pool.vms()[0]["reason"] == "vanished", 30, "the Busy VM marked vanished")
     pool.run("release", "71.srv")
     pool.reconcile_until(lambda: not pool.vms() and not pool.servers(), 30, "nothing left")
 
 
 # --- SSH faults and host keys ---
+
 
 @pytest.mark.parametrize(("mode", "symptom"), [("refuse", "refused"), ("hang", "banner"), ("drop", "timeout")])
 def test_unreachable_vms_are_classified_within_the_timeouts(pool: PoolHandle, mode: str, symptom: str) -> None:
@@ -428,18 +480,26 @@ def test_unreachable_vms_are_classified_within_the_timeouts(pool: PoolHandle, mo
     ssh = pool.settings["ssh"]
     assert took < ssh["connect_timeout"] + ssh["banner_timeout"] + ssh["auth_timeout"] + 10
     if mode == "hang":  # an admin chasing it down gets the account of what was seen with -v
+
         def verbose_pass_shows_the_banner_error() -> bool:
             # On a busy machine one probe may time out in the TCP connect instead; a later one shows it.
-            verbose = subprocess.run([VMPOOL, "--config", pool.config_path, "-v", "reconcile"], capture_output=True,
-                                     text=True, timeout=60, stdin=subprocess.DEVNULL)
+            verbose = subprocess.run(
+                [VMPOOL, "--config", pool.config_path, "-v", "reconcile"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
             return f"{vm['address']} port 22: TCP connected, but no SSH protocol banner within" in verbose.stderr
+
         wait_until(verbose_pass_shows_the_banner_error, 120, "the banner wait's account in a -v reconcile's stderr")
     pool.bed.vm_fault(vm["server_id"], "ok")
     pool.reconcile_until(lambda: pool.vms("free"), 30, "recovery once SSH answers again")
 
 
 def test_a_vm_that_logs_in_but_never_finishes_a_command_is_unusable_after_command_timeout(
-        pool: PoolHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool: PoolHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pool.write_config(pool={"min": 1}, ssh={"command_timeout": 2})
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     vm = pool.vms("free")[0]
@@ -447,8 +507,10 @@ def test_a_vm_that_logs_in_but_never_finishes_a_command_is_unusable_after_comman
     assert rc == 0, err
     shell = passwd.strip().rsplit(":", 1)[1]
     # sshd still accepts the key and opens the session; root's shell then never returns
-    stall = ("printf '#!/bin/sh\\nexec sleep 3600\\n' >/etc/vmpool-stall && chmod 755 /etc/vmpool-stall"
-             " && usermod -s /etc/vmpool-stall root")
+    stall = (
+        "printf '#!/bin/sh\\nexec sleep 3600\\n' >/etc/vmpool-stall && chmod 755 /etc/vmpool-stall"
+        " && usermod -s /etc/vmpool-stall root"
+    )
     rc, _, err = pool.bed.vm_exec(vm["server_id"], ["sh", "-c", stall])
     assert rc == 0, err
     pool.run("reconcile", timeout=60)  # the probe gives up after command_timeout, not never
@@ -458,6 +520,7 @@ def test_a_vm_that_logs_in_but_never_finishes_a_command_is_unusable_after_comman
     # invoke's timer closes the channel, then run() asks whether the timer thread has ended: under
     # load it may not have yet, and run() returns exit status -1 instead of raising CommandTimedOut
     import invoke.runners
+
     monkeypatch.setattr(invoke.runners.Runner, "timed_out", property(lambda runner: False))
     config = vp.load_config(pool.config_path)
     stalled = vp.Pool(config).store.read().vms[0]
@@ -479,15 +542,24 @@ def test_probes_shared_out_over_worker_processes_classify_each_vm_as_one_process
     good, refusing = vp.Pool(config).store.read().vms
     pool.bed.vm_fault(refusing.server_id, "refuse")
     assert good.address and refusing.address and good.host_keys != refusing.host_keys
-    targets: list[tuple[str, Sequence[str]]] = [(good.address, good.host_keys), (refusing.address, refusing.host_keys),
-               (good.address, refusing.host_keys), (good.address, good.host_keys)]
+    targets: list[tuple[str, Sequence[str]]] = [
+        (good.address, good.host_keys),
+        (refusing.address, refusing.host_keys),
+        (good.address, refusing.host_keys),
+        (good.address, good.host_keys),
+    ]
     answers = vp._probe_in_processes(config.ssh, targets, processes=2, logins=1)
-    assert [(a.ok, a.host_key_changed) for a in answers] == [(True, False), (False, False), (False, True),
-                                                             (True, False)], answers
+    assert [(a.ok, a.host_key_changed) for a in answers] == [
+        (True, False),
+        (False, False),
+        (False, True),
+        (True, False),
+    ], answers
     assert "refused" in answers[1].detail and "not pinned" in answers[2].detail
     in_one = vp.probe_in_threads(config.ssh, targets, logins=4)
-    assert [(a.ok, a.host_key_changed, a.detail) for a in answers] == \
-        [(a.ok, a.host_key_changed, a.detail) for a in in_one]
+    assert [(a.ok, a.host_key_changed, a.detail) for a in answers] == [
+        (a.ok, a.host_key_changed, a.detail) for a in in_one
+    ]
     pool.bed.vm_fault(refusing.server_id, "ok")
 
 
@@ -506,8 +578,9 @@ def test_a_dead_vm_is_waited_out_without_a_login_slot(pool: PoolHandle, mode: st
     assert dead_address and live.address
     slots.acquire()  # every login slot taken: only a probe that needs none can end
     answers: list[vp.ProbeResult] = []
-    probing = threading.Thread(target=lambda: answers.append(remote.probe(dead_address, dead.host_keys, slots)),
-                               daemon=True)
+    probing = threading.Thread(
+        target=lambda: answers.append(remote.probe(dead_address, dead.host_keys, slots)), daemon=True
+    )
     probing.start()
     probing.join(60)
     assert answers, "the dead VM's probe waited for a login slot"
@@ -536,8 +609,11 @@ def test_host_key_learned_on_first_contact_when_the_console_has_none(pool: PoolH
     pool.bed.add_fault("nova", "POST", r"/action$", "status", status=404)  # no console output
     pool.reconcile_until(lambda: pool.vms("free"), 90, "a Free VM")
     vm = pool.vms("free")[0]
-    pinned = [line.split()[1:3] for line in Path(pool.known_hosts).read_text().splitlines()
-              if line.split()[0] == vm["address"]]
+    pinned = [
+        line.split()[1:3]
+        for line in Path(pool.known_hosts).read_text().splitlines()
+        if line.split()[0] == vm["address"]
+    ]
     rc, real, _ = pool.bed.vm_exec(vm["server_id"], ["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
     assert rc == 0 and len(pinned) == 1
     assert pinned[0] in [line.split()[:2] for line in real.splitlines()], "the pinned key is the VM's own"
@@ -545,11 +621,13 @@ def test_host_key_learned_on_first_contact_when_the_console_has_none(pool: PoolH
 
 # --- lost epilogues ---
 
+
 def test_busy_vm_whose_job_is_gone_is_deleted_after_grace(pool: PoolHandle, tmp_path: Path) -> None:
     alive = tmp_path / "alive"
     alive.mkdir()
-    pool.write_config(pool={"job_alive_command": f"test -e {alive}/{{jobid}}", "job_gone_exit_codes": "1",
-                            "job_gone_grace": 1})
+    pool.write_config(
+        pool={"job_alive_command": f"test -e {alive}/{{jobid}}", "job_gone_exit_codes": "1", "job_gone_grace": 1}
+    )
     (alive / "88").touch()
     pool.run("acquire", "88", "--user", "erin")
     vm = pool.vms("busy")[0]
@@ -565,8 +643,15 @@ def test_a_lost_epilogue_is_noticed_while_another_job_waits(pool: PoolHandle, tm
     they must not restart the grace that cron's passes started (it never ran out before)."""
     alive = tmp_path / "alive"
     alive.mkdir()
-    pool.write_config(pool={"max": 2, "job_alive_command": f"test -e {alive}/{{jobid}}", "job_gone_exit_codes": "1",
-                            "job_gone_grace": 3, "pass_interval": 0.3})
+    pool.write_config(
+        pool={
+            "max": 2,
+            "job_alive_command": f"test -e {alive}/{{jobid}}",
+            "job_gone_exit_codes": "1",
+            "job_gone_grace": 3,
+            "pass_interval": 0.3,
+        }
+    )
     (alive / "88").touch()
     pool.run("acquire", "88", "--user", "erin")
     vm = pool.vms("busy")[0]
@@ -574,8 +659,11 @@ def test_a_lost_epilogue_is_noticed_while_another_job_waits(pool: PoolHandle, tm
     waiter = pool.spawn("acquire", "89", "--user", "erin", "--timeout", "150")
     wait_until(lambda: pool.status()["waiting"] and pool.vms("unusable"), 60, "a job waiting, its VM building")
     (alive / "88").unlink()
-    pool.reconcile_until(lambda: vm["server_id"] not in {s.id for s in pool.servers()}, 60,
-                         "the lost epilogue's VM deleted while job 89 waits")
+    pool.reconcile_until(
+        lambda: vm["server_id"] not in {s.id for s in pool.servers()},
+        60,
+        "the lost epilogue's VM deleted while job 89 waits",
+    )
     assert waiter.poll() is None, "job 89 still waits: its own passes ran all along"
     assert "job 88 gone without epilogue" in Path(pool.settings["pool"]["log_file"]).read_text()
 
@@ -593,14 +681,15 @@ case $(cat {mode}) in
 esac
 """)
     qstat.chmod(0o755)
-    pool.write_config(pool={"job_alive_command": f"{qstat} {{jobid}}", "job_alive_timeout": 1,
-                            "job_gone_grace": 0})
+    pool.write_config(pool={"job_alive_command": f"{qstat} {{jobid}}", "job_alive_timeout": 1, "job_gone_grace": 0})
     log_file = Path(pool.settings["pool"]["log_file"])
     mode.write_text("alive")
     pool.run("acquire", "91", "--user", "erin")
     vm = pool.vms("busy")[0]
-    for outcome, logged in (("down", "cannot tell whether job 91 lives: job_alive_command exited 2"),
-                            ("hang", "failed to run")):
+    for outcome, logged in (
+        ("down", "cannot tell whether job 91 lives: job_alive_command exited 2"),
+        ("hang", "failed to run"),
+    ):
         mode.write_text(outcome)
         for _ in range(2):  # with a grace of 0, a second pass would delete a VM whose job looked gone
             pool.run("reconcile")
@@ -615,13 +704,23 @@ esac
 
 # --- the randomized fault run ---
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # its own waits add up to more than the default 300 s
 def test_randomized_fault_run_ends_consistent(pool: PoolHandle) -> None:
     rng = random.Random(int(os.environ.get("VMPOOL_FAULT_SEED", "20261127")))
-    pool.write_config(pool={"min": 3, "max": 8, "min_free": 2, "unusable_timeout": 2, "delete_timeout": 2,
-                            "create_grace": 3, "idle_timeout": 600},
-                      openstack={"api_timeout": 2})
+    pool.write_config(
+        pool={
+            "min": 3,
+            "max": 8,
+            "min_free": 2,
+            "unusable_timeout": 2,
+            "delete_timeout": 2,
+            "create_grace": 3,
+            "idle_timeout": 600,
+        },
+        openstack={"api_timeout": 2},
+    )
     holders: dict[str, str] = {}
     cycles = 0
     job = 1000
@@ -683,15 +782,19 @@ def test_randomized_fault_run_ends_consistent(pool: PoolHandle) -> None:
         pool.run("release", job_id)
     settle(pool)
     assert_consistent(pool)
-    print(f"randomized fault run: {cycles} acquire/release cycles in {time.monotonic() - started:.0f}s, "
-          f"{timeouts} acquires timed out or failed, faults injected {faults_injected}")
+    print(
+        f"randomized fault run: {cycles} acquire/release cycles in {time.monotonic() - started:.0f}s, "
+        f"{timeouts} acquires timed out or failed, faults injected {faults_injected}"
+    )
 
 
 # --- a down cell (issue 21) ---
 
+
 @pytest.fixture(scope="module")
 def two_cell_bed(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.cloud.bed import Bed, leftovers
+
     run_dir = tmp_path_factory.mktemp("bed-cells")
     started = Bed.start(run_dir, cells=2)
     try:

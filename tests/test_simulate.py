@@ -30,13 +30,19 @@ def write_log(path: Path, lines: list[str]) -> str:
 def replay(log: str, cloud: vp.SimCloudSettings | None = None, every_pass: bool = False, **pool: Any) -> vp.Replay:
     settings = vp.PoolConfig(name="sim", **{"min": 0, "max": 2, "min_free": 0, "idle_timeout": 600, **pool})
     config = vp.Config(path="", pool=settings, openstack=vp.OpenStackConfig(), ssh=vp.SshConfig())
-    return vp.Replay(vp.read_job_log(log).jobs, config, cloud or vp.SimCloudSettings(boot_time=60),
-                     every_pass=every_pass).run()
+    return vp.Replay(
+        vp.read_job_log(log).jobs, config, cloud or vp.SimCloudSettings(boot_time=60), every_pass=every_pass
+    ).run()
 
 
 def simulate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([VMPOOL, "--config", "/dev/null", "simulate", *args], capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [VMPOOL, "--config", "/dev/null", "simulate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_three_jobs_wait_and_vm_hours_as_worked_out_by_hand(tmp_path: Path) -> None:
@@ -46,11 +52,19 @@ def test_three_jobs_wait_and_vm_hours_as_worked_out_by_hand(tmp_path: Path) -> N
     log = write_log(tmp_path / "three.swf", [swf_line(1, 0, 100), swf_line(2, 200, 50), swf_line(3, 1000, 100)])
     replayed = replay(log)
     assert replayed.trace == [
-        (0, "acquire", "", "1"), (0, "create", "sim-0001", ""), (60, "claim", "sim-0001", "1"),
-        (160, "release", "sim-0001", "1"), (200, "acquire", "", "2"), (200, "claim", "sim-0001", "2"),
-        (250, "release", "sim-0001", "2"), (900, "delete", "sim-0001", "idle for more than 600s"),
-        (1000, "acquire", "", "3"), (1000, "create", "sim-0002", ""), (1060, "claim", "sim-0002", "3"),
-        (1160, "release", "sim-0002", "3")]
+        (0, "acquire", "", "1"),
+        (0, "create", "sim-0001", ""),
+        (60, "claim", "sim-0001", "1"),
+        (160, "release", "sim-0001", "1"),
+        (200, "acquire", "", "2"),
+        (200, "claim", "sim-0001", "2"),
+        (250, "release", "sim-0001", "2"),
+        (900, "delete", "sim-0001", "idle for more than 600s"),
+        (1000, "acquire", "", "3"),
+        (1000, "create", "sim-0002", ""),
+        (1060, "claim", "sim-0002", "3"),
+        (1160, "release", "sim-0002", "3"),
+    ]
     outcome = vp.replay_outcome(replayed)
     summary = outcome.summary()
     assert summary["wait"] == {"mean": 40.0, "p50": 60.0, "p95": 60.0, "max": 60.0, "waited": 2, "in_acquire": 40.0}
@@ -75,13 +89,19 @@ def test_more_jobs_than_max_wait_for_a_slot_and_are_handed_the_freed_vm(tmp_path
     assert (wait["max"], wait["in_acquire"]) == (150, 30)  # j1 waits 60 s for its boot, j2 none for its VM
 
 
-@pytest.mark.parametrize("pool, cloud", [
-    ({"max": 8, "min_free": 1, "idle_timeout": 300}, vp.SimCloudSettings()),
-    ({"max": 6, "min": 1, "min_free": 2, "idle_timeout": 120, "backoff_initial": 30},
-     vp.SimCloudSettings(boot_time=45, boot_failures=0.2, quota=5, seed=3)),
-])
-def test_skipping_passes_that_find_nothing_changes_no_decision(tmp_path: Path, pool: dict[str, Any],
-                                                              cloud: vp.SimCloudSettings) -> None:
+@pytest.mark.parametrize(
+    "pool, cloud",
+    [
+        ({"max": 8, "min_free": 1, "idle_timeout": 300}, vp.SimCloudSettings()),
+        (
+            {"max": 6, "min": 1, "min_free": 2, "idle_timeout": 120, "backoff_initial": 30},
+            vp.SimCloudSettings(boot_time=45, boot_failures=0.2, quota=5, seed=3),
+        ),
+    ],
+)
+def test_skipping_passes_that_find_nothing_changes_no_decision(
+    tmp_path: Path, pool: dict[str, Any], cloud: vp.SimCloudSettings
+) -> None:
     log = tmp_path / "generated.swf"
     log.write_text(generate_swf(150, 2, seed=7))
     quick, every = (replay(str(log), cloud, every_pass=flag, **pool) for flag in (False, True))
@@ -92,11 +112,13 @@ def test_skipping_passes_that_find_nothing_changes_no_decision(tmp_path: Path, p
 
 
 def test_swf_and_csv_give_the_same_jobs_with_their_cores_and_memory(tmp_path: Path) -> None:
-    swf = vp.read_job_log(write_log(tmp_path / "two.swf", [swf_line(7, 30, 3600, 4, 1048576, 12),
-                                                          swf_line(8, 90, 61, 1, -1, 3)]))
+    swf = vp.read_job_log(
+        write_log(tmp_path / "two.swf", [swf_line(7, 30, 3600, 4, 1048576, 12), swf_line(8, 90, 61, 1, -1, 3)])
+    )
     csv = tmp_path / "two.csv"
-    csv.write_text("JobID|Submit|Elapsed|AllocCPUS|ReqMem|User\n7|1970-01-01T00:00:30|01:00:00|4|1Gc|u12\n"
-                   "8|90|61|1||u3\n")
+    csv.write_text(
+        "JobID|Submit|Elapsed|AllocCPUS|ReqMem|User\n7|1970-01-01T00:00:30|01:00:00|4|1Gc|u12\n8|90|61|1||u3\n"
+    )
     assert vp.read_job_log(str(csv)).jobs == swf.jobs
     assert (swf.jobs[0].cores, swf.jobs[0].memory) == (4, 4096.0)
 
@@ -106,16 +128,23 @@ def test_unknown_run_times_are_skipped_and_counted(tmp_path: Path) -> None:
     assert [job.job for job in log.jobs] == ["1"] and log.skipped == 1
 
 
-@pytest.mark.parametrize("name, lines, message", [
-    ("short.swf", [swf_line(1, 0, 10), "2 5 -1 10 1"], "short.swf:3: 5 fields, an SWF line has 18"),
-    ("word.swf", [swf_line(1, 0, 10), swf_line(2, 5, 10).replace(" 10 ", " ten ", 1)],
-     "word.swf:3: field 4 (run time) = 'ten': not a number"),
-    ("twice.swf", [swf_line(1, 0, 10), swf_line(1, 5, 10)], "job 1 appears twice"),
-    ("bad.csv", ["submit,run,cores", "0,10,1", "5,1:xx,1"], "bad.csv:3: run = '1:xx': expected seconds or"),
-    ("nohead.csv", ["when,run", "0,10"], "nohead.csv:1: the header names no submit column"),
-])
-def test_a_malformed_log_is_refused_naming_the_line_and_field(tmp_path: Path, name: str, lines: list[str],
-                                                              message: str) -> None:
+@pytest.mark.parametrize(
+    "name, lines, message",
+    [
+        ("short.swf", [swf_line(1, 0, 10), "2 5 -1 10 1"], "short.swf:3: 5 fields, an SWF line has 18"),
+        (
+            "word.swf",
+            [swf_line(1, 0, 10), swf_line(2, 5, 10).replace(" 10 ", " ten ", 1)],
+            "word.swf:3: field 4 (run time) = 'ten': not a number",
+        ),
+        ("twice.swf", [swf_line(1, 0, 10), swf_line(1, 5, 10)], "job 1 appears twice"),
+        ("bad.csv", ["submit,run,cores", "0,10,1", "5,1:xx,1"], "bad.csv:3: run = '1:xx': expected seconds or"),
+        ("nohead.csv", ["when,run", "0,10"], "nohead.csv:1: the header names no submit column"),
+    ],
+)
+def test_a_malformed_log_is_refused_naming_the_line_and_field(
+    tmp_path: Path, name: str, lines: list[str], message: str
+) -> None:
     path = tmp_path / name
     path.write_text(("; header\n" if name.endswith(".swf") else "") + "\n".join(lines) + "\n")
     result = simulate(str(path))
@@ -161,8 +190,9 @@ def test_the_replay_agrees_with_the_real_commands_on_the_local_cloud(pool: PoolH
     pool.write_config(pool={"max": 2, "min_free": 0, "idle_timeout": 600})
     # j1 boots a VM; j2 comes while j1 runs and boots a second; j3 waits for a slot (max 2 jobs at
     # once) and takes the VM j2 freed; j4 waits for a slot too, and takes the VM freed last
-    log = write_log(tmp_path / "four.swf", [swf_line(1, 0, 300), swf_line(2, 100, 100), swf_line(3, 250, 100),
-                                            swf_line(4, 260, 50)])
+    log = write_log(
+        tmp_path / "four.swf", [swf_line(1, 0, 300), swf_line(2, 100, 100), swf_line(3, 250, 100), swf_line(4, 260, 50)]
+    )
     settings = vp.simulation_pool(pool.config_path, [])
     config = vp.Config(path="", pool=settings, openstack=vp.OpenStackConfig(), ssh=vp.SshConfig())
     replayed = vp.Replay(vp.read_job_log(log).jobs, config, vp.SimCloudSettings(boot_time=60)).run()

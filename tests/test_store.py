@@ -36,15 +36,18 @@ def test_missing_state_is_an_empty_pool_and_first_write_is_private(tmp_path: Pat
     assert (data["schema"], data["version"]) == ("vmpool-state", 1)
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("{not json", "corrupt state"),
-    ('{"schema": "vmpool-state", "version": 1, "pool": "p", "vms": [{"nam', "corrupt state"),
-    ("", "corrupt state"),
-    ('{"hello": "world"}', "not a vmpool state file"),
-    ('{"schema": "vmpool-state", "version": 99, "pool": "p"}', "newer vmpool"),
-    ('{"schema": "vmpool-state", "version": 1, "pool": "other"}', "belongs to pool 'other'"),
-    ('{"schema": "vmpool-state", "version": 1, "pool": "p", "vms": [{"x": 1}]}', "malformed state"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "corrupt state"),
+        ('{"schema": "vmpool-state", "version": 1, "pool": "p", "vms": [{"nam', "corrupt state"),
+        ("", "corrupt state"),
+        ('{"hello": "world"}', "not a vmpool state file"),
+        ('{"schema": "vmpool-state", "version": 99, "pool": "p"}', "newer vmpool"),
+        ('{"schema": "vmpool-state", "version": 1, "pool": "other"}', "belongs to pool 'other'"),
+        ('{"schema": "vmpool-state", "version": 1, "pool": "p", "vms": [{"x": 1}]}', "malformed state"),
+    ],
+)
 def test_bad_state_is_refused_and_left_untouched(tmp_path: Path, content: str, message: str) -> None:
     s = store(tmp_path)
     os.makedirs(os.path.dirname(s.path), mode=0o700)

@@ -49,8 +49,12 @@ def qsub_command(filter_path: Path, args: list[str], quote: str) -> str:
 def run_batch(args: list[str], script: bytes, tmp_path: Path, filter_path: Path = FILTER) -> Outcome:
     """qsub ARGS (a batch job): the script on the filter's stdin, its stdout into a file."""
     out = tmp_path / "qsub.filtered"
-    done = subprocess.run(["/bin/sh", "-c", f"{qsub_command(filter_path, args, chr(39))} >{out}"],
-                          input=script, stderr=subprocess.PIPE, timeout=30)
+    done = subprocess.run(
+        ["/bin/sh", "-c", f"{qsub_command(filter_path, args, chr(39))} >{out}"],
+        input=script,
+        stderr=subprocess.PIPE,
+        timeout=30,
+    )
     return Outcome(done.returncode, out.read_bytes(), done.stderr.decode())
 
 
@@ -58,8 +62,11 @@ def run_interactive(args: list[str], tmp_path: Path, filter_path: Path = FILTER)
     """qsub -I ARGS: the filter gets two empty lines, through system() and redirections."""
     given, out = tmp_path / "qsub.resources", tmp_path / "qsub.filtered"
     given.write_bytes(b"\n\n")
-    done = subprocess.run(["/bin/sh", "-c", f'{qsub_command(filter_path, args, chr(34))} <{given} >{out}'],
-                          stderr=subprocess.PIPE, timeout=30)
+    done = subprocess.run(
+        ["/bin/sh", "-c", f"{qsub_command(filter_path, args, chr(34))} <{given} >{out}"],
+        stderr=subprocess.PIPE,
+        timeout=30,
+    )
     return Outcome(done.returncode, out.read_bytes(), done.stderr.decode())
 
 
@@ -85,8 +92,10 @@ def load_filter() -> ModuleType:
     return module
 
 
-SCRIPT = (b"#!/bin/bash\n#PBS -N analysis\n#PBS -l walltime=01:00:00\n#PBS -l nodes=1:ppn=4\n\n"
-          b"cd \"$PBS_O_WORKDIR\"\necho '\xe9t\xe9 \xff' | tr -d x  # not UTF-8\nexit 0")  # no final newline
+SCRIPT = (
+    b"#!/bin/bash\n#PBS -N analysis\n#PBS -l walltime=01:00:00\n#PBS -l nodes=1:ppn=4\n\n"
+    b"cd \"$PBS_O_WORKDIR\"\necho '\xe9t\xe9 \xff' | tr -d x  # not UTF-8\nexit 0"
+)  # no final newline
 
 
 def test_a_one_node_job_to_the_pool_queue_passes_byte_for_byte(tmp_path: Path) -> None:
@@ -124,24 +133,40 @@ def test_a_job_to_another_queue_passes_untouched(tmp_path: Path) -> None:
 QUOTING = {
     "double quotes": ([], b'#PBS -q "vmpool"\n#PBS -l "nodes=2"\ntrue\n', (b'"nodes=2"', b'"nodes=1"')),
     "mixed quotes and a name with spaces": (
-        ["-q", "vmpool"], b"#PBS -N \"my job\" -l 'nodes=2:ppn=1',walltime=1:00\ntrue\n", (b"2:", b"1:")),
+        ["-q", "vmpool"],
+        b"#PBS -N \"my job\" -l 'nodes=2:ppn=1',walltime=1:00\ntrue\n",
+        (b"2:", b"1:"),
+    ),
     "backslash escapes": (["-q", "vmpool"], b"#PBS -l nodes\\=2\ntrue\n", (b"\\=2", b"\\=1")),
     "indented directive": (["-q", "vmpool"], b"#!/bin/sh\n   \t#PBS -l nodes=3\ntrue\n", (b"=3", b"=1")),
     "continued line": (["-q", "vmpool"], b"#PBS -l walltime=1:00:00,\\\nnodes=2\ntrue\n", (b"=2", b"=1")),
     "DOS line ends": (["-q", "vmpool"], b"#PBS -l nodes=2\r\ntrue\r\n", (b"=2", b"=1")),
     "a comment on the line": (["-q", "vmpool"], b"#PBS -l nodes=2 # two of them\ntrue\n", (b"=2 ", b"=1 ")),
     "the command line's -l over the script's, one resource at a time": (
-        ["-l", "walltime=2:00:00"], b"#PBS -q vmpool\n#PBS -l nodes=2,walltime=1:00:00\ntrue\n",
-        (b"#PBS -q vmpool\n", b"#PBS -q batch\n")),
+        ["-l", "walltime=2:00:00"],
+        b"#PBS -q vmpool\n#PBS -l nodes=2,walltime=1:00:00\ntrue\n",
+        (b"#PBS -q vmpool\n", b"#PBS -q batch\n"),
+    ),
     "the command line's -q over the script's": (
-        ["-q", "vmpool"], b"#PBS -q batch\n#PBS -l nodes=2\ntrue\n", (b"=2", b"=1")),
+        ["-q", "vmpool"],
+        b"#PBS -q batch\n#PBS -l nodes=2\ntrue\n",
+        (b"=2", b"=1"),
+    ),
     "a directive after the first command counts for nothing": (
-        ["-q", "vmpool"], b"#PBS -l nodes=2\necho '#PBS -l nodes=1'\n#PBS -l nodes=1\n",
-        (b"#PBS -l nodes=2\necho", b"echo")),
+        ["-q", "vmpool"],
+        b"#PBS -l nodes=2\necho '#PBS -l nodes=1'\n#PBS -l nodes=1\n",
+        (b"#PBS -l nodes=2\necho", b"echo"),
+    ),
     "an unmatched quote hides that line only": (
-        ["-q", "vmpool"], b"#PBS -N it's\n#PBS -l nodes=2\ntrue\n", (b"nodes=2", b"nodes=1")),
-    "-C prefix": (["-C", "#VM", "-q", "vmpool"], b"#PBS -l nodes=1\n#VM -l nodes=2\ntrue\n",
-                  (b"#VM -l nodes=2", b"#PBS -l nodes=2")),
+        ["-q", "vmpool"],
+        b"#PBS -N it's\n#PBS -l nodes=2\ntrue\n",
+        (b"nodes=2", b"nodes=1"),
+    ),
+    "-C prefix": (
+        ["-C", "#VM", "-q", "vmpool"],
+        b"#PBS -l nodes=1\n#VM -l nodes=2\ntrue\n",
+        (b"#VM -l nodes=2", b"#PBS -l nodes=2"),
+    ),
 }
 
 
@@ -154,10 +179,20 @@ def test_odd_quoting_in_the_script_is_read_as_qsub_reads_it(case: str, tmp_path:
     assert_passed(run_batch(args, twin, tmp_path), twin)
 
 
-@pytest.mark.parametrize(("nodes", "count"), [
-    ("1", 1), ("2", 2), ("1:ppn=16", 1), ("2:ppn=4", 2), ("n001:ppn=2", 1), ("n001+n002", 2),
-    ("3+2:ppn=1", 5), (" 2:gpus=1", 2), ("12abc", 12),
-])
+@pytest.mark.parametrize(
+    ("nodes", "count"),
+    [
+        ("1", 1),
+        ("2", 2),
+        ("1:ppn=16", 1),
+        ("2:ppn=4", 2),
+        ("n001:ppn=2", 1),
+        ("n001+n002", 2),
+        ("3+2:ppn=1", 5),
+        (" 2:gpus=1", 2),
+        ("12abc", 12),
+    ],
+)
 def test_nodes_are_counted_as_pbs_server_counts_them(nodes: str, count: int) -> None:
     assert load_filter().node_count(nodes) == count
 
@@ -168,9 +203,20 @@ def install_filter(tmp_path: Path, *settings: str, cfg: str = "") -> tuple[Path,
     if cfg:
         (pbs_home / "torque.cfg").write_text(cfg)
     dest = tmp_path / "sbin" / "vmpool-submit-filter"
-    done = subprocess.run([str(ROOT / "hooks" / "install"), "submit-filter", "--dest", str(dest),
-                           "--pbs-home", str(pbs_home), *(word for s in settings for word in ("--set", s))],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            str(ROOT / "hooks" / "install"),
+            "submit-filter",
+            "--dest",
+            str(dest),
+            "--pbs-home",
+            str(pbs_home),
+            *(word for s in settings for word in ("--set", s)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return dest, done
 
 
@@ -196,9 +242,12 @@ def test_the_default_queue_setting_judges_jobs_that_name_no_queue(tmp_path: Path
 
 
 def test_the_installer_refuses_settings_the_filter_cannot_use(tmp_path: Path) -> None:
-    for setting, message in [("MAX_NODES=0", "MAX_NODES is '0'"), ("QUEUE=a\"b", "use only letters"),
-                             ("WALLTIME=1", "unknown submit filter setting WALLTIME"),
-                             ("SITE_FILTER=/nonexistent/filter", "is not an executable file")]:
+    for setting, message in [
+        ("MAX_NODES=0", "MAX_NODES is '0'"),
+        ('QUEUE=a"b', "use only letters"),
+        ("WALLTIME=1", "unknown submit filter setting WALLTIME"),
+        ("SITE_FILTER=/nonexistent/filter", "is not an executable file"),
+    ]:
         dest, done = install_filter(tmp_path, setting)
         assert done.returncode == 1 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and not dest.exists()

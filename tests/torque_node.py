@@ -39,16 +39,39 @@ class Mom:
         self.pbs_home = root / "torque"
         self.job_dir = root / "jobs"
         pool.write_config(pool={"job_records": str(self.job_dir)})  # where the hooks keep them: vmpool reads them
-        self.pbs = PbsMom(self.pbs_home, starter=self.pbs_home / "mom_priv" / "vmpool" / "jobstarter", alarm=120,
-                          submit_dir=self.submit_dir)
-        settings = {"REQUEUE_BACKOFF": BACKOFF, "ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3,
-                    "SCRUB_TIMEOUT": 20, "PREPARE_TIMEOUT": 20, "KILL_GRACE": 2, **settings}
+        self.pbs = PbsMom(
+            self.pbs_home,
+            starter=self.pbs_home / "mom_priv" / "vmpool" / "jobstarter",
+            alarm=120,
+            submit_dir=self.submit_dir,
+        )
+        settings = {
+            "REQUEUE_BACKOFF": BACKOFF,
+            "ACQUIRE_TIMEOUT": 60,
+            "SSH_CONNECT_TIMEOUT": 3,
+            "SCRUB_TIMEOUT": 20,
+            "PREPARE_TIMEOUT": 20,
+            "KILL_GRACE": 2,
+            **settings,
+        }
         # The way the README tells a site to install them.
         self.install = subprocess.run(
-            ["make", "-s", "-C", str(ROOT), "install-hooks", f"PBS_HOME={self.pbs_home}", f"VMPOOL={vmpool}",
-             f"VMPOOL_CONFIG={pool.config_path}", f"JOB_DIR={self.job_dir}",
-             "HOOKS_SETTINGS=" + " ".join(f"{key}={value}" for key, value in settings.items())],
-            capture_output=True, text=True, check=True)
+            [
+                "make",
+                "-s",
+                "-C",
+                str(ROOT),
+                "install-hooks",
+                f"PBS_HOME={self.pbs_home}",
+                f"VMPOOL={vmpool}",
+                f"VMPOOL_CONFIG={pool.config_path}",
+                f"JOB_DIR={self.job_dir}",
+                "HOOKS_SETTINGS=" + " ".join(f"{key}={value}" for key, value in settings.items()),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
 
     def submit_dir(self, owner: pwd.struct_passwd) -> str:
         """Where the job's owner ran qsub: a directory of this test's own in the owner's home
@@ -56,8 +79,9 @@ class Mom:
         vmpool-<jobid>.log land there."""
         path = Path(owner.pw_dir) / self.root.name
         if not path.is_dir():
-            subprocess.run(["mkdir", "-p", str(path)], check=True, user=owner.pw_uid, group=owner.pw_gid,
-                           extra_groups=[])
+            subprocess.run(
+                ["mkdir", "-p", str(path)], check=True, user=owner.pw_uid, group=owner.pw_gid, extra_groups=[]
+            )
         return str(path)
 
     def told(self, job: Job) -> str:
@@ -86,11 +110,20 @@ def mom(pool: PoolHandle, job_users: tuple[str, ...]) -> Iterator[Mom]:
         yield handle
         # a job owner reads the hooks' messages in the .e file and vmpool-<jobid>.log, an admin
         # in the spool: never a Python traceback
-        submitted = [Path(entry.pw_dir) / root.name for entry in pwd.getpwall()
-                     if entry.pw_name in (*USERS, CAROL[0])]
-        for err in sorted([*handle.pbs.spool.glob("*.ER"), *handle.pbs.undelivered.glob("*"),
-                           *(path for directory in submitted if directory.is_dir() for path in directory.rglob("*")
-                             if path.is_file())]):
+        submitted = [Path(entry.pw_dir) / root.name for entry in pwd.getpwall() if entry.pw_name in (*USERS, CAROL[0])]
+        for err in sorted(
+            [
+                *handle.pbs.spool.glob("*.ER"),
+                *handle.pbs.undelivered.glob("*"),
+                *(
+                    path
+                    for directory in submitted
+                    if directory.is_dir()
+                    for path in directory.rglob("*")
+                    if path.is_file()
+                ),
+            ]
+        ):
             text = err.read_text(errors="replace")
             assert TRACEBACK not in text, f"{err}:\n{text}"
     finally:

@@ -112,7 +112,12 @@ class Bed:
 
     @classmethod
     def start(
-        cls, run_dir, *, token_expiration: int = 3600, default_spawn_delay: float = 0.3, timeout: float = 300,
+        cls,
+        run_dir,
+        *,
+        token_expiration: int = 3600,
+        default_spawn_delay: float = 0.3,
+        timeout: float = 300,
         cells: int = 1,
     ) -> Bed:
         """Start keystone, nova and the proxy in RUN_DIR; return once all are ready.
@@ -473,8 +478,13 @@ class Bed:
         return _http(method, self.info["nova_control_url"] + path, body, timeout=timeout)
 
     def set_behaviour(
-        self, name_regex: str, *, spawn_delay: float | None = None, error: bool = False,
-        sshd_delay: float | None = None, destroy_delay: float | None = None,
+        self,
+        name_regex: str,
+        *,
+        spawn_delay: float | None = None,
+        error: bool = False,
+        sshd_delay: float | None = None,
+        destroy_delay: float | None = None,
     ):
         """Hypervisor behaviour for servers whose name matches (re.search) name_regex; newest rule wins.
 
@@ -485,8 +495,13 @@ class Bed:
         return self._nctl(
             "POST",
             "/behaviours",
-            {"name_regex": name_regex, "spawn_delay": spawn_delay, "error": bool(error), "sshd_delay": sshd_delay,
-             "destroy_delay": destroy_delay},
+            {
+                "name_regex": name_regex,
+                "spawn_delay": spawn_delay,
+                "error": bool(error),
+                "sshd_delay": sshd_delay,
+                "destroy_delay": destroy_delay,
+            },
         )
 
     def set_default_behaviour(
@@ -741,8 +756,9 @@ def _cmd_up(args) -> int:
     if pidfile.exists() and _pid_alive(int(pidfile.read_text() or 0)):
         # `make cloud-up` again: the config sections once more, for an admin who lost them
         print(config_snippet(json.loads((run_dir / "bed.json").read_text())))
-        print(f"# bed already running (pid {pidfile.read_text()}); "
-              f"stop: python {Path(__file__).resolve()} down {run_dir}")
+        print(
+            f"# bed already running (pid {pidfile.read_text()}); stop: python {Path(__file__).resolve()} down {run_dir}"
+        )
         return 0
 
     def run_bed(on_ready=None):

@@ -467,9 +467,15 @@ class Cells:
 
         cell = self.tc.cell_mappings[name]
         mappings = objects.InstanceMappingList.get_not_deleted_by_cell_and_project(
-            nova_context.get_admin_context(), cell.uuid, None)
-        return {"name": name, "uuid": cell.uuid, "down": name in self.down, "accepts": self.accepts[name],
-                "servers": sorted(m.instance_uuid for m in mappings)}
+            nova_context.get_admin_context(), cell.uuid, None
+        )
+        return {
+            "name": name,
+            "uuid": cell.uuid,
+            "down": name in self.down,
+            "accepts": self.accepts[name],
+            "servers": sorted(m.instance_uuid for m in mappings),
+        }
 
 
 def patch_neutron(nf, neutron_fixture):

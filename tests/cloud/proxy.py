@@ -59,9 +59,19 @@ HOP_BY_HOP = {
 }
 ACTIONS = ("status", "reset", "delay", "swallow", "hide")
 # nova.api.openstack.wsgi.Fault's names for the body of an error answer
-FAULT_NAMES = {400: "badRequest", 401: "unauthorized", 403: "forbidden", 404: "itemNotFound", 405: "badMethod",
-               409: "conflictingRequest", 413: "overLimit", 415: "badMediaType", 429: "overLimit",
-               501: "notImplemented", 503: "serviceUnavailable"}
+FAULT_NAMES = {
+    400: "badRequest",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "itemNotFound",
+    405: "badMethod",
+    409: "conflictingRequest",
+    413: "overLimit",
+    415: "badMediaType",
+    429: "overLimit",
+    501: "notImplemented",
+    503: "serviceUnavailable",
+}
 
 _ID_RE = re.compile(
     r"^(?:[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"

@@ -33,8 +33,6 @@ pytestmark = pytest.mark.timeout(300)
 SUBNET = ipaddress.ip_network("127.0.1.0/24")
 
 
-
-
 @pytest.fixture(autouse=True)
 def _clean_bed(bed: Any) -> Iterator[None]:
     """Each test leaves the (session) bed as it found it."""
@@ -322,9 +320,14 @@ def test_kill_9_of_nova_or_of_the_whole_bed_leaves_nothing_behind(tmp_path: Any,
     from tests.cloud.bed import Bed, leftovers
 
     run_dir = (tmp_path / "bed").resolve()
-    up = subprocess.Popen([sys.executable, "-m", "tests.cloud.bed", "up", "--foreground", str(run_dir)],
-                          cwd=Path(__file__).resolve().parents[2], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tests.cloud.bed", "up", "--foreground", str(run_dir)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: (run_dir / "bed.json").exists() or up.poll() is not None, 300, "the bed up")
         assert up.poll() is None, "the bed did not start"

@@ -25,16 +25,16 @@ from tests.conftest import wait_until
 REPO = Path(__file__).resolve().parents[2]
 
 # one worker: the addresses 127.0.5.x are counted here, not leased as the bed leases its VMs'
-pytestmark = [pytest.mark.xdist_group("vms-127.0.5"),
-              pytest.mark.skipif(os.geteuid() != 0, reason="stand-in VMs need root")]
+pytestmark = [
+    pytest.mark.xdist_group("vms-127.0.5"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="stand-in VMs need root"),
+]
 
 _addresses = itertools.count(10)
 
 
 def next_address() -> str:
     return f"127.0.5.{next(_addresses)}"
-
-
 
 
 def read_banner(address: str, port: int = 22, timeout: float = 3.0) -> bytes:
