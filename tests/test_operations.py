@@ -103,6 +103,8 @@ def test_clear_backoff_after_a_quota_refusal_creates_at_the_next_pass(pool: Pool
 
 # --- the Nagios/Icinga plugin ---
 
+PERFDATA = {"free", "busy", "unusable", "waiting", "oldest_wait", "since_reconcile", "backoff", "protected", "paused"}
+
 
 def set_state(pool: PoolHandle, **fields: Any) -> None:
     """Play a pool in trouble: change the state file as vmpool would (under its lock)."""
@@ -128,17 +130,7 @@ def test_check_is_a_monitoring_plugin_over_the_pools_state(pool: PoolHandle) -> 
     ok = pool.run("check")
     status, perfdata = plugin_output(ok)
     assert status.startswith("VMPOOL OK - 1 free, 0 busy, 0 unusable, 0 waiting; last reconcile")
-    assert set(perfdata) == {
-        "free",
-        "busy",
-        "unusable",
-        "waiting",
-        "oldest_wait",
-        "since_reconcile",
-        "backoff",
-        "protected",
-        "paused",
-    }
+    assert set(perfdata) == PERFDATA
     assert perfdata["free"] == "1" and perfdata["protected"] == "0"
     pool.run("pause", "--reason", "maintenance")
     paused = pool.run("check", check=False)
@@ -358,14 +350,4 @@ def test_a_broken_log_syslog_or_metrics_output_warns_and_never_stops_a_job(pool:
     checked = pool.run("check", check=False)
     assert checked.returncode == 1 and checked.stdout.startswith("VMPOOL WARNING - "), checked.stdout
     assert all(f"{setting} = " in checked.stdout for setting in ("[logging] syslog_address", "[metrics] textfile"))
-    assert set(plugin_output(checked)[1]) == {
-        "free",
-        "busy",
-        "unusable",
-        "waiting",
-        "oldest_wait",
-        "since_reconcile",
-        "backoff",
-        "protected",
-        "paused",
-    }
+    assert set(plugin_output(checked)[1]) == PERFDATA, "the perfdata stay as they are"
