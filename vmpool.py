@@ -798,10 +798,12 @@ def _refuse_unless_roots_alone(path: str, what: str, target: str) -> None:
 
 def _program_of(command: str) -> str:
     """The program a command line runs: its first word, looked up on PATH as subprocess will."""
+    if not command.strip():
+        return ""  # no command: every command's start-up skips shlex
     import shlex
 
-    program = shlex.split(command)[0] if command.strip() else ""
-    if not program or os.sep in program:
+    program = shlex.split(command)[0]
+    if os.sep in program:
         return os.path.abspath(program) if program else ""
     for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
         found = os.path.join(directory or ".", program)
@@ -1074,7 +1076,7 @@ class ServerListing(list[Server]):
     complete = True
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class JobRecord:
     """The hooks' record of a job's VM on this node (JOB_DIR/<job>/root.env, root's own), written
     after acquire and removed after release: it outlives a lost or restored state file."""
@@ -2326,7 +2328,7 @@ def reason_kind(vm: Vm) -> str:
     return "other" if vm.why is Why.STATUS else vm.why.value
 
 
-@dataclass  # not frozen, for start-up time (as Server)
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class Health:
     """What monitoring reads from the state: `vmpool check`'s perfdata and the Prometheus gauges."""
 
@@ -4566,22 +4568,47 @@ CSV_COLUMNS = {  # a column's accepted names (sacct's among them) -> the field i
 MEMORY_UNITS = {"k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}  # -> MiB
 
 
-@dataclass
-class LoggedJob:
+# The replay's records are plain classes, not dataclasses: every command imports this file, and a
+# dataclass is made (its methods generated and compiled) at each start; acquire and release must
+# not pay for what only `vmpool simulate` uses.
+
+
+class _Record:
+    """Equality and repr by the record's slots, for the replay's plain records."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Record) and type(other) is type(self) and self._values() == other._values()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class LoggedJob(_Record):
     """One job of a site's log: what the replay needs, and what VM classes will (cores, memory)."""
 
-    job: str
-    submit: float  # seconds
-    run: float  # seconds it held its node
-    cores: int = 1
-    memory: float = 0.0  # MiB for the whole job, 0 = unknown
-    user: str = ""
+    __slots__ = ("cores", "job", "memory", "run", "submit", "user")
+
+    def __init__(self, job: str, submit: float, run: float, cores: int = 1, memory: float = 0.0, user: str = ""):
+        self.job = job
+        self.submit = submit  # seconds
+        self.run = run  # seconds it held its node
+        self.cores = cores
+        self.memory = memory  # MiB for the whole job, 0 = unknown
+        self.user = user
 
 
-@dataclass
-class JobLog:
-    jobs: list[LoggedJob]
-    skipped: int = 0  # jobs whose run time the log does not know
+class JobLog(_Record):
+    __slots__ = ("jobs", "skipped")
+
+    def __init__(self, jobs: list[LoggedJob], skipped: int = 0):
+        self.jobs = jobs
+        self.skipped = skipped  # jobs whose run time the log does not know
 
 
 def read_job_log(path: str, kind: str = "auto") -> JobLog:
@@ -4740,12 +4767,17 @@ def _mebibytes(path: str, line: int, text: str, cores: int) -> float:
     return amount * cores if match[3] == "c" else amount
 
 
-@dataclass(frozen=True)
-class SimCloudSettings:
-    boot_time: float = 60.0  # create -> ACTIVE and answering SSH
-    boot_failures: float = 0.0  # the share of boots that end in ERROR instead
-    quota: int = 0  # servers the project may hold (0: no limit below max)
-    seed: int = 1
+class SimCloudSettings(_Record):
+    __slots__ = ("boot_failures", "boot_time", "quota", "seed")
+
+    def __init__(self, boot_time: float = 60.0, boot_failures: float = 0.0, quota: int = 0, seed: int = 1):
+        self.boot_time = boot_time  # create -> ACTIVE and answering SSH
+        self.boot_failures = boot_failures  # the share of boots that end in ERROR instead
+        self.quota = quota  # servers the project may hold (0: no limit below max)
+        self.seed = seed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class SimCloud:
@@ -4795,22 +4827,29 @@ class SimCloud:
         return min((ready for _, ready, _ in self.servers.values() if ready > now), default=None)
 
 
-@dataclass
-class ReplayedJob:
-    job: LoggedJob
-    started: float | None = None  # its prologue began (a slot on the pool's node was free)
-    claimed: float | None = None
-    vm: str = ""
+class ReplayedJob(_Record):
+    __slots__ = ("claimed", "job", "started", "vm")
+
+    def __init__(self, job: LoggedJob):
+        self.job = job
+        self.started: float | None = None  # its prologue began (a slot on the pool's node was free)
+        self.claimed: float | None = None
+        self.vm = ""
 
 
-@dataclass
-class Usage:
+class Usage(_Record):
     """Seconds x VMs, by what the VMs were doing (integrated over the replay's clock)."""
 
-    cloud: float = 0.0  # servers that exist (what the cloud bills)
-    busy: float = 0.0
-    free: float = 0.0
-    booting: float = 0.0
+    __slots__ = ("booting", "busy", "cloud", "free")
+
+    def __init__(self, cloud: float = 0.0, busy: float = 0.0, free: float = 0.0, booting: float = 0.0):
+        self.cloud = cloud  # servers that exist (what the cloud bills)
+        self.busy = busy
+        self.free = free
+        self.booting = booting
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 END, SUBMIT, CRON, PASS = range(4)  # the order of a replay's events that fall on the same second
@@ -5092,23 +5131,34 @@ class Replay:
 # -- what a replay tells: waits, VM-hours, boots; and the two baselines --
 
 
-@dataclass
 class Outcome:
-    """One replay's (or baseline's) figures, in seconds."""
+    """One replay's (or baseline's) figures, in seconds (a plain class: see LoggedJob)."""
 
-    name: str
-    waits: list[float]  # submit -> VM claimed, the batch queue's wait for a slot included
-    acquire_waits: list[float]  # the prologue's start -> VM claimed: the pool's part
-    usage: Usage
-    job_seconds: float
-    boots: int
-    failed_boots: int
-    deletes: int
-    peak: int
+    def __init__(
+        self,
+        name: str,
+        waits: list[float],
+        acquire_waits: list[float],
+        usage: Usage,
+        job_seconds: float,
+        boots: int,
+        failed_boots: int,
+        deletes: int,
+        peak: int,
+    ):
+        self.name = name
+        self.waits = waits  # submit -> VM claimed, the batch queue's wait for a slot included
+        self.acquire_waits = acquire_waits  # the prologue's start -> VM claimed: the pool's part
+        self.usage = usage
+        self.job_seconds = job_seconds
+        self.boots = boots
+        self.failed_boots = failed_boots
+        self.deletes = deletes
+        self.peak = peak
 
     def summary(self) -> dict[str, Any]:
         waits = sorted(self.waits)
-        hours = {key: round(value / 3600, 2) for key, value in dataclasses.asdict(self.usage).items()}
+        hours = {key: round(value / 3600, 2) for key, value in self.usage.as_dict().items()}
         return {
             "wait": {
                 "mean": round(sum(waits) / len(waits), 1) if waits else 0.0,
@@ -5305,7 +5355,7 @@ def simulate_report(
         "skipped": job_log.skipped,
         "days": round((max(job.submit + job.run for job in jobs) - jobs[0].submit) / 86400, 2),
         "settings": {name: getattr(pool, name) for name in SIMULATE_KEYS},
-        "cloud": {**dataclasses.asdict(cloud), "prepare_time": prepare_time, "reconcile_every": reconcile_every},
+        "cloud": {**cloud.as_dict(), "prepare_time": prepare_time, "reconcile_every": reconcile_every},
         "pool": rows[0] if not sweep else None,
         "baselines": {outcome.name: outcome.summary() for outcome in baselines(jobs, pool, cloud, prepare_time)},
         "replayed_in": round(elapsed, 2),
