@@ -1,5 +1,11 @@
-"""A real Slurm cluster of one node on loopback, for vmpool's Slurm hooks: Debian 12's munged,
-slurmctld and slurmd (22.05), started and stopped by the test session.
+"""A real Slurm cluster on loopback, for vmpool's Slurm hooks: Debian 12's munged, slurmctld and
+two slurmd (22.05), started and stopped by the test session: the pool's node `vmgw` (partition
+`vmpool`) and an ordinary node `cn1` (partition `batch`, the default), as on a site where the pool
+is one node among many.
+
+Both slurmd run on this machine as `slurmd -N NAME`, each with its own `Port=` on its NodeName
+line and its own spool, pid and log file (`%n` in slurm.conf): no namespace, no second address,
+nothing that a 2-core machine pays for beyond one more idle daemon.
 
 Everything lives below one directory (which job owners may traverse: they read slurm.conf and
 reach munged's socket): a fresh munge key, munged's socket, slurmctld's state, slurmd's spool,
@@ -25,6 +31,8 @@ from typing import Any
 
 NODE = "vmgw"
 PARTITION = "vmpool"
+ORDINARY_NODE = "cn1"
+ORDINARY_PARTITION = "batch"
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "salloc", "srun")
 
@@ -78,7 +86,8 @@ def parse_record(text: str) -> dict[str, str]:
 
 
 class SlurmCluster:
-    """slurmctld + one slurmd (node `vmgw`, partition `vmpool`) + munged, under `root`."""
+    """slurmctld + munged + two slurmd, under `root`: `vmgw` (partition `vmpool`, CPUs = the pool's
+    max) and `cn1` (partition `batch`, the default, one CPU)."""
 
     def __init__(self, root: Path, cpus: int = 3, settings: dict[str, str] | None = None,
                  job_submit_lua: str | None = None):
@@ -90,7 +99,7 @@ class SlurmCluster:
         self.munge_dir = self.root / "munge"
         self.socket = self.munge_dir / "munge.socket.2"
         self.ctld_port = free_port()
-        self.slurmd_port = free_port()
+        self.slurmd_ports = {NODE: free_port(), ORDINARY_NODE: free_port()}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SLURM_CONF": str(self.conf)}
 
@@ -103,18 +112,17 @@ class SlurmCluster:
             "ClusterName": "vmpooltest",
             "SlurmctldHost": f"{host}(127.0.0.1)",
             "SlurmctldPort": str(self.ctld_port),
-            "SlurmdPort": str(self.slurmd_port),
             "SlurmUser": "root",
             "SlurmdUser": "root",
             "AuthType": "auth/munge",
             "CredType": "cred/munge",
             "AuthInfo": f"socket={self.socket}",
             "StateSaveLocation": f"{d}/ctld",
-            "SlurmdSpoolDir": f"{d}/slurmd",
+            "SlurmdSpoolDir": f"{d}/slurmd/%n",
             "SlurmctldPidFile": f"{d}/run/slurmctld.pid",
-            "SlurmdPidFile": f"{d}/run/slurmd.pid",
+            "SlurmdPidFile": f"{d}/run/slurmd-%n.pid",
             "SlurmctldLogFile": f"{d}/log/slurmctld.log",
-            "SlurmdLogFile": f"{d}/log/slurmd.log",
+            "SlurmdLogFile": f"{d}/log/slurmd-%n.log",
             "SlurmctldDebug": "info",
             "SlurmdDebug": "info",
             "ProctrackType": "proctrack/linuxproc",
@@ -139,13 +147,17 @@ class SlurmCluster:
             **self.settings,
         }
         text = "".join(f"{key}={value}\n" for key, value in lines.items())
-        text += (f"NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
-                 f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP\n")
+        for name, cpus in ((NODE, self.cpus), (ORDINARY_NODE, 1)):
+            text += (f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={self.slurmd_ports[name]}"
+                     f" CPUs={cpus} State=UNKNOWN\n")
+        text += (f"PartitionName={ORDINARY_PARTITION} Nodes={ORDINARY_NODE} Default=YES MaxTime=INFINITE State=UP\n"
+                 f"PartitionName={PARTITION} Nodes={NODE} Default=NO MaxTime=INFINITE State=UP\n")
         return text
 
     def write_files(self) -> None:
         for sub, mode in (("", 0o755), ("etc", 0o755), ("munge", 0o755), ("ctld", 0o700), ("slurmd", 0o755),
-                          ("run", 0o755), ("log", 0o700)):
+                          (f"slurmd/{NODE}", 0o755), (f"slurmd/{ORDINARY_NODE}", 0o755), ("run", 0o755),
+                          ("log", 0o700)):
             path = self.root / sub
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(mode)
@@ -171,8 +183,10 @@ class SlurmCluster:
         self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)])
         _wait(lambda: self.scontrol("ping", check=False).stdout.find("is UP") >= 0, timeout,
               "slurmctld to answer `scontrol ping`")
-        self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
-        self.wait_node_idle(timeout)
+        for name in (NODE, ORDINARY_NODE):
+            self._spawn(f"slurmd-{name}", ["/usr/sbin/slurmd", "-D", "-N", name, "-f", str(self.conf)])
+        for name in (NODE, ORDINARY_NODE):
+            self.wait_node_idle(timeout, name)
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -193,11 +207,11 @@ class SlurmCluster:
                 texts.append(path.read_text(errors="replace"))
         return "\n".join(texts)
 
-    def wait_node_idle(self, timeout: float = 60) -> None:
+    def wait_node_idle(self, timeout: float = 60, name: str = NODE) -> None:
         def idle() -> bool:
             self._check_alive()
-            return self.node().get("State", "").split("+")[0] == "IDLE"
-        _wait(idle, timeout, f"node {NODE} to be IDLE")
+            return self.node(name).get("State", "").split("+")[0] == "IDLE"
+        _wait(idle, timeout, f"node {name} to be IDLE")
 
     def reconfigure(self, **settings: str) -> None:
         self.settings.update(settings)
@@ -208,7 +222,7 @@ class SlurmCluster:
         """Cancel every job, wait until the node holds none, stop the daemons.
         Returns what is left behind (processes of this cluster), [] when clean."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "--partition", PARTITION, check=False)
+            self.run("scancel", "--full", check=False)
             try:
                 _wait(lambda: not self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip(), timeout,
                       "every job to end")
@@ -216,7 +230,7 @@ class SlurmCluster:
                       "the jobs' processes to end")
             except AssertionError:
                 pass  # reported as leftovers below
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (f"slurmd-{NODE}", f"slurmd-{ORDINARY_NODE}", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -268,8 +282,8 @@ class SlurmCluster:
     def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("scontrol", *args, check=check)
 
-    def node(self) -> dict[str, str]:
-        result = self.scontrol("show", "node", NODE, check=False)
+    def node(self, name: str = NODE) -> dict[str, str]:
+        result = self.scontrol("show", "node", name, check=False)
         return parse_record(result.stdout) if result.returncode == 0 else {}
 
     def job(self, job_id: str) -> dict[str, str]:
