@@ -172,7 +172,7 @@ def gw(slurm: SlurmCluster, pool: PoolHandle) -> Iterator[Gateway]:
         for path in sorted(handle.out_dir.iterdir()):  # a job owner reads these: never a traceback
             assert TRACEBACK not in path.read_text(errors="replace"), path.name
     finally:
-        slurm.run("scancel", "--full", "--partition", "vmpool", check=False)
+        slurm.run("scancel", "--full", check=False)
         wait_until(lambda: not slurm.run("squeue", "-h", check=False).stdout.strip(), 300,
                    "every job (and its epilog) to end")
         node = slurm.node()
@@ -228,6 +228,39 @@ exit 7
     assert vm_state(gw, vm) == "free"
     assert not (gw.slurm.root / "jobs" / job).exists()
     assert not gw.drained()
+
+
+def test_an_ordinary_job_runs_on_the_ordinary_node_untouched_beside_a_pool_job(gw: Gateway) -> None:
+    """The site's default partition `batch` (node cn1) and the pool's, at once: the site's own
+    job_submit.lua, prolog and epilog run for both; vmpool's hooks only for the pool's job."""
+    script = '#!/bin/bash\necho "node=$SLURMD_NODENAME host=$(hostname)"; head -n 1 "$0"; sleep 3\n'
+    ordinary = gw.slurm.sbatch("vmps-bob", script, options=("-o", f"{gw.out_dir}/%j.out"))
+    pooled = gw.submit("vmps-alice", script)
+    held: set[str] = set()
+
+    def both_done() -> bool:
+        held.update(vm["job"] for vm in gw.pool.vms() if vm["job"])
+        return all(gw.slurm.state(job) == "COMPLETED" for job in (ordinary, pooled))
+    wait_until(both_done, 180, f"both jobs to complete ({gw.slurm.job(ordinary)}, {gw.slurm.job(pooled)})", 0.3)
+    gw.done(pooled)
+    gw.done(ordinary)
+
+    info = gw.slurm.job(ordinary)
+    assert (info["NodeList"], info["Partition"]) == (ORDINARY_NODE, "batch"), info
+    host = gw.slurm.run("hostname").stdout.strip()
+    assert gw.out(ordinary) == f"node={ORDINARY_NODE} host={host}\n#!/bin/bash\n", "it ran on cn1 as written"
+    assert gw.out(pooled).startswith(f"node={NODE} host="), gw.out(pooled)
+    assert f"host={host}\n" not in gw.out(pooled), "the pool's job ran on its VM"
+    assert held == {pooled}, held
+    assert f" {ordinary}: " not in gw.log(), gw.log()
+    assert f"prolog {pooled}: VM ready" in gw.log()
+    site = (gw.slurm.root / "site.log").read_text()
+    etc = gw.slurm.root / "etc"
+    for kind in ("prolog", "epilog"):
+        assert f"{etc}/{kind}.d/10-site-{kind} {ORDINARY_NODE} {ordinary}\n" in site, site
+        assert f"{etc}/{kind}.d/10-site-{kind} {NODE} {pooled}\n" in site, site
+    assert gw.slurm.job(ordinary).get("Comment") == gw.slurm.job(pooled).get("Comment") == "site filter ran"
+    assert not gw.drained() and "DRAIN" not in gw.slurm.node(ORDINARY_NODE).get("State", "")
 
 
 def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
