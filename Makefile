@@ -34,6 +34,7 @@ system-deps:
 SHELLCHECK = $(VENV)/bin/shellcheck
 lint: venv lint-hooks
 	$(VENV)/bin/ruff check vmpool.py tests bench
+	$(VENV)/bin/ruff format --check vmpool.py tests bench
 	$(VENV)/bin/mypy vmpool.py tests bench
 
 unit: venv

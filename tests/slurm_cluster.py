@@ -1,5 +1,11 @@
-"""A real Slurm cluster of one node on loopback, for vmpool's Slurm hooks: Debian 12's munged,
-slurmctld and slurmd (22.05), started and stopped by the test session.
+"""A real Slurm cluster on loopback, for vmpool's Slurm hooks: Debian 12's munged, slurmctld and
+two slurmd (22.05), started and stopped by the test session: the pool's node `vmgw` (partition
+`vmpool`) and an ordinary node `cn1` (partition `batch`, the default), as on a site where the pool
+is one node among many.
+
+Both slurmd run on this machine as `slurmd -N NAME`, each with its own `Port=` on its NodeName
+line and its own spool, pid and log file (`%n` in slurm.conf): no namespace, no second address,
+nothing that a 2-core machine pays for beyond one more idle daemon.
 
 Everything lives below one directory (which job owners may traverse: they read slurm.conf and
 reach munged's socket): a fresh munge key, munged's socket, slurmctld's state, slurmd's spool,
@@ -19,12 +25,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import wait_until
+
 NODE = "vmgw"
 PARTITION = "vmpool"
+ORDINARY_NODE = "cn1"
+ORDINARY_PARTITION = "batch"
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "salloc", "srun")
 
@@ -40,17 +50,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def _wait(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # Keys whose value is free text (spaces, `=`...): scontrol prints each on a line of its own.
@@ -78,10 +77,12 @@ def parse_record(text: str) -> dict[str, str]:
 
 
 class SlurmCluster:
-    """slurmctld + one slurmd (node `vmgw`, partition `vmpool`) + munged, under `root`."""
+    """slurmctld + munged + two slurmd, under `root`: `vmgw` (partition `vmpool`, CPUs = the pool's
+    max) and `cn1` (partition `batch`, the default, one CPU)."""
 
-    def __init__(self, root: Path, cpus: int = 3, settings: dict[str, str] | None = None,
-                 job_submit_lua: str | None = None):
+    def __init__(
+        self, root: Path, cpus: int = 3, settings: dict[str, str] | None = None, job_submit_lua: str | None = None
+    ):
         self.root = Path(root)
         self.cpus = cpus
         self.settings = dict(settings or {})
@@ -90,7 +91,7 @@ class SlurmCluster:
         self.munge_dir = self.root / "munge"
         self.socket = self.munge_dir / "munge.socket.2"
         self.ctld_port = free_port()
-        self.slurmd_port = free_port()
+        self.slurmd_ports = {NODE: free_port(), ORDINARY_NODE: free_port()}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "SLURM_CONF": str(self.conf)}
 
@@ -103,18 +104,17 @@ class SlurmCluster:
             "ClusterName": "vmpooltest",
             "SlurmctldHost": f"{host}(127.0.0.1)",
             "SlurmctldPort": str(self.ctld_port),
-            "SlurmdPort": str(self.slurmd_port),
             "SlurmUser": "root",
             "SlurmdUser": "root",
             "AuthType": "auth/munge",
             "CredType": "cred/munge",
             "AuthInfo": f"socket={self.socket}",
             "StateSaveLocation": f"{d}/ctld",
-            "SlurmdSpoolDir": f"{d}/slurmd",
+            "SlurmdSpoolDir": f"{d}/slurmd/%n",
             "SlurmctldPidFile": f"{d}/run/slurmctld.pid",
-            "SlurmdPidFile": f"{d}/run/slurmd.pid",
+            "SlurmdPidFile": f"{d}/run/slurmd-%n.pid",
             "SlurmctldLogFile": f"{d}/log/slurmctld.log",
-            "SlurmdLogFile": f"{d}/log/slurmd.log",
+            "SlurmdLogFile": f"{d}/log/slurmd-%n.log",
             "SlurmctldDebug": "info",
             "SlurmdDebug": "info",
             "ProctrackType": "proctrack/linuxproc",
@@ -139,13 +139,29 @@ class SlurmCluster:
             **self.settings,
         }
         text = "".join(f"{key}={value}\n" for key, value in lines.items())
-        text += (f"NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
-                 f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP\n")
+        for name, cpus in ((NODE, self.cpus), (ORDINARY_NODE, 1)):
+            text += (
+                f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={self.slurmd_ports[name]}"
+                f" CPUs={cpus} State=UNKNOWN\n"
+            )
+        text += (
+            f"PartitionName={ORDINARY_PARTITION} Nodes={ORDINARY_NODE} Default=YES MaxTime=INFINITE State=UP\n"
+            f"PartitionName={PARTITION} Nodes={NODE} Default=NO MaxTime=INFINITE State=UP\n"
+        )
         return text
 
     def write_files(self) -> None:
-        for sub, mode in (("", 0o755), ("etc", 0o755), ("munge", 0o755), ("ctld", 0o700), ("slurmd", 0o755),
-                          ("run", 0o755), ("log", 0o700)):
+        for sub, mode in (
+            ("", 0o755),
+            ("etc", 0o755),
+            ("munge", 0o755),
+            ("ctld", 0o700),
+            ("slurmd", 0o755),
+            (f"slurmd/{NODE}", 0o755),
+            (f"slurmd/{ORDINARY_NODE}", 0o755),
+            ("run", 0o755),
+            ("log", 0o700),
+        ):
             path = self.root / sub
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(mode)
@@ -164,21 +180,38 @@ class SlurmCluster:
     def start(self, timeout: float = 60) -> SlurmCluster:
         self.write_files()
         d = self.root
-        self._spawn("munged", ["/usr/sbin/munged", "-F", "--force", f"--socket={self.socket}",
-                               f"--key-file={d}/munge.key", f"--pid-file={d}/run/munged.pid",
-                               f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge/seed", "--num-threads=2"])
-        _wait(self.socket.exists, timeout, "munged's socket")
+        self._spawn(
+            "munged",
+            [
+                "/usr/sbin/munged",
+                "-F",
+                "--force",
+                f"--socket={self.socket}",
+                f"--key-file={d}/munge.key",
+                f"--pid-file={d}/run/munged.pid",
+                f"--log-file={d}/log/munged.log",
+                f"--seed-file={d}/munge/seed",
+                "--num-threads=2",
+            ],
+        )
+        wait_until(self.socket.exists, timeout, "munged's socket")
         self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)])
-        _wait(lambda: self.scontrol("ping", check=False).stdout.find("is UP") >= 0, timeout,
-              "slurmctld to answer `scontrol ping`")
-        self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
-        self.wait_node_idle(timeout)
+        wait_until(
+            lambda: self.scontrol("ping", check=False).stdout.find("is UP") >= 0,
+            timeout,
+            "slurmctld to answer `scontrol ping`",
+        )
+        for name in (NODE, ORDINARY_NODE):
+            self._spawn(f"slurmd-{name}", ["/usr/sbin/slurmd", "-D", "-N", name, "-f", str(self.conf)])
+        for name in (NODE, ORDINARY_NODE):
+            self.wait_node_idle(timeout, name)
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115  (the daemon keeps it)
-        self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env, start_new_session=True
+        )
         out.close()
 
     def _check_alive(self) -> None:
@@ -193,11 +226,12 @@ class SlurmCluster:
                 texts.append(path.read_text(errors="replace"))
         return "\n".join(texts)
 
-    def wait_node_idle(self, timeout: float = 60) -> None:
+    def wait_node_idle(self, timeout: float = 60, name: str = NODE) -> None:
         def idle() -> bool:
             self._check_alive()
-            return self.node().get("State", "").split("+")[0] == "IDLE"
-        _wait(idle, timeout, f"node {NODE} to be IDLE")
+            return self.node(name).get("State", "").split("+")[0] == "IDLE"
+
+        wait_until(idle, timeout, f"node {name} to be IDLE")
 
     def reconfigure(self, **settings: str) -> None:
         self.settings.update(settings)
@@ -208,15 +242,21 @@ class SlurmCluster:
         """Cancel every job, wait until the node holds none, stop the daemons.
         Returns what is left behind (processes of this cluster), [] when clean."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "--partition", PARTITION, check=False)
+            self.run("scancel", "--full", check=False)
             try:
-                _wait(lambda: not self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip(), timeout,
-                      "every job to end")
-                _wait(lambda: not [p for p in self.job_processes() if not p[1].startswith("slurmctld:")], timeout,
-                      "the jobs' processes to end")
+                wait_until(
+                    lambda: not self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip(),
+                    timeout,
+                    "every job to end",
+                )
+                wait_until(
+                    lambda: not [p for p in self.job_processes() if not p[1].startswith("slurmctld:")],
+                    timeout,
+                    "the jobs' processes to end",
+                )
             except AssertionError:
                 pass  # reported as leftovers below
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (f"slurmd-{NODE}", f"slurmd-{ORDINARY_NODE}", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -252,15 +292,31 @@ class SlurmCluster:
 
     # --- commands ---
 
-    def run(self, *argv: str, check: bool = True, user: str | None = None, cwd: str | None = None,
-            env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *argv: str,
+        check: bool = True,
+        user: str | None = None,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, Any] = {}
         if user is not None:
             import pwd
+
             owner = pwd.getpwnam(user)
             kwargs = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
-        result = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=cwd,
-                                env={**self.env, **(env or {})}, timeout=timeout, **kwargs)
+        result = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={**self.env, **(env or {})},
+            timeout=timeout,
+            **kwargs,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
         return result
@@ -268,19 +324,27 @@ class SlurmCluster:
     def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run("scontrol", *args, check=check)
 
-    def node(self) -> dict[str, str]:
-        result = self.scontrol("show", "node", NODE, check=False)
+    def node(self, name: str = NODE) -> dict[str, str]:
+        result = self.scontrol("show", "node", name, check=False)
         return parse_record(result.stdout) if result.returncode == 0 else {}
 
     def job(self, job_id: str) -> dict[str, str]:
         result = self.scontrol("show", "job", job_id, check=False)
         return parse_record(result.stdout) if result.returncode == 0 else {}
 
-    def sbatch(self, user: str, script: str, args: Iterable[str] = (), options: Iterable[str] = (),
-               cwd: str | None = None, env: dict[str, str] | None = None) -> str:
+    def sbatch(
+        self,
+        user: str,
+        script: str,
+        args: Iterable[str] = (),
+        options: Iterable[str] = (),
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> str:
         """Submit as `user` from `cwd` (default: the user's home) with `env` added to a plain
         login-like environment; the script travels on stdin when it has no path. Returns the job id."""
         import pwd
+
         owner = pwd.getpwnam(user)
         base = {"HOME": owner.pw_dir, "USER": user, "LOGNAME": user, "SHELL": owner.pw_shell}
         script_path = Path(self.root) / "scripts" / f"{user}-{time.monotonic_ns()}.sh"
@@ -288,8 +352,16 @@ class SlurmCluster:
         script_path.parent.chmod(0o755)
         script_path.write_text(script)
         script_path.chmod(0o644)
-        result = self.run("sbatch", "--parsable", *options, str(script_path), *args, user=user,
-                          cwd=cwd or owner.pw_dir, env={**base, **(env or {})})
+        result = self.run(
+            "sbatch",
+            "--parsable",
+            *options,
+            str(script_path),
+            *args,
+            user=user,
+            cwd=cwd or owner.pw_dir,
+            env={**base, **(env or {})},
+        )
         return result.stdout.strip().split(";")[0]
 
     def state(self, job_id: str) -> str:
@@ -302,4 +374,5 @@ class SlurmCluster:
             self._check_alive()
             info = self.job(job_id)
             return info if info.get("JobState") in wanted else None
-        return _wait(reached, timeout, f"job {job_id} to reach {sorted(wanted)} (now: {self.job(job_id)})", 0.3)
+
+        return wait_until(reached, timeout, f"job {job_id} to reach {sorted(wanted)} (now: {self.job(job_id)})", 0.3)

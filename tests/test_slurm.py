@@ -1,7 +1,12 @@
-"""vmpool's Slurm hooks end to end: a real slurmctld + slurmd (Debian 12's Slurm 22.05, started by
-tests/slurm_cluster.py on loopback) run the hooks as `make install-slurm-hooks` installs them and
-as its printed slurm.conf lines configure them; the real `vmpool` runs against the local cloud;
-jobs run on its sshd VMs over OpenSSH.
+"""vmpool's Slurm hooks end to end: a real slurmctld + two slurmd (Debian 12's Slurm 22.05, started
+by tests/slurm_cluster.py on loopback) run the hooks as `make install-slurm-hooks` installs them
+and as its printed slurm.conf lines configure them; the real `vmpool` runs against the local
+cloud; jobs run on its sshd VMs over OpenSSH.
+
+The cluster is a site's: an ordinary node `cn1` in the default partition `batch` beside the pool's
+node `vmgw` (partition `vmpool`, not the default), the site's own prolog and epilog in
+`prolog.d/`/`epilog.d/` globs with vmpool's linked in beside them, and the site's own
+job_submit.lua (it sets each job's comment) calling vmpool's module.
 
 Job owners are real non-root users of this machine, created if missing: vmps-alice and vmps-bob.
 The node `vmgw` advertises CPUs = the pool's max (3, the `pool` fixture's): one job per VM.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,32 +28,100 @@ import pytest
 
 from tests.conftest import ROOT, TRACEBACK, VMPOOL, PoolHandle, wait_until
 from tests.pbs_mom import ensure_users
-from tests.slurm_cluster import NODE, SlurmCluster, missing
+from tests.slurm_cluster import NODE, ORDINARY_NODE, PARTITION, SlurmCluster, free_port, missing
 from tests.torque_node import user_traces
 
-pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.skipif(
-    bool(missing()), reason=f"Slurm is not installed ({', '.join(missing())} missing): "
-                            "`make slurm-deps` (apt-get install slurmctld slurmd slurm-client munge)")]
+pytestmark = [
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.skipif(
+        bool(missing()),
+        reason=f"Slurm is not installed ({', '.join(missing())} missing): "
+        "`make slurm-deps` (apt-get install slurmctld slurmd slurm-client munge)",
+    ),
+]
 
 USERS = ("vmps-alice", "vmps-bob")
 CPUS = 3  # the pool fixture's [pool] max
-SETTINGS = {"ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3, "SCRUB_TIMEOUT": 20,
-            "PREPARE_TIMEOUT": 20, "KILL_GRACE": 2}
+SETTINGS = {
+    "ACQUIRE_TIMEOUT": 60,
+    "SSH_CONNECT_TIMEOUT": 3,
+    "SCRUB_TIMEOUT": 20,
+    "PREPARE_TIMEOUT": 20,
+    "KILL_GRACE": 2,
+}
 
 
-def install(root: Path, vmpool_config: str, **settings: object) -> subprocess.CompletedProcess[str]:
-    """The hooks as the README tells a site to install them (hooks in root/hooks, lua beside slurm.conf)."""
+SITE_LUA = """-- the site's own submit filter
+local vmpool = dofile("{module}")
+function slurm_job_submit(job_desc, part_list, submit_uid)
+   job_desc.comment = "site filter ran"
+   return vmpool.job_submit(job_desc, part_list, submit_uid)
+end
+function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
+   return vmpool.job_modify(job_desc, job_rec, part_list, modify_uid)
+end
+return slurm.SUCCESS
+"""
+# The site's own prolog and epilog: a line per job and node in ROOT/site.log.
+SITE_HOOK = """#!/bin/sh
+echo "$0 $SLURMD_NODENAME $SLURM_JOB_ID" >> {log}
+"""
+
+
+def install(
+    root: Path,
+    vmpool_config: str,
+    *make_args: str,
+    check: bool = True,
+    conf_dir: Path | None = None,
+    **settings: object,
+) -> subprocess.CompletedProcess[str]:
+    """The hooks as the docs tell a site to install them (hooks in root/hooks, lua beside slurm.conf)."""
     settings = {**SETTINGS, **settings}
     return subprocess.run(
-        ["make", "-s", "-C", str(ROOT), "install-slurm-hooks", f"SLURM_HOOKS_DIR={root / 'hooks'}",
-         f"SLURM_CONF_DIR={root / 'etc'}", f"VMPOOL={VMPOOL}", f"VMPOOL_CONFIG={vmpool_config}",
-         f"JOB_DIR={root / 'jobs'}", "HOOKS_SETTINGS=" + " ".join(f"{k}={v}" for k, v in settings.items())],
-        capture_output=True, text=True, check=True)
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
+            "install-slurm-hooks",
+            f"SLURM_HOOKS_DIR={root / 'hooks'}",
+            f"SLURM_CONF_DIR={conf_dir or root / 'etc'}",
+            f"VMPOOL={VMPOOL}",
+            f"VMPOOL_CONFIG={vmpool_config}",
+            f"JOB_DIR={root / 'jobs'}",
+            f"SLURM_NODES={NODE}",
+            "NOT_DEFAULT=1",
+            *make_args,
+            "HOOKS_SETTINGS=" + " ".join(f"{k}={v}" for k, v in settings.items()),
+        ],
+        capture_output=True,
+        text=True,
+        check=check,
+    )
 
 
 def conf_lines(printed: str) -> dict[str, str]:
     """The slurm.conf lines install printed (not its comments)."""
     return dict(line.split("=", 1) for line in printed.splitlines() if line and not line.startswith("#"))
+
+
+def site_files(root: Path) -> dict[str, str]:
+    """The site's own job_submit.lua, prolog and epilog, before vmpool's install; vmpool's hooks
+    linked in beside them as install's printed lines say. Returns the Prolog=/Epilog= globs."""
+    etc = root / "etc"
+    (etc / "job_submit.lua").write_text(SITE_LUA.format(module=etc / "vmpool_submit.lua"))
+    (etc / "job_submit.lua").chmod(0o644)
+    globs = {}
+    for kind in ("prolog", "epilog"):
+        hooks_d = etc / f"{kind}.d"
+        hooks_d.mkdir(mode=0o755)
+        site = hooks_d / f"10-site-{kind}"
+        site.write_text(SITE_HOOK.format(log=root / "site.log"))
+        site.chmod(0o755)
+        (hooks_d / "90-vmpool").symlink_to(root / "hooks" / kind)
+        globs[kind.capitalize()] = f"{hooks_d}/*"
+    return globs
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +130,9 @@ def slurm() -> Iterator[SlurmCluster]:
     root = Path(tempfile.mkdtemp(prefix="vmpool-slurm-", dir="/tmp"))
     root.chmod(0o755)
     (root / "etc").mkdir(mode=0o755)
+    globs = site_files(root)
     printed = install(root, "/nonexistent/vmpool.conf").stdout  # each test installs its pool's
-    cluster = SlurmCluster(root, cpus=CPUS, settings=conf_lines(printed))
+    cluster = SlurmCluster(root, cpus=CPUS, settings={**conf_lines(printed), **globs})
     cluster.printed = printed  # type: ignore[attr-defined]
     try:
         cluster.start()
@@ -78,12 +153,17 @@ class Gateway:
         self.out_dir.chmod(0o1777)
         self.install(**settings)
 
-    def install(self, **settings: object) -> None:
+    def install(self, **settings: Any) -> None:
         install(self.slurm.root, self.pool.config_path, **settings)
 
     def submit(self, user: str, script: str, *args: str, options: tuple[str, ...] = (), **kw: Any) -> str:
-        return self.slurm.sbatch(user, script, args=args, options=(
-            "-o", f"{self.out_dir}/%j.out", "-e", f"{self.out_dir}/%j.err", *options), **kw)
+        return self.slurm.sbatch(
+            user,
+            script,
+            args=args,
+            options=("-p", PARTITION, "-o", f"{self.out_dir}/%j.out", "-e", f"{self.out_dir}/%j.err", *options),
+            **kw,
+        )
 
     def out(self, job: str) -> str:
         path = self.out_dir / f"{job}.out"
@@ -111,8 +191,12 @@ class Gateway:
         def finished() -> dict[str, str] | None:
             info = self.slurm.job(job)
             complete = info.get("JobState") in ended and "COMPLETING" not in self.slurm.node().get("State", "")
-            return info if complete and not self.slurm.run("squeue", "-h", "-j", job, "-t", "CG",
-                                                           check=False).stdout.strip() else None
+            return (
+                info
+                if complete and not self.slurm.run("squeue", "-h", "-j", job, "-t", "CG", check=False).stdout.strip()
+                else None
+            )
+
         return wait_until(finished, timeout, f"job {job} to end and its epilog to run ({self.slurm.job(job)})", 0.3)
 
     def drained(self) -> bool:
@@ -128,9 +212,10 @@ def gw(slurm: SlurmCluster, pool: PoolHandle) -> Iterator[Gateway]:
         for path in sorted(handle.out_dir.iterdir()):  # a job owner reads these: never a traceback
             assert TRACEBACK not in path.read_text(errors="replace"), path.name
     finally:
-        slurm.run("scancel", "--full", "--partition", "vmpool", check=False)
-        wait_until(lambda: not slurm.run("squeue", "-h", check=False).stdout.strip(), 300,
-                   "every job (and its epilog) to end")
+        slurm.run("scancel", "--full", check=False)
+        wait_until(
+            lambda: not slurm.run("squeue", "-h", check=False).stdout.strip(), 300, "every job (and its epilog) to end"
+        )
         node = slurm.node()
         shutil.rmtree(handle.out_dir, ignore_errors=True)
         if handle.drained():  # the next tests need a working node; this one fails below
@@ -149,7 +234,9 @@ def test_a_job_runs_on_its_vm_with_its_args_cwd_env_output_and_exit_code(gw: Gat
     alice = pwd.getpwnam("vmps-alice")
     workdir = f"{alice.pw_dir}/project one"
     gw.slurm.run("mkdir", "-p", workdir, user="vmps-alice")
-    job = gw.submit("vmps-alice", """#!/bin/bash
+    job = gw.submit(
+        "vmps-alice",
+        """#!/bin/bash
 #SBATCH -J vmps
 echo "whoami=$(whoami)"
 echo "host=$(hostname)"
@@ -161,7 +248,11 @@ echo "to stderr" >&2
 echo secret > /tmp/alice-tmp; echo secret > /var/tmp/alice-vartmp
 sleep 2
 exit 7
-""", "first", "second arg", options=("-D", workdir, "--export=ALL,MY_SETTING=it's $HOME; `x`"))
+""",
+        "first",
+        "second arg",
+        options=("-D", workdir, "--export=ALL,MY_SETTING=it's $HOME; `x`"),
+    )
 
     wait_until(lambda: [vm for vm in gw.pool.vms() if vm["job"] == job], 90, "the job's VM")
     vm = gw.vm_of(job)
@@ -186,11 +277,48 @@ exit 7
     assert not gw.drained()
 
 
+def test_an_ordinary_job_runs_on_the_ordinary_node_untouched_beside_a_pool_job(gw: Gateway) -> None:
+    """The site's default partition `batch` (node cn1) and the pool's, at once: the site's own
+    job_submit.lua, prolog and epilog run for both; vmpool's hooks only for the pool's job."""
+    script = '#!/bin/bash\necho "node=$SLURMD_NODENAME host=$(hostname)"; head -n 1 "$0"; sleep 3\n'
+    ordinary = gw.slurm.sbatch("vmps-bob", script, options=("-o", f"{gw.out_dir}/%j.out"))
+    pooled = gw.submit("vmps-alice", script)
+    held: set[str] = set()
+
+    def both_done() -> bool:
+        held.update(vm["job"] for vm in gw.pool.vms() if vm["job"])
+        return all(gw.slurm.state(job) == "COMPLETED" for job in (ordinary, pooled))
+
+    wait_until(both_done, 180, f"both jobs to complete ({gw.slurm.job(ordinary)}, {gw.slurm.job(pooled)})", 0.3)
+    gw.done(pooled)
+    gw.done(ordinary)
+
+    info = gw.slurm.job(ordinary)
+    assert (info["NodeList"], info["Partition"]) == (ORDINARY_NODE, "batch"), info
+    host = gw.slurm.run("hostname").stdout.strip()
+    assert gw.out(ordinary) == f"node={ORDINARY_NODE} host={host}\n#!/bin/bash\n", "it ran on cn1 as written"
+    assert gw.out(pooled).startswith(f"node={NODE} host="), gw.out(pooled)
+    assert f"host={host}\n" not in gw.out(pooled), "the pool's job ran on its VM"
+    assert held == {pooled}, held
+    assert f" {ordinary}: " not in gw.log(), gw.log()
+    assert f"prolog {pooled}: VM ready" in gw.log()
+    site = (gw.slurm.root / "site.log").read_text()
+    etc = gw.slurm.root / "etc"
+    for kind in ("prolog", "epilog"):
+        assert f"{etc}/{kind}.d/10-site-{kind} {ORDINARY_NODE} {ordinary}\n" in site, site
+        assert f"{etc}/{kind}.d/10-site-{kind} {NODE} {pooled}\n" in site, site
+    assert gw.slurm.job(ordinary).get("Comment") == gw.slurm.job(pooled).get("Comment") == "site filter ran"
+    assert not gw.drained() and "DRAIN" not in gw.slurm.node(ORDINARY_NODE).get("State", "")
+
+
 def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
     job = gw.submit("vmps-bob", "#!/bin/sh\necho started; echo oops >&2; exec sleep 1000\n")
     uid = str(pwd.getpwnam("vmps-bob").pw_uid)
-    wait_until(lambda: gw.out(job) == "started\n" and "oops\n" in gw.err(job), 90,
-               f"the job's first lines while it runs ({gw.slurm.job(job)})")
+    wait_until(
+        lambda: gw.out(job) == "started\n" and "oops\n" in gw.err(job),
+        90,
+        f"the job's first lines while it runs ({gw.slurm.job(job)})",
+    )
     vm = gw.vm_of(job)
     wait_until(lambda: gw.on_vm(vm, "pgrep", "-U", uid, "-x", "sleep")[0] == 0, 10, "the job's sleep on the VM")
 
@@ -209,8 +337,7 @@ def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
 
 
 def test_the_time_limit_ends_the_job_on_its_vm(gw: Gateway) -> None:
-    job = gw.submit("vmps-alice", "#!/bin/bash\necho started; sleep 1000; echo not reached\n",
-                    options=("--time=1",))
+    job = gw.submit("vmps-alice", "#!/bin/bash\necho started; sleep 1000; echo not reached\n", options=("--time=1",))
     uid = str(pwd.getpwnam("vmps-alice").pw_uid)
     wait_until(lambda: gw.out(job) == "started\n", 90, f"the job to start ({gw.slurm.job(job)})")
     vm = gw.vm_of(job)
@@ -237,9 +364,14 @@ echo "tmp=$(ls /tmp | tr '\\n' ' ')"
 for other in vmps-alice vmps-bob; do cat "/home/$other/secret" 2>/dev/null; done; true
 """
     jobs = {user: gw.submit(user, script) for user in USERS}
-    wait_until(lambda: all(gw.slurm.state(job) == "RUNNING" for job in jobs.values())
-               and len({vm["job"] for vm in gw.pool.vms("busy")} & set(jobs.values())) == 2, 120,
-               "both jobs running on VMs at once")
+    wait_until(
+        lambda: (
+            all(gw.slurm.state(job) == "RUNNING" for job in jobs.values())
+            and len({vm["job"] for vm in gw.pool.vms("busy")} & set(jobs.values())) == 2
+        ),
+        120,
+        "both jobs running on VMs at once",
+    )
     vms = {user: gw.vm_of(job) for user, job in jobs.items()}
     assert vms["vmps-alice"]["name"] != vms["vmps-bob"]["name"]
     for vm in vms.values():
@@ -280,8 +412,10 @@ def test_with_the_pool_at_max_jobs_wait_and_nothing_is_drained(gw: Gateway) -> N
 
     wait_until(all_done, 240, "every job to complete", interval=0.5)
 
-    assert len(most) <= CPUS, (f"the cloud held {len(most)} of the pool's servers (max {CPUS}): {most}\n"
-                               + Path(gw.pool.settings["pool"]["log_file"]).read_text())
+    assert len(most) <= CPUS, (
+        f"the cloud held {len(most)} of the pool's servers (max {CPUS}): {most}\n"
+        + Path(gw.pool.settings["pool"]["log_file"]).read_text()
+    )
     assert [gw.out(job) for job in jobs] == ["done\n"] * len(jobs)
     assert not gw.drained()
 
@@ -294,8 +428,11 @@ def test_a_cloud_failure_in_the_prolog_requeues_the_job_without_draining_the_nod
     gw.install(ACQUIRE_TIMEOUT=4)
     job = gw.submit("vmps-alice", "#!/bin/bash\necho ran\n")
 
-    info = wait_until(lambda: (i := gw.slurm.job(job)) and int(i.get("Restarts", "0")) >= 1 and i, 120,
-                      f"the job to be requeued ({gw.slurm.job(job)})")
+    info = wait_until(
+        lambda: (i := gw.slurm.job(job)) and int(i.get("Restarts", "0")) >= 1 and i,
+        120,
+        f"the job to be requeued ({gw.slurm.job(job)})",
+    )
 
     assert "no VM became free within 4s; the job is requeued in 0s" in info.get("AdminComment", ""), info
     assert not gw.drained(), gw.slurm.node()
@@ -315,8 +452,9 @@ def test_a_cloud_failure_in_the_prolog_requeues_the_job_without_draining_the_nod
 
 
 def test_a_job_of_a_system_user_is_cancelled_by_the_prolog_with_the_reason(gw: Gateway) -> None:
-    job = gw.slurm.run("sbatch", "--parsable", "-o", f"{gw.out_dir}/%j.out", "--wrap", "id",
-                       cwd=str(gw.out_dir)).stdout.strip()  # root's
+    job = gw.slurm.run(
+        "sbatch", "--parsable", "-p", PARTITION, "-o", f"{gw.out_dir}/%j.out", "--wrap", "id", cwd=str(gw.out_dir)
+    ).stdout.strip()  # root's
 
     info = gw.done(job)
 
@@ -329,10 +467,11 @@ def test_a_job_of_a_system_user_is_cancelled_by_the_prolog_with_the_reason(gw: G
 
 
 def test_interactive_and_multi_node_jobs_are_refused_at_submit_time(gw: Gateway) -> None:
-    salloc = gw.slurm.run("salloc", "--no-shell", user="vmps-alice", check=False, timeout=30)
-    srun = gw.slurm.run("srun", "true", user="vmps-alice", check=False, timeout=30)
-    multi = gw.slurm.run("sbatch", "-N", "2", "--wrap", "true", user="vmps-alice", check=False,
-                         cwd=str(gw.out_dir))
+    salloc = gw.slurm.run("salloc", "-p", PARTITION, "--no-shell", user="vmps-alice", check=False, timeout=30)
+    srun = gw.slurm.run("srun", "-p", PARTITION, "true", user="vmps-alice", check=False, timeout=30)
+    multi = gw.slurm.run(
+        "sbatch", "-p", PARTITION, "-N", "2", "--wrap", "true", user="vmps-alice", check=False, cwd=str(gw.out_dir)
+    )
 
     for result in (salloc, srun):
         assert result.returncode != 0
@@ -342,21 +481,205 @@ def test_interactive_and_multi_node_jobs_are_refused_at_submit_time(gw: Gateway)
     assert gw.pool.servers() == []
 
 
-def test_install_prints_slurm_conf_lines_above_the_hooks_worst_case(slurm: SlurmCluster) -> None:
+def test_install_prints_only_what_the_pool_needs_and_keeps_the_sites_submit_filter(slurm: SlurmCluster) -> None:
     lines = conf_lines(slurm.printed)  # type: ignore[attr-defined]
     hooks = slurm.root / "hooks"
-    assert lines["Prolog"] == f"{hooks}/prolog" and lines["Epilog"] == f"{hooks}/epilog"
+    assert set(lines) == {"PrologFlags", "PrologEpilogTimeout", "KillWait", "JobSubmitPlugins"}, lines
     assert lines["PrologFlags"] == "Alloc" and lines["JobSubmitPlugins"] == "lua"
-    s = SETTINGS
-    worst_prolog = s["ACQUIRE_TIMEOUT"] + 15 + s["PREPARE_TIMEOUT"] + 30
-    assert int(lines["PrologEpilogTimeout"]) > worst_prolog
-    assert int(lines["KillWait"]) > s["KILL_GRACE"] + s["SSH_CONNECT_TIMEOUT"]
-    lua = (slurm.root / "etc" / "job_submit.lua").read_text()
-    assert f'local STARTER = "{hooks}/jobstarter"' in lua
+    assert int(lines["KillWait"]) > SETTINGS["KILL_GRACE"] + SETTINGS["SSH_CONNECT_TIMEOUT"]
+    assert f"#   ln -s {hooks}/prolog {slurm.root}/etc/prolog.d/90-vmpool\n" in slurm.printed  # type: ignore[attr-defined]
+    etc = slurm.root / "etc"
+    assert (etc / "job_submit.lua").read_text() == SITE_LUA.format(module=etc / "vmpool_submit.lua")
+    module = (etc / "vmpool_submit.lua").read_text()
+    assert f'local STARTER = "{hooks}/jobstarter"' in module and "local IS_DEFAULT = false" in module
+    assert (hooks / "vmpool-slurm.conf").read_text().splitlines()[1:] == [f"PARTITION={PARTITION}", f"NODES={NODE}"]
 
 
-def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_without_its_epilog(
-        gw: Gateway) -> None:
+def test_install_never_replaces_a_sites_own_job_submit_lua_without_force(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    site = "-- the site's\nfunction slurm_job_submit(j, p, u) return slurm.SUCCESS end\nreturn slurm.SUCCESS\n"
+    (etc / "job_submit.lua").write_text(site)
+
+    refused = install(tmp_path, "/nonexistent/vmpool.conf", check=False)
+
+    assert refused.returncode != 0
+    assert f"{etc}/job_submit.lua is the site's own job_submit.lua: nothing installed" in refused.stderr
+    assert f'local vmpool = dofile("{etc}/vmpool_submit.lua")' in refused.stderr
+    assert TRACEBACK not in refused.stderr
+    assert (etc / "job_submit.lua").read_text() == site and not (tmp_path / "hooks").exists()
+
+    forced = install(tmp_path, "/nonexistent/vmpool.conf", "FORCE=1")
+
+    backups = list(etc.glob("job_submit.lua.vmpool-backup.*"))
+    assert len(backups) == 1 and backups[0].read_text() == site, backups
+    assert f"it is kept as {backups[0]}" in forced.stderr
+    assert (etc / "job_submit.lua").read_text().startswith("-- vmpool-hooks: slurm job_submit.lua\n")
+    again = install(tmp_path, "/nonexistent/vmpool.conf")  # vmpool's own: replaced without a word
+    assert again.stderr == "" and len(list(etc.glob("job_submit.lua.vmpool-backup.*"))) == 1
+
+
+# --- the hooks on every node: a stand-in vmpool, no Slurm ---
+
+STUB_VMPOOL = """#!/bin/bash
+echo "$3 $4" >> {root}/vmpool.log
+case $3 in
+    acquire) [[ -e {root}/answer ]] || exit 2; cat {root}/answer ;;
+    release) exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def stubbed() -> Iterator[Path]:
+    """vmpool's Slurm hooks installed as on a site, with their own prolog.d, and a stand-in vmpool
+    that logs each call to ROOT/vmpool.log: `acquire` refuses the job, or (with ROOT/answer)
+    gives a VM at 127.0.0.1 on a closed port; `release` fails."""
+    root = Path(tempfile.mkdtemp(prefix="vmps-stub-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        (root / "etc").mkdir(mode=0o755)
+        (root / "etc" / "slurm.conf").write_text("NotASlurmKey=1\n")
+        stub = root / "vmpool"
+        stub.write_text(STUB_VMPOOL.format(root=root))
+        stub.chmod(0o755)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "key")], check=True)
+        (root / "known_hosts").write_text("127.0.0.1 " + (root / "key.pub").read_text())
+        (root / "answer.ok").write_text(
+            f"VMPOOL_VM_NAME=vm-1\nVMPOOL_SERVER_ID=s-1\nVMPOOL_ADDRESS=127.0.0.1\nVMPOOL_SSH_USER=root\n"
+            f"VMPOOL_SSH_PORT={free_port()}\nVMPOOL_SSH_KEY={root}/key\nVMPOOL_KNOWN_HOSTS={root}/known_hosts\n"
+            "VMPOOL_ALREADY_HELD=no\n"
+        )
+        printed = install(root, "/nonexistent/vmpool.conf", f"VMPOOL={stub}").stdout
+        (root / "printed").write_text(printed)
+        for kind in ("prolog", "epilog"):
+            (root / "etc" / f"{kind}.d").mkdir()
+            (root / "etc" / f"{kind}.d" / "90-vmpool").symlink_to(root / "hooks" / kind)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_hook(
+    root: Path, kind: str, partition: str, node: str, job: str = "77", wrap: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """ROOT/etc/KIND.d/90-vmpool (the link) as slurmd runs it for vmps-alice's job JOB; scontrol
+    and scancel fail at once (their slurm.conf is unusable: nothing goes to the network)."""
+    alice = pwd.getpwnam("vmps-alice")
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "SLURM_JOB_ID": job,
+        "SLURM_JOB_USER": "vmps-alice",
+        "SLURM_JOB_UID": str(alice.pw_uid),
+        "SLURM_JOB_GID": str(alice.pw_gid),
+        "SLURM_JOB_PARTITION": partition,
+        "SLURMD_NODENAME": node,
+        "SLURM_JOB_WORK_DIR": "/nonexistent",
+        "SLURM_CONF": str(root / "etc" / "slurm.conf"),
+    }
+    return subprocess.run(
+        [*wrap, str(root / "etc" / f"{kind}.d" / "90-vmpool")], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_hooks_leave_every_other_job_of_the_cluster_alone(stubbed: Path) -> None:
+    ensure_users(USERS)
+    for partition, node in (("gpu", NODE), ("batch", ORDINARY_NODE), (PARTITION, ORDINARY_NODE), ("", "")):
+        for kind in ("prolog", "epilog"):
+            result = run_hook(stubbed, kind, partition, node)
+            assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), (partition, node, result)
+    assert not (stubbed / "vmpool.log").exists(), (stubbed / "vmpool.log").read_text()
+    assert not (stubbed / "jobs" / "slurm-hooks.log").exists()
+
+    # the pool's job on the pool's node, through the link in prolog.d: the hooks find their library
+    run_hook(stubbed, "prolog", PARTITION, NODE)
+    run_hook(stubbed, "epilog", PARTITION, NODE)
+
+    assert (stubbed / "vmpool.log").read_text().splitlines()[:2] == ["acquire 77", "release 77"]
+    log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
+    assert "prolog 77: job cancelled: vmpool prologue 77: vmpool refused the job" in log, log
+    assert "epilog 77: epilogue exit 2" in log, log
+
+
+BUDGET_WRAPPER = """#!/bin/sh
+echo "$(basename "$0") $1 $2 $3 $4 $5" >> {log}  # the budget and the command (one line)
+case $(basename "$0") in sleep) exit 0 ;; esac
+case " $* " in *" ssh -F /dev/null "*) [ -e {ssh_ok} ] && {{ cat >/dev/null; exit 0; }} ;; esac
+exec {real} "$@"
+"""
+
+
+def budgets(log: Path) -> list[tuple[int, str]]:
+    """Each bounded wait the hook made, as seconds and what: `timeout [--foreground] [-k K] N CMD`
+    is N + K, `sleep N` is N."""
+    waits = []
+    for line in log.read_text().splitlines():
+        words = line.split()
+        if words[0] == "sleep":
+            waits.append((int(words[1]), line))
+            continue
+        index, kill_after = 1, 0
+        while words[index].startswith("-"):
+            if words[index] in ("-k", "--kill-after"):
+                kill_after = int(words[index + 1])
+                index += 1
+            index += 1
+        waits.append((int(words[index]) + kill_after, line))
+    return waits
+
+
+def test_the_printed_timeout_is_the_hooks_worst_case_as_they_run_it(stubbed: Path) -> None:
+    """The prolog's and the epilog's longest paths, with every bounded call logged (`timeout` and
+    `sleep` replaced, in a mount namespace, by a wrapper that logs its budget): the sums must be
+    the worst cases install printed, so a timeout that grows in a hook grows the printed value."""
+    ensure_users(USERS)
+    bin_dir = stubbed / "bin"
+    bin_dir.mkdir()
+    shutil.copy("/usr/bin/timeout", bin_dir / "timeout.real")
+    log = stubbed / "budgets.log"
+    for name in ("timeout", "sleep"):
+        wrapper = bin_dir / name
+        wrapper.write_text(BUDGET_WRAPPER.format(log=log, ssh_ok=stubbed / "ssh-ok", real=bin_dir / "timeout.real"))
+        wrapper.chmod(0o755)
+    wrap = (
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount --bind {bin_dir}/timeout /usr/bin/timeout && mount --bind {bin_dir}/sleep /usr/bin/sleep && exec "$@"',
+        "wrap",
+    )
+    (stubbed / "answer.ok").rename(stubbed / "answer")
+    printed = (stubbed / "printed").read_text()
+    worst = re.search(r"worst case: prolog (\d+)s, epilog (\d+)s", printed)
+    assert worst, printed
+
+    # the prolog: a VM, its preparation fails (no sshd), the owner told (nowhere writable: both
+    # tries), every release fails, Slurm unreachable (AdminComment, requeue, AdminComment, scancel)
+    result = run_hook(stubbed, "prolog", PARTITION, NODE, wrap=wrap)
+    prolog = budgets(log)
+    log.unlink()
+    # the epilog of a job whose VM was prepared: its scrub fails, every release fails
+    (stubbed / "ssh-ok").touch()
+    run_hook(stubbed, "prolog", PARTITION, NODE, job="78", wrap=wrap)
+    (stubbed / "ssh-ok").unlink()
+    log.unlink()
+    run_hook(stubbed, "epilog", PARTITION, NODE, job="78", wrap=wrap)
+    epilog = budgets(log)
+
+    hooks_log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
+    assert result.returncode == 0 and "prolog 77: job requeued (prologue exit 2): " in hooks_log, hooks_log
+    assert "scontrol requeue failed" in hooks_log and "scancel failed" in hooks_log, hooks_log
+    assert "epilog 78: epilogue exit 2: " in hooks_log and "scrub of VM vm-1" in hooks_log, hooks_log
+    assert sum(seconds for seconds, _ in prolog) == int(worst[1]), "\n".join(line for _, line in prolog)
+    assert sum(seconds for seconds, _ in epilog) == int(worst[2]), "\n".join(line for _, line in epilog)
+    timeout = int(conf_lines(printed)["PrologEpilogTimeout"])
+    assert timeout >= max(int(worst[1]), int(worst[2])) + 30, printed
+
+
+def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_without_its_epilog(gw: Gateway) -> None:
     """vmpool's `[batch] system = slurm` against the real scontrol: a held (pending) job is alive,
     a cancelled one is gone; VMs held under their ids by hand play a lost epilog."""
     env = {**os.environ, "SLURM_CONF": str(gw.slurm.conf)}
@@ -372,6 +695,7 @@ def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_w
     def reconciled() -> bool:  # cron's passes, with this cluster's slurm.conf
         gw.pool.run("reconcile", env=env)
         return lost["server_id"] not in {s.id for s in gw.pool.servers()}
+
     wait_until(reconciled, 90, "the VM of the ended job deleted", interval=0.3)
 
     assert [vm["job"] for vm in gw.pool.vms("busy")] == [pending], "the pending job keeps its VM"
@@ -383,8 +707,9 @@ def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_w
 def test_a_job_cancelled_while_its_prolog_waits_for_a_vm_holds_nothing_afterwards(gw: Gateway) -> None:
     gw.pool.bed.set_behaviour(f"^{gw.pool.prefix}", spawn_delay=15)  # a slow boot
     job = gw.submit("vmps-alice", "#!/bin/bash\necho ran\n")
-    wait_until(lambda: [w for w in gw.pool.status()["waiting"] if w["job"] == job], 60,
-               "the prolog's acquire waiting for a VM")
+    wait_until(
+        lambda: [w for w in gw.pool.status()["waiting"] if w["job"] == job], 60, "the prolog's acquire waiting for a VM"
+    )
 
     gw.slurm.run("scancel", job, user="vmps-alice")
     info = gw.done(job, timeout=180)

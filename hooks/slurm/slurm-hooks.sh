@@ -1,8 +1,10 @@
 # slurm-hooks.sh — what vmpool's Slurm prolog and epilog share, on top of vmpool-hooks.sh.
 #
-# Sourced, never executed, after vmpool-hooks.sh. Reads the job from slurmd's environment, runs
-# TORQUE's prologue/epilogue (found beside the Slurm hooks once installed, one directory up in
-# the source tree), tells Slurm what became of the job (requeue, cancel) and logs.
+# Sourced, never executed, first of all (vh_slurm_is_pool_job needs nothing else), then
+# vmpool-hooks.sh. Tells the pool's jobs from the rest of the cluster's, reads the job from
+# slurmd's environment, runs TORQUE's prologue/epilogue (found beside the Slurm hooks once
+# installed, one directory up in the source tree), tells Slurm what became of the job (requeue,
+# cancel) and logs.
 
 # shellcheck shell=bash disable=SC2034  # the variables are used by the hooks that source this
 
@@ -12,6 +14,48 @@ VH_SLURM_WORKDIR=
 VH_SLURM_SCRATCH=
 VH_SLURM_CMD_TIMEOUT=30   # seconds for one scontrol/scancel call
 VH_SLURM_COMMENT_MAX=250  # AdminComment is for one line
+VH_SLURM_PARTITION=
+VH_SLURM_NODES=
+
+# --- the pool's jobs only ---
+
+# vh_slurm_is_pool_job DIR: true if slurmd runs this hook for a job of the pool's partition on one
+# of the pool's nodes, as DIR/vmpool-slurm.conf names them (PARTITION=NAME, NODES="NAME..."; no
+# NODES: any node of the partition). slurm.conf is the whole cluster's: every node runs the
+# Prolog and Epilog it names, for every job. Builtins only, so that an ordinary job pays for
+# nothing more than bash's start; no file (the source tree, an unfinished install): no job is.
+vh_slurm_is_pool_job() {
+    local line node
+    [[ -r $1/vmpool-slurm.conf ]] || return 1
+    while IFS= read -r line || [[ -n $line ]]; do
+        case $line in
+            PARTITION=*) VH_SLURM_PARTITION=${line#*=} ;;
+            NODES=*) VH_SLURM_NODES=${line#*=} ;;
+        esac
+    done <"$1/vmpool-slurm.conf"
+    [[ -n $VH_SLURM_PARTITION && ${SLURM_JOB_PARTITION:-} == "$VH_SLURM_PARTITION" ]] || return 1
+    [[ -z $VH_SLURM_NODES ]] && return 0
+    for node in $VH_SLURM_NODES; do
+        [[ ${SLURMD_NODENAME:-} == "$node" ]] && return 0
+    done
+    return 1
+}
+
+# The longest the Prolog and the Epilog can take (seconds; in VH_SLURM_PROLOG_WORST and
+# VH_SLURM_EPILOG_WORST), from the configuration loaded: PrologEpilogTimeout must be above both,
+# or slurmd kills the hook and drains the node. Each term is one bounded call on the longest path
+# (`timeout -k K N` counts N + K); test_slurm.py runs that path and checks the sum against these.
+vh_slurm_worst_case() {
+    local tell=$(( 2 * (10 + 1) ))                             # vh_tell_user: two tries
+    local release=$(( 3 * (RELEASE_TIMEOUT + 5) + 2 + 4 ))    # vh_release: three tries, two pauses
+    local slurm=$(( VH_SLURM_CMD_TIMEOUT + 5 ))                # one scontrol or scancel
+    # acquire, prepare (fails), the owner told, the VM released, the back-off, then AdminComment,
+    # requeue (refused), AdminComment and scancel.
+    VH_SLURM_PROLOG_WORST=$(( ACQUIRE_TIMEOUT + 15 + 5 + PREPARE_TIMEOUT + 5 + tell + release
+                              + REQUEUE_BACKOFF + 4 * slurm ))
+    # the scrub (fails), the VM released.
+    VH_SLURM_EPILOG_WORST=$(( SCRUB_TIMEOUT + 5 + release ))
+}
 
 # The job from slurmd's environment; false (logged) if Slurm gave no usable job id. The user and
 # group are not checked here: TORQUE's prologue checks them (and aborts the job if they are bad).
