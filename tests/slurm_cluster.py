@@ -12,6 +12,11 @@ reach munged's socket): a fresh munge key, munged's socket, slurmctld's state, s
 the logs, slurm.conf and job_submit.lua. The daemons run in the foreground (-D) as this process's
 children, on ports picked free on 127.0.0.1; every address in slurm.conf is 127.0.0.1.
 
+`SlurmCluster(proctrack="cgroup")` runs `ProctrackType=proctrack/cgroup` instead of
+`proctrack/linuxproc`, as many sites do: cgroup.conf beside slurm.conf names the cgroup v1
+hierarchy mounted under /sys/fs/cgroup (the freezer controller is what proctrack/cgroup needs) and
+constrains nothing. `cgroup_v1_missing()` says why a machine cannot run it.
+
 `SlurmCluster.start()` waits (on conditions, with timeouts) until the node answers as idle;
 `stop()` cancels what is left, waits for the jobs to end, stops the daemons and fails, naming
 them, if any process started for this cluster is still alive (slurmstepd, job starters...).
@@ -43,6 +48,29 @@ def missing() -> list[str]:
     """What of Slurm and munge is not installed on this machine (empty: all there)."""
     absent = [path for path in DAEMONS.values() if not os.access(path, os.X_OK)]
     return absent + [name for name in CLIENTS if shutil.which(name) is None]
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# proctrack/cgroup only: no cores, memory or devices constrained (TaskPlugin stays task/none).
+CGROUP_CONF = """CgroupPlugin=cgroup/v1
+CgroupMountpoint={root}
+CgroupAutomount=no
+ConstrainCores=no
+ConstrainRAMSpace=no
+ConstrainSwapSpace=no
+ConstrainDevices=no
+"""
+
+
+def cgroup_v1_missing() -> str:
+    """Why this machine cannot run proctrack/cgroup on cgroup v1 ("" when it seems able to):
+    slurmd needs the freezer controller mounted, and root able to make cgroups there."""
+    freezer = CGROUP_ROOT / "freezer"
+    if not (freezer / "cgroup.procs").exists():
+        return f"no cgroup v1 freezer controller mounted at {freezer}"
+    if not os.access(freezer, os.W_OK):
+        return f"{freezer} is not writable by this user (uid {os.getuid()})"
+    return ""
 
 
 def free_port() -> int:
@@ -81,10 +109,16 @@ class SlurmCluster:
     max) and `cn1` (partition `batch`, the default, one CPU)."""
 
     def __init__(
-        self, root: Path, cpus: int = 3, settings: dict[str, str] | None = None, job_submit_lua: str | None = None
+        self,
+        root: Path,
+        cpus: int = 3,
+        settings: dict[str, str] | None = None,
+        job_submit_lua: str | None = None,
+        proctrack: str = "linuxproc",
     ):
         self.root = Path(root)
         self.cpus = cpus
+        self.proctrack = proctrack
         self.settings = dict(settings or {})
         self.job_submit_lua = job_submit_lua
         self.conf = self.root / "etc" / "slurm.conf"
@@ -117,7 +151,7 @@ class SlurmCluster:
             "SlurmdLogFile": f"{d}/log/slurmd-%n.log",
             "SlurmctldDebug": "info",
             "SlurmdDebug": "info",
-            "ProctrackType": "proctrack/linuxproc",
+            "ProctrackType": f"proctrack/{self.proctrack}",
             "TaskPlugin": "task/none",
             "SwitchType": "switch/none",
             "MpiDefault": "none",
@@ -170,6 +204,10 @@ class SlurmCluster:
         key.chmod(0o400)
         self.conf.write_text(self.slurm_conf())
         self.conf.chmod(0o644)
+        if self.proctrack == "cgroup":  # slurmd reads it beside slurm.conf
+            cgroup_conf = self.conf.parent / "cgroup.conf"
+            cgroup_conf.write_text(CGROUP_CONF.format(root=CGROUP_ROOT))
+            cgroup_conf.chmod(0o644)
         if self.job_submit_lua is not None:  # the lua plugin reads it beside slurm.conf
             lua = self.conf.parent / "job_submit.lua"
             lua.write_text(self.job_submit_lua)
@@ -226,6 +264,18 @@ class SlurmCluster:
                 texts.append(path.read_text(errors="replace"))
         return "\n".join(texts)
 
+    def cgroup_errors(self) -> str:
+        """slurmd's cgroup errors once a slurmd has exited ("" otherwise): why this machine cannot
+        run proctrack/cgroup."""
+        for name in (f"slurmd-{NODE}", f"slurmd-{ORDINARY_NODE}"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is None:
+                continue
+            lines = [line for line in self.log(name).splitlines() if "error" in line and "cgroup" in line.lower()]
+            if lines:
+                return f"{name} exited: " + "; ".join(dict.fromkeys(lines[-3:]))
+        return ""
+
     def wait_node_idle(self, timeout: float = 60, name: str = NODE) -> None:
         def idle() -> bool:
             self._check_alive()
@@ -266,6 +316,8 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.proctrack == "cgroup":
+            self.remove_empty_cgroups()
         left = [f"pid {pid}: {cmd}" for pid, cmd in self.job_processes()]
         for pid, _ in self.job_processes():
             try:
@@ -273,6 +325,17 @@ class SlurmCluster:
             except ProcessLookupError:
                 pass
         return left
+
+    def remove_empty_cgroups(self) -> None:
+        """slurmd leaves its cgroups behind (CONTROLLER/slurm_NODE/uid_N/job_N, empty): remove
+        them, deepest first; one still holding a process stays."""
+        for name in (NODE, ORDINARY_NODE):
+            for top in CGROUP_ROOT.glob(f"*/slurm_{name}"):
+                for path in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+                    try:
+                        path.rmdir()
+                    except OSError:
+                        pass
 
     def job_processes(self) -> list[tuple[int, str]]:
         """Processes started for this cluster (they carry its SLURM_CONF): slurmstepd, job starters."""
@@ -327,6 +390,14 @@ class SlurmCluster:
     def node(self, name: str = NODE) -> dict[str, str]:
         result = self.scontrol("show", "node", name, check=False)
         return parse_record(result.stdout) if result.returncode == 0 else {}
+
+    def freezer_cgroup(self, pid: int) -> str:
+        """The cgroup v1 freezer group of process `pid` (where proctrack/cgroup tracks it)."""
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "freezer" in controllers.split(","):
+                return path
+        return ""
 
     def job(self, job_id: str) -> dict[str, str]:
         result = self.scontrol("show", "job", job_id, check=False)

@@ -8,6 +8,11 @@ node `vmgw` (partition `vmpool`, not the default), the site's own prolog and epi
 `prolog.d/`/`epilog.d/` globs with vmpool's linked in beside them, and the site's own
 job_submit.lua (it sets each job's comment) calling vmpool's module.
 
+The essential job-starter tests (a job runs on its VM and returns its exit code; `scancel` ends
+it there) run twice: on that cluster (`ProctrackType=proctrack/linuxproc`) and on the same cluster
+started under `ProctrackType=proctrack/cgroup` (cgroup v1's freezer), skipped with the reason where
+this machine cannot run it.
+
 Job owners are real non-root users of this machine, created if missing: vmps-alice and vmps-bob.
 The node `vmgw` advertises CPUs = the pool's max (3, the `pool` fixture's): one job per VM.
 """
@@ -21,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,15 @@ import pytest
 
 from tests.conftest import ROOT, TRACEBACK, VMPOOL, PoolHandle, wait_until
 from tests.pbs_mom import ensure_users
-from tests.slurm_cluster import NODE, ORDINARY_NODE, PARTITION, SlurmCluster, free_port, missing
+from tests.slurm_cluster import (
+    NODE,
+    ORDINARY_NODE,
+    PARTITION,
+    SlurmCluster,
+    cgroup_v1_missing,
+    free_port,
+    missing,
+)
 from tests.torque_node import user_traces
 
 pytestmark = [
@@ -124,23 +138,44 @@ def site_files(root: Path) -> dict[str, str]:
     return globs
 
 
-@pytest.fixture(scope="session")
-def slurm() -> Iterator[SlurmCluster]:
+@contextmanager
+def site_cluster(proctrack: str = "linuxproc") -> Iterator[SlurmCluster]:
+    """The site's cluster with vmpool's hooks installed, started, and stopped (clean) at the end."""
     ensure_users(USERS)
-    root = Path(tempfile.mkdtemp(prefix="vmpool-slurm-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=f"vmpool-slurm-{proctrack}-", dir="/tmp"))
     root.chmod(0o755)
     (root / "etc").mkdir(mode=0o755)
     globs = site_files(root)
     printed = install(root, "/nonexistent/vmpool.conf").stdout  # each test installs its pool's
-    cluster = SlurmCluster(root, cpus=CPUS, settings={**conf_lines(printed), **globs})
+    cluster = SlurmCluster(root, cpus=CPUS, settings={**conf_lines(printed), **globs}, proctrack=proctrack)
     cluster.printed = printed  # type: ignore[attr-defined]
     try:
-        cluster.start()
+        try:
+            cluster.start()
+        except AssertionError:
+            if proctrack == "cgroup" and (why := cluster.cgroup_errors()):
+                pytest.skip(f"slurmd cannot run proctrack/cgroup on this machine: {why}")
+            raise
         yield cluster
     finally:
         left = cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
         assert not left, "the Slurm cluster left behind:\n" + "\n".join(left)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    with site_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cgroup() -> Iterator[SlurmCluster]:
+    """The same cluster under ProctrackType=proctrack/cgroup (started by the first test asking)."""
+    if why := cgroup_v1_missing():
+        pytest.skip(f"proctrack/cgroup cannot run on this machine: {why}")
+    with site_cluster("cgroup") as cluster:
+        yield cluster
 
 
 class Gateway:
@@ -205,7 +240,10 @@ class Gateway:
 
 
 @pytest.fixture
-def gw(slurm: SlurmCluster, pool: PoolHandle) -> Iterator[Gateway]:
+def gw(request: pytest.FixtureRequest, pool: PoolHandle) -> Iterator[Gateway]:
+    """The pool's node; on the proctrack/cgroup cluster when parametrized ("cgroup", indirect)."""
+    proctrack = getattr(request, "param", "linuxproc")
+    slurm: SlurmCluster = request.getfixturevalue("slurm_cgroup" if proctrack == "cgroup" else "slurm")
     handle = Gateway(slurm, pool)
     try:
         yield handle
@@ -229,7 +267,25 @@ def vm_state(gw: Gateway, vm: dict) -> str:
 
 # --- a job's life ---
 
+# The job starter's essentials, also under proctrack/cgroup.
+BOTH_PROCTRACKS = pytest.mark.parametrize("gw", ["linuxproc", "cgroup"], indirect=True)
 
+
+def step_processes(gw: Gateway, job: str) -> dict[str, str]:
+    """The processes of job JOB's batch step on the node (the job starter, its ssh...), each with
+    its freezer cgroup."""
+    found = {}
+    for pid, cmd in gw.slurm.job_processes():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"SLURM_JOB_ID={job}".encode() in environ and not cmd.startswith("slurmstepd"):
+                found[f"{pid} {cmd}"] = gw.slurm.freezer_cgroup(pid)
+        except OSError:
+            continue  # ended meanwhile
+    return found
+
+
+@BOTH_PROCTRACKS
 def test_a_job_runs_on_its_vm_with_its_args_cwd_env_output_and_exit_code(gw: Gateway) -> None:
     alice = pwd.getpwnam("vmps-alice")
     workdir = f"{alice.pw_dir}/project one"
@@ -311,6 +367,7 @@ def test_an_ordinary_job_runs_on_the_ordinary_node_untouched_beside_a_pool_job(g
     assert not gw.drained() and "DRAIN" not in gw.slurm.node(ORDINARY_NODE).get("State", "")
 
 
+@BOTH_PROCTRACKS
 def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
     job = gw.submit("vmps-bob", "#!/bin/sh\necho started; echo oops >&2; exec sleep 1000\n")
     uid = str(pwd.getpwnam("vmps-bob").pw_uid)
@@ -321,6 +378,10 @@ def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
     )
     vm = gw.vm_of(job)
     wait_until(lambda: gw.on_vm(vm, "pgrep", "-U", uid, "-x", "sleep")[0] == 0, 10, "the job's sleep on the VM")
+    if gw.slurm.proctrack == "cgroup":  # the starter and its ssh client are the step's, for slurmstepd
+        step = step_processes(gw, job)
+        assert any("jobstarter" in process for process in step), step
+        assert all(cgroup.endswith(f"/job_{job}/step_batch") for cgroup in step.values()), step
 
     gw.slurm.run("scancel", job, user="vmps-bob")
 
