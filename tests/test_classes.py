@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ import pytest
 
 import vmpool as vp
 from tests.conftest import ROOT, PoolHandle, wait_until
+from tests.pbs_mom import Job
 from tests.test_config import GOOD, write
+from tests.torque_node import Mom
 
 # flavor ID -> vCPUs, RAM (MiB), extra specs: made once per bed, as an admin would
 FLAVORS = {
@@ -217,3 +220,44 @@ def test_a_one_flavor_state_file_from_before_classes_is_read_and_used_as_it_is(
     pool.run("release", "21")
     after = json.loads(old_vmpool("status", "--json").stdout)
     assert after["counts"]["free"] == 1 and after["vms"][0]["address"] == address
+
+
+# --- Torque: the prologue passes the job's resources, as pbs_mom gives them, to acquire ---
+
+
+@pytest.mark.xdist_group("torque-node")
+def test_torque_jobs_of_ppn_1_4_and_8_at_once_each_run_on_a_vm_of_their_class(
+    mom: Mom, flavors: dict[str, Any]
+) -> None:
+    use_classes(mom.pool, **SIZES)
+    mom.pool.write_config(pool={"max": 4})
+    jobs = [
+        Job(f"30{n}.vmpool-test.example", "vmpt-alice", "#!/bin/bash\nnproc\n", ppn=ppn, mem=mem)
+        for n, (ppn, mem) in enumerate(((1, ""), (4, "6gb"), (8, "")))
+    ]
+    for job in jobs:
+        mom.pbs.receive(job)
+    with ThreadPoolExecutor(len(jobs)) as threads:
+        runs = list(threads.map(mom.pbs.prologue, jobs))
+    assert [run.outcome for run in runs] == ["run"] * 3, [mom.pbs.err(job) for job in jobs]
+    placed = {job.ppn: mom.vm_of(job) for job in jobs}
+    assert {ppn: vm["class"] for ppn, vm in placed.items()} == {1: "small", 4: "medium", 8: "big"}
+    assert {ppn: flavor_of(mom.pool, vm["server_id"]) for ppn, vm in placed.items()} == {
+        1: "cls-1c2g",
+        4: "cls-4c8g",
+        8: "cls-8c32g",
+    }
+    for job in jobs:
+        assert mom.pbs.start(job).wait(60) == 0
+        assert mom.pbs.end(job, exit_status=0).exit_code == 0
+    assert len(mom.pool.vms("free")) == 3
+
+    too_big = Job("309.vmpool-test.example", "vmpt-alice", "#!/bin/bash\ntrue\n", ppn=16, mem="64gb")
+    mom.pbs.receive(too_big)
+    refused = mom.pbs.prologue(too_big)
+    assert refused.outcome == "abort", mom.pbs.err(too_big)  # exit 1: the job is never run
+    assert "job 309.vmpool-test.example asks for 16 cores, 64G memory: more than any class of the pool offers" in (
+        mom.told(too_big)
+    )
+    assert "(the largest, gpu, has 8 cores, 32G memory, 1 GPU(s)) (job aborted)" in mom.told(too_big)
+    assert len(mom.pool.vms()) == 3  # nothing booted for it
