@@ -6,6 +6,12 @@ the job there over SSH, and the epilogue scrubs the VM and calls ``vmpool releas
 every minute) keeps the pool between ``min`` and ``max``, re-checks Unusable VMs and
 deletes the dead. ``vmpool status`` shows what every VM is doing.
 
+VM classes (``[class NAME]``, each its flavor; without them the one class "default"): a job
+gets a VM of the smallest class its cores, memory and GPUs fit in (``acquire --cores --mem
+--gpus``); sizes, spares and trimming are per class, creates stay within the pool's max,
+max_cores and max_memory and the project's quota (Nova's absolute limits), single-use classes
+delete their VM after its one job.
+
 For site operations: ``drain``, ``delete``, ``pause``, ``resume`` and ``clear-backoff`` are an
 admin's state changes (logged with who and why; reconcile does the cloud work); ``check`` is a
 Nagios/Icinga plugin; ``metrics`` (and ``[metrics] textfile``) the Prometheus exposition;
@@ -26,9 +32,10 @@ The file, top to bottom (each section under a ``# --- name ---`` banner):
     start-up admission   take_start_slot, admitted: a burst of commands imports a few at a time
     constants and errors VmpoolError and its subclasses (each carries its exit code), failpoint
     configuration        load_config -> Config (frozen dataclasses, validated)
-    the model            Vm, VmState, Why, Request, PoolState; Server, Observation, JobRecord;
+    the model            Vm, VmState, Why, Request, Want, PoolState; Server, Observation, JobRecord;
                          the actions (CreateServer, DeleteServer, ProbeSsh, Note) and outcomes
-    the pure policy      plan_acquire, plan_hand_over, plan_release, plan_reconcile, plan_created,
+    the pure policy      plan_acquire (choose_class, class_size), plan_hand_over, plan_release,
+                         plan_reconcile (_scale per class within _budget), plan_created,
                          plan_deleted, plan_probed, plan_clock, the admin plans (plan_drain ...),
                          read-outs (explain_no_vm, pool_health): state + observations + now ->
                          new state + actions, no I/O
@@ -3587,16 +3594,25 @@ class NovaCloud:
                 return f"{value!r} is the name of {key} {named[0]}; give its ID: {key} = {named[0]}"
             return f"the cloud has no {key} with ID {value!r} (`openstack {key} list` shows them)"
 
-        findings = [
-            ("flavor", by_id("flavor", cloud.flavor, "flavors")),
-            ("image", by_id("image", cloud.image, "images")),
-            (
-                "network",
-                ""
-                if get(f"/os-networks/{quote(cloud.network, safe='')}") is not None
-                else f"the cloud has no network with ID {cloud.network!r} (`openstack network list` shows them)",
-            ),
-        ]
+        def network(value: str) -> str:
+            if get(f"/os-networks/{quote(value, safe='')}") is not None:
+                return ""
+            return f"the cloud has no network with ID {value!r} (`openstack network list` shows them)"
+
+        checks = {
+            "flavor": lambda value: by_id("flavor", value, "flavors"),
+            "image": lambda value: by_id("image", value, "images"),
+            "network": network,
+        }
+        findings: list[tuple[str, str]] = []
+        for key, check in checks.items():  # [openstack]'s value, then each class's own
+            values = {f"[openstack] {key} = {getattr(cloud, key)}": getattr(cloud, key)} if getattr(cloud, key) else {}
+            values.update(
+                (f"[class {vm_class.name}] {key} = {getattr(vm_class, key)}", getattr(vm_class, key))
+                for vm_class in self.config.pool.vm_classes
+                if getattr(vm_class, key) and getattr(vm_class, key) != getattr(cloud, key)
+            )
+            findings += [(where, check(value)) for where, value in values.items()]
         if cloud.key_name:
             keypair = (get(f"/os-keypairs/{quote(cloud.key_name, safe='')}") or {}).get("keypair")
             if keypair is None:
@@ -3608,7 +3624,7 @@ class NovaCloud:
                 )
             else:
                 problem = ""
-            findings.append(("key_name", problem))
+            findings.append((f"[openstack] key_name = {cloud.key_name}", problem))
         return findings
 
 
@@ -6350,8 +6366,8 @@ def verify(ctx: click.Context) -> None:
         report(source, str(error))
         raise
     report(f"{source}: authenticated" + ("" if cloud.auth_url else f" at {nova.auth_url}"), "")
-    for key, problem in findings:
-        report(f"[openstack] {key} = {getattr(cloud, key)}", problem)
+    for where, problem in findings:
+        report(where, problem)
     if problems:
         raise ConfigError(f"{config.path}: {len(problems)} check(s) failed: {'; '.join(problems)}")
 

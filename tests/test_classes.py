@@ -222,6 +222,18 @@ def test_a_one_flavor_state_file_from_before_classes_is_read_and_used_as_it_is(
     assert after["counts"]["free"] == 1 and after["vms"][0]["address"] == address
 
 
+def test_verify_checks_each_class_s_own_flavor_and_image(pool: PoolHandle, flavors: dict[str, Any]) -> None:
+    from tests.test_cli_e2e import verdicts
+
+    use_classes(pool, small={"flavor": "cls-1c2g"}, big={"flavor": "no-such-flavor", "image": "no-such-image"})
+    found = verdicts(pool.run("verify", check=False).stdout)
+    assert found["[class small] flavor"] == "ok" and found["[openstack] image"] == "ok"
+    assert found["[class big] flavor"].startswith("FAILED: the cloud has no flavor with ID 'no-such-flavor'")
+    assert found["[class big] image"].startswith("FAILED: the cloud has no image with ID 'no-such-image'")
+    use_classes(pool, **SIZES)
+    assert set(verdicts(pool.run("verify").stdout).values()) == {"ok"}
+
+
 # --- Torque: the prologue passes the job's resources, as pbs_mom gives them, to acquire ---
 
 
