@@ -141,6 +141,18 @@ def test_the_job_s_cores_and_memory_choose_its_vm_and_a_job_no_class_fits_is_ref
     pool.run("release", "1")
     pool.run("release", "2")
 
+    # the fast path: a Free VM of the job's class is claimed without the cloud, its client unimported
+    pool.bed.reset_counts()
+    code = (
+        "import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], 'acquire', '4', '--cores', '3']); "
+        "print('IMPORTED', sorted(m for m in ('novaclient', 'fabric', 'keystoneauth1') if m in sys.modules)); "
+        "sys.exit(rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, pool.config_path], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "IMPORTED []" in result.stdout, result.stderr
+    assert result.stdout.splitlines()[0] == medium.stdout.strip()  # the medium VM, Free again
+    assert sum(pool.bed.counts().values()) == 0, pool.bed.counts()
+
 
 def test_a_single_use_vm_is_deleted_after_its_job_and_a_spare_is_always_ready(
     pool: PoolHandle, flavors: dict[str, Any]
