@@ -381,10 +381,13 @@ class PoolConfig:
     # the VM classes ([class NAME] sections), smallest first once their flavors are known; without
     # any, the one class "default" of [openstack] flavor and this section's min, max and min_free
     classes: tuple[ClassConfig, ...] = field(default=(), metadata={"ini": False})
+    default_flavor: str = field(default="", metadata={"ini": False})  # [openstack] flavor: the implicit class's
 
     @functools.cached_property
     def vm_classes(self) -> tuple[ClassConfig, ...]:
-        return self.classes or (ClassConfig(DEFAULT_CLASS, min=self.min, max=self.max, min_free=self.min_free),)
+        """The named classes, or the implicit one, made from this section's current min, max and min_free."""
+        implicit = ClassConfig(DEFAULT_CLASS, self.default_flavor, min=self.min, max=self.max, min_free=self.min_free)
+        return self.classes or (implicit,)
 
     def class_named(self, name: str) -> ClassConfig | None:
         return next((vm_class for vm_class in self.vm_classes if vm_class.name == name), None)
@@ -615,8 +618,7 @@ def _build_classes(path: str, parser: configparser.ConfigParser, pool: PoolConfi
     max and min_free; each checked against the pool's limits."""
     sections = [section for section in parser.sections() if section.startswith("class ")]
     if not sections:
-        implicit = ClassConfig(DEFAULT_CLASS, flavor=flavor, min=pool.min, max=pool.max, min_free=pool.min_free)
-        return dataclasses.replace(pool, classes=(implicit,))
+        return dataclasses.replace(pool, default_flavor=flavor)
     for key in ("min", "min_free"):
         if parser.has_option("pool", key):
             raise ConfigError(

@@ -85,6 +85,10 @@ def test_class_sections_are_read_with_the_pool_s_limits(tmp_path: Path) -> None:
 def test_a_config_without_classes_is_the_one_class_default_of_its_flavor(tmp_path: Path) -> None:
     pool = vp.load_config(write(tmp_path, GOOD)).pool
     assert [(c.name, c.flavor, c.min, c.max, c.min_free) for c in pool.vm_classes] == [("default", "1", 1, 3, 1)]
+    import dataclasses  # a pool changed after loading (the replay's --set, a test) keeps its one class in step
+
+    changed = dataclasses.replace(pool, min=0, max=5, min_free=2).vm_classes
+    assert [(c.flavor, c.min, c.max, c.min_free) for c in changed] == [("1", 0, 5, 2)]
 
 
 @pytest.mark.parametrize(
