@@ -4769,6 +4769,9 @@ METRIC_NAMES = (
     "vmpool_waiting_on_quota",
     "vmpool_last_reconcile_timestamp_seconds",
     "vmpool_acquire_wait_seconds",
+    "vmpool_class_vms",
+    "vmpool_class_waiting_jobs",
+    "vmpool_class_desired_vms",
     *(f"vmpool_{name}_total" for name in COUNTERS),
 )
 
@@ -4812,6 +4815,7 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
         "When a reconcile pass last saw the cloud (0: never)",
         state.last_reconcile or 0,
     )
+    families += class_metric_families(state, pool)
     for counter, help_text in COUNTERS.items():
         family = CounterMetricFamily(f"vmpool_{counter}", help_text, labels=["pool"])
         family.add_metric([name], state.counters.get(counter, 0))
@@ -4826,6 +4830,27 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     waits.add_metric([name], buckets, sum_value=histogram.get("sum", 0.0))
     families.append(waits)
     return families
+
+
+def class_metric_families(state: PoolState, pool: PoolConfig) -> list[Any]:
+    """Per class: its VMs by state, the jobs waiting for it, the VMs it aims at."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    vms = GaugeMetricFamily("vmpool_class_vms", "VMs of each class per state", labels=["pool", "class", "state"])
+    waiting = GaugeMetricFamily(
+        "vmpool_class_waiting_jobs", "Jobs waiting for a VM of the class", labels=["pool", "class"]
+    )
+    desired = GaugeMetricFamily(
+        "vmpool_class_desired_vms",
+        "VMs the class aims at: its busy + waiting + min_free, within its min and max",
+        labels=["pool", "class"],
+    )
+    for entry in classes_json(state, pool):
+        for vm_state, count in entry["counts"].items():
+            vms.add_metric([pool.name, entry["name"], str(vm_state)], count)
+        waiting.add_metric([pool.name, entry["name"]], entry["waiting"])
+        desired.add_metric([pool.name, entry["name"]], entry["desired"])
+    return [vms, waiting, desired]
 
 
 def metrics_registry(state: PoolState, config: Config, now: float) -> Any:

@@ -244,3 +244,15 @@ def test_a_class_s_own_gpus_overrides_the_flavor_s() -> None:
 @pytest.mark.parametrize(("text", "mib"), [("0", 0), ("512", 512), ("512M", 512), ("6G", 6144), ("64gb", 65536)])
 def test_memory_sizes_read_as_torque_and_slurm_write_them(text: str, mib: int) -> None:
     assert vp.mebibytes(text) == mib
+
+
+def test_prometheus_metrics_per_class() -> None:
+    config = classes_config(ClassConfig("small", SMALL, min_free=1), ClassConfig("medium", MEDIUM))
+    state = state_of(vm("s1", vm_class="small"), vm("m1", BUSY, job="1", vm_class="medium"))
+    state, _ = acquire(state, "2", Want(4, 0, 0), config)
+    text = vp.metrics_text(state, config, NOW)
+    assert 'vmpool_class_vms{class="medium",pool="p",state="busy"} 1.0' in text
+    assert 'vmpool_class_vms{class="small",pool="p",state="free"} 1.0' in text
+    assert 'vmpool_class_waiting_jobs{class="medium",pool="p"} 1.0' in text
+    assert 'vmpool_class_desired_vms{class="medium",pool="p"} 2.0' in text
+    assert 'vmpool_class_desired_vms{class="small",pool="p"} 1.0' in text
