@@ -19,6 +19,7 @@ import vmpool as vp
 from tests.conftest import ROOT, PoolHandle, wait_until
 from tests.pbs_mom import Job
 from tests.test_config import GOOD, write
+from tests.test_submit_filter import SCRIPT, assert_passed, assert_refused, install_filter, run_batch
 from tests.torque_node import Mom
 
 # flavor ID -> vCPUs, RAM (MiB), extra specs: made once per bed, as an admin would
@@ -79,7 +80,7 @@ def test_class_sections_are_read_with_the_pool_s_limits(tmp_path: Path) -> None:
         ("big", "f8", 0, 2, True),
     ]
     assert (pool.max_cores, pool.max_memory, pool.bigger_vm_may_serve) == (64, 262144, True)
-    assert pool.class_named("big").image == "img8"  # type: ignore[union-attr]
+    assert pool.class_named("big").image == "img8"
 
 
 def test_a_config_without_classes_is_the_one_class_default_of_its_flavor(tmp_path: Path) -> None:
@@ -289,3 +290,39 @@ def test_torque_jobs_of_ppn_1_4_and_8_at_once_each_run_on_a_vm_of_their_class(
     )
     assert "(the largest, gpu, has 8 cores, 32G memory, 1 GPU(s)) (job aborted)" in mom.told(too_big)
     assert len(mom.pool.vms()) == 3  # nothing booted for it
+
+
+# --- Torque: a job no class fits is refused at qsub by the submit filter ---
+
+POOL_CLASSES = "CLASSES=small:1:2048:0+medium:4:8192:0+big:8:32768:0+gpu:8:32768:1"
+
+
+@pytest.mark.parametrize(
+    ("resources", "told"),
+    [
+        ("nodes=1:ppn=16", "this job asks for 16 cores: more than any class"),
+        ("nodes=1:ppn=8,mem=64gb", "this job asks for 8 cores, 64G memory: more than any class"),
+        ("nodes=1:ppn=2:gpus=2", "this job asks for 2 cores, 2 GPU(s): more than any class"),
+        ("ncpus=4,pmem=10gb", "this job asks for 4 cores, 40G memory: more than any class"),
+    ],
+)
+def test_the_submit_filter_refuses_a_job_no_class_fits_naming_the_largest(
+    resources: str, told: str, tmp_path: Path
+) -> None:
+    dest, done = install_filter(tmp_path, POOL_CLASSES)
+    assert done.returncode == 0, done.stderr
+    outcome = run_batch(["-q", "vmpool", "-l", resources, "job.sh"], SCRIPT, tmp_path, dest)
+    assert_refused(outcome, told, "the largest, gpu, has 8 cores, 32G memory, 1 GPU(s)")
+
+
+@pytest.mark.parametrize("resources", ["nodes=1:ppn=8,mem=32gb", "nodes=1:ppn=1:gpus=1", "mem=2048mb", "walltime=1:00"])
+def test_the_submit_filter_passes_a_job_some_class_fits(resources: str, tmp_path: Path) -> None:
+    dest, _ = install_filter(tmp_path, POOL_CLASSES)
+    assert_passed(run_batch(["-q", "vmpool", "-l", resources, "job.sh"], SCRIPT, tmp_path, dest), SCRIPT)
+    assert_passed(run_batch(["-q", "other", "-l", "nodes=1:ppn=64", "job.sh"], SCRIPT, tmp_path, dest), SCRIPT)
+
+
+def test_the_submit_filter_refuses_classes_it_cannot_read(tmp_path: Path) -> None:
+    _, done = install_filter(tmp_path, "CLASSES=small:1:2048")
+    assert done.returncode != 0
+    assert "CLASSES entry 'small:1:2048' is not NAME:CORES:MEMORY_MIB:GPUS" in done.stderr

@@ -67,7 +67,7 @@ def test_a_job_no_class_fits_is_refused_at_once_naming_the_largest_class() -> No
         "job 9 asks for 16 cores: more than any class of the pool offers "
         "(the largest, gpu, has 8 cores, 32G memory, 1 GPU(s))"
     )
-    assert new.requests == [] and new.vm_named("s1").state == FREE  # type: ignore[union-attr]
+    assert new.requests == [] and new.vm_named("s1").state == FREE
 
 
 def test_a_job_gets_a_free_vm_of_its_class_never_a_smaller_one_nor_a_bigger_one_by_default() -> None:
@@ -97,7 +97,7 @@ def test_a_freed_vm_is_handed_to_the_first_waiter_of_its_class_not_the_queue_hea
     state, _ = acquire(state, "7", Want(4, 0, 0), config, pid=107)  # waits for a medium VM
     state, _ = vp.plan_release(state, "5", NOW, pool=config.pool)
     state, _ = vp.plan_hand_over(state, NOW, HOST, lambda request: True, config.pool)
-    assert state.vm_named("m1").job == "7"  # type: ignore[union-attr]
+    assert state.vm_named("m1").job == "7"
     assert [r.job for r in state.requests] == ["6"]
 
 
@@ -130,7 +130,7 @@ def test_creates_spares_and_trimming_are_per_class() -> None:
     new, actions = vp.plan_reconcile(state, seen(server("old-big"), server("b2")), config, NOW)
     creates = kinds(actions, CreateServer)
     assert sorted(c.vm_class for c in creates) == ["small", "small"]
-    assert all(new.vm_named(c.name).vm_class == "small" for c in creates)  # type: ignore[union-attr]
+    assert all(new.vm_named(c.name).vm_class == "small" for c in creates)
     assert [d.name for d in kinds(actions, DeleteServer)] == ["old-big"]  # big keeps its min of 1
 
 
@@ -182,7 +182,7 @@ def test_a_single_use_vm_is_deleted_after_its_job_and_its_spare_replaced() -> No
     state, notes = vp.plan_release(state, "3", NOW, pool=config.pool)
     once = state.vm_named("o1")
     assert once is not None and once.state == UNUSABLE and once.tainted == "single-use: served job 3"
-    assert "single-use (once): to be deleted" in notes[0].message  # type: ignore[union-attr]
+    assert "single-use (once): to be deleted" in notes[0].message
     assert state.counters.get("tainted_releases", 0) == 0  # not a failed scrub
     state, actions = vp.plan_reconcile(state, seen(server("o1"), server("o2")), config, NOW + 1)
     assert [(d.name, d.reason) for d in kinds(actions, DeleteServer)] == [("o1", "single-use: served job 3")]
@@ -207,7 +207,7 @@ def test_an_adopted_server_keeps_the_class_its_metadata_names() -> None:
     listing = seen(server("x1", vm_class="big"))
     for offset in (0, 60):
         state, _ = vp.plan_reconcile(state, listing, config, NOW + offset)
-    assert state.vm_named("x1").vm_class == "big"  # type: ignore[union-attr]
+    assert state.vm_named("x1").vm_class == "big"
 
 
 def test_a_one_class_state_file_has_no_class_nor_flavor_fields_and_an_older_reader_s_fields_only() -> None:
