@@ -80,9 +80,8 @@ def parse_record(text: str) -> dict[str, str]:
 class SlurmCluster:
     """slurmctld + one slurmd (node `vmgw`, partition `vmpool`) + munged, under `root`."""
 
-    def __init__(
-        self, root: Path, cpus: int = 3, settings: dict[str, str] | None = None, job_submit_lua: str | None = None
-    ):
+    def __init__(self, root: Path, cpus: int = 3, settings: dict[str, str] | None = None,
+                 job_submit_lua: str | None = None):
         self.root = Path(root)
         self.cpus = cpus
         self.settings = dict(settings or {})
@@ -140,22 +139,13 @@ class SlurmCluster:
             **self.settings,
         }
         text = "".join(f"{key}={value}\n" for key, value in lines.items())
-        text += (
-            f"NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
-            f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP\n"
-        )
+        text += (f"NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN\n"
+                 f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP\n")
         return text
 
     def write_files(self) -> None:
-        for sub, mode in (
-            ("", 0o755),
-            ("etc", 0o755),
-            ("munge", 0o755),
-            ("ctld", 0o700),
-            ("slurmd", 0o755),
-            ("run", 0o755),
-            ("log", 0o700),
-        ):
+        for sub, mode in (("", 0o755), ("etc", 0o755), ("munge", 0o755), ("ctld", 0o700), ("slurmd", 0o755),
+                          ("run", 0o755), ("log", 0o700)):
             path = self.root / sub
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(mode)
@@ -174,36 +164,21 @@ class SlurmCluster:
     def start(self, timeout: float = 60) -> SlurmCluster:
         self.write_files()
         d = self.root
-        self._spawn(
-            "munged",
-            [
-                "/usr/sbin/munged",
-                "-F",
-                "--force",
-                f"--socket={self.socket}",
-                f"--key-file={d}/munge.key",
-                f"--pid-file={d}/run/munged.pid",
-                f"--log-file={d}/log/munged.log",
-                f"--seed-file={d}/munge/seed",
-                "--num-threads=2",
-            ],
-        )
+        self._spawn("munged", ["/usr/sbin/munged", "-F", "--force", f"--socket={self.socket}",
+                               f"--key-file={d}/munge.key", f"--pid-file={d}/run/munged.pid",
+                               f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge/seed", "--num-threads=2"])
         _wait(self.socket.exists, timeout, "munged's socket")
         self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)])
-        _wait(
-            lambda: self.scontrol("ping", check=False).stdout.find("is UP") >= 0,
-            timeout,
-            "slurmctld to answer `scontrol ping`",
-        )
+        _wait(lambda: self.scontrol("ping", check=False).stdout.find("is UP") >= 0, timeout,
+              "slurmctld to answer `scontrol ping`")
         self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
         self.wait_node_idle(timeout)
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115  (the daemon keeps it)
-        self.procs[name] = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env, start_new_session=True
-        )
+        self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env,
+                                            start_new_session=True)
         out.close()
 
     def _check_alive(self) -> None:
@@ -222,7 +197,6 @@ class SlurmCluster:
         def idle() -> bool:
             self._check_alive()
             return self.node().get("State", "").split("+")[0] == "IDLE"
-
         _wait(idle, timeout, f"node {NODE} to be IDLE")
 
     def reconfigure(self, **settings: str) -> None:
@@ -236,16 +210,10 @@ class SlurmCluster:
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--partition", PARTITION, check=False)
             try:
-                _wait(
-                    lambda: not self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip(),
-                    timeout,
-                    "every job to end",
-                )
-                _wait(
-                    lambda: not [p for p in self.job_processes() if not p[1].startswith("slurmctld:")],
-                    timeout,
-                    "the jobs' processes to end",
-                )
+                _wait(lambda: not self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip(), timeout,
+                      "every job to end")
+                _wait(lambda: not [p for p in self.job_processes() if not p[1].startswith("slurmctld:")], timeout,
+                      "the jobs' processes to end")
             except AssertionError:
                 pass  # reported as leftovers below
         for name in ("slurmd", "slurmctld", "munged"):
@@ -284,31 +252,15 @@ class SlurmCluster:
 
     # --- commands ---
 
-    def run(
-        self,
-        *argv: str,
-        check: bool = True,
-        user: str | None = None,
-        cwd: str | None = None,
-        env: dict[str, str] | None = None,
-        timeout: float = 60,
-    ) -> subprocess.CompletedProcess[str]:
+    def run(self, *argv: str, check: bool = True, user: str | None = None, cwd: str | None = None,
+            env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, Any] = {}
         if user is not None:
             import pwd
-
             owner = pwd.getpwnam(user)
             kwargs = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
-        result = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd,
-            env={**self.env, **(env or {})},
-            timeout=timeout,
-            **kwargs,
-        )
+        result = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=cwd,
+                                env={**self.env, **(env or {})}, timeout=timeout, **kwargs)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
         return result
@@ -324,19 +276,11 @@ class SlurmCluster:
         result = self.scontrol("show", "job", job_id, check=False)
         return parse_record(result.stdout) if result.returncode == 0 else {}
 
-    def sbatch(
-        self,
-        user: str,
-        script: str,
-        args: Iterable[str] = (),
-        options: Iterable[str] = (),
-        cwd: str | None = None,
-        env: dict[str, str] | None = None,
-    ) -> str:
+    def sbatch(self, user: str, script: str, args: Iterable[str] = (), options: Iterable[str] = (),
+               cwd: str | None = None, env: dict[str, str] | None = None) -> str:
         """Submit as `user` from `cwd` (default: the user's home) with `env` added to a plain
         login-like environment; the script travels on stdin when it has no path. Returns the job id."""
         import pwd
-
         owner = pwd.getpwnam(user)
         base = {"HOME": owner.pw_dir, "USER": user, "LOGNAME": user, "SHELL": owner.pw_shell}
         script_path = Path(self.root) / "scripts" / f"{user}-{time.monotonic_ns()}.sh"
@@ -344,16 +288,8 @@ class SlurmCluster:
         script_path.parent.chmod(0o755)
         script_path.write_text(script)
         script_path.chmod(0o644)
-        result = self.run(
-            "sbatch",
-            "--parsable",
-            *options,
-            str(script_path),
-            *args,
-            user=user,
-            cwd=cwd or owner.pw_dir,
-            env={**base, **(env or {})},
-        )
+        result = self.run("sbatch", "--parsable", *options, str(script_path), *args, user=user,
+                          cwd=cwd or owner.pw_dir, env={**base, **(env or {})})
         return result.stdout.strip().split(";")[0]
 
     def state(self, job_id: str) -> str:
@@ -366,5 +302,4 @@ class SlurmCluster:
             self._check_alive()
             info = self.job(job_id)
             return info if info.get("JobState") in wanted else None
-
         return _wait(reached, timeout, f"job {job_id} to reach {sorted(wanted)} (now: {self.job(job_id)})", 0.3)

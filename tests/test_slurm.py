@@ -25,47 +25,24 @@ from tests.pbs_mom import ensure_users
 from tests.slurm_cluster import NODE, SlurmCluster, missing
 from tests.torque_node import user_traces
 
-pytestmark = [
-    pytest.mark.xdist_group("slurm"),
-    pytest.mark.skipif(
-        bool(missing()),
-        reason=f"Slurm is not installed ({', '.join(missing())} missing): "
-        "`make slurm-deps` (apt-get install slurmctld slurmd slurm-client munge)",
-    ),
-]
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.skipif(
+    bool(missing()), reason=f"Slurm is not installed ({', '.join(missing())} missing): "
+                            "`make slurm-deps` (apt-get install slurmctld slurmd slurm-client munge)")]
 
 USERS = ("vmps-alice", "vmps-bob")
 CPUS = 3  # the pool fixture's [pool] max
-SETTINGS = {
-    "ACQUIRE_TIMEOUT": 60,
-    "SSH_CONNECT_TIMEOUT": 3,
-    "SCRUB_TIMEOUT": 20,
-    "PREPARE_TIMEOUT": 20,
-    "KILL_GRACE": 2,
-}
+SETTINGS = {"ACQUIRE_TIMEOUT": 60, "SSH_CONNECT_TIMEOUT": 3, "SCRUB_TIMEOUT": 20,
+            "PREPARE_TIMEOUT": 20, "KILL_GRACE": 2}
 
 
 def install(root: Path, vmpool_config: str, **settings: object) -> subprocess.CompletedProcess[str]:
     """The hooks as the README tells a site to install them (hooks in root/hooks, lua beside slurm.conf)."""
     settings = {**SETTINGS, **settings}
     return subprocess.run(
-        [
-            "make",
-            "-s",
-            "-C",
-            str(ROOT),
-            "install-slurm-hooks",
-            f"SLURM_HOOKS_DIR={root / 'hooks'}",
-            f"SLURM_CONF_DIR={root / 'etc'}",
-            f"VMPOOL={VMPOOL}",
-            f"VMPOOL_CONFIG={vmpool_config}",
-            f"JOB_DIR={root / 'jobs'}",
-            "HOOKS_SETTINGS=" + " ".join(f"{k}={v}" for k, v in settings.items()),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+        ["make", "-s", "-C", str(ROOT), "install-slurm-hooks", f"SLURM_HOOKS_DIR={root / 'hooks'}",
+         f"SLURM_CONF_DIR={root / 'etc'}", f"VMPOOL={VMPOOL}", f"VMPOOL_CONFIG={vmpool_config}",
+         f"JOB_DIR={root / 'jobs'}", "HOOKS_SETTINGS=" + " ".join(f"{k}={v}" for k, v in settings.items())],
+        capture_output=True, text=True, check=True)
 
 
 def conf_lines(printed: str) -> dict[str, str]:
@@ -105,13 +82,8 @@ class Gateway:
         install(self.slurm.root, self.pool.config_path, **settings)
 
     def submit(self, user: str, script: str, *args: str, options: tuple[str, ...] = (), **kw: Any) -> str:
-        return self.slurm.sbatch(
-            user,
-            script,
-            args=args,
-            options=("-o", f"{self.out_dir}/%j.out", "-e", f"{self.out_dir}/%j.err", *options),
-            **kw,
-        )
+        return self.slurm.sbatch(user, script, args=args, options=(
+            "-o", f"{self.out_dir}/%j.out", "-e", f"{self.out_dir}/%j.err", *options), **kw)
 
     def out(self, job: str) -> str:
         path = self.out_dir / f"{job}.out"
@@ -139,12 +111,8 @@ class Gateway:
         def finished() -> dict[str, str] | None:
             info = self.slurm.job(job)
             complete = info.get("JobState") in ended and "COMPLETING" not in self.slurm.node().get("State", "")
-            return (
-                info
-                if complete and not self.slurm.run("squeue", "-h", "-j", job, "-t", "CG", check=False).stdout.strip()
-                else None
-            )
-
+            return info if complete and not self.slurm.run("squeue", "-h", "-j", job, "-t", "CG",
+                                                           check=False).stdout.strip() else None
         return wait_until(finished, timeout, f"job {job} to end and its epilog to run ({self.slurm.job(job)})", 0.3)
 
     def drained(self) -> bool:
@@ -161,9 +129,8 @@ def gw(slurm: SlurmCluster, pool: PoolHandle) -> Iterator[Gateway]:
             assert TRACEBACK not in path.read_text(errors="replace"), path.name
     finally:
         slurm.run("scancel", "--full", "--partition", "vmpool", check=False)
-        wait_until(
-            lambda: not slurm.run("squeue", "-h", check=False).stdout.strip(), 300, "every job (and its epilog) to end"
-        )
+        wait_until(lambda: not slurm.run("squeue", "-h", check=False).stdout.strip(), 300,
+                   "every job (and its epilog) to end")
         node = slurm.node()
         shutil.rmtree(handle.out_dir, ignore_errors=True)
         if handle.drained():  # the next tests need a working node; this one fails below
@@ -182,9 +149,7 @@ def test_a_job_runs_on_its_vm_with_its_args_cwd_env_output_and_exit_code(gw: Gat
     alice = pwd.getpwnam("vmps-alice")
     workdir = f"{alice.pw_dir}/project one"
     gw.slurm.run("mkdir", "-p", workdir, user="vmps-alice")
-    job = gw.submit(
-        "vmps-alice",
-        """#!/bin/bash
+    job = gw.submit("vmps-alice", """#!/bin/bash
 #SBATCH -J vmps
 echo "whoami=$(whoami)"
 echo "host=$(hostname)"
@@ -196,11 +161,7 @@ echo "to stderr" >&2
 echo secret > /tmp/alice-tmp; echo secret > /var/tmp/alice-vartmp
 sleep 2
 exit 7
-""",
-        "first",
-        "second arg",
-        options=("-D", workdir, "--export=ALL,MY_SETTING=it's $HOME; `x`"),
-    )
+""", "first", "second arg", options=("-D", workdir, "--export=ALL,MY_SETTING=it's $HOME; `x`"))
 
     wait_until(lambda: [vm for vm in gw.pool.vms() if vm["job"] == job], 90, "the job's VM")
     vm = gw.vm_of(job)
@@ -228,11 +189,8 @@ exit 7
 def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
     job = gw.submit("vmps-bob", "#!/bin/sh\necho started; echo oops >&2; exec sleep 1000\n")
     uid = str(pwd.getpwnam("vmps-bob").pw_uid)
-    wait_until(
-        lambda: gw.out(job) == "started\n" and "oops\n" in gw.err(job),
-        90,
-        f"the job's first lines while it runs ({gw.slurm.job(job)})",
-    )
+    wait_until(lambda: gw.out(job) == "started\n" and "oops\n" in gw.err(job), 90,
+               f"the job's first lines while it runs ({gw.slurm.job(job)})")
     vm = gw.vm_of(job)
     wait_until(lambda: gw.on_vm(vm, "pgrep", "-U", uid, "-x", "sleep")[0] == 0, 10, "the job's sleep on the VM")
 
@@ -251,7 +209,8 @@ def test_scancel_ends_the_job_on_its_vm(gw: Gateway) -> None:
 
 
 def test_the_time_limit_ends_the_job_on_its_vm(gw: Gateway) -> None:
-    job = gw.submit("vmps-alice", "#!/bin/bash\necho started; sleep 1000; echo not reached\n", options=("--time=1",))
+    job = gw.submit("vmps-alice", "#!/bin/bash\necho started; sleep 1000; echo not reached\n",
+                    options=("--time=1",))
     uid = str(pwd.getpwnam("vmps-alice").pw_uid)
     wait_until(lambda: gw.out(job) == "started\n", 90, f"the job to start ({gw.slurm.job(job)})")
     vm = gw.vm_of(job)
@@ -278,14 +237,9 @@ echo "tmp=$(ls /tmp | tr '\\n' ' ')"
 for other in vmps-alice vmps-bob; do cat "/home/$other/secret" 2>/dev/null; done; true
 """
     jobs = {user: gw.submit(user, script) for user in USERS}
-    wait_until(
-        lambda: (
-            all(gw.slurm.state(job) == "RUNNING" for job in jobs.values())
-            and len({vm["job"] for vm in gw.pool.vms("busy")} & set(jobs.values())) == 2
-        ),
-        120,
-        "both jobs running on VMs at once",
-    )
+    wait_until(lambda: all(gw.slurm.state(job) == "RUNNING" for job in jobs.values())
+               and len({vm["job"] for vm in gw.pool.vms("busy")} & set(jobs.values())) == 2, 120,
+               "both jobs running on VMs at once")
     vms = {user: gw.vm_of(job) for user, job in jobs.items()}
     assert vms["vmps-alice"]["name"] != vms["vmps-bob"]["name"]
     for vm in vms.values():
@@ -326,10 +280,8 @@ def test_with_the_pool_at_max_jobs_wait_and_nothing_is_drained(gw: Gateway) -> N
 
     wait_until(all_done, 240, "every job to complete", interval=0.5)
 
-    assert len(most) <= CPUS, (
-        f"the cloud held {len(most)} of the pool's servers (max {CPUS}): {most}\n"
-        + Path(gw.pool.settings["pool"]["log_file"]).read_text()
-    )
+    assert len(most) <= CPUS, (f"the cloud held {len(most)} of the pool's servers (max {CPUS}): {most}\n"
+                               + Path(gw.pool.settings["pool"]["log_file"]).read_text())
     assert [gw.out(job) for job in jobs] == ["done\n"] * len(jobs)
     assert not gw.drained()
 
@@ -342,11 +294,8 @@ def test_a_cloud_failure_in_the_prolog_requeues_the_job_without_draining_the_nod
     gw.install(ACQUIRE_TIMEOUT=4)
     job = gw.submit("vmps-alice", "#!/bin/bash\necho ran\n")
 
-    info = wait_until(
-        lambda: (i := gw.slurm.job(job)) and int(i.get("Restarts", "0")) >= 1 and i,
-        120,
-        f"the job to be requeued ({gw.slurm.job(job)})",
-    )
+    info = wait_until(lambda: (i := gw.slurm.job(job)) and int(i.get("Restarts", "0")) >= 1 and i, 120,
+                      f"the job to be requeued ({gw.slurm.job(job)})")
 
     assert "no VM became free within 4s; the job is requeued in 0s" in info.get("AdminComment", ""), info
     assert not gw.drained(), gw.slurm.node()
@@ -366,9 +315,8 @@ def test_a_cloud_failure_in_the_prolog_requeues_the_job_without_draining_the_nod
 
 
 def test_a_job_of_a_system_user_is_cancelled_by_the_prolog_with_the_reason(gw: Gateway) -> None:
-    job = gw.slurm.run(
-        "sbatch", "--parsable", "-o", f"{gw.out_dir}/%j.out", "--wrap", "id", cwd=str(gw.out_dir)
-    ).stdout.strip()  # root's
+    job = gw.slurm.run("sbatch", "--parsable", "-o", f"{gw.out_dir}/%j.out", "--wrap", "id",
+                       cwd=str(gw.out_dir)).stdout.strip()  # root's
 
     info = gw.done(job)
 
@@ -383,7 +331,8 @@ def test_a_job_of_a_system_user_is_cancelled_by_the_prolog_with_the_reason(gw: G
 def test_interactive_and_multi_node_jobs_are_refused_at_submit_time(gw: Gateway) -> None:
     salloc = gw.slurm.run("salloc", "--no-shell", user="vmps-alice", check=False, timeout=30)
     srun = gw.slurm.run("srun", "true", user="vmps-alice", check=False, timeout=30)
-    multi = gw.slurm.run("sbatch", "-N", "2", "--wrap", "true", user="vmps-alice", check=False, cwd=str(gw.out_dir))
+    multi = gw.slurm.run("sbatch", "-N", "2", "--wrap", "true", user="vmps-alice", check=False,
+                         cwd=str(gw.out_dir))
 
     for result in (salloc, srun):
         assert result.returncode != 0
@@ -406,7 +355,8 @@ def test_install_prints_slurm_conf_lines_above_the_hooks_worst_case(slurm: Slurm
     assert f'local STARTER = "{hooks}/jobstarter"' in lua
 
 
-def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_without_its_epilog(gw: Gateway) -> None:
+def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_without_its_epilog(
+        gw: Gateway) -> None:
     """vmpool's `[batch] system = slurm` against the real scontrol: a held (pending) job is alive,
     a cancelled one is gone; VMs held under their ids by hand play a lost epilog."""
     env = {**os.environ, "SLURM_CONF": str(gw.slurm.conf)}
@@ -422,7 +372,6 @@ def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_w
     def reconciled() -> bool:  # cron's passes, with this cluster's slurm.conf
         gw.pool.run("reconcile", env=env)
         return lost["server_id"] not in {s.id for s in gw.pool.servers()}
-
     wait_until(reconciled, 90, "the VM of the ended job deleted", interval=0.3)
 
     assert [vm["job"] for vm in gw.pool.vms("busy")] == [pending], "the pending job keeps its VM"
@@ -434,9 +383,8 @@ def test_reconcile_asks_the_real_scontrol_and_frees_the_vm_of_a_job_that_ended_w
 def test_a_job_cancelled_while_its_prolog_waits_for_a_vm_holds_nothing_afterwards(gw: Gateway) -> None:
     gw.pool.bed.set_behaviour(f"^{gw.pool.prefix}", spawn_delay=15)  # a slow boot
     job = gw.submit("vmps-alice", "#!/bin/bash\necho ran\n")
-    wait_until(
-        lambda: [w for w in gw.pool.status()["waiting"] if w["job"] == job], 60, "the prolog's acquire waiting for a VM"
-    )
+    wait_until(lambda: [w for w in gw.pool.status()["waiting"] if w["job"] == job], 60,
+               "the prolog's acquire waiting for a VM")
 
     gw.slurm.run("scancel", job, user="vmps-alice")
     info = gw.done(job, timeout=180)
