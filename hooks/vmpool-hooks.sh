@@ -375,7 +375,7 @@ vh_torque_resources() {
     done
     cores=${cores:-${ncpus:-1}} gpus=${gpus:-0}
     for value in "$cores" "$gpus"; do
-        vh_valid_uint "$value" || { VH_RESOURCES_ERROR="$(vh_show "$1") asks for $(vh_show "$value") cores or GPUs"; return 1; }
+        vh_valid_uint "$value" || { VH_RESOURCES_ERROR="$(vh_show "$value") is not a whole number of cores or GPUs"; return 1; }
     done
     (( cores >= 1 )) || cores=1
     (( per_core * cores > mem )) && mem=$((per_core * cores))

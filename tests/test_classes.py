@@ -326,3 +326,26 @@ def test_the_submit_filter_refuses_classes_it_cannot_read(tmp_path: Path) -> Non
     _, done = install_filter(tmp_path, "CLASSES=small:1:2048")
     assert done.returncode != 0
     assert "CLASSES entry 'small:1:2048' is not NAME:CORES:MEMORY_MIB:GPUS" in done.stderr
+
+
+@pytest.mark.xdist_group("torque-node")
+@pytest.mark.parametrize(
+    ("resources", "told"),
+    [
+        ("nodes=1:ppn=$(touch /tmp/vmpt-pwned)", " is not a whole number of cores or GPUs"),
+        ("nodes=1:ppn=4,mem=6gb;touch /tmp/vmpt-pwned", " is not a size"),
+    ],
+)
+def test_resources_the_prologue_cannot_read_abort_the_job_before_acquire(mom: Mom, resources: str, told: str) -> None:
+    from tests.test_hooks import PWNED, traced_vmpool
+
+    Path(PWNED).unlink(missing_ok=True)
+    trace = traced_vmpool(mom)
+    job = Job("311.server", "vmpt-alice", f"#!/bin/bash\ntouch {PWNED}\n")
+    mom.pbs.receive(job)
+    argv = mom.pbs.prologue_argv(job)
+    argv[4] = resources
+    assert mom.pbs.prologue(job, argv=argv).outcome == "abort"
+    assert "cannot read the job's resources: " in mom.told(job) and f"{told} (job aborted)" in mom.told(job)
+    assert "acquire" not in (trace.read_text() if trace.exists() else "")
+    assert not os.path.exists(PWNED) and mom.pool.servers() == []
