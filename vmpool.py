@@ -4416,7 +4416,8 @@ class ReconcilePass:
     def _limits(self, state: PoolState) -> dict[str, int] | None:
         """Nova's absolute limits, asked only when the pool may create (a pass without creates costs no request)."""
         pool = self.config.pool
-        if sum(1 for vm in state.vms if not vm.deleting and not vm.tainted) >= desired_size(state, pool):
+        undecided = sum(1 for request in state.requests if not request.vm_class)  # classes chosen by this pass
+        if sum(1 for vm in state.vms if not vm.deleting and not vm.tainted) >= desired_size(state, pool) + undecided:
             return None
         try:
             return self.cloud.absolute_limits()

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -190,9 +191,9 @@ def test_a_project_quota_in_cores_lets_some_boots_through_and_the_rest_wait(
         for _ in range(3):
             pool.run("reconcile")
         status = pool.status()
-        assert len(pool.servers()) == 2 and len(status["vms"]) == 2
-        assert len(status["waiting"]) == 1 and status["backoff_until"] is None and not status["last_cloud_error"]
         log = Path(pool.settings["pool"]["log_file"]).read_text()
+        assert len(pool.servers()) == 2 and len(status["vms"]) == 2, log
+        assert len(status["waiting"]) == 1 and status["backoff_until"] is None and not status["last_cloud_error"], log
         assert "class medium: not creating 1 VM(s): the project's quota maxTotalCores" in log
         assert "403" not in log and "not created" not in log
         done = [proc for proc in waiting if proc.poll() is not None]
@@ -349,3 +350,48 @@ def test_resources_the_prologue_cannot_read_abort_the_job_before_acquire(mom: Mo
     assert "cannot read the job's resources: " in mom.told(job) and f"{told} (job aborted)" in mom.told(job)
     assert "acquire" not in (trace.read_text() if trace.exists() else "")
     assert not os.path.exists(PWNED) and mom.pool.servers() == []
+
+
+def test_a_pass_that_decides_the_waiting_jobs_classes_reads_the_quota_before_creating(tmp_path: Path) -> None:
+    """The first pass learns the flavors and decides the queued jobs' classes in its decision: it must
+    have read the project's limits for the creates that decision makes."""
+    from tests.test_pool import FakeCloud, FakeRemote
+
+    class QuotaCloud(FakeCloud):
+        def flavor_size(self, flavor: str) -> dict[str, int]:
+            return {"vcpus": 4, "ram": 8192, "gpus": 0}
+
+        def absolute_limits(self) -> dict[str, int]:
+            self.calls.append("limits")
+            return {"maxTotalCores": 9, "totalCoresUsed": 0}
+
+    config = vp.Config(
+        path="test.conf",
+        pool=vp.PoolConfig(
+            name="p", max=3, state_file=str(tmp_path / "state.json"), classes=(vp.ClassConfig("medium", "f4"),)
+        ),
+        openstack=vp.OpenStackConfig(auth_url="http://127.0.0.1:9", image="i", network="n"),
+        ssh=vp.SshConfig(private_key=str(tmp_path / "key"), known_hosts=str(tmp_path / "known_hosts")),
+    )
+    cloud = QuotaCloud()
+    pool = vp.Pool(config, cloud=cloud, remote=FakeRemote())
+    pid = os.getpid()
+    for job in ("1", "2", "3"):  # queued before any pass knew the flavor: their class is not decided yet
+        pool._update(
+            lambda state, job=job: vp.plan_acquire(
+                state,
+                job,
+                "alice",
+                time.time(),
+                pid,
+                pool.host,
+                frozenset({(pid, vp.process_start(pid))}),
+                pid_start=vp.process_start(pid),
+                want=vp.Want(4, 0, 0),
+                pool=pool.config.pool,
+            )
+        )
+    assert [r.vm_class for r in pool.store.read().requests] == ["", "", ""]
+    pool.reconcile()
+    assert cloud.calls.count("create") == 2 and "limits" in cloud.calls
+    assert [r.vm_class for r in pool.store.read().requests] == ["medium"] * 3
