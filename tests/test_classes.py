@@ -5,6 +5,7 @@ one-flavor state file from before classes read and used as it is."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -376,21 +377,24 @@ def test_a_pass_that_decides_the_waiting_jobs_classes_reads_the_quota_before_cre
     cloud = QuotaCloud()
     pool = vp.Pool(config, cloud=cloud, remote=FakeRemote())
     pid = os.getpid()
-    for job in ("1", "2", "3"):  # queued before any pass knew the flavor: their class is not decided yet
-        pool._update(
-            lambda state, job=job: vp.plan_acquire(
-                state,
-                job,
-                "alice",
-                time.time(),
-                pid,
-                pool.host,
-                frozenset({(pid, vp.process_start(pid))}),
-                pid_start=vp.process_start(pid),
-                want=vp.Want(4, 0, 0),
-                pool=pool.config.pool,
-            )
+    waiter = frozenset({(pid, vp.process_start(pid))})
+
+    def queue(state: vp.PoolState, job: str) -> tuple[vp.PoolState, Any]:
+        return vp.plan_acquire(
+            state,
+            job,
+            "alice",
+            time.time(),
+            pid,
+            pool.host,
+            waiter,
+            pid_start=vp.process_start(pid),
+            want=vp.Want(4, 0, 0),
+            pool=pool.config.pool,
         )
+
+    for job in ("1", "2", "3"):  # queued before any pass knew the flavor: their class is not decided yet
+        pool._update(functools.partial(queue, job=job))
     assert [r.vm_class for r in pool.store.read().requests] == ["", "", ""]
     pool.reconcile()
     assert cloud.calls.count("create") == 2 and "limits" in cloud.calls
