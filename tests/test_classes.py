@@ -207,16 +207,19 @@ def test_a_project_quota_in_cores_lets_some_boots_through_and_the_rest_wait(
         pool.bed.set_quota(project, cores=1000)
 
 
+PRE_CLASSES = "20fea6d"  # the last vmpool before VM classes
+
+
 def test_a_one_flavor_state_file_from_before_classes_is_read_and_used_as_it_is(
     pool: PoolHandle, tmp_path: Path
 ) -> None:
-    """main's vmpool (before classes) fills the pool; this one claims and frees its VM; main's reads
-    the state this one wrote."""
+    """vmpool as it was before classes (commit PRE_CLASSES of this repository) fills the pool; this
+    one claims and frees its VM; the older one reads the state this one wrote."""
     old = tmp_path / "old"
     old.mkdir()
-    shown = subprocess.run(["git", "-C", str(ROOT), "show", "main:vmpool.py"], capture_output=True, text=True)
-    if shown.returncode != 0 or "[class " in shown.stdout:
-        pytest.skip("needs the branch main of a vmpool before classes")
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{PRE_CLASSES}:vmpool.py"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip(f"needs the git history (commit {PRE_CLASSES}): {shown.stderr.strip()}")
     (old / "vmpool.py").write_text(shown.stdout)
 
     def old_vmpool(*args: str) -> subprocess.CompletedProcess[str]:
