@@ -6,6 +6,12 @@ the job there over SSH, and the epilogue scrubs the VM and calls ``vmpool releas
 every minute) keeps the pool between ``min`` and ``max``, re-checks Unusable VMs and
 deletes the dead. ``vmpool status`` shows what every VM is doing.
 
+VM classes (``[class NAME]``, each its flavor; without them the one class "default"): a job
+gets a VM of the smallest class its cores, memory and GPUs fit in (``acquire --cores --mem
+--gpus``); sizes, spares and trimming are per class, creates stay within the pool's max,
+max_cores and max_memory and the project's quota (Nova's absolute limits), single-use classes
+delete their VM after its one job.
+
 For site operations: ``drain``, ``delete``, ``pause``, ``resume`` and ``clear-backoff`` are an
 admin's state changes (logged with who and why; reconcile does the cloud work); ``check`` is a
 Nagios/Icinga plugin; ``metrics`` (and ``[metrics] textfile``) the Prometheus exposition;
@@ -26,9 +32,10 @@ The file, top to bottom (each section under a ``# --- name ---`` banner):
     start-up admission   take_start_slot, admitted: a burst of commands imports a few at a time
     constants and errors VmpoolError and its subclasses (each carries its exit code), failpoint
     configuration        load_config -> Config (frozen dataclasses, validated)
-    the model            Vm, VmState, Why, Request, PoolState; Server, Observation, JobRecord;
+    the model            Vm, VmState, Why, Request, Want, PoolState; Server, Observation, JobRecord;
                          the actions (CreateServer, DeleteServer, ProbeSsh, Note) and outcomes
-    the pure policy      plan_acquire, plan_hand_over, plan_release, plan_reconcile, plan_created,
+    the pure policy      plan_acquire (choose_class, class_size), plan_hand_over, plan_release,
+                         plan_reconcile (_scale per class within _budget), plan_created,
                          plan_deleted, plan_probed, plan_clock, the admin plans (plan_drain ...),
                          read-outs (explain_no_vm, pool_health): state + observations + now ->
                          new state + actions, no I/O
@@ -190,6 +197,9 @@ STATE_VERSION = 1
 DEFAULT_CONFIG_PATH = "/etc/vmpool/vmpool.conf"
 METADATA_POOL_KEY = "vmpool_pool"  # servers without this tag are never touched
 METADATA_VM_KEY = "vmpool_vm"
+METADATA_CLASS_KEY = "vmpool_class"  # the VM's class, so a server adopted after a state loss keeps it
+DEFAULT_CLASS = "default"  # the one class of a config without [class NAME] sections
+SINGLE_USE_TAINT = "single-use: served job"  # + the job: a single-use VM is deleted after its one job
 
 
 class VmState(enum.StrEnum):
@@ -365,6 +375,39 @@ class PoolConfig:
     # several pools in one project: while another pool's jobs wait on the project's quota, this
     # pool's Free VMs above min that have been idle this long give way (0: never)
     give_way_after: float = 60.0
+    max_cores: int = 0  # the pool's VMs hold at most this many vCPUs (0: no limit)
+    max_memory: int = 0  # ... and this much RAM, in MiB (the file may say 512G) (0: no limit)
+    bigger_vm_may_serve: bool = False  # a Free VM of a bigger class may serve a job its own class fits
+    # the VM classes ([class NAME] sections), smallest first once their flavors are known; without
+    # any, the one class "default" of [openstack] flavor and this section's min, max and min_free
+    classes: tuple[ClassConfig, ...] = field(default=(), metadata={"ini": False})
+    default_flavor: str = field(default="", metadata={"ini": False})  # [openstack] flavor: the implicit class's
+
+    @functools.cached_property
+    def vm_classes(self) -> tuple[ClassConfig, ...]:
+        """The named classes, or the implicit one, made from this section's current min, max and min_free."""
+        implicit = ClassConfig(DEFAULT_CLASS, self.default_flavor, min=self.min, max=self.max, min_free=self.min_free)
+        return self.classes or (implicit,)
+
+    def class_named(self, name: str) -> ClassConfig | None:
+        return next((vm_class for vm_class in self.vm_classes if vm_class.name == name), None)
+
+
+@dataclass(frozen=True, eq=False)
+class ClassConfig:
+    """One kind of VM ([class NAME]): a job gets a VM of the smallest class its cores, memory and
+    GPUs fit in. Image, network and key_name default to [openstack]'s."""
+
+    name: str = DEFAULT_CLASS
+    flavor: str = ""  # "" (the implicit class): [openstack] flavor
+    image: str = ""
+    network: str = ""
+    key_name: str = ""
+    min: int = 0
+    max: int = 0  # 0: up to the pool's max
+    min_free: int = 0
+    single_use: bool = False  # its VM serves one job and is deleted after it (no scrub to trust)
+    gpus: int = -1  # the flavor's GPUs; -1: as Nova's extra specs say (resources:VGPU, pci_passthrough:alias)
 
 
 @dataclass(frozen=True, eq=False)
@@ -498,6 +541,11 @@ SECRET_KEYS = ("password", "application_credential_secret")
 def _parse_value(path: str, section: str, key: str, raw: str, default: Any) -> Any:
     """Convert one INI value to the type of its default, or say what is allowed."""
     where = f"{path}: [{section}] {key} = {raw!r}"
+    if key == "max_memory":
+        try:
+            return mebibytes(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a size in MiB or like 512M, 64G, 2T (0: no limit)") from None
     try:
         if isinstance(default, bool):
             return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[raw.lower()]
@@ -541,7 +589,7 @@ def _parse_value(path: str, section: str, key: str, raw: str, default: Any) -> A
 
 def _build_section(path: str, parser: configparser.ConfigParser, section: str, cls: type) -> Any:
     defaults = cls()
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if f.metadata.get("ini", True)}
     values: dict[str, Any] = {}
     if parser.has_section(section):
         for key, raw in parser.items(section):
@@ -549,6 +597,58 @@ def _build_section(path: str, parser: configparser.ConfigParser, section: str, c
                 raise ConfigError(f"{path}: [{section}] unknown key {key!r}; allowed: {', '.join(sorted(known))}")
             values[key] = _parse_value(path, section, key, raw.strip(), getattr(defaults, key))
     return dataclasses.replace(defaults, **values)
+
+
+SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+
+
+def mebibytes(text: str) -> int:
+    """A memory size in MiB: a plain number is MiB; 512M, 64G, 64gb, 2T, 1024k as Torque and Slurm write them."""
+    match = SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match[1]) * MEMORY_UNITS[(match[2] or "m").lower()] + 0.999)
+
+
+CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
+
+
+def _build_classes(path: str, parser: configparser.ConfigParser, pool: PoolConfig, flavor: str) -> PoolConfig:
+    """The [class NAME] sections, or the implicit class "default" of [openstack] flavor and [pool] min,
+    max and min_free; each checked against the pool's limits."""
+    sections = [section for section in parser.sections() if section.startswith("class ")]
+    if not sections:
+        return dataclasses.replace(pool, default_flavor=flavor)
+    for key in ("min", "min_free"):
+        if parser.has_option("pool", key):
+            raise ConfigError(
+                f"{path}: [pool] {key}: set {key} in each [class NAME] section instead (classes are named)"
+            )
+    classes = []
+    for section in sections:
+        name = section[len("class ") :].strip()
+        if not CLASS_NAME_RE.match(name):
+            raise ConfigError(f"{path}: [{section}]: a class name is letters, digits, '-' and '_' (at most 41)")
+        if parser.has_option(section, "name"):
+            raise ConfigError(f"{path}: [{section}] unknown key 'name'; the section's title names the class")
+        vm_class = dataclasses.replace(_build_section(path, parser, section, ClassConfig), name=name)
+        _check_class(path, section, vm_class, pool)
+        classes.append(vm_class)
+    return dataclasses.replace(pool, min=sum(c.min for c in classes), min_free=0, classes=tuple(classes))
+
+
+def _check_class(path: str, section: str, vm_class: ClassConfig, pool: PoolConfig) -> None:
+    top = vm_class.max or pool.max
+    checks = [
+        ("flavor", bool(vm_class.flavor), "is required (a flavor ID: `openstack flavor list`)"),
+        ("max", 0 <= vm_class.max <= pool.max, f"must be between 1 and the pool's max ({pool.max}); 0: the pool's"),
+        ("min", 0 <= vm_class.min <= top, f"must be between 0 and max ({top})"),
+        ("min_free", 0 <= vm_class.min_free <= top, f"must be between 0 and max ({top})"),
+        ("gpus", vm_class.gpus >= -1, "must be >= 0 (-1: as the flavor's extra specs say)"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{path}: [{section}] {key} = {getattr(vm_class, key)!r}: {allowed}")
 
 
 def _check_pool_limits(path: str, pool: PoolConfig) -> None:
@@ -565,6 +665,8 @@ def _check_pool_limits(path: str, pool: PoolConfig) -> None:
         ),
         ("job_gone_grace", pool.job_gone_grace >= 0, "must be >= 0 seconds"),
         ("give_way_after", pool.give_way_after >= 0, "must be >= 0 seconds (0: never)"),
+        ("max_cores", pool.max_cores >= 0, "must be >= 0 (0: no limit)"),
+        ("max_memory", pool.max_memory >= 0, "must be >= 0 (0: no limit)"),
         # 0 is what qstat answers for a live job: as a "gone" code it would delete every job's VM.
         (
             "job_gone_exit_codes",
@@ -612,8 +714,8 @@ def credentials_source(cloud: OpenStackConfig) -> str:
     return f"the OS_* environment ({', '.join(named)})"
 
 
-def _check_openstack(path: str, cloud: OpenStackConfig) -> None:
-    for key in ("image", "flavor", "network"):
+def _check_openstack(path: str, cloud: OpenStackConfig, named_classes: bool = False) -> None:
+    for key in ("image", "network") if named_classes else ("image", "flavor", "network"):
         if not getattr(cloud, key):
             raise ConfigError(f"{path}: [openstack] {key} is required")
     if cloud.api_timeout <= 0:
@@ -849,10 +951,12 @@ def load_config(path: str) -> Config:
     """Read and validate the INI file; every error names the file, the key and what is allowed."""
     parser, mode = _read_config(path)
     sections = ("pool", "openstack", "ssh", "batch", "check", "metrics", "logging")
-    unknown = set(parser.sections()) - set(sections)
+    unknown = {section for section in parser.sections() if not section.startswith("class ")} - set(sections)
     if unknown:
         raise ConfigError(
-            f"{path}: unknown section(s) {sorted(unknown)}; allowed: " + ", ".join(f"[{name}]" for name in sections)
+            f"{path}: unknown section(s) {sorted(unknown)}; allowed: "
+            + ", ".join(f"[{name}]" for name in sections)
+            + ", [class NAME]"
         )
     _check_secret_permissions(path, parser, mode)
     config = Config(
@@ -866,7 +970,8 @@ def load_config(path: str) -> Config:
         logging=_build_section(path, parser, "logging", LoggingConfig),
     )
     _check_pool_limits(path, config.pool)
-    _check_openstack(path, config.openstack)
+    config = dataclasses.replace(config, pool=_build_classes(path, parser, config.pool, config.openstack.flavor))
+    _check_openstack(path, config.openstack, named_classes=any(name.startswith("class ") for name in parser.sections()))
     _check_ssh(path, config.ssh)
     _check_batch(path, config.batch)
     _check_operations(path, config.check, config.metrics, config.logging)
@@ -899,6 +1004,7 @@ class Vm:
     job_missing_since: float | None = None
     absent_since: float | None = None  # first listing that lacked the server (one is not proof)
     drained: str = ""  # an admin's "no new job": who, when and why; deleted once it holds no job
+    vm_class: str = DEFAULT_CLASS  # left out of the state file while it is the default (OMITTED_AT_DEFAULT)
 
     @property
     def why(self) -> Why:
@@ -949,6 +1055,36 @@ class Request:
     host: str
     pid_start: int = 0  # the process's start time (clock ticks after boot): a reused pid is not this one
     started: float = 0.0  # when this attempt of the job began (the prologue's start)
+    # what the job asked for (memory in MiB) and the class that fits it ("": not known until the
+    # classes' flavors are: the next reconcile pass learns them); each left out while at its default
+    cores: int = 1
+    memory: int = 0
+    gpus: int = 0
+    vm_class: str = DEFAULT_CLASS
+
+    @property
+    def want(self) -> Want:
+        return Want(self.cores, self.memory, self.gpus)
+
+
+@dataclass(frozen=True)
+class Want:
+    """A job's resources, or a class's (memory in MiB)."""
+
+    cores: int = 1
+    memory: int = 0
+    gpus: int = 0
+
+    def fits_in(self, size: Want) -> bool:
+        return self.cores <= size.cores and self.memory <= size.memory and self.gpus <= size.gpus
+
+    def __str__(self) -> str:
+        memory = f"{self.memory // 1024}G" if self.memory % 1024 == 0 else f"{self.memory}M"
+        return (
+            f"{self.cores} cores"
+            + (f", {memory} memory" if self.memory else "")
+            + (f", {self.gpus} GPU(s)" if self.gpus else "")
+        )
 
 
 @dataclass
@@ -984,6 +1120,8 @@ class PoolState:
     # the project's quota refused this pool's last create while its jobs waited: it asks the other
     # pools in the project to give way (their idle VMs) until a create goes through
     quota_blocked_since: float | None = None
+    # the classes' flavors as Nova describes them: flavor ID -> {"vcpus", "ram" (MiB), "gpus"}
+    flavors: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def vm_named(self, name: str) -> Vm | None:
         return next((vm for vm in self.vms if vm.name == name), None)
@@ -1067,6 +1205,7 @@ class Server:
     address: str | None = None
     fault: str = ""
     vm_name: str = ""  # from the pool's metadata
+    vm_class: str = DEFAULT_CLASS  # from the pool's metadata
     created_at: float | None = None
 
 
@@ -1114,6 +1253,8 @@ class Observation:
     others_wanting: frozenset[str] = frozenset()  # other pools in the project whose jobs wait on its quota
     # False: the cloud may have left servers out without a word (ServerListing): absence proves nothing
     listing_complete: bool = True
+    # Nova's absolute limits and use (maxTotalCores, totalCoresUsed, ...; -1: none); None: not asked
+    limits: dict[str, int] | None = None
 
 
 JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_jobs and unsure_jobs
@@ -1123,6 +1264,7 @@ JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_
 @dataclass
 class CreateServer:
     name: str
+    vm_class: str = DEFAULT_CLASS
 
 
 @dataclass
@@ -1173,9 +1315,18 @@ class Ended:
     at: float
 
 
+@dataclass
+class Refused:
+    """No class of the pool fits the job: it never gets a VM here (the sentence names the largest class)."""
+
+    why: str
+
+
 # --- the pure pool policy ---
 # These functions take a state and observations and return a new state plus actions.
 # They never touch the network, the disk or the clock.
+
+ONE_CLASS = PoolConfig()  # a policy call given no pool config: today's one class, "default"
 
 WAITER_POLL_STRETCH = 8  # a waiter far back in the queue looks at most every 8 acquire_polls
 FREED_MARK_RESET = 1 << 20  # the freed mark starts again past this many VMs
@@ -1206,13 +1357,17 @@ def plan_acquire(
     started: float | None = None,
     pid_start: int = 0,
     records: Sequence[JobRecord] = (),
-) -> tuple[PoolState, Claimed | Waiting | Ended]:
-    """Claim a Free VM for the job, or queue it first-come first-served.
+    want: Want = Want(),
+    pool: PoolConfig | None = None,
+) -> tuple[PoolState, Claimed | Waiting | Ended | Refused]:
+    """Claim a Free VM of the smallest class the job's `want` fits in, or queue it first-come
+    first-served (per class); refuse it when no class fits.
 
     `started` is when this attempt of the job began: a release of the job after it means the
     job's epilogue ran (the job was deleted while it waited) and the attempt gets nothing.
     `records` are job records the state does not explain: their VMs are their jobs' first.
     """
+    pool = pool or ONE_CLASS
     new = copy_state(state)
     notes: list[Note] = _follow_records(new, records, now)
     waiting = next((r for r in new.requests if r.job == job and r.pid == pid and r.host == host), None)
@@ -1243,17 +1398,80 @@ def plan_acquire(
         request = handed
     elif request is None:
         request = Request(job=job, user=user, since=now, pid=pid, host=host, pid_start=pid_start, started=started)
+        request.cores, request.memory, request.gpus = want.cores, want.memory, want.gpus
+        request.vm_class = ""
         new.requests.append(request)
     else:  # a re-run of the prologue: this process now waits for the job
         request.pid, request.host, request.pid_start, request.user = pid, host, pid_start, user
+    refusal = _decide_class(new, pool, request)
+    if refusal:
+        return new, Refused(refusal)
     ahead = new.requests[: new.requests.index(request)]
-    position = sum(1 for r in ahead if not _passed_over(new, r))
-    free = free_vms(new)
+    if not request.vm_class:  # the classes' sizes are not known yet: a reconcile pass learns them
+        return new, Waiting(len(ahead), notes)
+    position = sum(1 for r in ahead if r.vm_class == request.vm_class and not _passed_over(new, r))
+    free = _serving(new, pool, free_vms(new), request)
     if len(free) <= position:
         return new, Waiting(position, notes)
     vm = free[0]
     _claim(new, vm, request, now)
     return new, Claimed(vm, notes=notes)
+
+
+# -- VM classes: which class a job needs, which VMs may serve it --
+
+
+def class_size(state: PoolState, vm_class: ClassConfig | None) -> Want | None:
+    """A class's cores, memory (MiB) and GPUs, once a reconcile pass had Nova describe its flavor."""
+    flavor = state.flavors.get(vm_class.flavor) if vm_class is not None else None
+    if vm_class is None or flavor is None:
+        return None
+    return Want(flavor["vcpus"], flavor["ram"], vm_class.gpus if vm_class.gpus >= 0 else flavor.get("gpus", 0))
+
+
+def choose_class(state: PoolState, pool: PoolConfig, want: Want) -> tuple[str, str]:
+    """The smallest class the job fits in ("" while a class's size is unknown), or why none does.
+
+    One class and a job of one core, no memory, no GPU: that class without its size (today's pool,
+    whose acquire must not wait on the cloud to learn it)."""
+    classes = pool.vm_classes
+    if len(classes) == 1 and want == Want():
+        return classes[0].name, ""
+    sized = [(vm_class, class_size(state, vm_class)) for vm_class in classes]
+    known = [(vm_class, size) for vm_class, size in sized if size is not None]
+    if len(known) < len(sized):
+        return "", ""
+    fitting = [(vm_class, size) for vm_class, size in known if want.fits_in(size)]
+    if fitting:
+        return min(fitting, key=lambda pair: (pair[1].gpus, pair[1].cores, pair[1].memory))[0].name, ""
+    largest, size = max(known, key=lambda pair: (pair[1].cores, pair[1].memory, pair[1].gpus))
+    return "", f"asks for {want}: more than any class of the pool offers (the largest, {largest.name}, has {size})"
+
+
+def _decide_class(state: PoolState, pool: PoolConfig, request: Request) -> str:
+    """Give an undecided request its class; a request no class fits leaves the queue: why, or ""."""
+    if request.vm_class:
+        return ""
+    request.vm_class, refusal = choose_class(state, pool, request.want)
+    if refusal:
+        state.requests.remove(request)
+        return f"job {request.job} {refusal}"
+    return ""
+
+
+def _serving(state: PoolState, pool: PoolConfig, free: list[Vm], request: Request) -> list[Vm]:
+    """The Free VMs that may serve the request: its own class's first, then (if [pool]
+    bigger_vm_may_serve) those of any class it fits in."""
+    own = [vm for vm in free if vm.vm_class == request.vm_class]
+    if not pool.bigger_vm_may_serve or not request.vm_class:
+        return own
+    sizes = {vm_class.name: class_size(state, vm_class) for vm_class in pool.vm_classes}
+    bigger = [
+        vm
+        for vm in free
+        if vm.vm_class != request.vm_class and (size := sizes.get(vm.vm_class)) and request.want.fits_in(size)
+    ]
+    return own + bigger
 
 
 def _same_owner(holder: str | None, asker: str) -> bool:
@@ -1332,7 +1550,7 @@ def free_vms(state: PoolState) -> list[Vm]:
 
 
 def plan_hand_over(
-    state: PoolState, now: float, host: str, alive: Callable[[Request], bool]
+    state: PoolState, now: float, host: str, alive: Callable[[Request], bool], pool: PoolConfig | None = None
 ) -> tuple[PoolState, list[Action]]:
     """Hand the Free VMs to the jobs at the head of the queue, in queue order, as they come Free.
 
@@ -1354,9 +1572,11 @@ def plan_hand_over(
         if request.host == host and not alive(request):
             new.requests.remove(request)
             continue
-        if _passed_over(new, request):
+        serving = _serving(new, pool or ONE_CLASS, free, request)
+        if _passed_over(new, request) or not serving:
             continue
-        vm = free.pop(0)
+        vm = serving[0]
+        free.remove(vm)
         _claim(new, vm, request, now)
         new.handed.append(request)
         notes.append(
@@ -1401,8 +1621,10 @@ def vms_still_to_free(
     ended = state.ended_jobs.get(job)
     if ended is not None and ended >= request.started:
         return 0
-    free = sum(1 for vm in state.vms if vm.open_to_jobs)
-    ahead = state.requests[: state.requests.index(request)]
+    if not request.vm_class:
+        return 1  # its class is decided by a pass (which learns the flavors), or a bigger VM is handed to it
+    free = sum(1 for vm in state.vms if vm.open_to_jobs and vm.vm_class == request.vm_class)
+    ahead = [other for other in state.requests[: state.requests.index(request)] if other.vm_class == request.vm_class]
     return max(
         0,
         sum(1 for other in ahead if (other.host != host or alive(other)) and not _passed_over(state, other)) + 1 - free,
@@ -1482,8 +1704,10 @@ ENDED_JOBS_KEPT = 2000  # releases remembered (a deleted job's prologue may wake
 ENDED_JOBS_MAX_AGE = 7 * 86400.0
 
 
-def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> tuple[PoolState, list[Action]]:
-    """Give the job's VM back: Free, or tainted Unusable when it may be dirty.
+def plan_release(
+    state: PoolState, job: str, now: float, unusable: str = "", pool: PoolConfig | None = None
+) -> tuple[PoolState, list[Action]]:
+    """Give the job's VM back: Free, or tainted Unusable when it may be dirty or is single-use.
 
     The release is also the job's end: a prologue of this attempt still waiting for a VM
     (pbs_mom runs the epilogue of a deleted job while its prologue runs on) gives up.
@@ -1502,9 +1726,10 @@ def plan_release(state: PoolState, job: str, now: float, unusable: str = "") -> 
         if withdrawn:
             return new, [Note(logging.WARNING, f"job {job}: ended while waiting for a VM; its request is withdrawn")]
         return new, [Note(logging.WARNING, f"job {job}: no VM held, nothing to release")]
-    notes: list[Action] = [_release_vm(vm, job, unusable, now) for vm in held]
+    single_use = {vm_class.name for vm_class in (pool or ONE_CLASS).vm_classes if vm_class.single_use}
+    notes: list[Action] = [_release_vm(vm, job, unusable, now, vm.vm_class in single_use) for vm in held]
     _count(new, "releases", len(held))
-    _count(new, "tainted_releases", sum(1 for vm in held if vm.tainted))
+    _count(new, "tainted_releases", sum(1 for vm in held if vm.tainted and not vm.tainted.startswith(SINGLE_USE_TAINT)))
     return new, notes
 
 
@@ -1515,12 +1740,16 @@ def _remember_end(state: PoolState, job: str, now: float) -> None:
     state.ended_jobs = dict(kept[-ENDED_JOBS_KEPT:])
 
 
-def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
+def _release_vm(vm: Vm, job: str, unusable: str, now: float, single_use: bool = False) -> Note:
     if unusable:
         _give_up_job(vm, unusable, now)
         return Note(logging.WARNING, f"{describe_vm(vm)} released by job {job} as unusable: {unusable}")
     was, reason = vm.state, vm.reason
     vm.last_job, vm.job, vm.user, vm.job_missing_since = job, None, None, None
+    if was == BUSY and not vm.tainted and single_use:
+        vm.tainted = f"{SINGLE_USE_TAINT} {job}"
+        _set_state(vm, UNUSABLE, vm.tainted, now)
+        return Note(logging.INFO, f"{describe_vm(vm)} released by job {job}; single-use ({vm.vm_class}): to be deleted")
     if was == BUSY and not vm.tainted and not vm.host_keys:
         # Its address changed under the job: the pinned key went with the old address. Free,
         # the next prologue could not verify it; a probe pins it again first.
@@ -1542,8 +1771,15 @@ def _release_vm(vm: Vm, job: str, unusable: str, now: float) -> Note:
 
 
 def desired_size(state: PoolState, pool: PoolConfig, spares: bool = True) -> int:
-    wanted = state.count(BUSY) + len(state.requests) + (pool.min_free if spares else 0)
-    return max(pool.min, min(pool.max, wanted))
+    return min(pool.max, sum(class_desired(state, pool, vm_class, spares) for vm_class in pool.vm_classes))
+
+
+def class_desired(state: PoolState, pool: PoolConfig, vm_class: ClassConfig, spares: bool = True) -> int:
+    """The class's VMs wanted: its busy ones, one per job waiting for it, its spares; within its min and max."""
+    busy = sum(1 for vm in state.vms if vm.state == BUSY and vm.vm_class == vm_class.name)
+    waiting = sum(1 for request in state.requests if request.vm_class == vm_class.name)
+    wanted = busy + waiting + (vm_class.min_free if spares else 0)
+    return max(vm_class.min, min(vm_class.max or pool.max, wanted))
 
 
 def starved(state: PoolState) -> bool:
@@ -1565,6 +1801,9 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config, now: flo
         actions.append(Note(logging.ERROR, suspect))
     new.last_reconcile = now
     actions += _follow_records(new, seen.records, now)
+    for request in list(new.requests):  # the flavors may be known now
+        if refusal := _decide_class(new, config.pool, request):
+            actions.append(Note(logging.ERROR, refusal))
     by_name = {server.vm_name or server.name: server for server in seen.servers}
     trust_absence = not suspect and seen.listing_complete
     for vm in list(new.vms):
@@ -1575,7 +1814,7 @@ def plan_reconcile(state: PoolState, seen: Observation, config: Config, now: flo
         return new, actions  # a listing that lost many servers may hide more: create nothing on it
     listed_names = {name for server in seen.servers for name in (server.name, server.vm_name)}
     give_way = bool(seen.others_wanting) and config.pool.give_way_after > 0
-    return new, actions + _scale(new, config, listed_names, now, give_way)
+    return new, actions + _scale(new, config, listed_names, now, give_way, seen.limits)
 
 
 def _listing_lost_many(state: PoolState, servers: dict[str, Server]) -> str:
@@ -1793,6 +2032,8 @@ def _active(state: PoolState, vm: Vm, seen: Observation, config: Config, now: fl
         _set_state(vm, BUSY, "", now)
         return [Note(logging.WARNING, f"{describe_vm(vm)} of job {vm.job} is ACTIVE again")]
     if vm.tainted:
+        if vm.job is None and vm.tainted.startswith(SINGLE_USE_TAINT):
+            return [_mark_delete(vm, vm.tainted, now)]
         if vm.job is None and now - vm.since > pool.unusable_timeout:
             return [_mark_delete(vm, f"tainted ({vm.tainted}) for more than {pool.unusable_timeout:.0f}s", now)]
         return []
@@ -1889,6 +2130,7 @@ def _adopt_orphans(state: PoolState, servers: list[Server], records: Sequence[Jo
             server_id=server.id,
             address=server.address,
             tainted="" if ours else UNKNOWN_PAST,
+            vm_class=server.vm_class,
         )
         if vm.tainted:
             vm.reason = vm.tainted
@@ -1922,6 +2164,7 @@ def _adopt_for_job(state: PoolState, server: Server, record: JobRecord, now: flo
         user=record.user,
         last_healthy=now,
         host_keys=list(record.host_keys),
+        vm_class=server.vm_class,
     )
     state.vms.append(vm)
     return [
@@ -1945,27 +2188,94 @@ def _next_name(state: PoolState, prefix: str, taken: set[str]) -> str:
 
 
 def _scale(
-    state: PoolState, config: Config, listed_names: set[str], now: float, give_way: bool = False
+    state: PoolState,
+    config: Config,
+    listed_names: set[str],
+    now: float,
+    give_way: bool = False,
+    limits: dict[str, int] | None = None,
 ) -> list[Action]:
-    """Towards the desired size. While another pool's jobs wait on the project's quota (give_way),
-    this pool keeps no spares and lets VMs idle for give_way_after go, down to min."""
+    """Each class towards its desired size, the classes whose jobs wait longest first. While another
+    pool's jobs wait on the project's quota (give_way), this pool keeps no spares and lets VMs idle
+    for give_way_after go, down to min. Creates stay within the pool's max, max_cores and
+    max_memory and the project's quota (`limits`): one that would pass them waits."""
     pool = config.pool
-    live = [vm for vm in state.vms if not vm.deleting and not vm.tainted and not vm.drained]
-    capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
-    desired = desired_size(state, pool, spares=not give_way)
     # max bounds what the cloud holds: servers being deleted, servers missing from one listing
     # and tagged servers not adopted yet all count.
-    in_cloud = len(state.vms) + len(state.orphans)
-    if capacity < desired:
-        return _scale_up(state, config, desired - capacity, pool.max - in_cloud, listed_names, now)
-    if capacity > desired:
-        idle_for = min(pool.idle_timeout, pool.give_way_after) if give_way else pool.idle_timeout
-        return _scale_down(state, pool, capacity - desired, now, idle_for)
-    return []
+    room = pool.max - len(state.vms) - len(state.orphans)
+    budget = _budget(state, pool, limits)
+    first_in_queue: dict[str, int] = {}
+    for place, request in enumerate(state.requests):
+        first_in_queue.setdefault(request.vm_class, place)
+    actions: list[Action] = []
+    queue_end = len(state.requests)
+    for vm_class in sorted(pool.vm_classes, key=lambda vm_class: first_in_queue.get(vm_class.name, queue_end)):
+        mine = [vm for vm in state.vms if vm.vm_class == vm_class.name]
+        live = [vm for vm in mine if not vm.deleting and not vm.tainted and not vm.drained]
+        capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
+        desired = class_desired(state, pool, vm_class, spares=not give_way)
+        if capacity < desired:
+            room_here = min(room, (vm_class.max or pool.max) - len(mine))
+            created = _scale_up(state, config, vm_class, desired - capacity, room_here, budget, listed_names, now)
+            room -= sum(1 for action in created if isinstance(action, CreateServer))
+            actions += created
+        elif capacity > desired:
+            idle_for = min(pool.idle_timeout, pool.give_way_after) if give_way else pool.idle_timeout
+            actions += _scale_down(state, pool, vm_class, capacity - desired, now, idle_for)
+    return actions + _unknown_classes(state, pool, now)
+
+
+def _budget(state: PoolState, pool: PoolConfig, limits: dict[str, int] | None) -> dict[str, tuple[int, str]]:
+    """What creates may still take ("cores", "memory" in MiB, "instances"), each with the limit
+    that sets it: the tightest of [pool] max_cores / max_memory and the project's quota."""
+    budget: dict[str, tuple[int, str]] = {}
+
+    def limit(kind: str, left: int, what: str) -> None:
+        if kind not in budget or left < budget[kind][0]:
+            budget[kind] = (left, what)
+
+    sizes = [class_size(state, pool.class_named(vm.vm_class)) or Want(0, 0, 0) for vm in state.vms]
+    if pool.max_cores:
+        limit("cores", pool.max_cores - sum(size.cores for size in sizes), f"[pool] max_cores = {pool.max_cores}")
+    if pool.max_memory:
+        used = sum(size.memory for size in sizes)
+        limit("memory", pool.max_memory - used, f"[pool] max_memory = {pool.max_memory}M")
+    for kind, most, used_key in (
+        ("cores", "maxTotalCores", "totalCoresUsed"),
+        ("memory", "maxTotalRAMSize", "totalRAMUsed"),
+        ("instances", "maxTotalInstances", "totalInstancesUsed"),
+    ):
+        maximum = (limits or {}).get(most, -1)
+        if maximum >= 0:
+            used = (limits or {}).get(used_key, 0)
+            limit(kind, maximum - used, f"the project's quota {most} = {maximum} ({used} used)")
+    return budget
+
+
+def _within_budget(budget: dict[str, tuple[int, str]], size: Want | None) -> str:
+    """Take one VM of this size from the budget; or why it does not fit (nothing taken)."""
+    if not budget:
+        return ""
+    if size is None:
+        return "its flavor's size is not known yet (a reconcile pass asks Nova)"
+    needs = {"cores": size.cores, "memory": size.memory, "instances": 1}
+    for kind, (left, what) in budget.items():
+        if needs[kind] > left:
+            return f"{what} leaves room for {max(left, 0)} more {kind}, a VM needs {needs[kind]}"
+    for kind, (left, what) in budget.items():
+        budget[kind] = (left - needs[kind], what)
+    return ""
 
 
 def _scale_up(
-    state: PoolState, config: Config, shortfall: int, room: int, listed_names: set[str], now: float
+    state: PoolState,
+    config: Config,
+    vm_class: ClassConfig,
+    shortfall: int,
+    room: int,
+    budget: dict[str, tuple[int, str]],
+    listed_names: set[str],
+    now: float,
 ) -> list[Action]:
     count = min(shortfall, room)
     if count <= 0:
@@ -1985,23 +2295,45 @@ def _scale_up(
             return []
         count = 1  # protected mode: one canary boot at a time
     taken = {vm.name for vm in state.vms} | listed_names  # after a state loss the serial starts again
+    size = class_size(state, vm_class)
     actions: list[Action] = []
-    for _ in range(count):
+    for index in range(count):
+        if over := _within_budget(budget, size):
+            # asked anyway, Nova would refuse (and back off the whole pool): the boot waits for room
+            if any(request.vm_class == vm_class.name for request in state.requests):
+                state.quota_blocked_since = state.quota_blocked_since or now
+            return actions + [
+                Note(logging.WARNING, f"class {vm_class.name}: not creating {count - index} VM(s): {over}")
+            ]
         name = _next_name(state, config.server_prefix, taken)
         taken.add(name)
-        state.vms.append(Vm(name=name, state=UNUSABLE, reason=CREATING, since=now, created_at=now))
-        actions.append(CreateServer(name))
+        state.vms.append(
+            Vm(name=name, state=UNUSABLE, reason=CREATING, since=now, created_at=now, vm_class=vm_class.name)
+        )
+        actions.append(CreateServer(name, vm_class.name))
     return actions
 
 
-def _scale_down(state: PoolState, pool: PoolConfig, excess: int, now: float, idle_for: float) -> list[Action]:
-    in_cloud = sum(1 for vm in state.vms if not vm.deleting)
-    idle = sorted((vm for vm in state.vms if vm.state == FREE and now - vm.since > idle_for), key=lambda vm: vm.since)
-    count = min(excess, len(idle), max(0, in_cloud - pool.min))
+def _scale_down(
+    state: PoolState, pool: PoolConfig, vm_class: ClassConfig, excess: int, now: float, idle_for: float
+) -> list[Action]:
+    mine = [vm for vm in state.vms if vm.vm_class == vm_class.name]
+    in_cloud = sum(1 for vm in mine if not vm.deleting)
+    idle = sorted((vm for vm in mine if vm.state == FREE and now - vm.since > idle_for), key=lambda vm: vm.since)
+    count = min(excess, len(idle), max(0, in_cloud - vm_class.min))
     why = f"idle for more than {idle_for:.0f}s" + (
         ", giving way to another pool's waiting jobs" if idle_for < pool.idle_timeout else ""
     )
     return [_mark_delete(vm, why, now) for vm in idle[:count]]
+
+
+def _unknown_classes(state: PoolState, pool: PoolConfig, now: float) -> list[Action]:
+    """Free VMs of a class the config no longer names go (a busy one once its job released it)."""
+    return [
+        _mark_delete(vm, f"its class {vm.vm_class} is no longer configured", now)
+        for vm in state.vms
+        if vm.state == FREE and pool.class_named(vm.vm_class) is None
+    ]
 
 
 # -- outcomes of the cloud calls --
@@ -2399,10 +2731,24 @@ def _fields_of(value: Any) -> dict[str, Any]:
         if not dataclasses.is_dataclass(value) or isinstance(value, type):
             raise TypeError(f"{type(value).__name__} is not JSON serializable")
         names = _FIELD_NAMES.setdefault(type(value), tuple(f.name for f in dataclasses.fields(value)))
-    return {name: getattr(value, name) for name in names}
+    fields = {name: getattr(value, name) for name in names}
+    for name, default in OMITTED_AT_DEFAULT.get(type(value), {}).items():
+        if fields[name] == default:
+            del fields[name]
+    return fields
 
 
-NEWER_FIELDS: dict[str, Any] = {"handed": [], "quota_blocked_since": None}  # PoolState's, with their defaults
+NEWER_FIELDS: dict[str, Any] = {
+    "handed": [],
+    "quota_blocked_since": None,
+    "flavors": {},
+}  # PoolState's, with their defaults
+# a VM's and a request's newer fields, left out while at their defaults: an older vmpool still
+# reads a one-class state
+OMITTED_AT_DEFAULT: dict[type, dict[str, Any]] = {
+    Vm: {"vm_class": DEFAULT_CLASS},
+    Request: {"cores": 1, "memory": 0, "gpus": 0, "vm_class": DEFAULT_CLASS},
+}
 
 
 def state_text(state: PoolState) -> str:
@@ -2788,7 +3134,9 @@ def sync_known_hosts(state: PoolState, ssh: SshConfig) -> None:
 
 class Cloud(Protocol):
     def list_servers(self) -> list[Server]: ...
-    def create_server(self, name: str) -> str: ...
+    def create_server(self, name: str, vm_class: str = DEFAULT_CLASS) -> str: ...
+    def flavor_size(self, flavor: str) -> dict[str, int]: ...  # {"vcpus", "ram" (MiB), "gpus"}
+    def absolute_limits(self) -> dict[str, int]: ...  # Nova's maxTotalCores, totalCoresUsed ...
     def delete_server(self, server_id: str) -> None: ...
     def console_output(self, server_id: str) -> str: ...
     def pools_wanting(self) -> frozenset[str]: ...  # the project's pools whose jobs wait on its quota
@@ -3085,8 +3433,13 @@ class NovaCloud:
         )
         return session
 
-    def _metadata(self, name: str) -> dict[str, str]:
-        return {**dict(self.config.openstack.metadata), METADATA_POOL_KEY: self.config.pool.name, METADATA_VM_KEY: name}
+    def _metadata(self, name: str, vm_class: str = DEFAULT_CLASS) -> dict[str, str]:
+        tags = {METADATA_POOL_KEY: self.config.pool.name, METADATA_VM_KEY: name}
+        return {
+            **dict(self.config.openstack.metadata),
+            **tags,
+            **({METADATA_CLASS_KEY: vm_class} if vm_class != DEFAULT_CLASS else {}),
+        }
 
     @translate_cloud_errors
     def list_servers(self) -> ServerListing:
@@ -3131,6 +3484,7 @@ class NovaCloud:
             id=raw["id"],
             name=raw.get("name") or "",
             vm_name=metadata.get(METADATA_VM_KEY, ""),
+            vm_class=metadata.get(METADATA_CLASS_KEY, DEFAULT_CLASS),
             created_at=parse_nova_time(raw.get("created")),
             status=server_status_from_nova(raw.get("status") or "", raw.get("OS-EXT-STS:task_state")),
             address=first_ipv4(raw.get("addresses") or {}),
@@ -3138,24 +3492,41 @@ class NovaCloud:
         )
 
     @translate_cloud_errors
-    def create_server(self, name: str) -> str:
+    def create_server(self, name: str, vm_class: str = DEFAULT_CLASS) -> str:
         cloud = self.config.openstack
+        kind = self.config.pool.class_named(vm_class) or ClassConfig()
         extra: dict[str, Any] = {}
-        if cloud.key_name:
-            extra["key_name"] = cloud.key_name
+        if kind.key_name or cloud.key_name:
+            extra["key_name"] = kind.key_name or cloud.key_name
         if cloud.security_groups:
             extra["security_groups"] = list(cloud.security_groups)
         if cloud.availability_zone:
             extra["availability_zone"] = cloud.availability_zone
         server = self._client().servers.create(
             name=name,
-            image=cloud.image,
-            flavor=cloud.flavor,
-            nics=[{"net-id": cloud.network}],
-            meta=self._metadata(name),
+            image=kind.image or cloud.image,
+            flavor=kind.flavor or cloud.flavor,
+            nics=[{"net-id": kind.network or cloud.network}],
+            meta=self._metadata(name, vm_class),
             **extra,
         )
         return str(server.id)
+
+    @translate_cloud_errors
+    def flavor_size(self, flavor: str) -> dict[str, int]:
+        """The flavor's vCPUs, RAM (MiB) and GPUs: those its extra specs ask of the host
+        (resources:VGPU, resources:PGPU, pci_passthrough:alias counts)."""
+        from urllib.parse import quote
+
+        client = self._client().client
+        described = client.get(f"/flavors/{quote(flavor, safe='')}")[1]["flavor"]
+        specs = client.get(f"/flavors/{quote(flavor, safe='')}/os-extra_specs")[1].get("extra_specs") or {}
+        return {"vcpus": int(described["vcpus"]), "ram": int(described["ram"]), "gpus": gpus_of(specs)}
+
+    @translate_cloud_errors
+    def absolute_limits(self) -> dict[str, int]:
+        absolute = self._client().client.get("/limits")[1]["limits"]["absolute"]
+        return {key: int(value) for key, value in absolute.items() if isinstance(value, int)}
 
     @translate_cloud_errors
     def delete_server(self, server_id: str) -> None:
@@ -3227,16 +3598,25 @@ class NovaCloud:
                 return f"{value!r} is the name of {key} {named[0]}; give its ID: {key} = {named[0]}"
             return f"the cloud has no {key} with ID {value!r} (`openstack {key} list` shows them)"
 
-        findings = [
-            ("flavor", by_id("flavor", cloud.flavor, "flavors")),
-            ("image", by_id("image", cloud.image, "images")),
-            (
-                "network",
-                ""
-                if get(f"/os-networks/{quote(cloud.network, safe='')}") is not None
-                else f"the cloud has no network with ID {cloud.network!r} (`openstack network list` shows them)",
-            ),
-        ]
+        def network(value: str) -> str:
+            if get(f"/os-networks/{quote(value, safe='')}") is not None:
+                return ""
+            return f"the cloud has no network with ID {value!r} (`openstack network list` shows them)"
+
+        checks = {
+            "flavor": lambda value: by_id("flavor", value, "flavors"),
+            "image": lambda value: by_id("image", value, "images"),
+            "network": network,
+        }
+        findings: list[tuple[str, str]] = []
+        for key, check in checks.items():  # [openstack]'s value, then each class's own
+            values = {f"[openstack] {key} = {getattr(cloud, key)}": getattr(cloud, key)} if getattr(cloud, key) else {}
+            values.update(
+                (f"[class {vm_class.name}] {key} = {getattr(vm_class, key)}", getattr(vm_class, key))
+                for vm_class in self.config.pool.vm_classes
+                if getattr(vm_class, key) and getattr(vm_class, key) != getattr(cloud, key)
+            )
+            findings += [(where, check(value)) for where, value in values.items()]
         if cloud.key_name:
             keypair = (get(f"/os-keypairs/{quote(cloud.key_name, safe='')}") or {}).get("keypair")
             if keypair is None:
@@ -3248,12 +3628,27 @@ class NovaCloud:
                 )
             else:
                 problem = ""
-            findings.append(("key_name", problem))
+            findings.append((f"[openstack] key_name = {cloud.key_name}", problem))
         return findings
 
 
 HOST_KEY_BLOCK_RE = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.DOTALL)
 HOST_KEY_LINE_RE = re.compile(r"((?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp(?:256|384|521)|sk-\S+)\s+[A-Za-z0-9+/=]+)")
+
+
+def gpus_of(extra_specs: dict[str, str]) -> int:
+    """The GPUs a flavor's extra specs ask for: resources:VGPU / resources:PGPU = N, and the counts
+    of pci_passthrough:alias = "a100:2,t4:1"."""
+    gpus = 0
+    for key in ("resources:VGPU", "resources:PGPU"):
+        with contextlib.suppress(ValueError):
+            gpus += int(extra_specs.get(key, "0"))
+    for alias in extra_specs.get("pci_passthrough:alias", "").split(","):
+        name, _, count = alias.partition(":")
+        if name.strip():
+            with contextlib.suppress(ValueError):
+                gpus += int(count or "1")
+    return gpus
 
 
 def host_keys_from_console(console: str) -> list[str]:
@@ -3725,7 +4120,7 @@ class Pool:
             new, result = change(state)
             freed = newly_free(state, new)
             if freed:
-                new, handed = plan_hand_over(new, self.clock(), self.host, request_alive)
+                new, handed = plan_hand_over(new, self.clock(), self.host, request_alive, self.config.pool)
             return new, result
 
         result = self.store.update(checked, lock_timeout)
@@ -3755,11 +4150,16 @@ class Pool:
     # -- acquire / release --
 
     def try_claim(
-        self, job: str, user: str, started: float | None = None, lock_timeout: float | None = None
+        self,
+        job: str,
+        user: str,
+        started: float | None = None,
+        lock_timeout: float | None = None,
+        want: Want = Want(),
     ) -> Claimed | Waiting | Ended:
         pid = os.getpid()
 
-        def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting | Ended]:
+        def change(state: PoolState) -> tuple[PoolState, Claimed | Waiting | Ended | Refused]:
             return plan_acquire(
                 state,
                 job,
@@ -3771,19 +4171,25 @@ class Pool:
                 started=started,
                 pid_start=process_start(pid),
                 records=job_records_to_follow(state, self.config.pool.job_records),
+                want=want,
+                pool=self.config.pool,
             )
 
-        outcome: Claimed | Waiting | Ended = self._update(change, lock_timeout)
+        outcome: Claimed | Waiting | Ended | Refused = self._update(change, lock_timeout)
+        if isinstance(outcome, Refused):
+            raise BadInput(outcome.why)
         if not isinstance(outcome, Ended):
             self.apply_notes(outcome.notes)
         return outcome
 
-    def acquire(self, job: str, user: str, timeout: float, started: float | None = None) -> Claimed:
+    def acquire(
+        self, job: str, user: str, timeout: float, started: float | None = None, want: Want = Want()
+    ) -> Claimed:
         """Claim a VM for the job, waiting up to timeout seconds (see WaitingAcquire)."""
-        return WaitingAcquire(self).run(job, user, timeout, started)
+        return WaitingAcquire(self, want).run(job, user, timeout, started)
 
     def release(self, job: str, unusable: str = "") -> None:
-        actions = self._update(lambda state: plan_release(state, job, self.clock(), unusable))
+        actions = self._update(lambda state: plan_release(state, job, self.clock(), unusable, self.config.pool))
         self.apply_notes(actions)
 
     # -- reconcile --
@@ -3828,8 +4234,8 @@ class WaitingAcquire:
     """One acquire that waits for its VM: looks without the lock, tries with it when a VM may be
     there, runs a pass of its own while boots are due, and gives up at its deadline."""
 
-    def __init__(self, pool: Pool):
-        self.pool = pool
+    def __init__(self, pool: Pool, want: Want = Want()):
+        self.pool, self.want = pool, want
         self.config, self.store, self.host = pool.config, pool.store, pool.host
         self.clock, self.monotonic, self.sleep = pool.clock, pool.monotonic, pool.sleep
 
@@ -3900,7 +4306,9 @@ class WaitingAcquire:
         lock_timeout = self.config.pool.lock_timeout
         while True:
             try:
-                return self.pool.try_claim(job, user, started, min(lock_timeout, max(deadline - self.monotonic(), 1.0)))
+                return self.pool.try_claim(
+                    job, user, started, min(lock_timeout, max(deadline - self.monotonic(), 1.0)), self.want
+                )
             except LockTimeout as error:
                 if self.monotonic() >= deadline:
                     raise
@@ -3954,6 +4362,8 @@ class ReconcilePass:
         # Other pools' demand: cron's passes ask (once a minute is soon enough to give way)
         others = self._others_wanting() if probe_free and servers is not None else frozenset()
         snapshot = self.store.read()
+        flavors = self._learn_flavors(snapshot) if servers is not None else {}
+        limits = self._limits(snapshot) if servers is not None else None
 
         def decide(state: PoolState) -> tuple[PoolState, list[Action]]:
             seen = Observation(
@@ -3966,7 +4376,11 @@ class ReconcilePass:
                 records=job_records_to_follow(state, self.config.pool.job_records),
                 others_wanting=others,
                 listing_complete=getattr(servers, "complete", True),
+                limits=limits,
             )
+            if flavors:
+                state = copy_state(state)
+                state.flavors.update(flavors)
             new, actions = plan_reconcile(state, seen, self.config, self.clock())
             new.last_pass = self.clock()
             return new, actions
@@ -3985,6 +4399,33 @@ class ReconcilePass:
             self._step("demand signal", self._signal_demand, [])
         if probe_free and self.config.metrics.textfile:  # cron's passes; an acquire's waiting passes stay light
             self._step("metrics", lambda _: write_metrics_file(self.store.read(), self.config, self.clock()), [])
+
+    def _learn_flavors(self, state: PoolState) -> dict[str, dict[str, int]]:
+        """The classes' flavors Nova has not described to this pool yet (once each: a flavor is immutable)."""
+        learned: dict[str, dict[str, int]] = {}
+        for flavor in {vm_class.flavor for vm_class in self.config.pool.vm_classes} - set(state.flavors) - {""}:
+            try:
+                learned[flavor] = self.cloud.flavor_size(flavor)
+            except CloudError as error:
+                log.error(f"cannot learn the size of flavor {flavor}: {error}; its class waits")
+                continue
+            log.info(
+                f"flavor {flavor}: {learned[flavor]['vcpus']} vCPUs, {learned[flavor]['ram']} MiB, "
+                f"{learned[flavor]['gpus']} GPUs"
+            )
+        return learned
+
+    def _limits(self, state: PoolState) -> dict[str, int] | None:
+        """Nova's absolute limits, asked only when the pool may create (a pass without creates costs no request)."""
+        pool = self.config.pool
+        undecided = sum(1 for request in state.requests if not request.vm_class)  # classes chosen by this pass
+        if sum(1 for vm in state.vms if not vm.deleting and not vm.tainted) >= desired_size(state, pool) + undecided:
+            return None
+        try:
+            return self.cloud.absolute_limits()
+        except CloudError as error:
+            log.warning(f"cannot read the project's limits: {error}; creating as the pool's own limits allow")
+            return None
 
     def _others_wanting(self) -> frozenset[str]:
         """The other pools of the project whose jobs wait on its quota (none if the cloud cannot say)."""
@@ -4107,7 +4548,7 @@ class ReconcilePass:
             error: CloudError | None = None
             failpoint("before-create")
             try:
-                server_id = cloud.create_server(action.name)
+                server_id = cloud.create_server(action.name, action.vm_class)
             except CloudError as caught:
                 error = caught
                 if isinstance(caught, CloudRefused):
@@ -4331,6 +4772,9 @@ METRIC_NAMES = (
     "vmpool_waiting_on_quota",
     "vmpool_last_reconcile_timestamp_seconds",
     "vmpool_acquire_wait_seconds",
+    "vmpool_class_vms",
+    "vmpool_class_waiting_jobs",
+    "vmpool_class_desired_vms",
     *(f"vmpool_{name}_total" for name in COUNTERS),
 )
 
@@ -4374,6 +4818,7 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
         "When a reconcile pass last saw the cloud (0: never)",
         state.last_reconcile or 0,
     )
+    families += class_metric_families(state, pool)
     for counter, help_text in COUNTERS.items():
         family = CounterMetricFamily(f"vmpool_{counter}", help_text, labels=["pool"])
         family.add_metric([name], state.counters.get(counter, 0))
@@ -4388,6 +4833,27 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     waits.add_metric([name], buckets, sum_value=histogram.get("sum", 0.0))
     families.append(waits)
     return families
+
+
+def class_metric_families(state: PoolState, pool: PoolConfig) -> list[Any]:
+    """Per class: its VMs by state, the jobs waiting for it, the VMs it aims at."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    vms = GaugeMetricFamily("vmpool_class_vms", "VMs of each class per state", labels=["pool", "class", "state"])
+    waiting = GaugeMetricFamily(
+        "vmpool_class_waiting_jobs", "Jobs waiting for a VM of the class", labels=["pool", "class"]
+    )
+    desired = GaugeMetricFamily(
+        "vmpool_class_desired_vms",
+        "VMs the class aims at: its busy + waiting + min_free, within its min and max",
+        labels=["pool", "class"],
+    )
+    for entry in classes_json(state, pool):
+        for vm_state, count in entry["counts"].items():
+            vms.add_metric([pool.name, entry["name"], str(vm_state)], count)
+        waiting.add_metric([pool.name, entry["name"]], entry["waiting"])
+        desired.add_metric([pool.name, entry["name"]], entry["desired"])
+    return [vms, waiting, desired]
 
 
 def metrics_registry(state: PoolState, config: Config, now: float) -> Any:
@@ -5482,7 +5948,11 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
         "limits": {"min": config.pool.min, "max": config.pool.max, "min_free": config.pool.min_free},
         "counts": {s: state.count(s) for s in (FREE, BUSY, UNUSABLE)},
         "desired": desired_size(state, config.pool),
-        "waiting": [{"job": r.job, "user": r.user, "since": r.since} for r in state.requests],
+        "waiting": [
+            {"job": r.job, "user": r.user, "since": r.since, "class": r.vm_class or None} for r in state.requests
+        ],
+        "classes": classes_json(state, config.pool),
+        "bigger_vm_may_serve": config.pool.bigger_vm_may_serve,
         "last_reconcile": state.last_reconcile,
         "boot_failures": state.boot_failures,
         "protected_since": state.protected_since,
@@ -5508,19 +5978,61 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
                 "last_healthy": vm.last_healthy,
                 "tainted": vm.tainted or None,
                 "drained": vm.drained or None,
+                "class": vm.vm_class,
             }
             for vm in sorted(state.vms, key=lambda vm: vm.name)
         ],
     }
 
 
+def classes_json(state: PoolState, pool: PoolConfig) -> list[dict[str, Any]]:
+    """Each class: its flavor and size (null until Nova described it), limits, VMs by state, desired."""
+    described = []
+    for vm_class in pool.vm_classes:
+        size = class_size(state, vm_class)
+        mine = [vm for vm in state.vms if vm.vm_class == vm_class.name]
+        described.append(
+            {
+                "name": vm_class.name,
+                "flavor": vm_class.flavor or None,
+                "size": None if size is None else dataclasses.asdict(size),
+                "min": vm_class.min,
+                "max": vm_class.max or pool.max,
+                "min_free": vm_class.min_free,
+                "single_use": vm_class.single_use,
+                "counts": {s: sum(1 for vm in mine if vm.state == s) for s in (FREE, BUSY, UNUSABLE)},
+                "waiting": sum(1 for request in state.requests if request.vm_class == vm_class.name),
+                "desired": class_desired(state, pool, vm_class),
+            }
+        )
+    return described
+
+
+def classes_text(state: PoolState, pool: PoolConfig) -> list[str]:
+    """One line per class for the status table's foot."""
+    lines = []
+    for entry in classes_json(state, pool):
+        size = entry["size"]
+        offers = "size not known yet" if size is None else str(Want(**size))
+        counts = entry["counts"]
+        lines.append(
+            f"class {entry['name']} ({offers}{', single-use' if entry['single_use'] else ''}): "
+            f"min {entry['min']}, max {entry['max']}, min_free {entry['min_free']}, desired {entry['desired']}; "
+            f"free {counts[FREE]}, busy {counts[BUSY]}, unusable {counts[UNUSABLE]}, waiting {entry['waiting']}"
+        )
+    serve = "may" if pool.bigger_vm_may_serve else "may not"
+    lines.append(f"a bigger class's Free VM {serve} serve a smaller job ([pool] bigger_vm_may_serve)")
+    return lines
+
+
 def status_text(state: PoolState, config: Config, now: float) -> str:
-    rows = [("NAME", "ADDRESS", "STATE", "REASON", "JOB", "USER", "SINCE", "AGE")]
+    rows = [("NAME", "CLASS", "ADDRESS", "STATE", "REASON", "JOB", "USER", "SINCE", "AGE")]
     for vm in sorted(state.vms, key=lambda vm: vm.name):
         reason = (vm.reason or "-") + (" (drained)" if vm.drained else "")
         rows.append(
             (
                 vm.name,
+                vm.vm_class,
                 vm.address or "-",
                 vm.state,
                 reason,
@@ -5541,7 +6053,14 @@ def status_text(state: PoolState, config: Config, now: float) -> str:
         f"desired {desired_size(state, pool)}; free {state.count(FREE)}, busy {state.count(BUSY)}, "
         f"unusable {state.count(UNUSABLE)}"
     )
-    waiting = ", ".join(f"{r.job} ({r.user}, {format_age(now - r.since)})" for r in state.requests) or "none"
+    lines += classes_text(state, pool)
+    waiting = (
+        ", ".join(
+            f"{r.job} ({r.user}, {r.vm_class or 'class undecided'}, {format_age(now - r.since)})"
+            for r in state.requests
+        )
+        or "none"
+    )
     lines.append(f"waiting: {waiting}")
     last = state.last_reconcile
     lines.append(f"last reconcile: {fmt_time(last)}" + (f" ({format_age(now - last)} ago)" if last else " (never)"))
@@ -5753,9 +6272,20 @@ def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
     help="When this attempt of the job began (the prologue's start, seconds since the epoch); "
     "a release of the job after it ends the wait with exit 8. Default: now.",
 )
+@click.option("--cores", type=click.IntRange(min=1), default=1, help="The job's cores (on its one node) [1].")
+@click.option("--mem", "memory", default="0", metavar="SIZE", help="The job's memory: MiB, or 512M, 6G, 64gb [none].")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, help="The job's GPUs [0].")
 @click.pass_context
 def acquire(
-    ctx: click.Context, job_id: str, user: str, timeout: float | None, output: str, started: float | None
+    ctx: click.Context,
+    job_id: str,
+    user: str,
+    timeout: float | None,
+    output: str,
+    started: float | None,
+    cores: int,
+    memory: str,
+    gpus: int,
 ) -> None:
     """Get a VM for JOB_ID and print its address (exit 0).
 
@@ -5766,6 +6296,10 @@ def acquire(
     and, if the pool is below max and no boot in progress covers it, a server is created
     now; the command waits until a VM is ACTIVE and answers SSH, then claims it.
 
+    The VM is of the smallest class whose flavor has --cores, --mem and --gpus (a bigger class's
+    Free VM too if [pool] bigger_vm_may_serve); a job no class fits: exit 2 at once, naming the
+    largest class.
+
     After --timeout seconds without a VM: exit 6 with the reason (pool at max, cloud
     failing, quota back-off, protected mode); the request is withdrawn and a VM booted
     for it stays in the pool. If the job's release (its epilogue) runs after --started,
@@ -5774,10 +6308,20 @@ def acquire(
     validate_job_id(job_id)
     if user:
         validate_user_name(user)
+    want = Want(cores, job_memory(memory), gpus)
     pool = configured_pool(ctx)
     require_private_key(pool.config)
-    claimed = pool.acquire(job_id, user, pool.config.pool.acquire_timeout if timeout is None else timeout, started)
+    timeout = pool.config.pool.acquire_timeout if timeout is None else timeout
+    claimed = pool.acquire(job_id, user, timeout, started, want)
     click.echo(claimed.vm.address if output == "address" else hook_env(claimed, pool.config))
+
+
+def job_memory(text: str) -> int:
+    """--mem's SIZE in MiB, or exit 2 naming the forms allowed."""
+    try:
+        return mebibytes(text)
+    except ValueError:
+        raise BadInput(f"--mem {text!r}: expected MiB or a size like 512M, 6G, 64gb") from None
 
 
 def hook_env(claimed: Claimed, config: Config) -> str:
@@ -5900,8 +6444,8 @@ def verify(ctx: click.Context) -> None:
         report(source, str(error))
         raise
     report(f"{source}: authenticated" + ("" if cloud.auth_url else f" at {nova.auth_url}"), "")
-    for key, problem in findings:
-        report(f"[openstack] {key} = {getattr(cloud, key)}", problem)
+    for where, problem in findings:
+        report(where, problem)
     if problems:
         raise ConfigError(f"{config.path}: {len(problems)} check(s) failed: {'; '.join(problems)}")
 

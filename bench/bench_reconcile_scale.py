@@ -49,7 +49,7 @@ class ListedCloud:
     def list_servers(self) -> list[vp.Server]:
         return list(self.servers)
 
-    def create_server(self, name: str) -> str:
+    def create_server(self, name: str, vm_class: str = vp.DEFAULT_CLASS) -> str:
         raise vp.CloudError("no creates in this benchmark")
 
     def delete_server(self, server_id: str) -> None:
@@ -60,6 +60,12 @@ class ListedCloud:
 
     def pools_wanting(self) -> frozenset[str]:
         return frozenset()
+
+    def flavor_size(self, flavor: str) -> dict[str, int]:
+        return {"vcpus": 1, "ram": 256, "gpus": 0}
+
+    def absolute_limits(self) -> dict[str, int]:
+        return {}
 
     def signal_wanting(self, pool: str, wanting: bool) -> None:
         pass

@@ -318,14 +318,79 @@ vh_sweep_marks() {
 
 # --- vmpool ---
 
+# The job's resources for `vmpool acquire` (--cores, --mem, --gpus), set by vh_torque_resources;
+# empty: one core, no memory, no GPU.
+VH_RESOURCES=()
+
+# vh_mib SIZE: a Torque size (6gb, 512mb, 1048576kb, 100b, 8w; a plain number is bytes) in MiB,
+# rounded up; false if it is not one.
+vh_mib() {
+    local number unit bytes
+    [[ ${1,,} =~ ^([0-9]{1,15})(b|kb|mb|gb|tb|w|kw|mw|gw|tw)?$ ]] || return 1
+    number=${BASH_REMATCH[1]} unit=${BASH_REMATCH[2]:-b}
+    case $unit in
+        b|w) bytes=$number ;;
+        kb|kw) bytes=$((number << 10)) ;;
+        mb|mw) bytes=$((number << 20)) ;;
+        gb|gw) bytes=$((number << 30)) ;;
+        tb|tw) bytes=$((number << 40)) ;;
+    esac
+    [[ $unit == *w ]] && bytes=$((bytes * 8))  # a word: 8 bytes on the 64-bit nodes Torque runs on
+    printf '%s\n' "$(((bytes + (1 << 20) - 1) >> 20))"
+}
+
+# vh_torque_resources LIST: the job's cores, memory and GPUs from the resource list pbs_mom gives
+# the prologue (5th argument: "nodes=1:ppn=4:gpus=1,mem=6gb,walltime=01:00:00,neednodes=1:ppn=4"),
+# into VH_RESOURCES. Cores: the first node's ppn, else ncpus or procs; memory: the largest of mem,
+# vmem and pmem or pvmem times the cores; GPUs: the first node's gpus, else gpus. False (with
+# VH_RESOURCES_ERROR) on a value it cannot read: the job must not land on a VM too small.
+vh_torque_resources() {
+    local item key value cores="" ncpus="" gpus="" mem=0 per_core=0 mib part parts=()
+    VH_RESOURCES=() VH_RESOURCES_ERROR=
+    local IFS=,
+    for item in $1; do
+        key=${item%%=*} value=${item#*=}
+        case $key in
+            nodes)
+                IFS=: read -r -a parts <<<"${value%%+*}"
+                for part in "${parts[@]:1}"; do
+                    case $part in
+                        ppn=*) cores=${part#ppn=} ;;
+                        gpus=*) gpus=${part#gpus=} ;;
+                    esac
+                done ;;
+            ncpus|procs) ncpus=$value ;;
+            gpus) gpus=${gpus:-$value} ;;
+            mem|vmem|pmem|pvmem)
+                if ! mib=$(vh_mib "$value"); then
+                    VH_RESOURCES_ERROR="$key=$(vh_show "$value") is not a size"
+                    return 1
+                fi
+                if [[ $key == p* ]]; then
+                    (( mib > per_core )) && per_core=$mib
+                else
+                    (( mib > mem )) && mem=$mib
+                fi ;;
+        esac
+    done
+    cores=${cores:-${ncpus:-1}} gpus=${gpus:-0}
+    for value in "$cores" "$gpus"; do
+        vh_valid_uint "$value" || { VH_RESOURCES_ERROR="$(vh_show "$value") is not a whole number of cores or GPUs"; return 1; }
+    done
+    (( cores >= 1 )) || cores=1
+    (( per_core * cores > mem )) && mem=$((per_core * cores))
+    VH_RESOURCES=(--cores "$cores" --mem "$mem" --gpus "$gpus")
+}
+
 # vh_acquire JOBID USER STARTED_NS OUT ERR: `vmpool acquire`, its answer (--format env) in OUT,
 # its messages in ERR; returns vmpool's exit code (124/137: it did not finish in time). STARTED_NS:
 # when this attempt of the job started: an epilogue of the job after that ends the wait (exit 8).
+# The job's resources (VH_RESOURCES) choose the VM's class.
 vh_acquire() {
     local jobid=$1 user=$2 started=$3 out=$4 err=$5 rc=0 args=()
     [[ -n $started ]] && args=(--started "$(vh_ns_as_seconds "$started")")
     timeout --foreground -k 5 "$((ACQUIRE_TIMEOUT + 15))" "$VMPOOL" --config "$VMPOOL_CONFIG" \
-        acquire "$jobid" --user "$user" --timeout "$ACQUIRE_TIMEOUT" --format env "${args[@]}" \
+        acquire "$jobid" --user "$user" --timeout "$ACQUIRE_TIMEOUT" --format env "${args[@]}" "${VH_RESOURCES[@]}" \
         >"$out" 2>"$err" || rc=$?
     return "$rc"
 }

@@ -201,6 +201,8 @@ class Job:
     variables: dict[str, str] = field(default_factory=dict)  # qsub -v
     workdir: str = ""  # the qsub caller's cwd (PBS_O_WORKDIR); default the mom's submit_dir, else the home
     ppn: int = 1
+    mem: str = ""  # qsub -l mem=6gb
+    gpus: int = 0  # qsub -l nodes=1:ppn=4:gpus=1
     stdout: str = ""  # qsub -o (a path on this host); default $PBS_O_WORKDIR/<name>.o<sequence number>
     stderr: str = ""  # qsub -e; default $PBS_O_WORKDIR/<name>.e<sequence number>
 
@@ -210,7 +212,11 @@ class Job:
 
     @property
     def resources(self) -> str:
-        return f"nodes=1:ppn={self.ppn},walltime={self.walltime}"
+        """The resource list as TORQUE 6.1's pbs_mom gives it to the prologue and epilogue (the job's
+        Resource_List, the server's neednodes copy of nodes among it)."""
+        nodes = f"1:ppn={self.ppn}" + (f":gpus={self.gpus}" if self.gpus else "")
+        memory = f"mem={self.mem}," if self.mem else ""
+        return f"{memory}nodes={nodes},walltime={self.walltime},neednodes={nodes}"
 
 
 @dataclass

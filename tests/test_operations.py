@@ -87,6 +87,9 @@ def test_pause_creates_nothing_until_resume_and_status_says_who_and_why(pool: Po
 
 def test_clear_backoff_after_a_quota_refusal_creates_at_the_next_pass(pool: PoolHandle) -> None:
     pool.write_config(pool={"min": 1, "backoff_initial": 600, "backoff_max": 600})
+    # the pass reads the project's limits first and would wait rather than be refused: play a quota
+    # taken between that look and the create (another pool, another user) by hiding the limits
+    pool.bed.add_fault("nova", "GET", r"/limits$", "status", status=503)
     pool.bed.set_quota(instances=0)
     try:
         pool.run("reconcile", check=False)

@@ -49,7 +49,7 @@ class FakeCloud:
             for sid, s in self.servers.items()
         ]
 
-    def create_server(self, name: str) -> str:
+    def create_server(self, name: str, vm_class: str = vp.DEFAULT_CLASS) -> str:
         self.calls.append("create")
         if self.fail_create is not None:
             raise self.fail_create
@@ -69,6 +69,12 @@ class FakeCloud:
 
     def pools_wanting(self) -> frozenset[str]:
         return frozenset()
+
+    def flavor_size(self, flavor: str) -> dict[str, int]:
+        return {"vcpus": 1, "ram": 256, "gpus": 0}
+
+    def absolute_limits(self) -> dict[str, int]:
+        return {}
 
     def signal_wanting(self, pool: str, wanting: bool) -> None:
         pass

@@ -239,6 +239,9 @@ def test_expired_token_is_renewed_transparently(pool: PoolHandle) -> None:
 
 def test_quota_exceeded_backs_off_without_a_create_loop(pool: PoolHandle) -> None:
     pool.write_config(pool={"min": 2, "backoff_initial": 30, "backoff_max": 300})
+    # the pass reads the project's limits first and would wait rather than be refused: play a quota
+    # taken between that look and the create (another pool, another user) by hiding the limits
+    pool.bed.add_fault("nova", "GET", r"/limits$", "status", status=503)
     pool.bed.set_quota(instances=0)  # the real Nova refuses: 403 "Quota exceeded for instances"
     try:
         pool.bed.reset_counts()
@@ -358,6 +361,9 @@ def test_an_admin_clears_protected_mode_and_lifts_the_one_canary_limit(pool: Poo
 def test_quota_back_off_grows_with_each_refusal_and_status_shows_it(pool: PoolHandle) -> None:
     # the last back-off (8 s) outlasts the status calls that read it, even on a busy machine
     pool.write_config(pool={"min": 1, "backoff_initial": 2, "backoff_max": 8})
+    # the pass reads the project's limits first and would wait rather than be refused: play a quota
+    # taken between that look and the create (another pool, another user) by hiding the limits
+    pool.bed.add_fault("nova", "GET", r"/limits$", "status", status=503)
     pool.bed.set_quota(instances=0)
     try:
         delays = []

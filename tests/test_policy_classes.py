@@ -1,0 +1,258 @@
+"""VM classes in the pure policy (issue 19): the job's cores, memory and GPUs choose its class;
+creates, spares and trimming per class; the pool's and the project's limits in cores, memory and
+servers; single-use classes; the state file of a one-class pool unchanged."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import vmpool as vp
+from tests.policy_builders import HOST, NOW, kinds, live, seen, server, vm
+from tests.policy_builders import config as one_class_config
+from vmpool import BUSY, FREE, UNUSABLE, ClassConfig, CreateServer, DeleteServer, PoolState, Want
+
+SMALL, MEDIUM, BIG, GPU = "fl-small", "fl-medium", "fl-big", "fl-gpu"
+FLAVORS = {
+    SMALL: {"vcpus": 1, "ram": 2048, "gpus": 0},
+    MEDIUM: {"vcpus": 4, "ram": 8192, "gpus": 0},
+    BIG: {"vcpus": 8, "ram": 32768, "gpus": 0},
+    GPU: {"vcpus": 8, "ram": 32768, "gpus": 1},
+}
+
+
+def classes_config(*classes: ClassConfig, **pool: Any) -> vp.Config:
+    base = one_class_config(**{"max": 10, **pool})
+    chosen = classes or (
+        ClassConfig("small", SMALL),
+        ClassConfig("medium", MEDIUM),
+        ClassConfig("big", BIG),
+        ClassConfig("gpu", GPU),
+    )
+    import dataclasses
+
+    return dataclasses.replace(base, pool=dataclasses.replace(base.pool, classes=chosen))
+
+
+def state_of(*vms: vp.Vm, **extra: Any) -> PoolState:
+    return PoolState(pool="p", vms=list(vms), flavors={**FLAVORS}, **extra)
+
+
+def acquire(state: PoolState, job: str, want: Want, config: vp.Config, pid: int = 100) -> Any:
+    return vp.plan_acquire(state, job, "alice", NOW, pid, HOST, live(*range(100, 120)), want=want, pool=config.pool)
+
+
+@pytest.mark.parametrize(
+    ("want", "chosen"),
+    [
+        (Want(1, 0, 0), "small"),
+        (Want(1, 4096, 0), "medium"),  # memory alone moves it up
+        (Want(4, 6144, 0), "medium"),
+        (Want(5, 0, 0), "big"),
+        (Want(8, 32768, 0), "big"),  # exactly the big flavor: no GPU class for a job without GPUs
+        (Want(1, 0, 1), "gpu"),
+    ],
+)
+def test_the_smallest_class_the_job_fits_in_is_chosen(want: Want, chosen: str) -> None:
+    assert vp.choose_class(state_of(), classes_config().pool, want) == (chosen, "")
+
+
+def test_a_job_no_class_fits_is_refused_at_once_naming_the_largest_class() -> None:
+    config = classes_config()
+    new, outcome = acquire(state_of(vm("s1", vm_class="small")), "9", Want(16, 0, 0), config)
+    assert isinstance(outcome, vp.Refused)
+    assert outcome.why == (
+        "job 9 asks for 16 cores: more than any class of the pool offers "
+        "(the largest, gpu, has 8 cores, 32G memory, 1 GPU(s))"
+    )
+    assert new.requests == [] and new.vm_named("s1").state == FREE
+
+
+def test_a_job_gets_a_free_vm_of_its_class_never_a_smaller_one_nor_a_bigger_one_by_default() -> None:
+    config = classes_config()
+    state = state_of(vm("s1", vm_class="small"), vm("b1", vm_class="big"))
+    new, outcome = acquire(state, "1", Want(4, 0, 0), config)
+    assert isinstance(outcome, vp.Waiting) and new.requests[0].vm_class == "medium"
+    assert {v.name: v.state for v in new.vms} == {"s1": FREE, "b1": FREE}
+    new, outcome = acquire(state, "2", Want(1, 0, 0), config)
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "s1"
+
+
+def test_a_bigger_free_vm_serves_a_smaller_job_only_if_the_config_allows_it() -> None:
+    state = state_of(vm("b1", vm_class="big"), vm("g1", vm_class="gpu"))
+    _, outcome = acquire(state, "1", Want(4, 0, 0), classes_config())
+    assert isinstance(outcome, vp.Waiting)
+    _, outcome = acquire(state, "1", Want(4, 0, 0), classes_config(bigger_vm_may_serve=True))
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name in ("b1", "g1")
+    _, outcome = acquire(state, "1", Want(1, 0, 1), classes_config(bigger_vm_may_serve=True))
+    assert isinstance(outcome, vp.Claimed) and outcome.vm.name == "g1"  # the one with a GPU
+
+
+def test_a_freed_vm_is_handed_to_the_first_waiter_of_its_class_not_the_queue_head() -> None:
+    config = classes_config()
+    state = state_of(vm("m1", BUSY, job="5", vm_class="medium"))
+    state, _ = acquire(state, "6", Want(1, 0, 0), config, pid=106)  # waits for a small VM
+    state, _ = acquire(state, "7", Want(4, 0, 0), config, pid=107)  # waits for a medium VM
+    state, _ = vp.plan_release(state, "5", NOW, pool=config.pool)
+    state, _ = vp.plan_hand_over(state, NOW, HOST, lambda request: True, config.pool)
+    assert state.vm_named("m1").job == "7"
+    assert [r.job for r in state.requests] == ["6"]
+
+
+def test_while_the_flavors_are_unknown_the_request_waits_and_a_pass_decides_its_class() -> None:
+    config = classes_config()
+    state = PoolState(pool="p")
+    state, outcome = acquire(state, "1", Want(4, 0, 0), config)
+    assert isinstance(outcome, vp.Waiting) and state.requests[0].vm_class == ""
+    assert vp.vms_still_to_free(state, "1", 100, HOST) == 1
+    state.flavors.update(FLAVORS)
+    state, actions = vp.plan_reconcile(state, seen(live_waiters=live(100)), config, NOW)
+    assert state.requests[0].vm_class == "medium"
+    assert [(c.vm_class) for c in kinds(actions, CreateServer)] == ["medium"]
+
+
+def test_one_class_and_a_default_job_need_no_flavor_size() -> None:
+    """Today's pool: acquire never waits on Nova to learn the flavor."""
+    state = PoolState(pool="p", vms=[vm("a")])
+    _, outcome = vp.plan_acquire(state, "1", "alice", NOW, 100, HOST, live(100), pool=one_class_config().pool)
+    assert isinstance(outcome, vp.Claimed)
+
+
+def test_creates_spares_and_trimming_are_per_class() -> None:
+    config = classes_config(
+        ClassConfig("small", SMALL, min_free=2),
+        ClassConfig("big", BIG, min=1),
+        idle_timeout=100,
+    )
+    state = state_of(vm("old-big", vm_class="big", since=NOW - 1000), vm("b2", vm_class="big", since=NOW - 1000))
+    new, actions = vp.plan_reconcile(state, seen(server("old-big"), server("b2")), config, NOW)
+    creates = kinds(actions, CreateServer)
+    assert sorted(c.vm_class for c in creates) == ["small", "small"]
+    assert all(new.vm_named(c.name).vm_class == "small" for c in creates)
+    assert [d.name for d in kinds(actions, DeleteServer)] == ["old-big"]  # big keeps its min of 1
+
+
+def test_a_class_never_passes_its_own_max_nor_the_pool_its_max() -> None:
+    config = classes_config(ClassConfig("small", SMALL, max=2, min_free=5), ClassConfig("big", BIG, min_free=5), max=4)
+    _, actions = vp.plan_reconcile(state_of(), seen(), config, NOW)
+    assert sorted(c.vm_class for c in kinds(actions, CreateServer)) == ["big", "big", "small", "small"]
+
+
+def test_the_class_whose_job_waits_longest_is_created_first_when_room_is_short() -> None:
+    config = classes_config(max=1)
+    state = state_of()
+    state, _ = acquire(state, "1", Want(8, 0, 1), config, pid=101)
+    state, _ = acquire(state, "2", Want(1, 0, 0), config, pid=102)
+    _, actions = vp.plan_reconcile(state, seen(live_waiters=live(101, 102)), config, NOW)
+    assert [c.vm_class for c in kinds(actions, CreateServer)] == ["gpu"]
+
+
+@pytest.mark.parametrize(
+    ("pool", "limits", "created", "why"),
+    [
+        ({"max_cores": 10}, None, 2, "[pool] max_cores = 10 leaves room for 2 more cores, a VM needs 4"),
+        ({"max_memory": 20000}, None, 2, "[pool] max_memory = 20000M leaves room for 3616 more memory"),
+        ({}, {"maxTotalCores": 20, "totalCoresUsed": 9}, 2, "the project's quota maxTotalCores = 20 (9 used)"),
+        ({}, {"maxTotalRAMSize": 30000, "totalRAMUsed": 0}, 3, "maxTotalRAMSize = 30000"),
+        ({}, {"maxTotalInstances": 5, "totalInstancesUsed": 4}, 1, "maxTotalInstances = 5 (4 used)"),
+        ({}, {"maxTotalCores": -1, "maxTotalRAMSize": -1, "maxTotalInstances": -1}, 10, ""),
+    ],
+)
+def test_creates_stay_within_the_pool_s_limits_and_the_project_s_quota_the_rest_wait(
+    pool: dict[str, Any], limits: dict[str, int] | None, created: int, why: str
+) -> None:
+    config = classes_config(ClassConfig("medium", MEDIUM, min_free=5), **pool)
+    state = state_of()
+    for n in range(5):
+        state, _ = acquire(state, str(n), Want(4, 0, 0), config, pid=100 + n)
+    new, actions = vp.plan_reconcile(state, seen(live_waiters=live(*range(100, 105)), limits=limits), config, NOW)
+    assert len(kinds(actions, CreateServer)) == created
+    notes = " ".join(note.message for note in kinds(actions, vp.Note))
+    assert why in notes
+    if why:
+        assert f"class medium: not creating {10 - created} VM(s)" in notes
+        assert new.quota_blocked_since == NOW  # jobs wait on it: the project's other pools are asked to give way
+
+
+def test_a_single_use_vm_is_deleted_after_its_job_and_its_spare_replaced() -> None:
+    config = classes_config(ClassConfig("once", SMALL, min_free=1, single_use=True))
+    state = state_of(vm("o1", BUSY, job="3", vm_class="once"), vm("o2", vm_class="once"))
+    state, notes = vp.plan_release(state, "3", NOW, pool=config.pool)
+    once = state.vm_named("o1")
+    assert once is not None and once.state == UNUSABLE and once.tainted == "single-use: served job 3"
+    assert "single-use (once): to be deleted" in notes[0].message
+    assert state.counters.get("tainted_releases", 0) == 0  # not a failed scrub
+    state, actions = vp.plan_reconcile(state, seen(server("o1"), server("o2")), config, NOW + 1)
+    assert [(d.name, d.reason) for d in kinds(actions, DeleteServer)] == [("o1", "single-use: served job 3")]
+    assert kinds(actions, CreateServer) == []  # o2 is still the one spare
+    state, _ = acquire(state, "4", Want(), config)
+    _, actions = vp.plan_reconcile(state, seen(server("o1"), server("o2"), live_waiters=live(100)), config, NOW + 2)
+    assert [c.vm_class for c in kinds(actions, CreateServer)] == ["once"]  # o2 went to job 4: a new spare
+
+
+def test_free_vms_of_a_class_no_longer_configured_are_deleted() -> None:
+    config = classes_config()
+    state = state_of(vm("d1"), vm("d2", BUSY, job="1"))
+    _, actions = vp.plan_reconcile(state, seen(server("d1"), server("d2")), config, NOW)
+    assert [(d.name, d.reason) for d in kinds(actions, DeleteServer)] == [
+        ("d1", "its class default is no longer configured")
+    ]
+
+
+def test_an_adopted_server_keeps_the_class_its_metadata_names() -> None:
+    config = classes_config()
+    state = PoolState(pool="p", dropped_clean={"x1": NOW - 5})
+    listing = seen(server("x1", vm_class="big"))
+    for offset in (0, 60):
+        state, _ = vp.plan_reconcile(state, listing, config, NOW + offset)
+    assert state.vm_named("x1").vm_class == "big"
+
+
+def test_a_one_class_state_file_has_no_class_nor_flavor_fields_and_an_older_reader_s_fields_only() -> None:
+    state = PoolState(pool="p", vms=[vm("a")], requests=[vp.Request("1", "bob", NOW, 100, HOST)])
+    data = json.loads(vp.state_text(state))
+    assert "flavors" not in data and "vm_class" not in data["vms"][0]
+    assert not {"cores", "memory", "gpus", "vm_class"} & set(data["requests"][0])
+    classed = PoolState(pool="p", vms=[vm("a", vm_class="big")], flavors={**FLAVORS})
+    classed.requests = [vp.Request("1", "bob", NOW, 100, HOST, cores=4, memory=6144, vm_class="medium")]
+    back = vp.state_from_json(json.loads(vp.state_text(classed)), "s.json", "p")
+    assert back.vms[0].vm_class == "big" and back.flavors == FLAVORS
+    assert (back.requests[0].cores, back.requests[0].memory, back.requests[0].vm_class) == (4, 6144, "medium")
+
+
+@pytest.mark.parametrize(
+    ("specs", "gpus"),
+    [
+        ({}, 0),
+        ({"resources:VGPU": "1"}, 1),
+        ({"resources:PGPU": "2", "hw:cpu_policy": "dedicated"}, 2),
+        ({"pci_passthrough:alias": "a100:2,t4"}, 3),
+    ],
+)
+def test_gpus_are_read_from_the_flavor_s_extra_specs(specs: dict[str, str], gpus: int) -> None:
+    assert vp.gpus_of(specs) == gpus
+
+
+def test_a_class_s_own_gpus_overrides_the_flavor_s() -> None:
+    state = state_of()
+    assert vp.class_size(state, ClassConfig("g", BIG, gpus=2)) == Want(8, 32768, 2)
+    assert vp.class_size(state, ClassConfig("g", GPU)) == Want(8, 32768, 1)
+
+
+@pytest.mark.parametrize(("text", "mib"), [("0", 0), ("512", 512), ("512M", 512), ("6G", 6144), ("64gb", 65536)])
+def test_memory_sizes_read_as_torque_and_slurm_write_them(text: str, mib: int) -> None:
+    assert vp.mebibytes(text) == mib
+
+
+def test_prometheus_metrics_per_class() -> None:
+    config = classes_config(ClassConfig("small", SMALL, min_free=1), ClassConfig("medium", MEDIUM))
+    state = state_of(vm("s1", vm_class="small"), vm("m1", BUSY, job="1", vm_class="medium"))
+    state, _ = acquire(state, "2", Want(4, 0, 0), config)
+    text = vp.metrics_text(state, config, NOW)
+    assert 'vmpool_class_vms{class="medium",pool="p",state="busy"} 1.0' in text
+    assert 'vmpool_class_vms{class="small",pool="p",state="free"} 1.0' in text
+    assert 'vmpool_class_waiting_jobs{class="medium",pool="p"} 1.0' in text
+    assert 'vmpool_class_desired_vms{class="medium",pool="p"} 2.0' in text
+    assert 'vmpool_class_desired_vms{class="small",pool="p"} 1.0' in text
