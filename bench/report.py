@@ -23,6 +23,7 @@ BEGIN = "<!-- latest figures: made by bench/report.py from bench/results/*.json;
 END = "<!-- end of the latest figures -->"
 ORDER = (
     "fast_path",
+    "fast_path_3_classes",
     "burst",
     "burst_queue",
     "state_size",
