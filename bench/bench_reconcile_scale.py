@@ -38,9 +38,10 @@ from results import record
 
 import vmpool as vp
 from tests.cloud.vms import VmSupervisor
+from tests.cloud_fakes import AlonePoolProject
 
 
-class ListedCloud:
+class ListedCloud(AlonePoolProject):
     """The Cloud protocol over a fixed list: every server ACTIVE (the Nova side is bench_cloud.py's)."""
 
     def __init__(self, servers: list[vp.Server]):
@@ -57,18 +58,6 @@ class ListedCloud:
 
     def console_output(self, server_id: str) -> str:
         return ""
-
-    def pools_wanting(self) -> frozenset[str]:
-        return frozenset()
-
-    def flavor_size(self, flavor: str) -> dict[str, int]:
-        return {"vcpus": 1, "ram": 256, "gpus": 0}
-
-    def absolute_limits(self) -> dict[str, int]:
-        return {}
-
-    def signal_wanting(self, pool: str, wanting: bool) -> None:
-        pass
 
 
 class Peak:

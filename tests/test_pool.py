@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import vmpool as vp
+from tests.cloud_fakes import AlonePoolProject
 from tests.conftest import pinned_hosts
 
 
@@ -24,7 +25,7 @@ def host_key(server_id: str) -> str:
     return "ssh-ed25519 KEY" + server_id.replace("-", "")
 
 
-class FakeCloud:
+class FakeCloud(AlonePoolProject):
     """Servers in a dict; a server is ACTIVE after `build_lists` listings; failures injected per call."""
 
     def __init__(self, build_lists: int = 1):
@@ -66,18 +67,6 @@ class FakeCloud:
     def console_output(self, server_id: str) -> str:
         self.calls.append("console")
         return f"-----BEGIN SSH HOST KEY KEYS-----\n{host_key(server_id)}\n-----END SSH HOST KEY KEYS-----\n"
-
-    def pools_wanting(self) -> frozenset[str]:
-        return frozenset()
-
-    def flavor_size(self, flavor: str) -> dict[str, int]:
-        return {"vcpus": 1, "ram": 256, "gpus": 0}
-
-    def absolute_limits(self) -> dict[str, int]:
-        return {}
-
-    def signal_wanting(self, pool: str, wanting: bool) -> None:
-        pass
 
 
 class FakeRemote:
