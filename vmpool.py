@@ -408,6 +408,9 @@ class ClassConfig:
     min_free: int = 0
     single_use: bool = False  # its VM serves one job and is deleted after it (no scrub to trust)
     gpus: int = -1  # the flavor's GPUs; -1: as Nova's extra specs say (resources:VGPU, pci_passthrough:alias)
+    # `vmpool check`: how long its oldest waiting job may wait (Nagios ranges; "": [check] wait_*)
+    check_wait_warning: str = ""
+    check_wait_critical: str = ""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -645,6 +648,10 @@ def _check_class(path: str, section: str, vm_class: ClassConfig, pool: PoolConfi
         ("min", 0 <= vm_class.min <= top, f"must be between 0 and max ({top})"),
         ("min_free", 0 <= vm_class.min_free <= top, f"must be between 0 and max ({top})"),
         ("gpus", vm_class.gpus >= -1, "must be >= 0 (-1: as the flavor's extra specs say)"),
+        *(
+            (key, bool(NAGIOS_RANGE_RE.match(getattr(vm_class, key))), "expected a Nagios range (e.g. 3600) or nothing")
+            for key in ("check_wait_warning", "check_wait_critical")
+        ),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -1088,6 +1095,22 @@ class Want(NamedTuple):
 
 
 @dataclass
+class ClassHealth:
+    """How a class's creates fare: failed boots in a row, protected mode, the back-off after a
+    refusal. Kept per class: a bad image or a quota on big flavors stops that class's boots, not
+    the others'. The state file keeps the one class "default"'s at the top level, where a state
+    from before classes has them."""
+
+    boot_failures: int = 0
+    protected_since: float | None = None
+    backoff_until: float | None = None
+    backoff_delay: float = 0.0
+
+    def backing_off(self, now: float) -> bool:
+        return self.backoff_until is not None and now < self.backoff_until
+
+
+@dataclass
 class PoolState:
     pool: str
     vms: list[Vm] = field(default_factory=list)
@@ -1099,10 +1122,7 @@ class PoolState:
     orphans: dict[str, float] = field(default_factory=dict)  # server id -> first seen
     last_reconcile: float | None = None
     last_pass: float | None = None
-    boot_failures: int = 0
-    protected_since: float | None = None
-    backoff_until: float | None = None
-    backoff_delay: float = 0.0
+    health: dict[str, ClassHealth] = field(default_factory=dict)  # class -> its creates' health
     last_cloud_error: str = ""
     last_cloud_error_at: float | None = None
     ended_jobs: dict[str, float] = field(default_factory=dict)  # job -> when its release ran
@@ -1122,6 +1142,33 @@ class PoolState:
     quota_blocked_since: float | None = None
     # the classes' flavors as Nova describes them: flavor ID -> {"vcpus", "ram" (MiB), "gpus"}
     flavors: dict[str, dict[str, int]] = field(default_factory=dict)
+    # class -> the limit that held back the creates its waiting jobs need (the pool's, the class's,
+    # the project's quota), as the last pass found it: the acquire timeout message names it
+    held_back: dict[str, str] = field(default_factory=dict)
+
+    def class_health(self, vm_class: str = DEFAULT_CLASS) -> ClassHealth:
+        """The class's health record, made at its first change (plan_* functions change a copy)."""
+        health = self.health.get(vm_class)
+        if health is None:
+            health = self.health[vm_class] = ClassHealth()
+        return health
+
+    def health_of(self, vm_class: str = DEFAULT_CLASS) -> ClassHealth:
+        """The class's health, to read: a class that never failed has a fresh record."""
+        return self.health.get(vm_class) or ClassHealth()
+
+    def worst_health(self) -> ClassHealth:
+        """The pool's health as one record (monitoring's and status's pool-wide figures): the most
+        failed boots, protected since the first class was, backing off until the last class is."""
+        records = list(self.health.values())
+        protected = [health.protected_since for health in records if health.protected_since is not None]
+        longest = max(records, key=lambda health: health.backoff_until or 0.0, default=ClassHealth())
+        return ClassHealth(
+            max((health.boot_failures for health in records), default=0),
+            min(protected, default=None),
+            longest.backoff_until,
+            longest.backoff_delay,
+        )
 
     def vm_named(self, name: str) -> Vm | None:
         return next((vm for vm in self.vms if vm.name == name), None)
@@ -1966,30 +2013,47 @@ def _redelete_if_stuck(vm: Vm, pool: PoolConfig, now: float) -> list[Action]:
 def _count_boot_failure(state: PoolState, vm: Vm, pool: PoolConfig, now: float) -> list[Action]:
     if vm.last_healthy is not None:
         return []
-    state.boot_failures += 1
+    health = state.class_health(vm.vm_class)
+    health.boot_failures += 1
     _count(state, "failed_boots")
-    if state.boot_failures < pool.protect_after_failures:
+    if health.boot_failures < pool.protect_after_failures:
         return []
-    _back_off(state, pool, now)  # each failed canary waits longer: no create/delete loop
-    if state.protected_since is None:
-        state.protected_since = now
+    _back_off(health, pool, now)  # each failed canary waits longer: no create/delete loop
+    if health.protected_since is None:
+        health.protected_since = now
         return [
             Note(
                 logging.ERROR,
-                f"protected mode: {state.boot_failures} consecutive failed boots; "
-                f"one canary boot at a time, next at {fmt_time(state.backoff_until)}",
+                f"protected mode{_of_class(vm.vm_class)}: {health.boot_failures} consecutive failed boots; "
+                f"one canary boot at a time, next at {fmt_time(health.backoff_until)}",
             )
         ]
-    return [Note(logging.WARNING, f"protected mode: canary failed; next at {fmt_time(state.backoff_until)}")]
+    return [
+        Note(
+            logging.WARNING,
+            f"protected mode{_of_class(vm.vm_class)}: canary failed; next at {fmt_time(health.backoff_until)}",
+        )
+    ]
 
 
-def _back_off(state: PoolState, pool: PoolConfig, now: float, retry_after: float = 0.0) -> None:
-    """The next create waits twice as long as the last (the cloud's Retry-After, if longer). Both
-    stop at backoff_max: an asked-for day would idle the pool that long, while one refused create
-    per backoff_max costs the cloud nothing; `clear-backoff` asks at once."""
-    doubled = max(pool.backoff_initial, state.backoff_delay * 2, retry_after)
-    state.backoff_delay = min(pool.backoff_max, doubled)
-    state.backoff_until = now + state.backoff_delay
+def _forget_if_healthy(state: PoolState, vm_class: str) -> None:
+    """A class whose creates fare well again keeps no record (equal states, equal files)."""
+    if state.health.get(vm_class) == ClassHealth():
+        del state.health[vm_class]
+
+
+def _of_class(vm_class: str) -> str:
+    """' of class NAME' in a message, nothing for the one class of a pool without classes."""
+    return "" if vm_class == DEFAULT_CLASS else f" of class {vm_class}"
+
+
+def _back_off(health: ClassHealth, pool: PoolConfig, now: float, retry_after: float = 0.0) -> None:
+    """The class's next create waits twice as long as the last (the cloud's Retry-After, if
+    longer). Both stop at backoff_max: an asked-for day would idle the class that long, while one
+    refused create per backoff_max costs the cloud nothing; `clear-backoff` asks at once."""
+    doubled = max(pool.backoff_initial, health.backoff_delay * 2, retry_after)
+    health.backoff_delay = min(pool.backoff_max, doubled)
+    health.backoff_until = now + health.backoff_delay
 
 
 def _delete_failed_boot(state: PoolState, vm: Vm, reason: str, pool: PoolConfig, now: float) -> list[Action]:
@@ -2214,8 +2278,16 @@ def _scale(
         live = [vm for vm in mine if not vm.deleting and not vm.tainted and not vm.drained]
         capacity = sum(1 for vm in live if vm.state in (FREE, BUSY) or vm.booting)
         desired = class_desired(state, pool, vm_class, spares=not give_way)
+        class_room = (vm_class.max or pool.max) - len(mine)
+        state.held_back.pop(vm_class.name, None)
+        if min(room, class_room) <= 0 and capacity < _jobs_of(state, vm_class):
+            state.held_back[vm_class.name] = (  # for the acquire timeout message
+                f"[class {vm_class.name}] max = {vm_class.max} VMs"
+                if class_room <= room
+                else f"[pool] max = {pool.max} VMs ({pool.max - room} in the cloud or being deleted)"
+            )
         if capacity < desired:
-            room_here = min(room, (vm_class.max or pool.max) - len(mine))
+            room_here = min(room, class_room)
             created = _scale_up(state, config, vm_class, desired - capacity, room_here, budget, listed_names, now)
             room -= sum(1 for action in created if isinstance(action, CreateServer))
             actions += created
@@ -2223,6 +2295,16 @@ def _scale(
             idle_for = min(pool.idle_timeout, pool.give_way_after) if give_way else pool.idle_timeout
             actions += _scale_down(state, pool, vm_class, capacity - desired, now, idle_for)
     return actions + _unknown_classes(state, pool, now)
+
+
+PROJECT_QUOTA = "the project's quota"  # how a budget's limit set by Nova's absolute limits begins
+
+
+def _jobs_of(state: PoolState, vm_class: ClassConfig) -> int:
+    """The class's jobs: those its busy VMs run and those waiting for one (0: none waits)."""
+    waiting = sum(1 for request in state.requests if request.vm_class == vm_class.name)
+    busy = sum(1 for vm in state.vms if vm.state == BUSY and vm.vm_class == vm_class.name)
+    return busy + waiting if waiting else 0
 
 
 def _budget(state: PoolState, pool: PoolConfig, limits: dict[str, int] | None) -> dict[str, tuple[int, str]]:
@@ -2248,7 +2330,7 @@ def _budget(state: PoolState, pool: PoolConfig, limits: dict[str, int] | None) -
         maximum = (limits or {}).get(most, -1)
         if maximum >= 0:
             used = (limits or {}).get(used_key, 0)
-            limit(kind, maximum - used, f"the project's quota {most} = {maximum} ({used} used)")
+            limit(kind, maximum - used, f"{PROJECT_QUOTA} {most} = {maximum} ({used} used)")
     return budget
 
 
@@ -2288,10 +2370,17 @@ def _scale_up(
                 f"by {state.paused_by}: {state.paused_reason}",
             )
         ]
-    if state.backoff_until is not None and now < state.backoff_until:
-        return [Note(logging.INFO, f"not creating {count} VM(s): backing off until {fmt_time(state.backoff_until)}")]
-    if state.protected_since is not None:
-        if any(vm.booting for vm in state.vms):
+    health = state.health_of(vm_class.name)
+    if health.backing_off(now):
+        return [
+            Note(
+                logging.INFO,
+                f"not creating {count} VM(s){_of_class(vm_class.name)}: backing off until "
+                f"{fmt_time(health.backoff_until)}",
+            )
+        ]
+    if health.protected_since is not None:
+        if any(vm.booting and vm.vm_class == vm_class.name for vm in state.vms):
             return []
         count = 1  # protected mode: one canary boot at a time
     taken = {vm.name for vm in state.vms} | listed_names  # after a state loss the serial starts again
@@ -2299,9 +2388,11 @@ def _scale_up(
     actions: list[Action] = []
     for index in range(count):
         if over := _within_budget(budget, size):
-            # asked anyway, Nova would refuse (and back off the whole pool): the boot waits for room
+            # asked anyway, Nova would refuse (and back the class off): the boot waits for room
             if any(request.vm_class == vm_class.name for request in state.requests):
-                state.quota_blocked_since = state.quota_blocked_since or now
+                state.held_back[vm_class.name] = over
+                if over.startswith(PROJECT_QUOTA):  # the other pools' idle VMs can make room, not our own limit
+                    state.quota_blocked_since = state.quota_blocked_since or now
             return actions + [
                 Note(logging.WARNING, f"class {vm_class.name}: not creating {count - index} VM(s): {over}")
             ]
@@ -2340,43 +2431,54 @@ def _unknown_classes(state: PoolState, pool: PoolConfig, now: float) -> list[Act
 
 
 def plan_created(
-    state: PoolState, name: str, server_id: str | None, error: CloudError | None, pool: PoolConfig, now: float
+    state: PoolState,
+    name: str,
+    server_id: str | None,
+    error: CloudError | None,
+    pool: PoolConfig,
+    now: float,
+    vm_class: str = "",
 ) -> tuple[PoolState, list[Action]]:
-    """Record the outcome of a create call."""
+    """Record the outcome of a create call (for a VM of vm_class; default: its intent record's)."""
     new = copy_state(state)
     vm = new.vm_named(name)
+    vm_class = vm_class or (vm.vm_class if vm is not None else DEFAULT_CLASS)
     if error is None:
         new.quota_blocked_since = None
-        if new.protected_since is None:
-            new.backoff_until, new.backoff_delay = None, 0.0
+        health = new.health.get(vm_class)
+        if health is not None and health.protected_since is None:
+            health.backoff_until, health.backoff_delay = None, 0.0
+            _forget_if_healthy(new, vm_class)
         if vm is not None and vm.server_id is None:
             vm.server_id = server_id
             _set_state(vm, UNUSABLE, BUILDING, now)
         _count(new, "boots")
         return new, [Note(logging.INFO, f"vm {name} created (server {server_id})")]
     _record_cloud_error(new, str(error), now)
+    health = new.class_health(vm_class)
     if isinstance(error, CloudRefused):
-        _back_off(new, pool, now)
+        _back_off(health, pool, now)
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # refused: nothing was created, no need to wait out create_grace
+        where = "[openstack]" if vm_class == DEFAULT_CLASS else f"[class {vm_class}] and [openstack]"
         return new, [
             Note(
                 logging.ERROR,
-                f"vm {name} not created: {error}; check [openstack] image, flavor, "
-                "network, key_name, security_groups; backing off until "
-                f"{fmt_time(new.backoff_until)}",
+                f"vm {name} not created: {error}; check {where} image, flavor, "
+                f"network, key_name, security_groups; backing off{_of_class(vm_class)} until "
+                f"{fmt_time(health.backoff_until)}",
             )
         ]
     if isinstance(error, QuotaExceeded):
-        _back_off(new, pool, now, error.retry_after)
+        _back_off(health, pool, now, error.retry_after)
         new.quota_blocked_since = new.quota_blocked_since or now
         if vm is not None and vm.server_id is None:
             new.vms.remove(vm)  # the cloud said no: nothing was created
         return new, [
             Note(
                 logging.ERROR,
-                f"vm {name} not created: {error}; backing off "
-                f"{new.backoff_delay:.0f}s until {fmt_time(new.backoff_until)}",
+                f"vm {name} not created: {error}; backing off{_of_class(vm_class)} "
+                f"{health.backoff_delay:.0f}s until {fmt_time(health.backoff_until)}",
             )
         ]
     # Any other failure may or may not have created the server: keep the intent; the next
@@ -2413,10 +2515,9 @@ def plan_deleted(
 
 
 def clear_protected_mode(state: PoolState) -> PoolState:
-    """An admin's word: forget failed boots and back-off; create again."""
+    """An admin's word: forget every class's failed boots and back-off; create again."""
     new = copy_state(state)
-    new.protected_since, new.boot_failures = None, 0
-    new.backoff_until, new.backoff_delay = None, 0.0
+    new.health = {}
     return new
 
 
@@ -2503,12 +2604,20 @@ def plan_resume(state: PoolState, by: str, reason: str, now: float) -> tuple[Poo
 
 
 def plan_clear_backoff(state: PoolState, by: str, reason: str, now: float) -> tuple[PoolState, list[Action]]:
-    """Create again at the next pass, not at the end of the back-off (protected mode keeps its own switch)."""
-    if state.backoff_until is None and not state.backoff_delay:
+    """Every class creates again at the next pass, not at the end of its back-off (protected mode
+    keeps its own switch)."""
+    backing_off = {name: health for name, health in state.health.items() if health.backoff_until is not None}
+    if not backing_off and not any(health.backoff_delay for health in state.health.values()):
         return state, [Note(logging.INFO, f"pool {state.pool}: no back-off to clear")]
     new = copy_state(state)
-    was = f"until {fmt_time(state.backoff_until)}, delay {state.backoff_delay:.0f}s"
-    new.backoff_until, new.backoff_delay = None, 0.0
+    was = ", ".join(
+        f"{'' if name == DEFAULT_CLASS else f'class {name} '}until {fmt_time(health.backoff_until)}, "
+        f"delay {health.backoff_delay:.0f}s"
+        for name, health in backing_off.items()
+    )
+    for name, health in list(new.health.items()):
+        health.backoff_until, health.backoff_delay = None, 0.0
+        _forget_if_healthy(new, name)
     return new, [Note(logging.WARNING, f"pool {state.pool}: back-off ({was}) cleared by {by}: {reason}")]
 
 
@@ -2562,11 +2671,13 @@ def _probe_ok(state: PoolState, vm: Vm, now: float) -> list[Action]:
     if vm.state != FREE:
         actions.append(Note(logging.INFO, f"{describe_vm(vm)} reachable over SSH, now free"))
         _set_state(vm, FREE, "", now)
-    if first_boot:
-        state.boot_failures = 0
-        if state.protected_since is not None:
-            state.protected_since = None
-            actions.append(Note(logging.WARNING, "protected mode cleared: a VM booted"))
+    health = state.health.get(vm.vm_class)
+    if first_boot and health is not None:
+        health.boot_failures = 0
+        if health.protected_since is not None:
+            health.protected_since = None
+            actions.append(Note(logging.WARNING, f"protected mode{_of_class(vm.vm_class)} cleared: a VM booted"))
+        _forget_if_healthy(state, vm.vm_class)
     return actions
 
 
@@ -2619,7 +2730,8 @@ def _shift_times(state: PoolState, step: float) -> None:
     for request in (*state.requests, *state.handed):
         request.since, request.started = request.since + step, request.started + step
     state.last_reconcile, state.last_pass = shifted(state.last_reconcile), shifted(state.last_pass)
-    state.protected_since, state.backoff_until = shifted(state.protected_since), shifted(state.backoff_until)
+    for health in state.health.values():
+        health.protected_since, health.backoff_until = shifted(health.protected_since), shifted(health.backoff_until)
     state.paused_since = shifted(state.paused_since)
     state.last_cloud_error_at = shifted(state.last_cloud_error_at)
     for times in (state.orphans, state.ended_jobs, state.dropped_clean):
@@ -2630,21 +2742,32 @@ def _shift_times(state: PoolState, step: float) -> None:
 # -- read-outs: explanations, health, log text --
 
 
-def explain_no_vm(state: PoolState, pool: PoolConfig, now: float) -> str:
-    """Say why no VM could be had, for the acquire timeout message."""
+def explain_no_vm(state: PoolState, pool: PoolConfig, now: float, vm_class: str = DEFAULT_CLASS) -> str:
+    """Say why no VM of the job's class could be had, for the acquire timeout message: the limit
+    that held its creates back names the setting (or quota) an admin would change."""
     reasons = []
     busy = state.count(BUSY)
     if busy >= pool.max:
         reasons.append(f"pool at max ({busy} of {pool.max} VMs busy)")
-    if state.backoff_until and now < state.backoff_until:
-        reasons.append(f"cloud refused creates, backing off until {fmt_time(state.backoff_until)}")
-    if state.protected_since is not None:
+    if held := state.held_back.get(vm_class):
+        reasons.append(f"creates{_of_class(vm_class)} held back by {held}")
+    health = state.health_of(vm_class)
+    if health.backing_off(now):
         reasons.append(
-            f"protected mode since {fmt_time(state.protected_since)} after {state.boot_failures} failed boots"
+            f"cloud refused creates{_of_class(vm_class)}, backing off until {fmt_time(health.backoff_until)}"
         )
-    booting = sum(1 for vm in state.vms if vm.booting)
+    if health.protected_since is not None:
+        reasons.append(
+            f"protected mode{_of_class(vm_class)} since {fmt_time(health.protected_since)} "
+            f"after {health.boot_failures} failed boots"
+        )
+    if state.paused_since is not None:
+        reasons.append(
+            f"creates paused since {fmt_time(state.paused_since)} by {state.paused_by}: {state.paused_reason}"
+        )
+    booting = sum(1 for vm in state.vms if vm.booting and vm.vm_class == vm_class)
     if booting:
-        reasons.append(f"{booting} VM(s) still booting")
+        reasons.append(f"{booting} VM(s){_of_class(vm_class)} still booting")
     if state.last_cloud_error_at and now - state.last_cloud_error_at < 600:
         reasons.append(f"last cloud error at {fmt_time(state.last_cloud_error_at)}: {state.last_cloud_error}")
     waiting = len(state.requests)
@@ -2679,7 +2802,8 @@ class Health:
 
 def pool_health(state: PoolState, pool: PoolConfig, now: float) -> Health:
     oldest = min((request.since for request in state.requests), default=now)
-    backoff = max(0.0, state.backoff_until - now) if state.backoff_until is not None else 0.0
+    worst = state.worst_health()
+    backoff = max(0.0, worst.backoff_until - now) if worst.backoff_until is not None else 0.0
     return Health(
         free=state.count(FREE),
         busy=state.count(BUSY),
@@ -2689,7 +2813,7 @@ def pool_health(state: PoolState, pool: PoolConfig, now: float) -> Health:
         oldest_wait=max(0.0, now - oldest),
         since_reconcile=None if state.last_reconcile is None else max(0.0, now - state.last_reconcile),
         backoff=backoff,
-        protected=state.protected_since is not None,
+        protected=worst.protected_since is not None,
         paused=state.paused_since is not None,
         desired=desired_size(state, pool),
     )
@@ -2742,7 +2866,12 @@ NEWER_FIELDS: dict[str, Any] = {
     "handed": [],
     "quota_blocked_since": None,
     "flavors": {},
-}  # PoolState's, with their defaults
+    "held_back": {},
+    "class_health": {},
+}  # the state file's, with their defaults
+# PoolState.health in the file: the class "default"'s at the top level, as before classes (always
+# written: an older vmpool reads its protected mode and back-off); other classes' in class_health
+LEGACY_HEALTH = tuple(field.name for field in dataclasses.fields(ClassHealth))
 # a VM's and a request's newer fields, left out while at their defaults: an older vmpool still
 # reads a one-class state
 OMITTED_AT_DEFAULT: dict[type, dict[str, Any]] = {
@@ -2753,7 +2882,13 @@ OMITTED_AT_DEFAULT: dict[type, dict[str, Any]] = {
 
 def state_text(state: PoolState) -> str:
     """The state file's content: compact JSON in field order (equal states give equal text)."""
-    fields = _fields_of(state)
+    fields = {}
+    for name, value in _fields_of(state).items():
+        if name == "health":
+            fields.update(_fields_of(state.health_of(DEFAULT_CLASS)))
+            fields["class_health"] = {name: health for name, health in value.items() if name != DEFAULT_CLASS}
+        else:
+            fields[name] = value
     for name, default in NEWER_FIELDS.items():  # an older vmpool still reads the file while they are unused
         if fields[name] == default:
             del fields[name]
@@ -2787,7 +2922,11 @@ def state_from_json(data: Any, path: str, pool_name: str) -> PoolState:
         body["vms"] = [Vm(**{**vm, "state": VmState(vm.get("state"))}) for vm in body.get("vms", [])]
         body["requests"] = [Request(**request) for request in body.get("requests", [])]
         body["handed"] = [Request(**request) for request in body.get("handed", [])]
-        return PoolState(**body)
+        health = {name: ClassHealth(**record) for name, record in body.pop("class_health", {}).items()}
+        legacy = ClassHealth(**{name: body.pop(name) for name in LEGACY_HEALTH if name in body})
+        if legacy != ClassHealth():
+            health[DEFAULT_CLASS] = legacy
+        return PoolState(**body, health=health)
     except (TypeError, ValueError) as error:
         raise StateCorrupt(f"{path}: malformed state ({error}); {REBUILT_BY_RECONCILE}") from None
 
@@ -4104,7 +4243,8 @@ class Pool:
         self.host = os.uname().nodename  # socket.gethostname(), without importing socket on the fast path
         self.list_error: CloudError | None = None  # the last pass could not see the cloud
         self.list_error_told = ""  # the listing failure this process logged last
-        self.create_refused: CloudRefused | None = None  # the last pass's create was refused for good
+        # class -> the last pass's create of it, refused for good (a class's own image may be wrong)
+        self.create_refused: dict[str, CloudRefused] = {}
 
     def _update(self, change: Callable[[PoolState], tuple[PoolState, Any]], lock_timeout: float | None = None) -> Any:
         """StateStore.update, with the state's times first kept true across a wall-clock step, and
@@ -4239,6 +4379,14 @@ class WaitingAcquire:
         self.config, self.store, self.host = pool.config, pool.store, pool.host
         self.clock, self.monotonic, self.sleep = pool.clock, pool.monotonic, pool.sleep
 
+    def _why_none(self, job: str) -> str:
+        state, pool = self.store.read(), self.config.pool
+        request = next((request for request in state.requests if request.job == job), None)
+        vm_class = request.vm_class if request is not None else ""
+        return explain_no_vm(
+            state, pool, self.clock(), vm_class or choose_class(state, pool, self.want)[0] or DEFAULT_CLASS
+        )
+
     def run(self, job: str, user: str, timeout: float, started: float | None = None) -> Claimed:
         """Claim a VM for the job, waiting up to timeout seconds (monotonic: a clock step changes nothing)."""
         deadline = self.monotonic() + timeout
@@ -4253,15 +4401,11 @@ class WaitingAcquire:
                 if self.monotonic() >= deadline:
                     outcome = self._try_claim_by(deadline, job, user, started)  # a VM handed over meanwhile?
                     if isinstance(outcome, Waiting):
-                        raise NoVmAvailable(
-                            f"job {job}: no VM within {timeout:.0f}s: "
-                            f"{explain_no_vm(self.store.read(), self.config.pool, self.clock())}"
-                        )
+                        raise NoVmAvailable(f"job {job}: no VM within {timeout:.0f}s: {self._why_none(job)}")
                     break
                 mark = self.store.freed_mark()  # before the look: a VM freed meanwhile wakes it early
                 to_free, claims = self._look(job)
-                listing = self.pool.list_error
-                refused = listing if isinstance(listing, CloudRefused) else self.pool.create_refused
+                refused = self._refused(job)
                 if refused is not None:
                     raise refused  # a wrong password or image stays wrong: no point waiting out the timeout
                 if to_free == 0 or self.monotonic() >= heartbeat:  # the heartbeat's try prunes dead waiters
@@ -4313,6 +4457,19 @@ class WaitingAcquire:
                 if self.monotonic() >= deadline:
                     raise
                 log.warning(f"job {job}: {error}; trying again until the acquire's timeout")
+
+    def _refused(self, job: str) -> CloudError | None:
+        """What the cloud refused for good in the last pass that this job waits on: the listing
+        (credentials), or a create of the job's class (its image, flavor, network)."""
+        if isinstance(self.pool.list_error, CloudRefused):
+            return self.pool.list_error
+        if not self.pool.create_refused:
+            return None
+        try:
+            request = next((request for request in self.store.read().requests if request.job == job), None)
+        except StateError:
+            return None
+        return self.pool.create_refused.get(request.vm_class if request is not None else DEFAULT_CLASS)
 
     def _look(self, job: str) -> tuple[int, int]:
         """A waiter's unlocked look: how many VMs must still come Free before its locked try can
@@ -4472,7 +4629,7 @@ class ReconcilePass:
 
     def _observe(self, probe_free: bool, dry_run: bool) -> tuple[list[Server] | None, JobAnswers]:
         servers: list[Server] | None = None
-        self.pool.list_error, self.pool.create_refused = None, None
+        self.pool.list_error, self.pool.create_refused = None, {}
         try:
             servers = self.cloud.list_servers()
             self.pool.list_error_told = ""
@@ -4540,9 +4697,8 @@ class ReconcilePass:
         cloud = self.cloud  # one client, made before the threads share it
 
         def send(action: CreateServer) -> tuple[str | None, CloudError | None] | None:
-            backoff_until = self.store.read().backoff_until
-            if backoff_until is not None and backoff_until > self.clock():  # the cloud just refused: ask no more
-                return None
+            if self.store.read().health_of(action.vm_class).backing_off(self.clock()):
+                return None  # the cloud just refused this class: ask no more
             log.info(f"vm {action.name}: creating server")
             server_id: str | None = None
             error: CloudError | None = None
@@ -4552,7 +4708,7 @@ class ReconcilePass:
             except CloudError as caught:
                 error = caught
                 if isinstance(caught, CloudRefused):
-                    self.pool.create_refused = caught
+                    self.pool.create_refused[action.vm_class] = caught
             failpoint("after-create")
             return server_id, error
 
@@ -4775,6 +4931,8 @@ METRIC_NAMES = (
     "vmpool_class_vms",
     "vmpool_class_waiting_jobs",
     "vmpool_class_desired_vms",
+    "vmpool_class_protected_mode",
+    "vmpool_class_backoff_seconds",
     *(f"vmpool_{name}_total" for name in COUNTERS),
 )
 
@@ -4805,7 +4963,11 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     gauge("vmpool_max_vms", "[pool] max", pool.max)
     gauge("vmpool_min_vms", "[pool] min", pool.min)
     gauge("vmpool_protected_mode", "1 while in protected mode (one canary boot at a time)", int(health.protected))
-    gauge("vmpool_consecutive_failed_boots", "Failed boots since the last good one", state.boot_failures)
+    gauge(
+        "vmpool_consecutive_failed_boots",
+        "Failed boots since the last good one (the class with the most)",
+        state.worst_health().boot_failures,
+    )
     gauge("vmpool_backoff_seconds", "Seconds of create back-off left", health.backoff)
     gauge("vmpool_paused", "1 while an admin paused creates", int(health.paused))
     gauge(
@@ -4818,7 +4980,7 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
         "When a reconcile pass last saw the cloud (0: never)",
         state.last_reconcile or 0,
     )
-    families += class_metric_families(state, pool)
+    families += class_metric_families(state, pool, now)
     for counter, help_text in COUNTERS.items():
         family = CounterMetricFamily(f"vmpool_{counter}", help_text, labels=["pool"])
         family.add_metric([name], state.counters.get(counter, 0))
@@ -4835,25 +4997,30 @@ def metric_families(state: PoolState, config: Config, now: float) -> list[Any]:
     return families
 
 
-def class_metric_families(state: PoolState, pool: PoolConfig) -> list[Any]:
-    """Per class: its VMs by state, the jobs waiting for it, the VMs it aims at."""
+def class_metric_families(state: PoolState, pool: PoolConfig, now: float) -> list[Any]:
+    """Per class: its VMs by state, the jobs waiting for it, the VMs it aims at, its protected
+    mode and back-off."""
     from prometheus_client.core import GaugeMetricFamily
 
+    def per_class(metric: str, help_text: str) -> Any:
+        return GaugeMetricFamily(metric, help_text, labels=["pool", "class"])
+
     vms = GaugeMetricFamily("vmpool_class_vms", "VMs of each class per state", labels=["pool", "class", "state"])
-    waiting = GaugeMetricFamily(
-        "vmpool_class_waiting_jobs", "Jobs waiting for a VM of the class", labels=["pool", "class"]
+    waiting = per_class("vmpool_class_waiting_jobs", "Jobs waiting for a VM of the class")
+    desired = per_class(
+        "vmpool_class_desired_vms", "VMs the class aims at: its busy + waiting + min_free, within its min and max"
     )
-    desired = GaugeMetricFamily(
-        "vmpool_class_desired_vms",
-        "VMs the class aims at: its busy + waiting + min_free, within its min and max",
-        labels=["pool", "class"],
-    )
+    protected = per_class("vmpool_class_protected_mode", "1 while the class is in protected mode (its boots fail)")
+    backoff = per_class("vmpool_class_backoff_seconds", "Seconds of the class's create back-off left")
     for entry in classes_json(state, pool):
+        name = entry["name"]
         for vm_state, count in entry["counts"].items():
-            vms.add_metric([pool.name, entry["name"], str(vm_state)], count)
-        waiting.add_metric([pool.name, entry["name"]], entry["waiting"])
-        desired.add_metric([pool.name, entry["name"]], entry["desired"])
-    return [vms, waiting, desired]
+            vms.add_metric([pool.name, name, str(vm_state)], count)
+        waiting.add_metric([pool.name, name], entry["waiting"])
+        desired.add_metric([pool.name, name], entry["desired"])
+        protected.add_metric([pool.name, name], int(entry["protected_since"] is not None))
+        backoff.add_metric([pool.name, name], max(0.0, (entry["backoff_until"] or now) - now))
+    return [vms, waiting, desired, protected, backoff]
 
 
 def metrics_registry(state: PoolState, config: Config, now: float) -> Any:
@@ -4895,27 +5062,54 @@ def run_check(
     A log, syslog or metrics output that cannot work (`setup_outputs`) is a WARNING."""
     import nagiosplugin
 
+    def pool_wide(context: str) -> str:
+        """With classes, each class's oldest wait and protected mode are judged by its own context
+        (a GPU job may be expected to wait longer); the pool's figures are then perfdata alone."""
+        return "count" if config.pool.classes else context
+
     class PoolResource(nagiosplugin.Resource):
         name = "VMPOOL"
 
         def probe(self) -> list[nagiosplugin.Metric]:
-            health = pool_health(state_of(), config.pool, now())
+            state, at = state_of(), now()
+            health = pool_health(state, config.pool, at)
             since = health.since_reconcile
             return [
                 nagiosplugin.Metric("free", health.free, min=0, context="count"),
                 nagiosplugin.Metric("busy", health.busy, min=0, context="count"),
                 nagiosplugin.Metric("unusable", health.unusable, min=0, context="unusable"),
                 nagiosplugin.Metric("waiting", health.waiting, min=0, context="count"),
-                nagiosplugin.Metric("oldest_wait", round(health.oldest_wait), "s", min=0, context="oldest_wait"),
+                nagiosplugin.Metric(
+                    "oldest_wait", round(health.oldest_wait), "s", min=0, context=pool_wide("oldest_wait")
+                ),
+                *self.per_class(state, at),
                 # never reconciled: reported as -1 and judged by its own context
                 nagiosplugin.Metric(
                     "since_reconcile", -1 if since is None else round(since), "s", context="since_reconcile"
                 ),
                 nagiosplugin.Metric("backoff", round(health.backoff), "s", min=0, context="count"),
-                nagiosplugin.Metric("protected", int(health.protected), min=0, max=1, context="protected"),
+                nagiosplugin.Metric("protected", int(health.protected), min=0, max=1, context=pool_wide("protected")),
                 nagiosplugin.Metric("paused", int(health.paused), min=0, max=1, context="paused"),
                 nagiosplugin.Metric("outputs", len(output_problems), context="outputs"),
             ]
+
+        @staticmethod
+        def per_class(state: PoolState, at: float) -> list[nagiosplugin.Metric]:
+            """Each class's waiting jobs, oldest wait and protected mode, judged by its own contexts."""
+            metrics = []
+            for name in (vm_class.name for vm_class in config.pool.classes):
+                oldest = min((request.since for request in state.requests if request.vm_class == name), default=at)
+                protected = state.health_of(name).protected_since is not None
+                metrics += [
+                    nagiosplugin.Metric(
+                        f"waiting_{name}", sum(r.vm_class == name for r in state.requests), min=0, context="count"
+                    ),
+                    nagiosplugin.Metric(
+                        f"oldest_wait_{name}", round(max(0.0, at - oldest)), "s", min=0, context=f"oldest_wait/{name}"
+                    ),
+                    nagiosplugin.Metric(f"protected_{name}", int(protected), min=0, max=1, context=f"protected/{name}"),
+                ]
+            return metrics
 
     class SinceReconcile(nagiosplugin.ScalarContext):
         def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
@@ -4949,15 +5143,17 @@ def run_check(
             metric, value = result.metric.name, result.metric.value
             if result.hint and (metric == "outputs" or (metric == "since_reconcile" and value < 0)):
                 return str(result.hint)
+            kind, _, vm_class = result.metric.context.partition("/")  # a class's own: "oldest_wait/gpu"
+            of_class = f" of class {vm_class}" if vm_class else ""
             words = {
                 "since_reconcile": f"no reconcile pass for {value}s",
-                "oldest_wait": f"a job has waited {value}s for a VM",
+                "oldest_wait": f"a job has waited {value}s for a VM{of_class}",
                 "unusable": f"{value} VM(s) unusable",
-                "protected": "protected mode: boots keep failing",
+                "protected": f"protected mode{of_class}: boots keep failing",
                 "paused": "paused by an admin (vmpool resume)",
             }
             limit = f" (threshold {result.hint.split('range ')[-1].rstrip(')')})" if result.hint else ""
-            return words.get(metric, str(result)) + (limit if metric not in ("protected", "paused") else "")
+            return words.get(kind, str(result)) + (limit if kind not in ("protected", "paused") else "")
 
     check = nagiosplugin.Check(
         PoolResource(),
@@ -4969,6 +5165,18 @@ def run_check(
         SinceReconcile("since_reconcile", thresholds.reconcile_warning or None, thresholds.reconcile_critical or None),
         nagiosplugin.ScalarContext("protected", *_levels(thresholds.protected, switch)),
         nagiosplugin.ScalarContext("paused", *_levels(thresholds.paused, switch)),
+        *(
+            context
+            for vm_class in config.pool.classes
+            for context in (
+                nagiosplugin.ScalarContext(
+                    f"oldest_wait/{vm_class.name}",
+                    vm_class.check_wait_warning or thresholds.wait_warning or None,
+                    vm_class.check_wait_critical or thresholds.wait_critical or None,
+                ),
+                nagiosplugin.ScalarContext(f"protected/{vm_class.name}", *_levels(thresholds.protected, switch)),
+            )
+        ),
         Outputs("outputs"),
         Words(),
     )
@@ -5544,7 +5752,7 @@ class Replay:
         pool, inf = self.pool, float("inf")
         at_or_after = [
             self.cloud.next_change() or inf,
-            self.state.backoff_until or inf,
+            *(health.backoff_until or inf for health in self.state.health.values()),
             *(at + DROPPED_CLEAN_MAX_AGE for at in self.state.dropped_clean.values()),
         ]
         after = [inf]
@@ -5574,7 +5782,7 @@ class Replay:
     def _create(self, creates: list[CreateServer]) -> None:
         skipped = []
         for action in creates:
-            if self.state.backoff_until is not None and self.state.backoff_until > self.now:
+            if self.state.health_of(action.vm_class).backing_off(self.now):
                 skipped.append(action.name)  # the cloud just refused: Pool._create asks no more
                 continue
             server_id: str | None = None
@@ -5954,10 +6162,8 @@ def status_json(state: PoolState, config: Config, now: float) -> dict[str, Any]:
         "classes": classes_json(state, config.pool),
         "bigger_vm_may_serve": config.pool.bigger_vm_may_serve,
         "last_reconcile": state.last_reconcile,
-        "boot_failures": state.boot_failures,
-        "protected_since": state.protected_since,
-        "backoff_until": state.backoff_until,
-        "backoff_delay": state.backoff_delay,
+        # the pool as one: the classes' worst (each class's own in "classes")
+        **dataclasses.asdict(state.worst_health()),
         "waiting_on_quota_since": state.quota_blocked_since if starved(state) else None,
         "paused": None
         if state.paused_since is None
@@ -6002,7 +6208,12 @@ def classes_json(state: PoolState, pool: PoolConfig) -> list[dict[str, Any]]:
                 "single_use": vm_class.single_use,
                 "counts": {s: sum(1 for vm in mine if vm.state == s) for s in (FREE, BUSY, UNUSABLE)},
                 "waiting": sum(1 for request in state.requests if request.vm_class == vm_class.name),
+                "oldest_wait_since": min(
+                    (request.since for request in state.requests if request.vm_class == vm_class.name), default=None
+                ),
                 "desired": class_desired(state, pool, vm_class),
+                **dataclasses.asdict(state.health_of(vm_class.name)),
+                "held_back": state.held_back.get(vm_class.name),
             }
         )
     return described
@@ -6071,16 +6282,20 @@ def status_text(state: PoolState, config: Config, now: float) -> str:
         )
     for vm in sorted((vm for vm in state.vms if vm.drained), key=lambda vm: vm.name):
         lines.append(f"{describe_vm(vm)} drained {vm.drained}")
-    if state.protected_since is not None:
-        lines.append(
-            f"PROTECTED MODE since {fmt_time(state.protected_since)}: {state.boot_failures} failed boots; "
-            "one canary boot at a time (clear: vmpool reconcile --clear-protection)"
-        )
-    if state.backoff_until and now < state.backoff_until:
-        lines.append(
-            f"BACKING OFF creates until {fmt_time(state.backoff_until)} "
-            f"(delay {state.backoff_delay:.0f}s, doubling per refusal up to {pool.backoff_max:.0f}s)"
-        )
+    for name, health in sorted(state.health.items()):
+        of_class = _of_class(name)
+        if health.protected_since is not None:
+            lines.append(
+                f"PROTECTED MODE{of_class} since {fmt_time(health.protected_since)}: {health.boot_failures} "
+                "failed boots; one canary boot at a time (clear: vmpool reconcile --clear-protection)"
+            )
+        if health.backing_off(now):
+            lines.append(
+                f"BACKING OFF creates{of_class} until {fmt_time(health.backoff_until)} "
+                f"(delay {health.backoff_delay:.0f}s, doubling per refusal up to {pool.backoff_max:.0f}s)"
+            )
+    for name, held in sorted(state.held_back.items()):
+        lines.append(f"HELD BACK: creates{_of_class(name)} for waiting jobs wait on {held}")
     if starved(state):
         lines.append(
             f"WAITING ON THE PROJECT'S QUOTA since {fmt_time(state.quota_blocked_since)}: the project's "
@@ -6378,8 +6593,9 @@ def reconcile(ctx: click.Context, dry_run: bool, clear_protection: bool) -> None
     pool.reconcile(dry_run=dry_run)
     if pool.list_error is not None:
         raise CloudError(f"reconcile pass incomplete: {pool.list_error}")
-    if pool.create_refused is not None:
-        raise CloudError(f"reconcile could not create a VM: {pool.create_refused}")
+    if pool.create_refused:
+        vm_class, refused = next(iter(pool.create_refused.items()))
+        raise CloudError(f"reconcile could not create a VM{_of_class(vm_class)}: {refused}")
 
 
 KERNEL_FILE_SYSTEMS = ("/proc", "/sys", "/dev")

@@ -41,7 +41,15 @@ What a real pbs_mom does, and this driver does too (see issue 4 for the sources)
   job runs its output is only in the spool ($spool_as_final_name is not set);
 
 Before TORQUE 5.1 (``PbsMom(version="4.2.10")``), pbs_mom passes no job script path: the prologue
-gets 7 arguments and the epilogue 10.
+gets 7 arguments and the epilogue 10. Read in src/resmom/prolog.c, setup_pelog_arguments, on the
+4.2-dev, 4.5-dev, 5.0-dev (``arg[5..7]`` = resources, queue, account, then NULL), 5.1-dev,
+6.0-dev and 6.1-dev branches (``arg[8]`` = the script path, ``namebuf``). The resource list
+(``resc_to_string(pjob, JOB_ATR_resource, ...)``) is the job's Resource_List as
+``name=value`` pairs joined by commas, in the list's own order: in 6.x a vector that
+add_resource_entry appends to (qsub's order, then what the server adds: ``neednodes`` when the
+job is run), so the prologue must not depend on the order; a pair that does not fit the buffer is
+left out. ``Job.resources`` gives the order a real TORQUE 6.1 showed for ``-l nodes=1:ppn=1``
+(``nodes=1:ppn=1,walltime=00:05:00,neednodes=1:ppn=1``).
 
 The driver needs root (it switches to the job owner for the job starter).
 """

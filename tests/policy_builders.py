@@ -96,3 +96,10 @@ def kinds(actions: list[vp.Action], kind: type) -> list:
 def queued(*jobs: str, host: str = HOST) -> list[vp.Request]:
     """Waiting requests, in queue order: job N's acquire is pid 100 + N."""
     return [vp.Request(job, "bob", NOW - 30 + n, 100 + n, host) for n, job in enumerate(jobs)]
+
+
+def health_state(**fields: Any) -> PoolState:
+    """A PoolState whose one class ("default") has the health given as boot_failures,
+    protected_since, backoff_until, backoff_delay (the keys a state file keeps it under)."""
+    legacy = {name: fields.pop(name) for name in vp.LEGACY_HEALTH if name in fields}
+    return PoolState(**fields, health={vp.DEFAULT_CLASS: vp.ClassHealth(**legacy)} if legacy else {})

@@ -197,6 +197,9 @@ def test_a_project_quota_in_cores_lets_some_boots_through_and_the_rest_wait(
         assert len(status["waiting"]) == 1 and status["backoff_until"] is None and not status["last_cloud_error"], log
         assert "class medium: not creating 1 VM(s): the project's quota maxTotalCores" in log
         assert "403" not in log and "not created" not in log
+        timed_out = pool.run("acquire", "14", "--cores", "4", "--timeout", "2", check=False)
+        assert "job 14: no VM within 2s: " in timed_out.stderr  # and it names the limit to raise:
+        assert "creates of class medium held back by the project's quota maxTotalCores" in timed_out.stderr
         done = [proc for proc in waiting if proc.poll() is not None]
         assert len(done) == 2 and all(proc.returncode == 0 for proc in done)
         first = next(vm for vm in pool.vms("busy"))
@@ -402,3 +405,102 @@ def test_a_pass_that_decides_the_waiting_jobs_classes_reads_the_quota_before_cre
     pool.reconcile()
     assert cloud.calls.count("create") == 2 and "limits" in cloud.calls
     assert [r.vm_class for r in pool.store.read().requests] == ["medium"] * 3
+
+
+def test_failed_boots_protect_their_own_class_and_the_others_keep_booting(
+    pool: PoolHandle, flavors: dict[str, Any]
+) -> None:
+    """Boots of the big flavor end in ERROR (its hosts are broken): that class goes into protected
+    mode, `check` names it, a big job's acquire says why it got nothing; the small class boots."""
+    use_classes(
+        pool,
+        small={"flavor": "cls-1c2g"},
+        big={"flavor": "cls-8c32g", "min_free": 2},
+    )
+    pool.write_config(pool={"max": 6, "protect_after_failures": 2})
+    pool.bed.set_behaviour(f"^{pool.prefix}", error=True, flavor="cls-8c32g")
+
+    def big_class() -> dict[str, Any]:
+        return next(entry for entry in pool.status()["classes"] if entry["name"] == "big")
+
+    pool.reconcile_until(lambda: big_class()["protected_since"], 120, "the big class in protected mode")
+    big = big_class()
+    assert big["boot_failures"] >= 2 and big["backoff_until"]
+    assert next(entry for entry in pool.status()["classes"] if entry["name"] == "small")["protected_since"] is None
+    pool.run("acquire", "1", "--user", "alice", "--timeout", "120")  # a small VM boots for it meanwhile
+    assert [(vm["class"], vm["job"]) for vm in pool.vms("busy")] == [("small", "1")]
+    assert "PROTECTED MODE of class big since" in pool.run("status").stdout
+    check = pool.run("check", "--wait-warning", "1", check=False)
+    assert check.returncode == 2 and "protected mode of class big: boots keep failing" in check.stdout, check.stdout
+    perfdata = check.stdout.partition(" | ")[2]
+    assert "protected_big=1" in perfdata and "protected_small=0" in perfdata and "oldest_wait_big=0s" in perfdata
+
+    big_job = pool.run("acquire", "2", "--user", "alice", "--cores", "8", "--timeout", "3", check=False)
+    assert big_job.returncode != 0
+    assert "job 2: no VM within 3s: " in big_job.stderr and "protected mode of class big since" in big_job.stderr
+
+    # the hosts mended: a canary boots, the class leaves protected mode
+    pool.bed.clear_behaviours()
+    pool.run("reconcile", "--clear-protection")
+    pool.reconcile_until(lambda: big_class()["counts"]["free"] >= 1, 120, "a big VM booted")
+    assert big_class()["protected_since"] is None and pool.status()["protected_since"] is None
+    pool.run("release", "1")
+
+
+def check_figures(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """`vmpool check`'s perfdata as numbers (units dropped)."""
+    pairs = (item.split(";")[0].split("=", 1) for item in result.stdout.partition(" | ")[2].split())
+    return {label: int(value.rstrip("s")) for label, value in pairs}
+
+
+def test_a_class_s_own_wait_thresholds_judge_its_waiting_jobs_in_check(
+    pool: PoolHandle, flavors: dict[str, Any]
+) -> None:
+    use_classes(pool, small={"flavor": "cls-1c2g"}, gpu={"flavor": "cls-gpu", "check_wait_warning": "3600"})
+    pool.settings.setdefault("check", {})
+    pool.write_config(pool={"max": 2}, check={"wait_warning": "1", "wait_critical": ""})
+    pool.run("reconcile")  # the flavors' sizes learned
+    pool.run("pause", "--reason", "to keep the jobs waiting")
+    gpu = pool.spawn("acquire", "7", "--user", "alice", "--gpus", "1", "--timeout", "120")
+    wait_until(lambda: pool.status()["waiting"], 30, "the gpu job to wait")
+    calm = wait_until(
+        lambda: (
+            (r := pool.run("check", "--paused", "ok", check=False)) and check_figures(r)["oldest_wait_gpu"] >= 2 and r
+        ),
+        60,
+        "the gpu job to wait 2s",
+    )
+    assert calm.returncode == 0, calm.stdout  # seconds for a gpu VM: within its class's 3600s
+    assert check_figures(calm)["waiting_gpu"] == 1 and check_figures(calm)["oldest_wait"] >= 2
+    small = pool.spawn("acquire", "8", "--user", "alice", "--timeout", "120")
+    loud = wait_until(
+        lambda: (r := pool.run("check", "--paused", "ok", check=False)).returncode == 1 and r,
+        60,
+        "the small job's wait to pass [check] wait_warning",
+    )
+    status_line = loud.stdout.partition(" | ")[0]
+    assert "a job has waited" in status_line and "for a VM of class small (threshold 0:1)" in status_line, loud.stdout
+    assert "class gpu" not in status_line
+    for waiter in (gpu, small):
+        waiter.kill()
+        waiter.communicate()
+
+
+def test_a_class_whose_image_the_cloud_refuses_backs_off_alone(pool: PoolHandle, flavors: dict[str, Any]) -> None:
+    """Nova answers 400 for the big class's image: that class backs off and its job is told; a job
+    of the small class gets its VM all the same, from the same passes."""
+    use_classes(pool, small={"flavor": "cls-1c2g"}, big={"flavor": "cls-8c32g", "image": "no-such-image"})
+    pool.write_config(pool={"max": 4})
+    pool.run("reconcile")  # the flavors' sizes learned
+    big = pool.spawn("acquire", "1", "--user", "alice", "--cores", "8", "--timeout", "20")
+    wait_until(lambda: pool.status()["waiting"], 30, "the big job to wait")
+    small = pool.run("acquire", "2", "--user", "alice", "--timeout", "90")
+    assert small.stdout.strip() and [vm["class"] for vm in pool.vms("busy")] == ["small"]
+    _, err = big.communicate(timeout=60)
+    assert big.returncode != 0
+    assert "image" in err.lower() or "cloud refused creates of class big" in err, err
+    classes = {entry["name"]: entry for entry in pool.status()["classes"]}
+    assert classes["big"]["backoff_until"] and classes["small"]["backoff_until"] is None
+    log = Path(pool.settings["pool"]["log_file"]).read_text()
+    assert "check [class big] and [openstack] image, flavor" in log and "backing off of class big" in log
+    pool.run("release", "2")

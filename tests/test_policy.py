@@ -8,7 +8,7 @@ import logging
 import pytest
 
 import vmpool as vp
-from tests.policy_builders import HOST, NOW, config, kinds, live, queued, seen, server, the, vm
+from tests.policy_builders import HOST, NOW, config, health_state, kinds, live, queued, seen, server, the, vm
 from vmpool import (
     BUSY,
     FREE,
@@ -235,14 +235,14 @@ def test_server_status_decides(status: str, age: float, expect_delete: bool, rea
 
 
 def test_error_at_build_counts_a_failed_boot_and_protects_after_n() -> None:
-    state = PoolState(pool="p", boot_failures=2, vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
+    state = health_state(pool="p", boot_failures=2, vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)])
     new, actions = vp.plan_reconcile(
         state, seen(server("a", vp.SERVER_ERROR, fault="No valid host")), config(min=2), NOW
     )
-    assert new.boot_failures == 3 and new.protected_since == NOW
+    assert new.health_of().boot_failures == 3 and new.health_of().protected_since == NOW
     assert "No valid host" in kinds(actions, DeleteServer)[0].reason
     # protected: nothing more now; after the back-off one canary, not the whole shortfall
-    assert kinds(actions, CreateServer) == [] and new.backoff_until == NOW + 60
+    assert kinds(actions, CreateServer) == [] and new.health_of().backoff_until == NOW + 60
     gone, _ = vp.plan_reconcile(new, seen(), config(min=2), NOW + 30)
     assert kinds(vp.plan_reconcile(gone, seen(), config(min=2), NOW + 30)[1], CreateServer) == []
     _, later = vp.plan_reconcile(gone, seen(), config(min=2), NOW + 61)
@@ -250,7 +250,7 @@ def test_error_at_build_counts_a_failed_boot_and_protects_after_n() -> None:
 
 
 def test_failed_canary_backs_off_longer_no_create_delete_loop() -> None:
-    state = PoolState(
+    state = health_state(
         pool="p",
         protected_since=NOW - 100,
         boot_failures=3,
@@ -258,11 +258,15 @@ def test_failed_canary_backs_off_longer_no_create_delete_loop() -> None:
         vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)],
     )
     new, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_ERROR)), config(min=1), NOW)
-    assert kinds(actions, CreateServer) == [] and new.backoff_delay == 120 and new.backoff_until == NOW + 120
+    assert (
+        kinds(actions, CreateServer) == []
+        and new.health_of().backoff_delay == 120
+        and new.health_of().backoff_until == NOW + 120
+    )
 
 
 def test_protected_mode_waits_for_the_canary() -> None:
-    state = PoolState(
+    state = health_state(
         pool="p", protected_since=NOW - 5, boot_failures=3, vms=[vm("a", UNUSABLE, reason=vp.BUILDING, healthy=False)]
     )
     _, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_BUILDING)), config(min=3), NOW)
@@ -270,14 +274,14 @@ def test_protected_mode_waits_for_the_canary() -> None:
 
 
 def test_first_successful_probe_clears_protected_mode() -> None:
-    state = PoolState(
+    state = health_state(
         pool="p",
         protected_since=NOW - 5,
         boot_failures=3,
         vms=[vm("a", UNUSABLE, reason=vp.UNREACHABLE, healthy=False)],
     )
     new, _ = vp.plan_probed(state, [ProbeResult("a", True, host_keys=("ssh-ed25519 AAAA",))], NOW)
-    assert new.protected_since is None and new.boot_failures == 0
+    assert new.health_of().protected_since is None and new.health_of().boot_failures == 0
     assert new.vm_named("a").state == FREE and new.vm_named("a").host_keys == ["ssh-ed25519 AAAA"]
 
 
@@ -294,7 +298,7 @@ def test_active_server_gets_probed_and_unreachable_counts_from_first_failure() -
 def test_never_ready_vm_deleted_after_ready_timeout() -> None:
     state = PoolState(pool="p", vms=[vm("a", UNUSABLE, reason="unreachable: refused", since=NOW - 301, healthy=False)])
     new, actions = vp.plan_reconcile(state, seen(server("a")), config(), NOW)
-    assert "not reachable" in kinds(actions, DeleteServer)[0].reason and new.boot_failures == 1
+    assert "not reachable" in kinds(actions, DeleteServer)[0].reason and new.health_of().boot_failures == 1
 
 
 def test_free_vm_that_stops_answering_is_unusable_then_deleted_after_unusable_timeout() -> None:
@@ -428,9 +432,9 @@ def test_quota_refusal_backs_off_with_a_growing_delay() -> None:
     state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
     pool = config().pool
     new, _ = vp.plan_created(state, "a", None, vp.QuotaExceeded("quota"), pool, NOW)
-    assert new.vms == [] and new.backoff_until == NOW + 60
+    assert new.vms == [] and new.health_of().backoff_until == NOW + 60
     again, _ = vp.plan_created(new, "b", None, vp.QuotaExceeded("quota"), pool, NOW + 61)
-    assert again.backoff_delay == 120
+    assert again.health_of().backoff_delay == 120
     _, actions = vp.plan_reconcile(new, seen(), config(min=1), NOW + 30)
     assert kinds(actions, CreateServer) == []
 
@@ -439,8 +443,8 @@ def test_quota_refusal_backs_off_with_a_growing_delay() -> None:
 def test_a_limit_refusal_backs_off_at_least_its_retry_after_up_to_backoff_max(retry_after: float, delay: float) -> None:
     state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
     new, _ = vp.plan_created(state, "a", None, vp.QuotaExceeded("429", retry_after), config().pool, NOW)
-    assert (new.backoff_delay, new.backoff_until) == (delay, NOW + delay)
-    assert new.boot_failures == 0 and new.protected_since is None and new.vms == []
+    assert (new.health_of().backoff_delay, new.health_of().backoff_until) == (delay, NOW + delay)
+    assert new.health_of().boot_failures == 0 and new.health_of().protected_since is None and new.vms == []
 
 
 def test_other_create_errors_keep_the_intent() -> None:
@@ -595,7 +599,7 @@ def test_known_hosts_lists_pinned_live_vms_only() -> None:
 
 
 def test_explain_no_vm_names_the_reasons() -> None:
-    state = PoolState(
+    state = health_state(
         pool="p",
         vms=[vm(f"v{i}", BUSY, job=str(i)) for i in range(4)],
         backoff_until=NOW + 60,
@@ -707,7 +711,7 @@ def test_probe_of_another_server_with_the_same_name_is_ignored() -> None:
 def test_state_survives_a_json_text_roundtrip() -> None:
     import json
 
-    state = PoolState(
+    state = health_state(
         pool="p",
         vms=[vm("a", BUSY, job="1", host_keys=["ssh-ed25519 AAAA"])],
         requests=[vp.Request("2", "b", NOW, 1, HOST)],
@@ -884,7 +888,11 @@ def test_a_wall_clock_step_fails_no_boot_and_keeps_timeouts_in_real_time(step: f
     shifted, notes = vp.plan_clock(state, NOW + 60 + step, "boot-1", 560.0)
     assert any("stepped by" in n.message for n in kinds(notes, Note))
     after, actions = vp.plan_reconcile(shifted, building, config(build_timeout=600), NOW + 60 + step)
-    assert kinds(actions, DeleteServer) == [] and after.boot_failures == 0 and after.protected_since is None
+    assert (
+        kinds(actions, DeleteServer) == []
+        and after.health_of().boot_failures == 0
+        and after.health_of().protected_since is None
+    )
     # build_timeout still fires after 600 real seconds
     later, _ = vp.plan_clock(after, NOW + 600 + step, "boot-1", 1100.0)
     _, actions = vp.plan_reconcile(later, building, config(build_timeout=600), NOW + 600 + step)
@@ -895,7 +903,7 @@ def test_without_the_clock_check_a_step_would_fail_every_boot() -> None:
     """The scenario the clock check prevents (so the test above can fail)."""
     building = seen(*(server(name, vp.SERVER_BUILDING) for name in "abc"))
     after, actions = vp.plan_reconcile(booting_pool(), building, config(build_timeout=600), NOW + 3660)
-    assert len(kinds(actions, DeleteServer)) == 3 and after.protected_since is not None
+    assert len(kinds(actions, DeleteServer)) == 3 and after.health_of().protected_since is not None
 
 
 def test_small_drift_and_a_new_boot_shift_nothing() -> None:
@@ -1030,7 +1038,7 @@ def test_pause_stops_creates_not_claims_and_resume_restarts_them() -> None:
 
 
 def test_clear_backoff_lets_the_next_pass_create() -> None:
-    state = PoolState(pool="p", backoff_until=NOW + 600, backoff_delay=600)
+    state = health_state(pool="p", backoff_until=NOW + 600, backoff_delay=600)
     _, actions = vp.plan_reconcile(state, seen(), config(min=1), NOW)
     assert not kinds(actions, CreateServer)
     cleared, notes = vp.plan_clear_backoff(state, by="x", reason="quota raised", now=NOW)
@@ -1072,7 +1080,7 @@ def test_a_claim_after_waiting_lands_in_the_wait_histogram() -> None:
 def test_metrics_text_parses_and_carries_exactly_the_documented_names() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    state = PoolState(
+    state = health_state(
         pool="p",
         vms=[vm("a"), vm("b", BUSY, job="1"), vm("c", UNUSABLE, reason="unreachable: ssh timeout after 10s")],
         requests=[vp.Request(job="2", user="bob", since=NOW - 30, pid=1, host=HOST)],

@@ -173,7 +173,11 @@ def test_creates_stay_within_the_pool_s_limits_and_the_project_s_quota_the_rest_
     assert why in notes
     if why:
         assert f"class medium: not creating {10 - created} VM(s)" in notes
-        assert new.quota_blocked_since == NOW  # jobs wait on it: the project's other pools are asked to give way
+        assert why.split(" leaves")[0] in new.held_back["medium"]  # the acquire timeout message names it
+        # jobs wait on the project's quota: its other pools are asked to give way; not on the pool's own limit
+        assert new.quota_blocked_since == (NOW if limits else None)
+    else:
+        assert new.held_back == {} and new.quota_blocked_since is None
 
 
 def test_a_single_use_vm_is_deleted_after_its_job_and_its_spare_replaced() -> None:
@@ -256,3 +260,95 @@ def test_prometheus_metrics_per_class() -> None:
     assert 'vmpool_class_waiting_jobs{class="medium",pool="p"} 1.0' in text
     assert 'vmpool_class_desired_vms{class="medium",pool="p"} 2.0' in text
     assert 'vmpool_class_desired_vms{class="small",pool="p"} 1.0' in text
+    assert 'vmpool_class_protected_mode{class="medium",pool="p"} 0.0' in text
+    state.health["medium"] = vp.ClassHealth(3, NOW - 10, NOW + 50, 60.0)
+    text = vp.metrics_text(state, config, NOW)
+    assert 'vmpool_class_protected_mode{class="medium",pool="p"} 1.0' in text
+    assert 'vmpool_class_backoff_seconds{class="medium",pool="p"} 50.0' in text
+    assert 'vmpool_class_backoff_seconds{class="small",pool="p"} 0.0' in text
+    assert 'vmpool_protected_mode{pool="p"} 1.0' in text and 'vmpool_consecutive_failed_boots{pool="p"} 3.0' in text
+
+
+# -- protected mode, back-off and held-back creates are the class's own --
+
+
+def failed_boot(name: str, vm_class: str) -> vp.Vm:
+    return vm(name, UNUSABLE, reason=vp.BUILDING, healthy=False, vm_class=vm_class)
+
+
+def test_failed_boots_protect_their_class_only_the_others_boot_as_many_as_they_need() -> None:
+    config = classes_config(
+        ClassConfig("small", SMALL, min_free=3), ClassConfig("gpu", GPU, min_free=3), protect_after_failures=3
+    )
+    state = state_of(*(failed_boot(f"g{n}", "gpu") for n in range(3)))
+    listing = seen(*(server(f"g{n}", vp.SERVER_ERROR) for n in range(3)))
+    new, actions = vp.plan_reconcile(state, listing, config, NOW)
+    assert new.health_of("gpu").protected_since == NOW and new.health_of("gpu").boot_failures == 3
+    assert new.health_of("small") == vp.ClassHealth()
+    notes = " ".join(note.message for note in kinds(actions, vp.Note))
+    assert "protected mode of class gpu: 3 consecutive failed boots" in notes
+    # the gpu class backs off (each canary waits longer); small boots its three spares
+    assert [vm.vm_class for vm in new.vms if vm.reason == vp.CREATING] == ["small"] * 3
+    until = new.health_of("gpu").backoff_until
+    assert until is not None
+    later, actions = vp.plan_reconcile(new, seen(), config, until + 1)
+    created = [later.vm_named(action.name).vm_class for action in kinds(actions, CreateServer)]
+    assert created.count("gpu") == 1  # one canary at a time while protected
+
+
+def test_a_refused_create_backs_off_its_class_and_a_class_that_boots_clears_only_its_own() -> None:
+    config = classes_config(ClassConfig("small", SMALL), ClassConfig("medium", MEDIUM))
+    state = state_of(vm("m1", UNUSABLE, reason=vp.CREATING, vm_class="medium", server_id=None))
+    refused, notes = vp.plan_created(state, "m1", None, vp.QuotaExceeded("Quota exceeded for cores"), config.pool, NOW)
+    assert refused.health_of("medium").backing_off(NOW + 1) and not refused.health_of("small").backing_off(NOW + 1)
+    assert "backing off of class medium 60s" in notes[0].message
+    # jobs of both classes wait: small's VM is created in the same pass, medium's waits out its back-off
+    for n, want in enumerate((Want(1, 0, 0), Want(4, 0, 0))):
+        refused, _ = acquire(refused, str(n), want, config, pid=100 + n)
+    new, actions = vp.plan_reconcile(refused, seen(live_waiters=live(100, 101)), config, NOW + 1)
+    assert [new.vm_named(action.name).vm_class for action in kinds(actions, CreateServer)] == ["small"]
+    assert "not creating 1 VM(s) of class medium: backing off until" in " ".join(
+        note.message for note in kinds(actions, vp.Note)
+    )
+    text = vp.explain_no_vm(new, config.pool, NOW + 1, "medium")
+    assert "cloud refused creates of class medium, backing off until" in text
+    small = next(action.name for action in kinds(actions, CreateServer))
+    created, _ = vp.plan_created(new, small, "id-s", None, config.pool, NOW + 2)
+    assert created.health_of("medium").backing_off(NOW + 2)  # small's success says nothing of medium's quota
+
+
+def test_the_acquire_timeout_message_names_the_limit_that_holds_the_class_back() -> None:
+    config = classes_config(ClassConfig("small", SMALL), ClassConfig("big", BIG, max=1), max_cores=12)
+    state = state_of(vm("b1", BUSY, job="1", vm_class="big"), vm("m", BUSY, job="2", vm_class="small"))
+    state, _ = acquire(state, "3", Want(8, 0, 0), config, pid=100)
+    state, _ = acquire(state, "4", Want(1, 0, 0), config, pid=101)
+    listing = seen(server("b1"), server("m"), live_waiters=live(100, 101))
+    new, _ = vp.plan_reconcile(state, listing, config, NOW)
+    assert new.held_back["big"] == "[class big] max = 1 VMs"
+    assert "creates of class big held back by [class big] max = 1 VMs" in vp.explain_no_vm(new, config.pool, NOW, "big")
+    assert "small" not in new.held_back  # 9 cores of 12 used: room for a 1-core VM
+    tight = classes_config(ClassConfig("small", SMALL), ClassConfig("big", BIG, max=1), max_cores=9)
+    new, _ = vp.plan_reconcile(state, listing, tight, NOW)
+    assert new.held_back["small"].startswith("[pool] max_cores = 9 leaves room for 0 more cores")
+    assert new.quota_blocked_since is None  # the pool's own limit: giving way in other pools would not help
+    freed, _ = vp.plan_reconcile(new, listing, config, NOW + 1)
+    assert "small" not in freed.held_back  # once a create goes out, nothing holds it back
+
+
+def test_each_class_s_health_is_kept_in_the_state_file_the_one_class_s_where_it_always_was() -> None:
+    state = state_of()
+    state.health = {
+        vp.DEFAULT_CLASS: vp.ClassHealth(2, None, NOW + 60, 60.0),
+        "gpu": vp.ClassHealth(3, NOW - 5, NOW + 120, 120.0),
+    }
+    data = json.loads(vp.state_text(state))
+    assert (data["boot_failures"], data["backoff_until"], data["backoff_delay"]) == (2, NOW + 60, 60.0)
+    assert data["class_health"] == {
+        "gpu": {"boot_failures": 3, "protected_since": NOW - 5, "backoff_until": NOW + 120, "backoff_delay": 120.0}
+    }
+    assert vp.state_from_json(data, "f", "p") == state
+    worst = state.worst_health()
+    assert (worst.boot_failures, worst.protected_since, worst.backoff_until) == (3, NOW - 5, NOW + 120)
+    healthy = json.loads(vp.state_text(state_of()))
+    assert "class_health" not in healthy and "held_back" not in healthy
+    assert (healthy["boot_failures"], healthy["protected_since"]) == (0, None)  # as a state before classes has them

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import vmpool as vp
-from tests.policy_builders import HOST, NOW, config, kinds, live, queued, seen, server, vm
+from tests.policy_builders import HOST, NOW, config, health_state, kinds, live, queued, seen, server, vm
 from vmpool import BUSY, FREE, UNUSABLE, CreateServer, DeleteServer, PoolState, ProbeResult, ProbeSsh, Vm
 
 # --- what a listing proves ---
@@ -78,7 +78,7 @@ def test_a_server_adopted_in_error_is_deleted_at_once_and_fails_no_boot() -> Non
         state, actions = vp.plan_reconcile(state, seen(server("x", vp.SERVER_ERROR)), config(), NOW + offset)
     assert [d.name for d in kinds(actions, DeleteServer)] == ["x"]
     state, _ = vp.plan_reconcile(state, seen(server("x", vp.SERVER_ERROR)), config(), NOW + 120)
-    assert state.boot_failures == 0
+    assert state.health_of().boot_failures == 0
 
 
 # --- jobs ---
@@ -143,9 +143,11 @@ def test_a_drained_busy_vm_is_not_capacity() -> None:
 
 
 def test_a_once_healthy_vm_that_fails_is_no_failed_boot() -> None:
-    state = PoolState(pool="p", boot_failures=2, vms=[vm("a")])
+    state = health_state(pool="p", boot_failures=2, vms=[vm("a")])
     new, actions = vp.plan_reconcile(state, seen(server("a", vp.SERVER_ERROR)), config(), NOW)
-    assert kinds(actions, DeleteServer) and new.boot_failures == 2 and new.protected_since is None
+    assert (
+        kinds(actions, DeleteServer) and new.health_of().boot_failures == 2 and new.health_of().protected_since is None
+    )
 
 
 def test_build_timeout_counts_from_the_create() -> None:
@@ -176,9 +178,9 @@ def test_a_probe_never_replaces_a_pinned_host_key() -> None:
 
 
 def test_only_a_first_boot_resets_the_failed_boot_count() -> None:
-    state = PoolState(pool="p", boot_failures=2, vms=[vm("a", UNUSABLE, reason="unreachable: timeout")])
+    state = health_state(pool="p", boot_failures=2, vms=[vm("a", UNUSABLE, reason="unreachable: timeout")])
     new, _ = vp.plan_probed(state, [ProbeResult("a", True)], NOW)  # an old VM answers again
-    assert new.vm_named("a").state == FREE and new.boot_failures == 2
+    assert new.vm_named("a").state == FREE and new.health_of().boot_failures == 2
 
 
 # --- create and delete outcomes ---
@@ -187,7 +189,7 @@ def test_only_a_first_boot_resets_the_failed_boot_count() -> None:
 @pytest.mark.parametrize(("protected", "backoff_kept"), [(False, False), (True, True)])
 def test_a_created_server_ends_the_back_off_except_in_protected_mode(protected: bool, backoff_kept: bool) -> None:
     """In protected mode the canary's boot, not its create, proves the cloud well."""
-    state = PoolState(
+    state = health_state(
         pool="p",
         vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)],
         backoff_until=NOW + 60,
@@ -195,27 +197,27 @@ def test_a_created_server_ends_the_back_off_except_in_protected_mode(protected: 
         protected_since=NOW - 100 if protected else None,
     )
     new, _ = vp.plan_created(state, "a", "id-a", None, config().pool, NOW)
-    assert (new.backoff_until is not None) == backoff_kept
+    assert (new.health_of().backoff_until is not None) == backoff_kept
 
 
 def test_a_refused_create_withdraws_its_intent_and_backs_off() -> None:
     state = PoolState(pool="p", vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
     new, _ = vp.plan_created(state, "a", None, vp.CloudRefused("image not found"), config().pool, NOW)
-    assert new.vms == [] and new.backoff_until is not None and new.backoff_until > NOW
+    assert new.vms == [] and new.health_of().backing_off(NOW + 1)
     _, actions = vp.plan_reconcile(new, seen(), config(min=1), NOW + 1)
     assert kinds(actions, CreateServer) == []
 
 
 def test_a_create_that_failed_otherwise_counts_a_failed_boot() -> None:
-    state = PoolState(pool="p", boot_failures=2, vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
+    state = health_state(pool="p", boot_failures=2, vms=[Vm("a", UNUSABLE, NOW, NOW, reason=vp.CREATING)])
     new, _ = vp.plan_created(state, "a", None, vp.CloudError("HTTP 500"), config().pool, NOW)
-    assert new.boot_failures == 3 and new.protected_since == NOW
+    assert new.health_of().boot_failures == 3 and new.health_of().protected_since == NOW
 
 
 def test_the_back_off_grows_up_to_backoff_max() -> None:
-    state = PoolState(pool="p", backoff_delay=800)
+    state = health_state(pool="p", backoff_delay=800)
     new, _ = vp.plan_created(state, "a", None, vp.QuotaExceeded("quota"), config().pool, NOW)
-    assert new.backoff_delay == 900 and new.backoff_until == NOW + 900
+    assert new.health_of().backoff_delay == 900 and new.health_of().backoff_until == NOW + 900
 
 
 def test_the_delete_outcome_of_an_older_server_of_the_same_name_is_ignored() -> None:
@@ -228,16 +230,20 @@ def test_the_delete_outcome_of_an_older_server_of_the_same_name_is_ignored() -> 
 
 
 def test_clearing_protected_mode_forgets_the_failed_boots() -> None:
-    state = PoolState(pool="p", protected_since=NOW - 100, boot_failures=5, backoff_until=NOW + 60, backoff_delay=60)
+    state = health_state(pool="p", protected_since=NOW - 100, boot_failures=5, backoff_until=NOW + 60, backoff_delay=60)
     cleared = vp.clear_protected_mode(state)
-    assert (cleared.protected_since, cleared.boot_failures, cleared.backoff_until) == (None, 0, None)
+    assert (
+        cleared.health_of().protected_since,
+        cleared.health_of().boot_failures,
+        cleared.health_of().backoff_until,
+    ) == (None, 0, None)
 
 
 def test_a_cleared_back_off_starts_again_from_backoff_initial() -> None:
-    state = PoolState(pool="p", backoff_until=NOW + 600, backoff_delay=600)
+    state = health_state(pool="p", backoff_until=NOW + 600, backoff_delay=600)
     cleared, _ = vp.plan_clear_backoff(state, by="x", reason="quota raised", now=NOW)
     again, _ = vp.plan_created(cleared, "a", None, vp.QuotaExceeded("quota"), config().pool, NOW + 1)
-    assert again.backoff_delay == 60
+    assert again.health_of().backoff_delay == 60
 
 
 # --- the clock ---
@@ -259,7 +265,7 @@ def test_a_clock_step_while_a_job_waits_is_not_counted_as_its_wait() -> None:
 
 
 def test_a_backward_clock_step_does_not_stretch_the_back_off() -> None:
-    state = PoolState(
+    state = health_state(
         pool="p", backoff_until=NOW + 60, backoff_delay=60, clock={"wall": NOW, "boot": 500.0, "boot_id": "boot-1"}
     )
     state, _ = vp.plan_clock(state, NOW + 61 - 3600, "boot-1", 561.0)  # 61 real seconds later

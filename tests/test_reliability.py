@@ -325,7 +325,7 @@ def test_consecutive_failed_boots_enter_protected_mode(pool: PoolHandle) -> None
         made = creates()
         pool.run("reconcile")
         made = creates() - made
-        if before.protected_since is not None:
+        if before.health_of().protected_since is not None:
             assert made <= 1 and not (made and booting), (made, booting)
         return bool(pool.vms("free")) and not pool.status()["protected_since"]
 

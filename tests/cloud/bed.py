@@ -485,8 +485,10 @@ class Bed:
         error: bool = False,
         sshd_delay: float | None = None,
         destroy_delay: float | None = None,
+        flavor: str | None = None,
     ):
-        """Hypervisor behaviour for servers whose name matches (re.search) name_regex; newest rule wins.
+        """Hypervisor behaviour for servers whose name matches (re.search) name_regex (and, given
+        flavor, of that flavor ID); newest rule wins.
 
         spawn_delay: seconds in BUILD; error: spawn fails -> ERROR; sshd_delay: ACTIVE at once,
         sshd answers only that many seconds later; destroy_delay: a delete keeps the server (and its
@@ -501,6 +503,7 @@ class Bed:
                 "error": bool(error),
                 "sshd_delay": sshd_delay,
                 "destroy_delay": destroy_delay,
+                "flavor": flavor,
             },
         )
 

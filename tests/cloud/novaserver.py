@@ -68,7 +68,8 @@ FLAVOR_TOO_BIG_ID = "0b5ed000-5a11-4f1a-9c0e-000000000002"  # bed.too-big
 
 
 class Behaviours:
-    """Per-server-name spawn behaviour, matched (re.search) on the name at spawn.
+    """Per-server-name spawn behaviour, matched (re.search) on the name at spawn, and on the
+    server's flavor ID when the rule names one (a class of VMs whose boots fail).
 
     The most recently added matching rule wins; otherwise the default applies.
     """
@@ -84,6 +85,8 @@ class Behaviours:
         rx = rule["name_regex"]
         re.compile(rx)
         r = {"name_regex": rx}
+        if rule.get("flavor"):
+            r["flavor"] = str(rule["flavor"])
         for k in self.KEYS:
             if rule.get(k) is not None:
                 r[k] = rule[k]
@@ -101,11 +104,11 @@ class Behaviours:
         with self._lock:
             self.rules = []
 
-    def for_name(self, name):
+    def for_name(self, name, flavor=None):
         with self._lock:
             out = dict(self.default)
             for r in reversed(self.rules):
-                if re.search(r["name_regex"], name or ""):
+                if re.search(r["name_regex"], name or "") and r.get("flavor", flavor) == flavor:
                     out.update({k: v for k, v in r.items() if k in self.KEYS})
                     break
             return out
@@ -260,7 +263,7 @@ def build_nova(args, behaviours, vms):
             power_on=True,
             accel_info=None,
         ):
-            b = behaviours.for_name(instance.display_name)
+            b = behaviours.for_name(instance.display_name, instance.flavor.flavorid)
             uuid = instance.uuid
             LOG.info("spawn %s (%s): %s", uuid, instance.display_name, b)
             with plock:
