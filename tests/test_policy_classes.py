@@ -327,6 +327,9 @@ def test_the_acquire_timeout_message_names_the_limit_that_holds_the_class_back()
     assert new.held_back["big"] == "[class big] max = 1 VMs"
     assert "creates of class big held back by [class big] max = 1 VMs" in vp.explain_no_vm(new, config.pool, NOW, "big")
     assert "small" not in new.held_back  # 9 cores of 12 used: room for a 1-core VM
+    assert "HELD BACK: creates of class big for waiting jobs wait on [class big] max = 1 VMs" in vp.status_text(
+        new, config, NOW
+    )
     tight = classes_config(ClassConfig("small", SMALL), ClassConfig("big", BIG, max=1), max_cores=9)
     new, _ = vp.plan_reconcile(state, listing, tight, NOW)
     assert new.held_back["small"].startswith("[pool] max_cores = 9 leaves room for 0 more cores")
