@@ -423,7 +423,7 @@ def test_failed_boots_protect_their_own_class_and_the_others_keep_booting(
     def big_class() -> dict[str, Any]:
         return next(entry for entry in pool.status()["classes"] if entry["name"] == "big")
 
-    pool.reconcile_until(lambda: big_class()["protected_since"], 120, "the big class in protected mode")
+    pool.reconcile_until(lambda: big_class()["protected_since"], 180, "the big class in protected mode")
     big = big_class()
     assert big["boot_failures"] >= 2 and big["backoff_until"]
     assert next(entry for entry in pool.status()["classes"] if entry["name"] == "small")["protected_since"] is None

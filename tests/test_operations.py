@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import vmpool as vp
 from tests.conftest import ROOT, TRACEBACK, PoolHandle, wait_until
 
 
@@ -147,7 +148,7 @@ def test_check_is_a_monitoring_plugin_over_the_pools_state(pool: PoolHandle) -> 
     assert stale.returncode == 2 and "no reconcile pass for 10" in stale.stdout and "threshold" in stale.stdout
     assert pool.run("check", "--reconcile-critical", "2000", "--reconcile-warning", "2000").returncode == 0
     pool.run("reconcile")
-    set_state(pool, protected_since=time.time())
+    set_state(pool, health={vp.DEFAULT_CLASS: vp.ClassHealth(protected_since=time.time())})
     protected = pool.run("check", check=False)
     assert protected.returncode == 2 and "protected mode" in protected.stdout
     assert plugin_output(protected)[1]["protected"] == "1"
