@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_fast_path import CLASSES, VMPOOL, compile_vmpool, make_pool
+from bench_fast_path import CLASSES, VMPOOL, add_classes_option, compile_vmpool, make_pool
 from results import record
 
 import vmpool as vp
@@ -351,13 +351,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--skip-queue", action="store_true")
     parser.add_argument("--only-queue", action="store_true", help="part 2 alone")
-    parser.add_argument(
-        "--classes",
-        type=int,
-        default=0,
-        choices=range(len(CLASSES) + 1),
-        help="VM classes in the pool, the jobs' sizes spread over them (part 1 only)",
-    )
+    add_classes_option(parser, "VM classes in the pool, the jobs' sizes spread over them (part 1 only)")
     args = parser.parse_args()
     if args.classes and args.only_queue:
         parser.error("--classes measures part 1 only")

@@ -53,6 +53,11 @@ def class_sections(classes: int) -> str:
     return "".join(f"[class {name}]\nflavor = {flavor}\n" for name, flavor, *_ in CLASSES[:classes])
 
 
+def add_classes_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--classes N: the pool's VMs of the first N of CLASSES (0: no [class] sections)."""
+    parser.add_argument("--classes", type=int, default=0, choices=range(len(CLASSES) + 1), help=help)
+
+
 def write_config(path: Path, directory: Path, max_vms: int, ssh: str = "", classes: int = 0) -> str:
     """A bench pool's config; its cloud is a closed loopback port (nothing here may call it)."""
     path.write_text(f"""{class_sections(classes)}[pool]
@@ -152,13 +157,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vms", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument(
-        "--classes",
-        type=int,
-        default=0,
-        choices=range(len(CLASSES) + 1),
-        help="VM classes in the pool (0: the one class of a config without [class] sections)",
-    )
+    add_classes_option(parser, "VM classes in the pool (0: the one class of a config without [class] sections)")
     args = parser.parse_args()
     compile_vmpool()
     ok = True
