@@ -380,7 +380,8 @@ def main() -> int:
             what=f"{args.vms} `vmpool acquire` processes started together vs one after another, "
             f"{args.vms} Free VMs (wall)"
             + (f"; {args.classes} VM classes, the jobs' sizes (1 / 4 / 8 cores) in turn" if args.classes else ""),
-            target=f"<= {TARGET}x; no double assignment, no failed acquire",
+            target=f"<= {TARGET}x; no double assignment, no failed acquire"
+            + ("; every job on a VM of its class" if args.classes else ""),
             figure=f"{statistics.median(ratios):.2f}x (the bare interpreters' own burst "
             f"{statistics.median(floors):.2f}x)",
             value=round(statistics.median(ratios), 2),
