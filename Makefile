@@ -54,13 +54,17 @@ demo: demo-notice venv cloud-venv system-deps
 # bench/results/NAME.json and exits 1 when it misses its target; each is a target of its own
 # (bench-burst...: a pattern rule, so not .PHONY), so make -k bench runs them all regardless.
 # bench-report makes docs/performance.md's table from the result files.
-BENCHES = fast_path fast_path_3_classes state_size burst probes reconcile_scale cloud job_start simulate
+BENCHES = fast_path fast_path_3_classes state_size burst burst_3_classes probes reconcile_scale cloud job_start
+BENCHES += simulate
 bench: $(addprefix bench-,$(BENCHES))
 bench-%: venv system-deps
 	$(VENV)/bin/python bench/bench_$*.py
 # the fast path again, with three VM classes in the pool
 bench-fast_path_3_classes: venv system-deps
 	$(VENV)/bin/python bench/bench_fast_path.py --classes 3
+# the burst of acquires (part 1), with three VM classes in the pool and jobs of three sizes
+bench-burst_3_classes: venv system-deps
+	$(VENV)/bin/python bench/bench_burst.py --classes 3
 bench-report:
 	$(PY) bench/report.py
 

@@ -342,10 +342,14 @@ def validate_user_name(name: str) -> str:
 # --- configuration ---
 # Read once, shared by everything, never changed: frozen. Never compared either: eq=False spares
 # two generated methods per class (__eq__, __hash__): every command's start-up pays for them.
+# Every dataclass here and in the model has a docstring: for one without, @dataclass writes one
+# from inspect.signature, at every start.
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class PoolConfig:
+    """[pool]: the pool's size and limits, its state file, timeouts and back-off."""
+
     name: str = "vmpool"
     min: int = 0
     max: int = 4
@@ -415,6 +419,8 @@ class ClassConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class OpenStackConfig:
+    """[openstack]: the cloud, its credentials and what the pool's creates name."""
+
     # One source of credentials (see credentials_source): a clouds.yaml entry, these keys, or OS_*.
     cloud: str = ""
     auth_url: str = ""
@@ -441,6 +447,8 @@ class OpenStackConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class SshConfig:
+    """[ssh]: how vmpool and the hooks log in to the VMs as root."""
+
     user: str = "root"
     private_key: str = "/etc/vmpool/id_ed25519"
     port: int = 22
@@ -489,6 +497,8 @@ class CheckConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class MetricsConfig:
+    """[metrics]: where reconcile writes the Prometheus text."""
+
     textfile: str = ""  # node_exporter textfile collector file, written by each reconcile pass
 
 
@@ -517,6 +527,8 @@ SYSLOG_FACILITIES = (
 
 @dataclass(frozen=True, eq=False, repr=False)
 class LoggingConfig:
+    """[logging]: syslog besides the log file."""
+
     syslog: bool = False
     facility: str = "daemon"
     syslog_address: str = "/dev/log"
@@ -524,6 +536,8 @@ class LoggingConfig:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Config:
+    """The whole validated config file, one frozen record per section."""
+
     path: str
     pool: PoolConfig
     openstack: OpenStackConfig
@@ -1112,6 +1126,8 @@ class ClassHealth:
 
 @dataclass
 class PoolState:
+    """The state file's content: the VMs, the waiting jobs, back-off and protected mode, counters."""
+
     pool: str
     vms: list[Vm] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
@@ -1242,7 +1258,7 @@ SERVER_ACTIVE, SERVER_BUILDING, SERVER_ERROR, SERVER_DOWN, SERVER_DELETING, SERV
 # frozen=True generates three more methods per class, paid for at every command's start-up.
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class Server:
     """One server as the cloud lists it."""
 
@@ -1274,8 +1290,10 @@ class JobRecord:
     host_keys: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class ProbeResult:
+    """One VM's SSH probe: did root log in, and the host keys seen."""
+
     name: str
     ok: bool
     detail: str = ""
@@ -1284,7 +1302,7 @@ class ProbeResult:
     server_id: str = ""
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class Observation:
     """What a reconcile pass saw outside the state: the cloud, local processes, jobs."""
 
@@ -1308,21 +1326,27 @@ JobAnswers = tuple[frozenset[str] | None, frozenset[str]]  # Observation's dead_
 
 
 # Actions: decisions as data, applied by the executor through the adapters.
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class CreateServer:
+    """Action: create the server of an intent the state already records."""
+
     name: str
     vm_class: str = DEFAULT_CLASS
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class DeleteServer:
+    """Action: delete a server, and why."""
+
     name: str
     server_id: str
     reason: str
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class ProbeSsh:
+    """Action: probe a VM over SSH, with the host keys to pin."""
+
     name: str
     server_id: str
     address: str
@@ -1330,7 +1354,7 @@ class ProbeSsh:
     first_contact: bool = False  # never healthy yet: a key may be learned if the console has none
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class Note:
     """A log line the policy wants an admin to see."""
 
@@ -1343,6 +1367,8 @@ Action = CreateServer | DeleteServer | ProbeSsh | Note
 
 @dataclass
 class Claimed:
+    """Outcome of plan_acquire: the job has its VM."""
+
     vm: Vm
     already_held: bool = False  # the job held it before: an earlier run of its prologue may have prepared it
     handed: bool = False  # freed while the job waited, it was handed over at once (plan_hand_over)
@@ -1351,6 +1377,8 @@ class Claimed:
 
 @dataclass
 class Waiting:
+    """Outcome of plan_acquire: the job waits, at this place in the queue."""
+
     position: int
     notes: list[Note] = field(default_factory=list)
 
@@ -1362,7 +1390,7 @@ class Ended:
     at: float
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # made at every start: no methods it does not use
 class Refused:
     """No class of the pool fits the job: it never gets a VM here (the sentence names the largest class)."""
 

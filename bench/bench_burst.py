@@ -3,6 +3,10 @@
 Part 1: 200 acquires started together vs the same 200 one after another (the baseline, in the
 same run), each against a state-seeded pool of 200 Free VMs. Figures: total wall, p50/p99 per
 process, the ratio concurrent/sequential (target <= 0.6), double assignments (must be 0).
+With --classes 3, the pool's VMs are of three classes (small, medium, large: bench_fast_path.py's,
+dealt out in turn) and the 200 jobs are of three sizes in the same turn (1 core, 4 cores, 8 cores,
+each with half its class's memory), so each job gets a VM of its own class, as a queue of mixed
+jobs would; the result is burst_3_classes, and part 2 is not run.
 
 Part 2: 400 acquires against 200 Free VMs, in two waves started together; each of the first 200
 jobs to get a VM releases it JOB_SECONDS (30 s) later while the rest wait. Every job must be
@@ -13,7 +17,7 @@ alone take minutes of CPU, and the part measures service and order, not a site's
 The cloud is a closed loopback port: the warm path never calls it, and at max with every VM Free
 or Busy a waiting acquire runs no pass of its own. Exit 1 when a target or a check fails.
 
-    .venv/bin/python bench/bench_burst.py [--vms 200] [--rounds 1] [--skip-queue | --only-queue]
+    .venv/bin/python bench/bench_burst.py [--vms 200] [--rounds 1] [--skip-queue | --only-queue | --classes 3]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_fast_path import VMPOOL, compile_vmpool, make_pool
+from bench_fast_path import CLASSES, VMPOOL, add_classes_option, compile_vmpool, make_pool
 from results import record
 
 import vmpool as vp
@@ -56,11 +60,22 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-def run_acquire(config: str, job: str, timeout: float = 120) -> tuple[float, float, str, int]:
-    """(start, end, stdout, exit code) of one acquire process."""
+def job_size(index: int, classes: int) -> list[str]:
+    """The acquire options of the index-th job: with classes, a job that fits the (index mod classes)-th
+    class (its cores, half its memory), the order the bench's pool deals its VMs' classes out in."""
+    if not classes:
+        return []
+    _, _, cores, ram, _ = CLASSES[index % classes]
+    return ["--cores", str(cores), "--mem", f"{ram // 2}M"]
+
+
+def run_acquire(
+    config: str, job: str, timeout: float = 120, size: list[str] | None = None
+) -> tuple[float, float, str, int]:
+    """(start, end, stdout, exit code) of one acquire process (of a job of `size`: acquire options)."""
     started = time.perf_counter()
     done = subprocess.run(
-        [VMPOOL, "-v", "--config", config, "acquire", job, "--user", "u", "--timeout", str(timeout)],
+        [VMPOOL, "-v", "--config", config, "acquire", job, "--user", "u", "--timeout", str(timeout), *(size or [])],
         capture_output=True,
         text=True,
     )
@@ -81,8 +96,8 @@ def log_time(stamp: str) -> float:
     return datetime.datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp() + int(millis) / 1000
 
 
-def sequential(config: str, jobs: list[str]) -> list[tuple[float, float, str, int]]:
-    return [run_acquire(config, job) for job in jobs]
+def sequential(config: str, jobs: list[str], classes: int = 0) -> list[tuple[float, float, str, int]]:
+    return [run_acquire(config, job, size=job_size(index, classes)) for index, job in enumerate(jobs)]
 
 
 def children_cpu() -> float:
@@ -98,9 +113,11 @@ def concurrent(
     results: dict[str, Run] | None = None,
     then: Callable[[str, Run], None] | None = None,
     timeout: float = 120,
+    classes: int = 0,
 ) -> dict[str, Run]:
     """Start one thread per acquire process; all released by one barrier (or `gap` s apart, in order).
-    Each result lands in `results` as its process ends, and `then` runs on it in the same thread."""
+    Each result lands in `results` as its process ends, and `then` runs on it in the same thread.
+    With classes, the jobs are of job_size's sizes in turn."""
     results = {} if results is None else results
     barrier = threading.Barrier(len(jobs) + 1)
 
@@ -108,7 +125,7 @@ def concurrent(
         barrier.wait()
         if gap:
             time.sleep(index * gap)
-        results[job] = run_acquire(config, job, timeout)
+        results[job] = run_acquire(config, job, timeout, job_size(index, classes))
         if then is not None:
             then(job, results[job])
 
@@ -154,6 +171,16 @@ def double_assignments(config: str, outputs: dict[str, str]) -> int:
     return doubles
 
 
+def wrong_class(config: str, jobs: list[str], classes: int) -> int:
+    """Jobs holding a VM of another class than their size's (none can: each class has a Free VM for each)."""
+    if not classes:
+        return 0
+    held = {vm.job: vm.vm_class for vm in vp.Pool(vp.load_config(config)).store.read().vms if vm.job}
+    return sum(
+        1 for index, job in enumerate(jobs) if held.get(job, CLASSES[index % classes][0]) != CLASSES[index % classes][0]
+    )
+
+
 def floor_burst(count: int) -> float:
     """The machine's own ratio: `python -c "import click, filelock"` started together vs one after another."""
     floor = [sys.executable, "-c", "import click, filelock"]
@@ -183,26 +210,27 @@ def floor_burst(count: int) -> float:
     return con_wall / seq_wall
 
 
-def burst(vms: int) -> tuple[float, int]:
-    """(concurrent/sequential wall, problems)."""
+def burst(vms: int, classes: int = 0) -> tuple[float, int]:
+    """(concurrent/sequential wall, problems); with classes, a pool and jobs of that many classes."""
     jobs = [str(1000 + n) for n in range(vms)]
     problems = 0
     with tempfile.TemporaryDirectory(prefix="vmpool-bench-") as tmp:
         (Path(tmp) / "seq").mkdir()
-        config = make_pool(Path(tmp) / "seq", vms)
+        config = make_pool(Path(tmp) / "seq", vms, classes)
         cpu = children_cpu()
-        seq = sequential(config, jobs)
+        seq = sequential(config, jobs, classes)
         seq_wall = summary(f"{vms} one after another", seq, children_cpu() - cpu)
         problems += double_assignments(config, {job: run[2] for job, run in zip(jobs, seq, strict=True)})
         (Path(tmp) / "con").mkdir()
-        config = make_pool(Path(tmp) / "con", vms)
+        config = make_pool(Path(tmp) / "con", vms, classes)
         cpu = children_cpu()
-        con = concurrent(config, jobs)
+        con = concurrent(config, jobs, classes=classes)
         con_wall = summary(f"{vms} started together", list(con.values()), children_cpu() - cpu)
         doubles = double_assignments(config, {job: run[2] for job, run in con.items()})
         failed = sum(1 for *_, code in con.values() if code != 0) + sum(1 for *_, code in seq if code != 0)
-        print(f"  double assignments: {doubles}   failed acquires: {failed}")
-        problems += doubles + failed
+        wrong = wrong_class(config, jobs, classes)
+        print(f"  double assignments: {doubles}   failed acquires: {failed}   VMs of another class: {wrong}")
+        problems += doubles + failed + wrong
     return con_wall / seq_wall, problems
 
 
@@ -323,14 +351,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--skip-queue", action="store_true")
     parser.add_argument("--only-queue", action="store_true", help="part 2 alone")
+    add_classes_option(parser, "VM classes in the pool, the jobs' sizes spread over them (part 1 only)")
     args = parser.parse_args()
+    if args.classes and args.only_queue:
+        parser.error("--classes measures part 1 only")
     ok = True
     compile_vmpool()
-    print(f"burst of acquires (cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}):")
+    kinds = f", {args.classes} VM classes" if args.classes else ""
+    print(f"burst of acquires{kinds} (cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}):")
     ratios, floors = [], []
     part_ok = True
     for _ in range(0 if args.only_queue else args.rounds):
-        ratio, problems = burst(args.vms)
+        ratio, problems = burst(args.vms, args.classes)
         ratios.append(ratio)
         print(f"  ratio concurrent/sequential: {ratio:.2f}x (target <= {TARGET}x)")
         part_ok &= problems == 0
@@ -344,18 +376,27 @@ def main() -> int:
     if ratios:
         part_ok &= statistics.median(ratios) <= TARGET
         record(
-            "burst",
+            f"burst_{args.classes}_classes" if args.classes else "burst",
             what=f"{args.vms} `vmpool acquire` processes started together vs one after another, "
-            f"{args.vms} Free VMs (wall)",
-            target=f"<= {TARGET}x; no double assignment, no failed acquire",
+            f"{args.vms} Free VMs (wall)"
+            + (f"; {args.classes} VM classes, the jobs' sizes (1 / 4 / 8 cores) in turn" if args.classes else ""),
+            target=f"<= {TARGET}x; no double assignment, no failed acquire"
+            + ("; every job on a VM of its class" if args.classes else ""),
             figure=f"{statistics.median(ratios):.2f}x (the bare interpreters' own burst "
             f"{statistics.median(floors):.2f}x)",
             value=round(statistics.median(ratios), 2),
             unit="x",
             met=part_ok,
+            details={
+                "rounds": args.rounds,
+                "vms": args.vms,
+                "classes": args.classes,
+                "floor": floors,
+                "ratios": ratios,
+            },
         )
         ok &= part_ok
-    if not args.skip_queue:
+    if not args.skip_queue and not args.classes:
         problems, figure = queue_burst(args.vms)
         ok &= problems == 0
         record(

@@ -16,6 +16,13 @@ number.) Should `ReconcilePass._create` be renamed, the baseline fails at once r
 fan-out against itself.
 Target: creates sent in <= 0.25x the baseline's time.
 
+The bed's nova (API, conductor, scheduler and compute in one Python process, under one GIL)
+answers the POSTs one at a time: each costs it CPU, and so do the builds that follow. So the
+bench prints the CPU seconds nova and the vmpool process spent in each create pass, the share
+of a core nova had, and nova's floor: its CPU in the fan-out's pass over the baseline's time, a
+ratio no vmpool can beat on this bed. When the machine's load leaves nova less than a core,
+the fan-out's ratio rises while vmpool's own CPU does not.
+
 Requests per pass: with the N servers Free, the proxy's counts of one cron pass must not grow
 with the pool: one server list (and at most a token), no per-server GET.
 Exit 1 when a target or a check fails. Needs root (the bed's stand-in VMs).
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -59,8 +67,20 @@ vmpool.run()
 """
 
 
-def scale_up(bed: Bed, directory: Path, name: str, vms: int, vmpool: list[str]) -> tuple[float, float, int]:
-    """(seconds until every create was sent and recorded, seconds until all Free, requests per pass)."""
+def cpu_seconds(pid: int) -> float:
+    """CPU (user + system) a process has used so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def scale_up(bed: Bed, directory: Path, name: str, vms: int, vmpool: list[str]) -> tuple[float, float, int, float]:
+    """(seconds until every create was sent and recorded, seconds until all Free, requests per pass,
+    nova's CPU seconds in the create pass)."""
     directory.mkdir()
     pool = PoolHandle(bed, directory, name)
     pool.settings["pool"].update(
@@ -74,9 +94,23 @@ def scale_up(bed: Bed, directory: Path, name: str, vms: int, vmpool: list[str]) 
             raise SystemExit(f"vmpool {' '.join(args)} ({name}) exited {done.returncode}: {done.stderr.strip()}")
         return done
 
+    bed.reset_counts()
+    nova = bed.procs["nova"].pid
+    nova_cpu, own_cpu, load = cpu_seconds(nova), children_cpu(), os.getloadavg()[0]
     started = time.monotonic()
     run("reconcile")
     sent = time.monotonic() - started
+    nova_cpu, own_cpu = cpu_seconds(nova) - nova_cpu, children_cpu() - own_cpu
+    print(
+        f"    the create pass: {sent:.1f} s; CPU: nova {nova_cpu:.1f} s ({nova_cpu / vms * 1000:.0f} ms per create, "
+        f"{nova_cpu / sent:.0%} of a core), the vmpool process {own_cpu:.1f} s; "
+        f"load {load:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    counts = bed.counts()
+    print(
+        f"    the pass that sent the {vms} creates: {sum(counts.values())} requests at the proxy: "
+        + ", ".join(f"{key} x{n}" for key, n in sorted(counts.items()))
+    )
     creating = sum(1 for vm in pool.vms() if vm["reason"] == "creating")
     assert creating == 0, f"{creating} creates still unsent after the pass"
 
@@ -96,7 +130,7 @@ def scale_up(bed: Bed, directory: Path, name: str, vms: int, vmpool: list[str]) 
     )
     ssh_costs(pool)
     pool.delete_everything()
-    return sent, free, requests
+    return sent, free, requests, nova_cpu
 
 
 def ssh_costs(pool: PoolHandle, rounds: int = 20) -> None:
@@ -157,17 +191,22 @@ def main() -> int:
             if not args.no_baseline:
                 runs.insert(0, ("baseline", [sys.executable, "-c", ONE_CREATE_AT_A_TIME]))
             results: dict[str, Any] = {}
+            nova_cpu: dict[str, float] = {}
             most_requests = 0
             for label, vmpool in runs:
                 name = f"b{len(results)}{os.getpid() % 1000}"
-                sent, free, requests = scale_up(bed, Path(tmp) / name, name, args.vms, vmpool)
+                sent, free, requests, nova_cpu[label] = scale_up(bed, Path(tmp) / name, name, args.vms, vmpool)
                 results[label] = sent
                 print(f"  {label:12s} 0 -> {args.vms}: every create sent {sent:6.1f} s, all Free {free:6.1f} s")
                 most_requests = max(most_requests, requests)
                 ok &= requests <= 3
             if not args.no_baseline:
                 ratio = results["this vmpool"] / results["baseline"]
-                print(f"  creates sent: {ratio:.2f}x the baseline (target <= {TARGET}x)")
+                floor = nova_cpu["this vmpool"] / results["baseline"]
+                print(
+                    f"  creates sent: {ratio:.2f}x the baseline (target <= {TARGET}x); nova's floor (its CPU "
+                    f"in the fan-out's pass / the baseline's time): {floor:.2f}x"
+                )
                 ok &= ratio <= TARGET
                 record(
                     "cloud",
@@ -178,8 +217,9 @@ def main() -> int:
                     met=ok,
                     value=round(ratio, 2),
                     unit="x",
-                    figure=f"{ratio:.2f}x ({results['this vmpool']:.1f} vs {results['baseline']:.1f} s); "
-                    f"{most_requests} requests per pass",
+                    figure=f"{ratio:.2f}x ({results['this vmpool']:.1f} vs {results['baseline']:.1f} s; the bed's "
+                    f"nova alone {floor:.2f}x: its CPU in the pass); {most_requests} requests per pass",
+                    details={"nova_cpu": nova_cpu, "sent": results, "nova_floor": round(floor, 2)},
                 )
         finally:
             bed.stop()

@@ -25,6 +25,7 @@ ORDER = (
     "fast_path",
     "fast_path_3_classes",
     "burst",
+    "burst_3_classes",
     "burst_queue",
     "state_size",
     "probes",
