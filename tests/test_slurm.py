@@ -584,6 +584,7 @@ def test_install_never_replaces_a_sites_own_job_submit_lua_without_force(tmp_pat
 
 STUB_VMPOOL = """#!/bin/bash
 echo "$3 $4" >> {root}/vmpool.log
+echo "$*" >> {root}/vmpool-args.log
 case $3 in
     acquire) [[ -e {root}/answer ]] || exit 2; cat {root}/answer ;;
     release) exit 1 ;;
@@ -591,14 +592,33 @@ esac
 """
 
 
+# scontrol as slurmctld answers `scontrol -o show job N` (ROOT/job, when there: the job's line);
+# anything else (and without ROOT/job) as the real one does, here without a usable slurm.conf.
+STUB_SCONTROL = """#!/bin/sh
+case "$*" in "-o show job "*) [ -e {root}/job ] && exec cat {root}/job ;; esac
+exec {root}/bin/scontrol.real "$@"
+"""
+JOB_LINE = (
+    "JobId={job} JobName={name} UserId=vmps-alice(1001) JobState=RUNNING Reason=Prolog Partition=vmpool"
+    " NodeList=vmgw NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 TRES=cpu=1,node=1,billing=1"
+    " MinCPUsNode=1 {memory} MinTmpDiskNode=0 Command=(null) WorkDir=/tmp\n"
+)
+
+
 @pytest.fixture
 def stubbed() -> Iterator[Path]:
     """vmpool's Slurm hooks installed as on a site, with their own prolog.d, and a stand-in vmpool
-    that logs each call to ROOT/vmpool.log: `acquire` refuses the job, or (with ROOT/answer)
-    gives a VM at 127.0.0.1 on a closed port; `release` fails."""
+    that logs each call to ROOT/vmpool.log (and its arguments to ROOT/vmpool-args.log): `acquire`
+    refuses the job, or (with ROOT/answer) gives a VM at 127.0.0.1 on a closed port; `release`
+    fails. `scontrol -o show job` answers ROOT/job (a job asking for no memory)."""
     root = Path(tempfile.mkdtemp(prefix="vmps-stub-", dir="/tmp"))
     root.chmod(0o755)
     try:
+        (root / "bin").mkdir()
+        shutil.copy("/usr/bin/scontrol", root / "bin" / "scontrol.real")
+        (root / "bin" / "scontrol").write_text(STUB_SCONTROL.format(root=root))
+        (root / "bin" / "scontrol").chmod(0o755)
+        (root / "job").write_text(JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=0"))
         (root / "etc").mkdir(mode=0o755)
         (root / "etc" / "slurm.conf").write_text("NotASlurmKey=1\n")
         stub = root / "vmpool"
@@ -622,11 +642,22 @@ def stubbed() -> Iterator[Path]:
 
 
 def run_hook(
-    root: Path, kind: str, partition: str, node: str, job: str = "77", wrap: tuple[str, ...] = ()
+    root: Path,
+    kind: str,
+    partition: str,
+    node: str,
+    job: str = "77",
+    binds: tuple[str, ...] = (),
+    **slurmd_env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """ROOT/etc/KIND.d/90-vmpool (the link) as slurmd runs it for vmps-alice's job JOB; scontrol
-    and scancel fail at once (their slurm.conf is unusable: nothing goes to the network)."""
+    """ROOT/etc/KIND.d/90-vmpool (the link) as slurmd runs it for vmps-alice's job JOB (one CPU,
+    no GPU; SLURMD_ENV adds to its environment), in a mount namespace where ROOT/bin/NAME stands
+    for /usr/bin/NAME (scontrol, and each of BINDS): `scontrol -o show job` answers ROOT/job;
+    scontrol's other calls and scancel fail at once (their slurm.conf is unusable: nothing goes to
+    the network)."""
     alice = pwd.getpwnam("vmps-alice")
+    mounts = " && ".join(f"mount --bind {root}/bin/{name} /usr/bin/{name}" for name in ("scontrol", *binds))
+    wrap = ("unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "wrap")
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "SLURM_JOB_ID": job,
@@ -637,6 +668,8 @@ def run_hook(
         "SLURMD_NODENAME": node,
         "SLURM_JOB_WORK_DIR": "/nonexistent",
         "SLURM_CONF": str(root / "etc" / "slurm.conf"),
+        "SLURM_JOB_CPUS_PER_NODE": "1",
+        **slurmd_env,
     }
     return subprocess.run(
         [*wrap, str(root / "etc" / f"{kind}.d" / "90-vmpool")], env=env, capture_output=True, text=True, timeout=60
@@ -660,6 +693,75 @@ def test_the_hooks_leave_every_other_job_of_the_cluster_alone(stubbed: Path) -> 
     log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
     assert "prolog 77: job cancelled: vmpool prologue 77: vmpool refused the job" in log, log
     assert "epilog 77: epilogue exit 2" in log, log
+
+
+@pytest.mark.parametrize(
+    ("slurmd_env", "memory", "asked"),
+    [
+        ({"SLURM_JOB_CPUS_PER_NODE": "4"}, "MinMemoryNode=6G", "--cores 4 --mem 6144 --gpus 0"),
+        (
+            {"SLURM_JOB_CPUS_PER_NODE": "4", "SLURM_JOB_GPUS": "0,1"},
+            "MinMemoryCPU=1500M",
+            "--cores 4 --mem 6000 --gpus 2",
+        ),
+        ({"SLURM_JOB_CPUS_PER_NODE": "1", "SLURM_JOB_GPUS": "3"}, "MinMemoryNode=0", "--cores 1 --mem 0 --gpus 1"),
+    ],
+)
+def test_the_prolog_asks_for_the_job_s_cpus_memory_and_gpus_on_the_node(
+    stubbed: Path, slurmd_env: dict[str, str], memory: str, asked: str
+) -> None:
+    ensure_users(USERS)
+    (stubbed / "job").write_text(JOB_LINE.format(job=77, name="x", memory=memory))
+
+    run_hook(stubbed, "prolog", PARTITION, NODE, **slurmd_env)
+
+    acquire = (stubbed / "vmpool-args.log").read_text().splitlines()[0]
+    assert acquire.startswith("--config /nonexistent/vmpool.conf acquire 77 ") and acquire.endswith(asked), acquire
+
+
+@pytest.mark.parametrize(
+    ("slurmd_env", "job", "outcome"),
+    [
+        (
+            {},
+            JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=lots"),
+            "job cancelled: cannot read the job's memory",
+        ),
+        # the job's own name must not choose its memory: two MinMemory fields, neither is read
+        (
+            {},
+            JOB_LINE.format(job=77, name="a MinMemoryNode=1M", memory="MinMemoryNode=64G"),
+            "job cancelled: cannot read",
+        ),
+        (
+            {"SLURM_JOB_CPUS_PER_NODE": "4(x2)"},
+            JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=0"),
+            "job cancelled: the job's CPUs",
+        ),
+        (
+            {"SLURM_JOB_GPUS": "all"},
+            JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=0"),
+            "job cancelled: the job's GPUs",
+        ),
+        ({}, None, "job requeued: scontrol cannot tell the job's memory"),  # slurmctld does not answer
+    ],
+    ids=["memory", "forged-memory", "cpus", "gpus", "scontrol-silent"],
+)
+def test_an_allocation_the_prolog_cannot_read_cancels_the_job_and_a_silent_slurmctld_requeues_it(
+    stubbed: Path, slurmd_env: dict[str, str], job: str | None, outcome: str
+) -> None:
+    ensure_users(USERS)
+    if job is None:
+        (stubbed / "job").unlink()
+    else:
+        (stubbed / "job").write_text(job)
+
+    result = run_hook(stubbed, "prolog", PARTITION, NODE, **slurmd_env)
+
+    log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
+    assert result.returncode == 0 and f"prolog 77: {outcome}" in log, log
+    assert "could not set the job's AdminComment" in log, "Slurm was told (here: unreachable)"
+    assert not (stubbed / "vmpool.log").exists(), "no VM asked for"
 
 
 BUDGET_WRAPPER = """#!/bin/sh
@@ -695,39 +797,30 @@ def test_the_printed_timeout_is_the_hooks_worst_case_as_they_run_it(stubbed: Pat
     the worst cases install printed, so a timeout that grows in a hook grows the printed value."""
     ensure_users(USERS)
     bin_dir = stubbed / "bin"
-    bin_dir.mkdir()
     shutil.copy("/usr/bin/timeout", bin_dir / "timeout.real")
     log = stubbed / "budgets.log"
     for name in ("timeout", "sleep"):
         wrapper = bin_dir / name
         wrapper.write_text(BUDGET_WRAPPER.format(log=log, ssh_ok=stubbed / "ssh-ok", real=bin_dir / "timeout.real"))
         wrapper.chmod(0o755)
-    wrap = (
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        f'mount --bind {bin_dir}/timeout /usr/bin/timeout && mount --bind {bin_dir}/sleep /usr/bin/sleep && exec "$@"',
-        "wrap",
-    )
+    binds = ("timeout", "sleep")
     (stubbed / "answer.ok").rename(stubbed / "answer")
     printed = (stubbed / "printed").read_text()
     worst = re.search(r"worst case: prolog (\d+)s, epilog (\d+)s", printed)
     assert worst, printed
 
-    # the prolog: a VM, its preparation fails (no sshd), the owner told (nowhere writable: both
-    # tries), every release fails, Slurm unreachable (AdminComment, requeue, AdminComment, scancel)
-    result = run_hook(stubbed, "prolog", PARTITION, NODE, wrap=wrap)
+    # the prolog: the job's memory (scontrol), a VM, its preparation fails (no sshd), the owner
+    # told (nowhere writable: both tries), every release fails, Slurm unreachable (AdminComment,
+    # requeue, AdminComment, scancel)
+    result = run_hook(stubbed, "prolog", PARTITION, NODE, binds=binds)
     prolog = budgets(log)
     log.unlink()
     # the epilog of a job whose VM was prepared: its scrub fails, every release fails
     (stubbed / "ssh-ok").touch()
-    run_hook(stubbed, "prolog", PARTITION, NODE, job="78", wrap=wrap)
+    run_hook(stubbed, "prolog", PARTITION, NODE, job="78", binds=binds)
     (stubbed / "ssh-ok").unlink()
     log.unlink()
-    run_hook(stubbed, "epilog", PARTITION, NODE, job="78", wrap=wrap)
+    run_hook(stubbed, "epilog", PARTITION, NODE, job="78", binds=binds)
     epilog = budgets(log)
 
     hooks_log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
