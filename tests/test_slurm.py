@@ -44,6 +44,7 @@ from tests.slurm_cluster import (
     missing,
 )
 from tests.torque_node import user_traces
+from tests.vm_classes import flavor_of, use_classes
 
 pytestmark = [
     pytest.mark.xdist_group("slurm"),
@@ -138,16 +139,33 @@ def site_files(root: Path) -> dict[str, str]:
     return globs
 
 
+def node_size(printed: str) -> dict[str, str]:
+    """The pool's node's size install printed (`vmpool capacity`'s): CPUs, RealMemory, Gres."""
+    line = next(line for line in printed.splitlines() if line.startswith("# NodeName=<the pool's node> "))
+    return dict(word.split("=", 1) for word in line.split()[2:] if "=" in word)
+
+
 @contextmanager
-def site_cluster(proctrack: str = "linuxproc") -> Iterator[SlurmCluster]:
-    """The site's cluster with vmpool's hooks installed, started, and stopped (clean) at the end."""
+def site_cluster(proctrack: str = "linuxproc", vmpool_config: str = "") -> Iterator[SlurmCluster]:
+    """The site's cluster with vmpool's hooks installed, started, and stopped (clean) at the end;
+    with VMPOOL_CONFIG, its node vmgw as big as install says that pool holds at once (else CPUs =
+    CPUS, the `pool` fixture's max of 1-vCPU VMs)."""
     ensure_users(USERS)
     root = Path(tempfile.mkdtemp(prefix=f"vmpool-slurm-{proctrack}-", dir="/tmp"))
     root.chmod(0o755)
     (root / "etc").mkdir(mode=0o755)
     globs = site_files(root)
-    printed = install(root, "/nonexistent/vmpool.conf").stdout  # each test installs its pool's
-    cluster = SlurmCluster(root, cpus=CPUS, settings={**conf_lines(printed), **globs}, proctrack=proctrack)
+    printed = install(root, vmpool_config or "/nonexistent/vmpool.conf").stdout  # each test installs its pool's
+    cpus, size = CPUS, ""
+    if vmpool_config:
+        sized = node_size(printed)
+        cpus, size = (
+            int(sized["CPUs"]),
+            " ".join(f"{key}={sized[key]}" for key in ("RealMemory", "Gres") if key in sized),
+        )
+    cluster = SlurmCluster(
+        root, cpus=cpus, settings={**conf_lines(printed), **globs}, proctrack=proctrack, node_size=size
+    )
     cluster.printed = printed  # type: ignore[attr-defined]
     try:
         try:
@@ -176,6 +194,28 @@ def slurm_cgroup() -> Iterator[SlurmCluster]:
         pytest.skip(f"proctrack/cgroup cannot run on this machine: {why}")
     with site_cluster("cgroup") as cluster:
         yield cluster
+
+
+# The classes of the pools on the `slurm_classes` cluster (three VMs at most): what its node holds.
+CLASSES = {
+    "small": {"flavor": "cls-1c2g"},
+    "medium": {"flavor": "cls-4c8g", "max": 1},
+    "gpu": {"flavor": "cls-gpu", "max": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def slurm_classes(bed: Any, flavors: dict[str, Any]) -> Iterator[SlurmCluster]:
+    """The same cluster, its node vmgw as big as a pool of CLASSES holds at once (install prints
+    it from `vmpool capacity`): CPUs, RealMemory and Gres=gpu (gres.conf naming empty files)."""
+    directory = Path(tempfile.mkdtemp(prefix="vmps-classes-", dir="/tmp"))
+    try:
+        sizing = PoolHandle(bed, directory, "tsizing")
+        use_classes(sizing, **CLASSES)
+        with site_cluster("linuxproc", sizing.config_path) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Gateway:
@@ -241,9 +281,14 @@ class Gateway:
 
 @pytest.fixture
 def gw(request: pytest.FixtureRequest, pool: PoolHandle) -> Iterator[Gateway]:
-    """The pool's node; on the proctrack/cgroup cluster when parametrized ("cgroup", indirect)."""
-    proctrack = getattr(request, "param", "linuxproc")
-    slurm: SlurmCluster = request.getfixturevalue("slurm_cgroup" if proctrack == "cgroup" else "slurm")
+    """The pool's node; on the proctrack/cgroup cluster when parametrized ("cgroup", indirect), or
+    ("classes") a pool of CLASSES on the cluster sized for it."""
+    kind = getattr(request, "param", "linuxproc")
+    slurm: SlurmCluster = request.getfixturevalue(
+        {"cgroup": "slurm_cgroup", "classes": "slurm_classes"}.get(kind, "slurm")
+    )
+    if kind == "classes":
+        use_classes(pool, **CLASSES)
     handle = Gateway(slurm, pool)
     try:
         yield handle
@@ -481,6 +526,55 @@ def test_with_the_pool_at_max_jobs_wait_and_nothing_is_drained(gw: Gateway) -> N
     assert not gw.drained()
 
 
+# --- VM classes: the job's allocation chooses its VM ---
+
+
+@pytest.mark.parametrize("gw", ["classes"], indirect=True)
+def test_a_job_s_cpus_memory_and_gpus_choose_its_vm_s_class_and_one_no_class_fits_is_refused_at_sbatch(
+    gw: Gateway,
+) -> None:
+    capacity = dict(line.split("=", 1) for line in gw.pool.run("capacity").stdout.splitlines())
+    node = gw.slurm.node()
+    assert (node["CPUTot"], node["RealMemory"], node["Gres"]) == (
+        capacity["cores"],
+        capacity["memory"],
+        f"gpu:{capacity['gpus']}",
+    ), node
+    refused = gw.slurm.run(
+        "sbatch", "-p", PARTITION, "-c", "1", "--mem=40G", "--wrap", "true", user="vmps-alice", check=False, cwd="/tmp"
+    )  # the node has the memory, no VM has
+    assert refused.returncode != 0
+    assert (
+        "vmpool: this job asks for 1 cores, 40G memory: more than any class of the pool behind the partition"
+        " vmpool offers (the largest, gpu, has 8 cores, 32G memory, 1 GPU(s)); ask for less, or use another"
+        " partition (-p)"
+    ) in refused.stderr, refused.stderr
+
+    script = "#!/bin/bash\nsleep 2; echo ran\n"
+    jobs = {
+        "medium": gw.submit("vmps-alice", script, options=("-c", "4", "--mem=6G")),
+        "small": gw.submit("vmps-bob", script, options=("-c", "1")),
+        "gpu": gw.submit("vmps-alice", script, options=("--gres=gpu:1",)),
+    }
+    held: dict[str, tuple[str, str]] = {}
+
+    def all_ended() -> bool:
+        held.update({vm["job"]: (vm["class"], vm["server_id"]) for vm in gw.pool.vms() if vm["job"]})
+        return all(gw.slurm.state(job) in ("COMPLETED", "FAILED", "CANCELLED") for job in jobs.values())
+
+    wait_until(
+        all_ended,
+        240,
+        f"the jobs to end ({[gw.slurm.state(job) for job in jobs.values()]}, node {gw.slurm.node()})",
+        0.3,
+    )
+
+    assert [gw.done(job)["JobState"] for job in jobs.values()] == ["COMPLETED"] * 3, gw.log()
+    assert [gw.out(job) for job in jobs.values()] == ["ran\n"] * 3
+    chosen = {name: (held[job][0], flavor_of(gw.pool, held[job][1])) for name, job in jobs.items()}
+    assert chosen == {"medium": ("medium", "cls-4c8g"), "small": ("small", "cls-1c2g"), "gpu": ("gpu", "cls-gpu")}
+
+
 # --- failures ---
 
 
@@ -554,6 +648,10 @@ def test_install_prints_only_what_the_pool_needs_and_keeps_the_sites_submit_filt
     module = (etc / "vmpool_submit.lua").read_text()
     assert f'local STARTER = "{hooks}/jobstarter"' in module and "local IS_DEFAULT = false" in module
     assert (hooks / "vmpool-slurm.conf").read_text().splitlines()[1:] == [f"PARTITION={PARTITION}", f"NODES={NODE}"]
+    # installed before any pool (its config missing): the node's size is not guessed, install says how to get it
+    assert "# NodeName=<the pool's node> CPUs=<cores> RealMemory=<memory> [Gres=gpu:<gpus>] ...\n" in slurm.printed  # type: ignore[attr-defined]
+    assert f"# Run `{VMPOOL} --config /nonexistent/vmpool.conf capacity` where the cloud is reachable" in slurm.printed  # type: ignore[attr-defined]
+    assert 'local CLASSES = ""' in module and "checks no VM classes" in slurm.printed  # type: ignore[attr-defined]
 
 
 def test_install_never_replaces_a_sites_own_job_submit_lua_without_force(tmp_path: Path) -> None:
@@ -583,6 +681,7 @@ def test_install_never_replaces_a_sites_own_job_submit_lua_without_force(tmp_pat
 # --- the hooks on every node: a stand-in vmpool, no Slurm ---
 
 STUB_VMPOOL = """#!/bin/bash
+[[ $3 == capacity ]] && exit 3  # install asks; its config is missing
 echo "$3 $4" >> {root}/vmpool.log
 echo "$*" >> {root}/vmpool-args.log
 case $3 in
@@ -600,9 +699,14 @@ exec {root}/bin/scontrol.real "$@"
 """
 JOB_LINE = (
     "JobId={job} JobName={name} UserId=vmps-alice(1001) JobState=RUNNING Reason=Prolog Partition=vmpool"
-    " NodeList=vmgw NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 TRES=cpu=1,node=1,billing=1"
-    " MinCPUsNode=1 {memory} MinTmpDiskNode=0 Command=(null) WorkDir=/tmp\n"
+    " NodeList=vmgw NumNodes=1 NumCPUs=1 {tasks} CPUs/Task=1 TRES=cpu=1,node=1,billing=1"
+    " MinCPUsNode=1 {memory} MinTmpDiskNode=0 Features=(null) {tres} Command=(null) WorkDir=/tmp\n"
 )
+
+
+def job_line(name: str = "x", memory: str = "MinMemoryNode=0", tres: str = "", tasks: str = "NumTasks=1") -> str:
+    """`scontrol -o show job 77` (the fields the prolog reads, between others)."""
+    return JOB_LINE.format(job=77, name=name, memory=memory, tres=tres, tasks=tasks)
 
 
 @pytest.fixture
@@ -618,7 +722,7 @@ def stubbed() -> Iterator[Path]:
         shutil.copy("/usr/bin/scontrol", root / "bin" / "scontrol.real")
         (root / "bin" / "scontrol").write_text(STUB_SCONTROL.format(root=root))
         (root / "bin" / "scontrol").chmod(0o755)
-        (root / "job").write_text(JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=0"))
+        (root / "job").write_text(job_line())
         (root / "etc").mkdir(mode=0o755)
         (root / "etc" / "slurm.conf").write_text("NotASlurmKey=1\n")
         stub = root / "vmpool"
@@ -696,59 +800,50 @@ def test_the_hooks_leave_every_other_job_of_the_cluster_alone(stubbed: Path) -> 
 
 
 @pytest.mark.parametrize(
-    ("slurmd_env", "memory", "asked"),
+    ("cpus", "job", "asked"),
     [
-        ({"SLURM_JOB_CPUS_PER_NODE": "4"}, "MinMemoryNode=6G", "--cores 4 --mem 6144 --gpus 0"),
-        (
-            {"SLURM_JOB_CPUS_PER_NODE": "4", "SLURM_JOB_GPUS": "0,1"},
-            "MinMemoryCPU=1500M",
-            "--cores 4 --mem 6000 --gpus 2",
-        ),
-        ({"SLURM_JOB_CPUS_PER_NODE": "1", "SLURM_JOB_GPUS": "3"}, "MinMemoryNode=0", "--cores 1 --mem 0 --gpus 1"),
+        ("4", job_line(memory="MinMemoryNode=6G"), "--cores 4 --mem 6144 --gpus 0"),
+        ("4", job_line(memory="MinMemoryCPU=1500M", tres="TresPerNode=gres:gpu:2"), "--cores 4 --mem 6000 --gpus 2"),
+        ("1", job_line(tres="TresPerJob=gres:gpu:a100:1"), "--cores 1 --mem 0 --gpus 1"),
+        ("2", job_line(tres="TresPerTask=gres:gpu:1", tasks="NumTasks=2"), "--cores 2 --mem 0 --gpus 2"),
     ],
+    ids=["mem", "mem-per-cpu,gres", "gpus", "gpus-per-task"],
 )
 def test_the_prolog_asks_for_the_job_s_cpus_memory_and_gpus_on_the_node(
-    stubbed: Path, slurmd_env: dict[str, str], memory: str, asked: str
+    stubbed: Path, cpus: str, job: str, asked: str
 ) -> None:
     ensure_users(USERS)
-    (stubbed / "job").write_text(JOB_LINE.format(job=77, name="x", memory=memory))
+    (stubbed / "job").write_text(job)
 
-    run_hook(stubbed, "prolog", PARTITION, NODE, **slurmd_env)
+    run_hook(stubbed, "prolog", PARTITION, NODE, SLURM_JOB_CPUS_PER_NODE=cpus)
 
     acquire = (stubbed / "vmpool-args.log").read_text().splitlines()[0]
     assert acquire.startswith("--config /nonexistent/vmpool.conf acquire 77 ") and acquire.endswith(asked), acquire
 
 
 @pytest.mark.parametrize(
-    ("slurmd_env", "job", "outcome"),
+    ("cpus", "job", "outcome"),
     [
+        ("1", job_line(memory="MinMemoryNode=lots"), "job cancelled: cannot read the job's memory"),
+        # the job's own name must not choose its memory or GPUs: a field shown twice is not read
         (
-            {},
-            JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=lots"),
-            "job cancelled: cannot read the job's memory",
-        ),
-        # the job's own name must not choose its memory: two MinMemory fields, neither is read
-        (
-            {},
-            JOB_LINE.format(job=77, name="a MinMemoryNode=1M", memory="MinMemoryNode=64G"),
-            "job cancelled: cannot read",
+            "1",
+            job_line(name="a MinMemoryNode=1M", memory="MinMemoryNode=64G"),
+            "job cancelled: scontrol shows the job's MinMemoryNode twice",
         ),
         (
-            {"SLURM_JOB_CPUS_PER_NODE": "4(x2)"},
-            JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=0"),
-            "job cancelled: the job's CPUs",
+            "1",
+            job_line(name="a TresPerNode=gres:gpu:0", tres="TresPerNode=gres:gpu:1"),
+            "job cancelled: scontrol shows the job's TresPerNode twice",
         ),
-        (
-            {"SLURM_JOB_GPUS": "all"},
-            JOB_LINE.format(job=77, name="x", memory="MinMemoryNode=0"),
-            "job cancelled: the job's GPUs",
-        ),
-        ({}, None, "job requeued: scontrol cannot tell the job's memory"),  # slurmctld does not answer
+        ("1", job_line(tres="TresPerJob=gres:gpu:lots"), "job cancelled: cannot read the job's GPUs"),
+        ("4(x2)", job_line(), "job cancelled: the job's CPUs"),
+        ("1", None, "job requeued: scontrol cannot tell the job's memory and GPUs"),  # slurmctld does not answer
     ],
-    ids=["memory", "forged-memory", "cpus", "gpus", "scontrol-silent"],
+    ids=["memory", "forged-memory", "forged-gpus", "gpus", "cpus", "scontrol-silent"],
 )
 def test_an_allocation_the_prolog_cannot_read_cancels_the_job_and_a_silent_slurmctld_requeues_it(
-    stubbed: Path, slurmd_env: dict[str, str], job: str | None, outcome: str
+    stubbed: Path, cpus: str, job: str | None, outcome: str
 ) -> None:
     ensure_users(USERS)
     if job is None:
@@ -756,7 +851,7 @@ def test_an_allocation_the_prolog_cannot_read_cancels_the_job_and_a_silent_slurm
     else:
         (stubbed / "job").write_text(job)
 
-    result = run_hook(stubbed, "prolog", PARTITION, NODE, **slurmd_env)
+    result = run_hook(stubbed, "prolog", PARTITION, NODE, SLURM_JOB_CPUS_PER_NODE=cpus)
 
     log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
     assert result.returncode == 0 and f"prolog 77: {outcome}" in log, log
