@@ -37,7 +37,7 @@ The file, top to bottom (each section under a ``# --- name ---`` banner):
     the pure policy      plan_acquire (choose_class, class_size), plan_hand_over, plan_release,
                          plan_reconcile (_scale per class within _budget), plan_created,
                          plan_deleted, plan_probed, plan_clock, the admin plans (plan_drain ...),
-                         read-outs (explain_no_vm, pool_health): state + observations + now ->
+                         read-outs (explain_no_vm, pool_health, pool_capacity): state + observations + now ->
                          new state + actions, no I/O
     the state store      StateStore (load, update under the lock, read), reconcile_lock
     the Cloud adapter    Cloud (Protocol), NovaCloud: Nova's statuses and errors translated here
@@ -2845,6 +2845,32 @@ def pool_health(state: PoolState, pool: PoolConfig, now: float) -> Health:
         paused=state.paused_since is not None,
         desired=desired_size(state, pool),
     )
+
+
+def pool_capacity(state: PoolState, pool: PoolConfig) -> dict[str, Any] | None:
+    """What the pool can hold at once, the batch node's size: its most cores, memory (MiB) and
+    GPUs, each on its own (the classes' VMs, largest first, up to each class's max and the pool's
+    max in VMs, within max_cores and max_memory), its max in VMs, and the classes as
+    NAME:CORES:MEMORY_MIB:GPUS joined by '+'. None while a class's flavor size is not known."""
+    sizes = [(vm_class, class_size(state, vm_class)) for vm_class in pool.vm_classes]
+    known = [(vm_class, size) for vm_class, size in sizes if size is not None]
+    if len(known) < len(sizes):
+        return None
+
+    def most(part: int, cap: int) -> int:
+        left, total = pool.max, 0
+        for vm_class, size in sorted(known, key=lambda pair: -pair[1][part]):
+            count = min(vm_class.max or pool.max, left)
+            total, left = total + count * size[part], left - count
+        return min(total, cap) if cap else total
+
+    return {
+        "cores": most(0, pool.max_cores),
+        "memory": most(1, pool.max_memory),
+        "gpus": most(2, 0),
+        "vms": pool.max,
+        "classes": "+".join(f"{vm_class.name}:{size.cores}:{size.memory}:{size.gpus}" for vm_class, size in known),
+    }
 
 
 def describe_action(action: Action) -> str:
@@ -6753,6 +6779,35 @@ def metrics(ctx: click.Context) -> None:
     """Print the Prometheus metrics (what each reconcile pass writes to [metrics] textfile)."""
     pool = configured_pool(ctx)
     click.echo(metrics_text(pool.store.read(), pool.config, pool.clock()), nl=False)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable (schema vmpool-capacity, version 1).")
+@common_options
+@click.pass_context
+def capacity(ctx: click.Context, as_json: bool) -> None:
+    """Print what the pool can hold at once: the batch node's cores, memory (MiB) and GPUs.
+
+    Also its max in VMs and its classes as NAME:CORES:MEMORY_MIB:GPUS (the Torque submit
+    filter's CLASSES, the Slurm submit filter's). Flavor sizes: from the state, else from Nova.
+    """
+    pool = configured_pool(ctx)
+    state = copy_state(pool.store.read())
+    for flavor in dict.fromkeys(vm_class.flavor for vm_class in pool.config.pool.vm_classes if vm_class.flavor):
+        if flavor in state.flavors:
+            continue
+        try:
+            state.flavors[flavor] = pool.cloud.flavor_size(flavor)
+        except CloudError as error:
+            raise CloudError(
+                f"the size of flavor {flavor} is not known yet and Nova cannot tell it ({error}); run"
+                " `vmpool capacity` where the cloud is reachable, or after a reconcile pass has learned it"
+            ) from None
+    held = pool_capacity(state, pool.config.pool) or {}
+    if as_json:
+        click.echo(json.dumps({"schema": "vmpool-capacity", "version": 1, "pool": pool.config.pool.name, **held}))
+    else:
+        click.echo("".join(f"{key}={value}\n" for key, value in held.items()), nl=False)
 
 
 def reason_option(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -264,3 +264,4 @@ def pool(bed: Any, tmp_path: Path) -> Iterator[PoolHandle]:
 # The Torque node's fixtures (job_users, mom) for every test module that runs jobs through the
 # hooks; imported last, as torque_node builds on this module's PoolHandle.
 from tests.torque_node import job_users, mom  # noqa: E402, F401
+from tests.vm_classes import flavors  # noqa: E402, F401  (the bed's class flavors, for test_classes and test_slurm)

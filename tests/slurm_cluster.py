@@ -115,9 +115,12 @@ class SlurmCluster:
         settings: dict[str, str] | None = None,
         job_submit_lua: str | None = None,
         proctrack: str = "linuxproc",
+        node_size: str = "",
     ):
         self.root = Path(root)
         self.cpus = cpus
+        # more of vmgw's NodeName line: "RealMemory=M Gres=gpu:N" (GresTypes and gres.conf follow)
+        self.node_size = node_size
         self.proctrack = proctrack
         self.settings = dict(settings or {})
         self.job_submit_lua = job_submit_lua
@@ -173,10 +176,12 @@ class SlurmCluster:
             **self.settings,
         }
         text = "".join(f"{key}={value}\n" for key, value in lines.items())
-        for name, cpus in ((NODE, self.cpus), (ORDINARY_NODE, 1)):
+        if "Gres=gpu:" in self.node_size:
+            text += "GresTypes=gpu\n"
+        for name, cpus, size in ((NODE, self.cpus, self.node_size), (ORDINARY_NODE, 1, "")):
             text += (
                 f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={self.slurmd_ports[name]}"
-                f" CPUs={cpus} State=UNKNOWN\n"
+                f" CPUs={cpus}{' ' + size if size else ''} State=UNKNOWN\n"
             )
         text += (
             f"PartitionName={ORDINARY_PARTITION} Nodes={ORDINARY_NODE} Default=YES MaxTime=INFINITE State=UP\n"
@@ -208,6 +213,14 @@ class SlurmCluster:
             cgroup_conf = self.conf.parent / "cgroup.conf"
             cgroup_conf.write_text(CGROUP_CONF.format(root=CGROUP_ROOT))
             cgroup_conf.chmod(0o644)
+        if gpus := int(self.node_size.partition("Gres=gpu:")[2].split(" ")[0] or 0):
+            # the node has no GPUs, its VMs have: gres.conf names empty files for Slurm to count
+            # (as docs/slurm.md tells a site); a Prolog then sees SLURM_JOB_GPUS
+            for index in range(gpus):
+                (self.root / f"gpu{index}").touch()
+            gres = self.conf.parent / "gres.conf"
+            gres.write_text(f"NodeName={NODE} Name=gpu File={self.root}/gpu[0-{gpus - 1}]\n")
+            gres.chmod(0o644)
         if self.job_submit_lua is not None:  # the lua plugin reads it beside slurm.conf
             lua = self.conf.parent / "job_submit.lua"
             lua.write_text(self.job_submit_lua)

@@ -23,50 +23,7 @@ from tests.pbs_mom import Job
 from tests.test_config import GOOD, write
 from tests.test_submit_filter import SCRIPT, assert_passed, assert_refused, install_filter, run_batch
 from tests.torque_node import Mom
-
-# flavor ID -> vCPUs, RAM (MiB), extra specs: made once per bed, as an admin would
-FLAVORS = {
-    "cls-1c2g": (1, 2048, {}),
-    "cls-4c8g": (4, 8192, {}),
-    "cls-8c32g": (8, 32768, {}),
-    "cls-gpu": (8, 32768, {"resources:VGPU": "1"}),
-}
-
-
-@pytest.fixture(scope="module")
-def flavors(bed: Any) -> dict[str, Any]:
-    nova = bed.admin_nova()
-    have = {flavor.id for flavor in nova.flavors.list(is_public=None)}
-    for flavor_id, (vcpus, ram, specs) in FLAVORS.items():
-        if flavor_id not in have:
-            made = nova.flavors.create(flavor_id, ram, vcpus, 1, flavorid=flavor_id)
-            if specs:
-                made.set_keys(specs)
-    return FLAVORS
-
-
-def use_classes(pool: PoolHandle, **classes: dict[str, Any]) -> None:
-    """Name the pool's classes ([pool] min and min_free move into them)."""
-    for key in ("min", "min_free"):
-        pool.settings["pool"].pop(key, None)
-    for section in [name for name in pool.settings if name.startswith("class ")]:
-        del pool.settings[section]
-    for name, values in classes.items():
-        pool.settings[f"class {name}"] = values
-    pool.write_config()
-
-
-SIZES = {
-    "small": {"flavor": "cls-1c2g"},
-    "medium": {"flavor": "cls-4c8g"},
-    "big": {"flavor": "cls-8c32g"},
-    "gpu": {"flavor": "cls-gpu"},
-}
-
-
-def flavor_of(pool: PoolHandle, server_id: str) -> str:
-    return str(pool.bed.admin_nova().servers.get(server_id).flavor["original_name"])
-
+from tests.vm_classes import SIZES, flavor_of, use_classes
 
 # --- the config ---
 
@@ -504,3 +461,43 @@ def test_a_class_whose_image_the_cloud_refuses_backs_off_alone(pool: PoolHandle,
     log = Path(pool.settings["pool"]["log_file"]).read_text()
     assert "check [class big] and [openstack] image, flavor" in log and "backing off of class big" in log
     pool.run("release", "2")
+
+
+# --- the batch node's size ---
+
+
+def test_capacity_asks_nova_for_sizes_not_learned_yet_and_without_a_cloud_says_how_to_get_them(
+    pool: PoolHandle, flavors: dict[str, Any]
+) -> None:
+    import socket
+
+    use_classes(pool, small={"flavor": "cls-1c2g"}, medium={"flavor": "cls-4c8g", "max": 1})
+    served = pool.settings["openstack"]["auth_url"]
+
+    before_any_pass = pool.run("capacity")  # no state file yet: the sizes come from Nova
+
+    assert before_any_pass.stdout == "cores=6\nmemory=12288\ngpus=0\nvms=3\nclasses=small:1:2048:0+medium:4:8192:0\n"
+    assert not Path(pool.state_file).exists(), "a read-out writes nothing"
+    assert json.loads(pool.run("capacity", "--json").stdout) == {
+        "schema": "vmpool-capacity",
+        "version": 1,
+        "pool": pool.name,
+        "cores": 6,
+        "memory": 12288,
+        "gpus": 0,
+        "vms": 3,
+        "classes": "small:1:2048:0+medium:4:8192:0",
+    }
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v3"
+    pool.write_config(openstack={"auth_url": closed})
+    unreachable = pool.run("capacity", check=False)
+    assert unreachable.returncode == 5 and unreachable.stdout == "", unreachable
+    assert "the size of flavor cls-1c2g is not known yet and Nova cannot tell it" in unreachable.stderr
+    assert "run `vmpool capacity` where the cloud is reachable" in unreachable.stderr.strip().splitlines()[-1]
+
+    pool.write_config(openstack={"auth_url": served})
+    pool.run("reconcile")  # a pass learns the sizes into the state: no cloud needed afterwards
+    pool.write_config(openstack={"auth_url": closed})
+    assert pool.run("capacity").stdout == before_any_pass.stdout

@@ -4,13 +4,19 @@ kept private, completion, and the cron.d file a site copies into place."""
 
 from __future__ import annotations
 
+import shutil
+import socket
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, VMPOOL, PoolHandle
+from tests.torque_node import Mom
+from tests.vm_classes import use_classes
 
 # one worker: every install builds in the repository's build/ directory
 pytestmark = pytest.mark.xdist_group("install")
@@ -107,3 +113,44 @@ def test_the_command_on_path_reads_the_installed_config_unless_told_otherwise(
         )
         assert chosen.returncode == 3 and f" ERROR {other}: no such config file" in chosen.stderr, chosen.stderr
     assert "make install" in (site["BINDIR"] / "vmpool").read_text()
+
+
+# --- the Torque hooks' installer: the node's np from what the pool holds at once ---
+
+
+def torque_install(pool: PoolHandle) -> str:
+    """What `make install-hooks` prints, as a site runs it for this pool (pbs_mom's home in /tmp)."""
+    root = Path(tempfile.mkdtemp(prefix="vmpool-install-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        return Mom(root, pool).install.stdout
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_torque_install_prints_the_node_s_np_and_classes_from_vmpool_capacity(
+    pool: PoolHandle, flavors: dict[str, Any]
+) -> None:
+    assert "<the node> np=3\n" in torque_install(pool), "one class of 1-vCPU VMs: np = [pool] max, as before"
+
+    use_classes(
+        pool, small={"flavor": "cls-1c2g"}, medium={"flavor": "cls-4c8g", "max": 1}, gpu={"flavor": "cls-gpu", "max": 1}
+    )
+    printed = torque_install(pool)
+
+    assert "('vmpool capacity': 13 cores in 3 VMs)" in printed, printed
+    assert "\n<the node> np=13 gpus=1\n" in printed, printed
+    assert "--set CLASSES=small:1:2048:0+medium:4:8192:0+gpu:8:32768:1\n" in printed, printed
+    assert "np = the pool's max" not in printed
+
+
+def test_without_a_cloud_the_torque_install_says_how_to_get_the_node_s_np(pool: PoolHandle) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        pool.write_config(openstack={"auth_url": f"http://127.0.0.1:{probe.getsockname()[1]}/v3"})
+
+    printed = torque_install(pool)
+
+    assert "vmpool cannot\ntell them now (" in printed, printed
+    assert f"run '{VMPOOL} --config {pool.config_path} capacity' where the cloud is\nreachable" in printed
+    assert "np=" not in printed

@@ -355,3 +355,55 @@ def test_each_class_s_health_is_kept_in_the_state_file_the_one_class_s_where_it_
     healthy = json.loads(vp.state_text(state_of()))
     assert "class_health" not in healthy and "held_back" not in healthy
     assert (healthy["boot_failures"], healthy["protected_since"]) == (0, None)  # as a state before classes has them
+
+
+# --- the batch node's size: what the pool can hold at once ---
+
+
+@pytest.mark.parametrize(
+    ("pool", "classes", "held"),
+    [
+        # the largest VMs first, each class up to its max, the pool's max in VMs over all
+        ({"max": 3}, {"small": 0, "medium": 1}, (6, 12288, 0)),
+        (
+            {"max": 10},
+            {"small": 0, "medium": 2, "big": 1, "gpu": 1},
+            (8 + 8 + 2 * 4 + 6 * 1, 32768 * 2 + 8192 * 2 + 2048 * 6, 1),
+        ),
+        # [pool] max_cores and max_memory cap what the classes allow
+        ({"max": 10, "max_cores": 12, "max_memory": 20480}, {"small": 0, "big": 2}, (12, 20480, 0)),
+        ({"max": 2}, {"small": 0, "gpu": 0}, (16, 65536, 2)),
+    ],
+)
+def test_the_pool_s_capacity_is_the_most_its_classes_hold_within_its_limits(
+    pool: dict[str, Any], classes: dict[str, int], held: tuple[int, int, int]
+) -> None:
+    flavors = {"small": SMALL, "medium": MEDIUM, "big": BIG, "gpu": GPU}
+    config = classes_config(*(ClassConfig(name, flavors[name], max=most) for name, most in classes.items()), **pool)
+
+    capacity = vp.pool_capacity(state_of(), config.pool)
+
+    assert capacity is not None
+    assert (capacity["cores"], capacity["memory"], capacity["gpus"], capacity["vms"]) == (*held, pool["max"])
+    sizes = {SMALL: "1:2048:0", MEDIUM: "4:8192:0", BIG: "8:32768:0", GPU: "8:32768:1"}
+    assert capacity["classes"] == "+".join(f"{name}:{sizes[flavors[name]]}" for name in classes)
+
+
+def test_the_one_class_pool_holds_max_vms_of_its_flavor_and_nothing_is_known_before_its_size() -> None:
+    import dataclasses
+
+    base = one_class_config(max=4)
+    pool = dataclasses.replace(base.pool, default_flavor="f")
+
+    assert vp.pool_capacity(PoolState(pool="p"), pool) is None
+    two_vcpus = PoolState(pool="p", flavors={"f": {"vcpus": 2, "ram": 4096, "gpus": 0}})
+    assert vp.pool_capacity(two_vcpus, pool) == {
+        "cores": 8,  # a 1-core job still takes a whole VM: 4 such jobs, not 8, run at once
+        "memory": 16384,
+        "gpus": 0,
+        "vms": 4,
+        "classes": "default:2:4096:0",
+    }
+    assert vp.pool_capacity(state_of(*[]), classes_config().pool) is not None
+    unknown = PoolState(pool="p", flavors={SMALL: FLAVORS[SMALL]})
+    assert vp.pool_capacity(unknown, classes_config().pool) is None, "medium, big and gpu not learned yet"

@@ -14,7 +14,9 @@ started under `ProctrackType=proctrack/cgroup` (cgroup v1's freezer), skipped wi
 this machine cannot run it.
 
 Job owners are real non-root users of this machine, created if missing: vmps-alice and vmps-bob.
-The node `vmgw` advertises CPUs = the pool's max (3, the `pool` fixture's): one job per VM.
+The node `vmgw` advertises CPUs = the pool's max (3, the `pool` fixture's, of 1-vCPU VMs: what
+`vmpool capacity` says): one job per VM. The `slurm_classes` cluster's vmgw is as big as install
+prints from `vmpool capacity` for a pool of three VM classes (CPUs, RealMemory, Gres=gpu).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tests.slurm_cluster import (
     missing,
 )
 from tests.torque_node import user_traces
+from tests.vm_classes import flavor_of, use_classes
 
 pytestmark = [
     pytest.mark.xdist_group("slurm"),
@@ -138,16 +141,33 @@ def site_files(root: Path) -> dict[str, str]:
     return globs
 
 
+def node_size(printed: str) -> dict[str, str]:
+    """The pool's node's size install printed (`vmpool capacity`'s): CPUs, RealMemory, Gres."""
+    line = next(line for line in printed.splitlines() if line.startswith("# NodeName=<the pool's node> "))
+    return dict(word.split("=", 1) for word in line.split()[2:] if "=" in word)
+
+
 @contextmanager
-def site_cluster(proctrack: str = "linuxproc") -> Iterator[SlurmCluster]:
-    """The site's cluster with vmpool's hooks installed, started, and stopped (clean) at the end."""
+def site_cluster(proctrack: str = "linuxproc", vmpool_config: str = "") -> Iterator[SlurmCluster]:
+    """The site's cluster with vmpool's hooks installed, started, and stopped (clean) at the end;
+    with VMPOOL_CONFIG, its node vmgw as big as install says that pool holds at once (else CPUs =
+    CPUS, the `pool` fixture's max of 1-vCPU VMs)."""
     ensure_users(USERS)
     root = Path(tempfile.mkdtemp(prefix=f"vmpool-slurm-{proctrack}-", dir="/tmp"))
     root.chmod(0o755)
     (root / "etc").mkdir(mode=0o755)
     globs = site_files(root)
-    printed = install(root, "/nonexistent/vmpool.conf").stdout  # each test installs its pool's
-    cluster = SlurmCluster(root, cpus=CPUS, settings={**conf_lines(printed), **globs}, proctrack=proctrack)
+    printed = install(root, vmpool_config or "/nonexistent/vmpool.conf").stdout  # each test installs its pool's
+    cpus, size = CPUS, ""
+    if vmpool_config:
+        sized = node_size(printed)
+        cpus, size = (
+            int(sized["CPUs"]),
+            " ".join(f"{key}={sized[key]}" for key in ("RealMemory", "Gres") if key in sized),
+        )
+    cluster = SlurmCluster(
+        root, cpus=cpus, settings={**conf_lines(printed), **globs}, proctrack=proctrack, node_size=size
+    )
     cluster.printed = printed  # type: ignore[attr-defined]
     try:
         try:
@@ -176,6 +196,28 @@ def slurm_cgroup() -> Iterator[SlurmCluster]:
         pytest.skip(f"proctrack/cgroup cannot run on this machine: {why}")
     with site_cluster("cgroup") as cluster:
         yield cluster
+
+
+# The classes of the pools on the `slurm_classes` cluster (three VMs at most): what its node holds.
+CLASSES: dict[str, dict[str, Any]] = {
+    "small": {"flavor": "cls-1c2g"},
+    "medium": {"flavor": "cls-4c8g", "max": 1},
+    "gpu": {"flavor": "cls-gpu", "max": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def slurm_classes(bed: Any, flavors: dict[str, Any]) -> Iterator[SlurmCluster]:
+    """The same cluster, its node vmgw as big as a pool of CLASSES holds at once (install prints
+    it from `vmpool capacity`): CPUs, RealMemory and Gres=gpu (gres.conf naming empty files)."""
+    directory = Path(tempfile.mkdtemp(prefix="vmps-classes-", dir="/tmp"))
+    try:
+        sizing = PoolHandle(bed, directory, "tsizing")
+        use_classes(sizing, **CLASSES)
+        with site_cluster("linuxproc", sizing.config_path) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Gateway:
@@ -241,9 +283,14 @@ class Gateway:
 
 @pytest.fixture
 def gw(request: pytest.FixtureRequest, pool: PoolHandle) -> Iterator[Gateway]:
-    """The pool's node; on the proctrack/cgroup cluster when parametrized ("cgroup", indirect)."""
-    proctrack = getattr(request, "param", "linuxproc")
-    slurm: SlurmCluster = request.getfixturevalue("slurm_cgroup" if proctrack == "cgroup" else "slurm")
+    """The pool's node; on the proctrack/cgroup cluster when parametrized ("cgroup", indirect), or
+    ("classes") a pool of CLASSES on the cluster sized for it."""
+    kind = getattr(request, "param", "linuxproc")
+    slurm: SlurmCluster = request.getfixturevalue(
+        {"cgroup": "slurm_cgroup", "classes": "slurm_classes"}.get(kind, "slurm")
+    )
+    if kind == "classes":
+        use_classes(pool, **CLASSES)
     handle = Gateway(slurm, pool)
     try:
         yield handle
@@ -457,6 +504,8 @@ for other in vmps-alice vmps-bob; do cat "/home/$other/secret" 2>/dev/null; done
 
 
 def test_with_the_pool_at_max_jobs_wait_and_nothing_is_drained(gw: Gateway) -> None:
+    # one class of 1-vCPU VMs: the node's CPUs, what the pool holds at once, are its max in VMs
+    assert gw.pool.run("capacity").stdout.startswith(f"cores={CPUS}\n")
     jobs = [gw.submit(USERS[i % 2], "#!/bin/bash\nsleep 3; echo done\n") for i in range(CPUS + 1)]
     most: list[str] = []
 
@@ -479,6 +528,50 @@ def test_with_the_pool_at_max_jobs_wait_and_nothing_is_drained(gw: Gateway) -> N
     )
     assert [gw.out(job) for job in jobs] == ["done\n"] * len(jobs)
     assert not gw.drained()
+
+
+# --- VM classes: the job's allocation chooses its VM ---
+
+
+@pytest.mark.timeout(600)  # the sized cluster's start, then the jobs: on a loaded machine more than 300 s
+@pytest.mark.parametrize("gw", ["classes"], indirect=True)
+def test_a_job_s_cpus_memory_and_gpus_choose_its_vm_s_class_and_one_no_class_fits_is_refused_at_sbatch(
+    gw: Gateway,
+) -> None:
+    capacity = dict(line.split("=", 1) for line in gw.pool.run("capacity").stdout.splitlines())
+    node = gw.slurm.node()
+    assert (node["CPUTot"], node["RealMemory"], node["Gres"]) == (
+        capacity["cores"],
+        capacity["memory"],
+        f"gpu:{capacity['gpus']}",
+    ), node
+    refused = gw.slurm.run(
+        "sbatch", "-p", PARTITION, "-c", "1", "--mem=40G", "--wrap", "true", user="vmps-alice", check=False, cwd="/tmp"
+    )  # the node has the memory, no VM has
+    assert refused.returncode != 0
+    assert (
+        "vmpool: this job asks for 1 cores, 40G memory: more than any class of the pool behind the partition"
+        " vmpool offers (the largest, gpu, has 8 cores, 32G memory, 1 GPU(s)); ask for less, or use another"
+        " partition (-p)"
+    ) in refused.stderr, refused.stderr
+
+    script = "#!/bin/bash\nsleep 2; echo ran\n"
+    jobs = {
+        "medium": gw.submit("vmps-alice", script, options=("-c", "4", "--mem=6G")),
+        "small": gw.submit("vmps-bob", script, options=("-c", "1")),
+    }
+    held: dict[str, tuple[str, str]] = {}
+
+    def all_ended() -> bool:
+        held.update({vm["job"]: (vm["class"], vm["server_id"]) for vm in gw.pool.vms() if vm["job"]})
+        return all(gw.slurm.state(job) in ("COMPLETED", "FAILED", "CANCELLED") for job in jobs.values())
+
+    wait_until(all_ended, 240, f"the jobs to end ({[gw.slurm.state(job) for job in jobs.values()]})", 0.3)
+
+    assert [gw.done(job)["JobState"] for job in jobs.values()] == ["COMPLETED"] * 2, gw.log()
+    assert [gw.out(job) for job in jobs.values()] == ["ran\n"] * 2
+    chosen = {name: (held[job][0], flavor_of(gw.pool, held[job][1])) for name, job in jobs.items()}
+    assert chosen == {"medium": ("medium", "cls-4c8g"), "small": ("small", "cls-1c2g")}
 
 
 # --- failures ---
@@ -554,6 +647,10 @@ def test_install_prints_only_what_the_pool_needs_and_keeps_the_sites_submit_filt
     module = (etc / "vmpool_submit.lua").read_text()
     assert f'local STARTER = "{hooks}/jobstarter"' in module and "local IS_DEFAULT = false" in module
     assert (hooks / "vmpool-slurm.conf").read_text().splitlines()[1:] == [f"PARTITION={PARTITION}", f"NODES={NODE}"]
+    # installed before any pool (its config missing): the node's size is not guessed, install says how to get it
+    assert "# NodeName=<the pool's node> CPUs=<cores> RealMemory=<memory> [Gres=gpu:<gpus>] ...\n" in slurm.printed  # type: ignore[attr-defined]
+    assert f"# Run `{VMPOOL} --config /nonexistent/vmpool.conf capacity` where the cloud is reachable" in slurm.printed  # type: ignore[attr-defined]
+    assert 'local CLASSES = ""' in module and "checks no VM classes" in slurm.printed  # type: ignore[attr-defined]
 
 
 def test_install_never_replaces_a_sites_own_job_submit_lua_without_force(tmp_path: Path) -> None:
@@ -583,7 +680,9 @@ def test_install_never_replaces_a_sites_own_job_submit_lua_without_force(tmp_pat
 # --- the hooks on every node: a stand-in vmpool, no Slurm ---
 
 STUB_VMPOOL = """#!/bin/bash
+[[ $3 == capacity ]] && exit 3  # install asks; its config is missing
 echo "$3 $4" >> {root}/vmpool.log
+echo "$*" >> {root}/vmpool-args.log
 case $3 in
     acquire) [[ -e {root}/answer ]] || exit 2; cat {root}/answer ;;
     release) exit 1 ;;
@@ -591,14 +690,38 @@ esac
 """
 
 
+# scontrol as slurmctld answers `scontrol -o show job N` (ROOT/job, when there: the job's line);
+# anything else (and without ROOT/job) as the real one does, here without a usable slurm.conf.
+STUB_SCONTROL = """#!/bin/sh
+case "$*" in "-o show job "*) [ -e {root}/job ] && exec cat {root}/job ;; esac
+exec {root}/bin/scontrol.real "$@"
+"""
+JOB_LINE = (
+    "JobId={job} JobName={name} UserId=vmps-alice(1001) JobState=RUNNING Reason=Prolog Partition=vmpool"
+    " NodeList=vmgw NumNodes=1 NumCPUs=1 {tasks} CPUs/Task=1 TRES=cpu=1,node=1,billing=1"
+    " MinCPUsNode=1 {memory} MinTmpDiskNode=0 Features=(null) {tres} Command=(null) WorkDir=/tmp\n"
+)
+
+
+def job_line(name: str = "x", memory: str = "MinMemoryNode=0", tres: str = "", tasks: str = "NumTasks=1") -> str:
+    """`scontrol -o show job 77` (the fields the prolog reads, between others)."""
+    return JOB_LINE.format(job=77, name=name, memory=memory, tres=tres, tasks=tasks)
+
+
 @pytest.fixture
 def stubbed() -> Iterator[Path]:
     """vmpool's Slurm hooks installed as on a site, with their own prolog.d, and a stand-in vmpool
-    that logs each call to ROOT/vmpool.log: `acquire` refuses the job, or (with ROOT/answer)
-    gives a VM at 127.0.0.1 on a closed port; `release` fails."""
+    that logs each call to ROOT/vmpool.log (and its arguments to ROOT/vmpool-args.log): `acquire`
+    refuses the job, or (with ROOT/answer) gives a VM at 127.0.0.1 on a closed port; `release`
+    fails. `scontrol -o show job` answers ROOT/job (a job asking for no memory)."""
     root = Path(tempfile.mkdtemp(prefix="vmps-stub-", dir="/tmp"))
     root.chmod(0o755)
     try:
+        (root / "bin").mkdir()
+        shutil.copy("/usr/bin/scontrol", root / "bin" / "scontrol.real")
+        (root / "bin" / "scontrol").write_text(STUB_SCONTROL.format(root=root))
+        (root / "bin" / "scontrol").chmod(0o755)
+        (root / "job").write_text(job_line())
         (root / "etc").mkdir(mode=0o755)
         (root / "etc" / "slurm.conf").write_text("NotASlurmKey=1\n")
         stub = root / "vmpool"
@@ -622,11 +745,22 @@ def stubbed() -> Iterator[Path]:
 
 
 def run_hook(
-    root: Path, kind: str, partition: str, node: str, job: str = "77", wrap: tuple[str, ...] = ()
+    root: Path,
+    kind: str,
+    partition: str,
+    node: str,
+    job: str = "77",
+    binds: tuple[str, ...] = (),
+    **slurmd_env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """ROOT/etc/KIND.d/90-vmpool (the link) as slurmd runs it for vmps-alice's job JOB; scontrol
-    and scancel fail at once (their slurm.conf is unusable: nothing goes to the network)."""
+    """ROOT/etc/KIND.d/90-vmpool (the link) as slurmd runs it for vmps-alice's job JOB (one CPU,
+    no GPU; SLURMD_ENV adds to its environment), in a mount namespace where ROOT/bin/NAME stands
+    for /usr/bin/NAME (scontrol, and each of BINDS): `scontrol -o show job` answers ROOT/job;
+    scontrol's other calls and scancel fail at once (their slurm.conf is unusable: nothing goes to
+    the network)."""
     alice = pwd.getpwnam("vmps-alice")
+    mounts = " && ".join(f"mount --bind {root}/bin/{name} /usr/bin/{name}" for name in ("scontrol", *binds))
+    wrap = ("unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "wrap")
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "SLURM_JOB_ID": job,
@@ -637,6 +771,8 @@ def run_hook(
         "SLURMD_NODENAME": node,
         "SLURM_JOB_WORK_DIR": "/nonexistent",
         "SLURM_CONF": str(root / "etc" / "slurm.conf"),
+        "SLURM_JOB_CPUS_PER_NODE": "1",
+        **slurmd_env,
     }
     return subprocess.run(
         [*wrap, str(root / "etc" / f"{kind}.d" / "90-vmpool")], env=env, capture_output=True, text=True, timeout=60
@@ -660,6 +796,66 @@ def test_the_hooks_leave_every_other_job_of_the_cluster_alone(stubbed: Path) -> 
     log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
     assert "prolog 77: job cancelled: vmpool prologue 77: vmpool refused the job" in log, log
     assert "epilog 77: epilogue exit 2" in log, log
+
+
+@pytest.mark.parametrize(
+    ("cpus", "job", "asked"),
+    [
+        ("4", job_line(memory="MinMemoryNode=6G"), "--cores 4 --mem 6144 --gpus 0"),
+        ("4", job_line(memory="MinMemoryCPU=1500M", tres="TresPerNode=gres:gpu:2"), "--cores 4 --mem 6000 --gpus 2"),
+        ("1", job_line(tres="TresPerJob=gres:gpu:a100:1"), "--cores 1 --mem 0 --gpus 1"),
+        ("2", job_line(tres="TresPerTask=gres:gpu:1", tasks="NumTasks=2"), "--cores 2 --mem 0 --gpus 2"),
+    ],
+    ids=["mem", "mem-per-cpu,gres", "gpus", "gpus-per-task"],
+)
+def test_the_prolog_asks_for_the_job_s_cpus_memory_and_gpus_on_the_node(
+    stubbed: Path, cpus: str, job: str, asked: str
+) -> None:
+    ensure_users(USERS)
+    (stubbed / "job").write_text(job)
+
+    run_hook(stubbed, "prolog", PARTITION, NODE, SLURM_JOB_CPUS_PER_NODE=cpus)
+
+    acquire = (stubbed / "vmpool-args.log").read_text().splitlines()[0]
+    assert acquire.startswith("--config /nonexistent/vmpool.conf acquire 77 ") and acquire.endswith(asked), acquire
+
+
+@pytest.mark.parametrize(
+    ("cpus", "job", "outcome"),
+    [
+        ("1", job_line(memory="MinMemoryNode=lots"), "job cancelled: cannot read the job's memory"),
+        # the job's own name must not choose its memory or GPUs: a field shown twice is not read
+        (
+            "1",
+            job_line(name="a MinMemoryNode=1M", memory="MinMemoryNode=64G"),
+            "job cancelled: scontrol shows the job's MinMemoryNode twice",
+        ),
+        (
+            "1",
+            job_line(name="a TresPerNode=gres:gpu:0", tres="TresPerNode=gres:gpu:1"),
+            "job cancelled: scontrol shows the job's TresPerNode twice",
+        ),
+        ("1", job_line(tres="TresPerJob=gres:gpu:lots"), "job cancelled: cannot read the job's GPUs"),
+        ("4(x2)", job_line(), "job cancelled: the job's CPUs"),
+        ("1", None, "job requeued: scontrol cannot tell the job's memory and GPUs"),  # slurmctld does not answer
+    ],
+    ids=["memory", "forged-memory", "forged-gpus", "gpus", "cpus", "scontrol-silent"],
+)
+def test_an_allocation_the_prolog_cannot_read_cancels_the_job_and_a_silent_slurmctld_requeues_it(
+    stubbed: Path, cpus: str, job: str | None, outcome: str
+) -> None:
+    ensure_users(USERS)
+    if job is None:
+        (stubbed / "job").unlink()
+    else:
+        (stubbed / "job").write_text(job)
+
+    result = run_hook(stubbed, "prolog", PARTITION, NODE, SLURM_JOB_CPUS_PER_NODE=cpus)
+
+    log = (stubbed / "jobs" / "slurm-hooks.log").read_text()
+    assert result.returncode == 0 and f"prolog 77: {outcome}" in log, log
+    assert "could not set the job's AdminComment" in log, "Slurm was told (here: unreachable)"
+    assert not (stubbed / "vmpool.log").exists(), "no VM asked for"
 
 
 BUDGET_WRAPPER = """#!/bin/sh
@@ -695,39 +891,30 @@ def test_the_printed_timeout_is_the_hooks_worst_case_as_they_run_it(stubbed: Pat
     the worst cases install printed, so a timeout that grows in a hook grows the printed value."""
     ensure_users(USERS)
     bin_dir = stubbed / "bin"
-    bin_dir.mkdir()
     shutil.copy("/usr/bin/timeout", bin_dir / "timeout.real")
     log = stubbed / "budgets.log"
     for name in ("timeout", "sleep"):
         wrapper = bin_dir / name
         wrapper.write_text(BUDGET_WRAPPER.format(log=log, ssh_ok=stubbed / "ssh-ok", real=bin_dir / "timeout.real"))
         wrapper.chmod(0o755)
-    wrap = (
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        f'mount --bind {bin_dir}/timeout /usr/bin/timeout && mount --bind {bin_dir}/sleep /usr/bin/sleep && exec "$@"',
-        "wrap",
-    )
+    binds = ("timeout", "sleep")
     (stubbed / "answer.ok").rename(stubbed / "answer")
     printed = (stubbed / "printed").read_text()
     worst = re.search(r"worst case: prolog (\d+)s, epilog (\d+)s", printed)
     assert worst, printed
 
-    # the prolog: a VM, its preparation fails (no sshd), the owner told (nowhere writable: both
-    # tries), every release fails, Slurm unreachable (AdminComment, requeue, AdminComment, scancel)
-    result = run_hook(stubbed, "prolog", PARTITION, NODE, wrap=wrap)
+    # the prolog: the job's memory (scontrol), a VM, its preparation fails (no sshd), the owner
+    # told (nowhere writable: both tries), every release fails, Slurm unreachable (AdminComment,
+    # requeue, AdminComment, scancel)
+    result = run_hook(stubbed, "prolog", PARTITION, NODE, binds=binds)
     prolog = budgets(log)
     log.unlink()
     # the epilog of a job whose VM was prepared: its scrub fails, every release fails
     (stubbed / "ssh-ok").touch()
-    run_hook(stubbed, "prolog", PARTITION, NODE, job="78", wrap=wrap)
+    run_hook(stubbed, "prolog", PARTITION, NODE, job="78", binds=binds)
     (stubbed / "ssh-ok").unlink()
     log.unlink()
-    run_hook(stubbed, "epilog", PARTITION, NODE, job="78", wrap=wrap)
+    run_hook(stubbed, "epilog", PARTITION, NODE, job="78", binds=binds)
     epilog = budgets(log)
 
     hooks_log = (stubbed / "jobs" / "slurm-hooks.log").read_text()

@@ -16,6 +16,8 @@ VH_SLURM_CMD_TIMEOUT=30   # seconds for one scontrol/scancel call
 VH_SLURM_COMMENT_MAX=250  # AdminComment is for one line
 VH_SLURM_PARTITION=
 VH_SLURM_NODES=
+VH_SLURM_RESOURCES=       # the job's allocation, as TORQUE's prologue reads it (vh_slurm_resources)
+VH_SLURM_RESOURCES_ERROR=
 
 # --- the pool's jobs only ---
 
@@ -49,9 +51,9 @@ vh_slurm_worst_case() {
     local tell=$(( 2 * (10 + 1) ))                             # vh_tell_user: two tries
     local release=$(( 3 * (RELEASE_TIMEOUT + 5) + 2 + 4 ))    # vh_release: three tries, two pauses
     local slurm=$(( VH_SLURM_CMD_TIMEOUT + 5 ))                # one scontrol or scancel
-    # acquire, prepare (fails), the owner told, the VM released, the back-off, then AdminComment,
-    # requeue (refused), AdminComment and scancel.
-    VH_SLURM_PROLOG_WORST=$(( ACQUIRE_TIMEOUT + 15 + 5 + PREPARE_TIMEOUT + 5 + tell + release
+    # the job's memory (scontrol), acquire, prepare (fails), the owner told, the VM released, the
+    # back-off, then AdminComment, requeue (refused), AdminComment and scancel.
+    VH_SLURM_PROLOG_WORST=$(( slurm + ACQUIRE_TIMEOUT + 15 + 5 + PREPARE_TIMEOUT + 5 + tell + release
                               + REQUEUE_BACKOFF + 4 * slurm ))
     # the scrub (fails), the VM released.
     VH_SLURM_EPILOG_WORST=$(( SCRUB_TIMEOUT + 5 + release ))
@@ -78,6 +80,93 @@ vh_slurm_job_from_env() {
     vh_load_config 2>/dev/null || vh_log "the hooks' configuration is unusable: $VH_CONFIG_ERROR"
     VH_SLURM_SCRATCH=$(mktemp -d)
     trap 'rm -rf -- "$VH_SLURM_SCRATCH"' EXIT
+}
+
+# vh_slurm_mib SIZE: a Slurm memory size (6G, 1500M, 0; scontrol's units, M = MiB) in MiB, rounded
+# up; false if it is not one.
+vh_slurm_mib() {
+    [[ $1 =~ ^([0-9]{1,12})([KMGTP]?)$ ]] || return 1
+    local number=$((10#${BASH_REMATCH[1]}))
+    case ${BASH_REMATCH[2]} in
+        K) printf '%s\n' "$(( (number + 1023) / 1024 ))" ;;
+        ''|M) printf '%s\n' "$number" ;;
+        G) printf '%s\n' "$(( number << 10 ))" ;;
+        T) printf '%s\n' "$(( number << 20 ))" ;;
+        P) printf '%s\n' "$(( number << 30 ))" ;;
+    esac
+}
+
+# vh_slurm_gpus TRES: the GPUs a TRES request names ("gres:gpu:2", "gres:gpu:a100:1", others
+# beside them), on stdout; false if a GPU count is not a number.
+vh_slurm_gpus() {
+    local item count=0 items=()
+    IFS=, read -r -a items <<<"$1"
+    for item in "${items[@]}"; do
+        [[ $item == gres[:/]gpu || $item == gres[:/]gpu:* ]] || continue
+        item=${item#gres?gpu}
+        item=${item:-:1}
+        [[ ${item##*:} =~ ^[0-9]{1,6}$ ]] || return 1
+        count=$(( count + 10#${item##*:} ))
+    done
+    printf '%s\n' "$count"
+}
+
+# The job's allocation on this node, as the resource list TORQUE's prologue reads (pbs_mom's 5th
+# argument), in VH_SLURM_RESOURCES: "nodes=1:ppn=CPUS:gpus=GPUS,mem=MIBmb". The Prolog's
+# environment (PrologFlags=Alloc; verified on 22.05) holds the CPUs (SLURM_JOB_CPUS_PER_NODE), not
+# the memory, and the GPUs only where gres.conf names device files: both come from `scontrol -o
+# show job` (the job is on one node): MinMemoryNode, or MinMemoryCPU times the CPUs (the TRES show
+# memory only where it is a consumable resource); the GPUs of TresPerNode, TresPerJob, or
+# TresPerTask times NumTasks. The job's owner controls free-text fields of that line (its name,
+# comment, working directory): a field found twice is not read. Returns 1 if scontrol does not
+# answer (VH_SLURM_RESOURCES_ERROR says why: the job is requeued), 2 if a value cannot be read
+# (the job must not land on a VM too small).
+vh_slurm_resources() {
+    local cpus=${SLURM_JOB_CPUS_PER_NODE:-} gpus=0 line field key mib count words=()
+    local -A found=()
+    VH_SLURM_RESOURCES='' VH_SLURM_RESOURCES_ERROR=''
+    if ! line=$(timeout -k 5 "$VH_SLURM_CMD_TIMEOUT" scontrol -o show job "$VH_JOBID" 2>"$VH_SLURM_SCRATCH/slurm.err"); then
+        VH_SLURM_RESOURCES_ERROR="scontrol cannot tell the job's memory and GPUs: $(tail -n 1 "$VH_SLURM_SCRATCH/slurm.err")"
+        return 1
+    fi
+    if ! vh_valid_uint "$cpus" || (( cpus < 1 )); then
+        VH_SLURM_RESOURCES_ERROR="the job's CPUs on this node, SLURM_JOB_CPUS_PER_NODE=$(vh_show "$cpus"), are not a whole number"
+        return 2
+    fi
+    read -r -a words <<<"$line"
+    for field in "${words[@]}"; do
+        key=${field%%=*}
+        case $key in
+            MinMemoryNode|MinMemoryCPU|TresPerNode|TresPerJob|TresPerTask|NumTasks)
+                if [[ -v found[$key] || ( $key == MinMemory* && -n ${found[memory]:-} ) ]]; then
+                    VH_SLURM_RESOURCES_ERROR="scontrol shows the job's $key twice: not reading what its owner may have written"
+                    return 2
+                fi
+                found[$key]=${field#*=}
+                [[ $key == MinMemory* ]] && found[memory]=$key ;;
+        esac
+    done
+    if [[ -z ${found[memory]:-} ]] || ! mib=$(vh_slurm_mib "${found[${found[memory]}]}"); then
+        VH_SLURM_RESOURCES_ERROR="cannot read the job's memory from scontrol (MinMemoryNode or MinMemoryCPU: $(vh_show "${found[${found[memory]:-MinMemoryNode}]:-}"))"
+        return 2
+    fi
+    [[ ${found[memory]} == MinMemoryCPU ]] && mib=$(( mib * cpus ))
+    for key in TresPerNode TresPerJob TresPerTask; do
+        [[ -n ${found[$key]:-} ]] || continue
+        if ! count=$(vh_slurm_gpus "${found[$key]}"); then
+            VH_SLURM_RESOURCES_ERROR="cannot read the job's GPUs from scontrol ($key=$(vh_show "${found[$key]}"))"
+            return 2
+        fi
+        if [[ $key == TresPerTask ]] && (( count > 0 )); then
+            vh_valid_uint "${found[NumTasks]:-}" || {
+                VH_SLURM_RESOURCES_ERROR="cannot read the job's tasks from scontrol (NumTasks=$(vh_show "${found[NumTasks]:-}"))"
+                return 2
+            }
+            count=$(( count * 10#${found[NumTasks]} ))
+        fi
+        (( count > gpus )) && gpus=$count
+    done
+    VH_SLURM_RESOURCES="nodes=1:ppn=$cpus:gpus=$gpus,mem=${mib}mb"
 }
 
 # vh_slurm_torque_hook NAME DIR: the TORQUE hook NAME (prologue, epilogue) the Slurm hook in DIR

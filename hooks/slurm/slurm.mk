@@ -2,7 +2,8 @@
 #
 #   make install-slurm-hooks [SLURM_HOOKS_DIR=/usr/local/lib/vmpool/slurm] [SLURM_CONF_DIR=/etc/slurm]
 #       [SLURM_PARTITION=vmpool] [SLURM_NODES="vmgw ..."] [NOT_DEFAULT=1] [FORCE=1]
-#       [VMPOOL=...] [VMPOOL_CONFIG=...] [JOB_DIR=...] [HOOKS_SETTINGS=...]
+#       [VMPOOL=...] [VMPOOL_CONFIG=...] [JOB_DIR=...] [SLURM_CLASSES=...] [HOOKS_SETTINGS=...]
+#     SLURM_CLASSES: the VM classes the submit filter checks (default: `vmpool capacity`'s);
 #     NOT_DEFAULT=1: the pool's partition is not the default one (--not-default); FORCE=1: replace
 #     a site's own job_submit.lua, keeping a backup (--force).
 #   make slurm-deps    - the Debian packages the Slurm tests need (slurmctld slurmd slurm-client munge)
@@ -20,6 +21,7 @@ VMPOOL ?= $(firstword $(wildcard $(CURDIR)/.venv/bin/vmpool) /usr/local/bin/vmpo
 VMPOOL_CONFIG ?= /etc/vmpool/vmpool.conf
 JOB_DIR ?= /var/spool/vmpool/jobs
 HOOKS_SETTINGS ?=
+SLURM_CLASSES ?=
 SLURM_PACKAGES = slurmctld slurmd slurm-client munge
 
 .PHONY: install-slurm-hooks slurm-deps lint-slurm-hooks
@@ -27,7 +29,7 @@ install-slurm-hooks:
 	$(SLURM_MK_DIR)/install --dir '$(SLURM_HOOKS_DIR)' --lua '$(SLURM_CONF_DIR)/job_submit.lua' \
 	    --partition '$(SLURM_PARTITION)' $(foreach node,$(SLURM_NODES),--node '$(node)') \
 	    $(if $(NOT_DEFAULT),--not-default) $(if $(FORCE),--force) --vmpool '$(VMPOOL)' \
-	    --vmpool-config '$(VMPOOL_CONFIG)' --job-dir '$(JOB_DIR)' $(foreach setting,$(HOOKS_SETTINGS),--set '$(setting)')
+	    --vmpool-config '$(VMPOOL_CONFIG)' --job-dir '$(JOB_DIR)' $(if $(SLURM_CLASSES),--classes '$(SLURM_CLASSES)') $(foreach setting,$(HOOKS_SETTINGS),--set '$(setting)')
 
 slurm-deps:
 	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
