@@ -1,6 +1,6 @@
 """vmpool: a pool of OpenStack VMs that run Torque (PBS) or Slurm jobs.
 
-One worker node (Torque: ``np`` = the pool's maximum; Slurm: its ``CPUs``) stands for the pool;
+One worker node (Torque: ``np`` = the pool's cores, `vmpool capacity`; Slurm: its ``CPUs``) stands for the pool;
 its prologue (Slurm: prolog) calls ``vmpool acquire JOBID`` to get a VM, the job starter runs
 the job there over SSH, and the epilogue scrubs the VM and calls ``vmpool release JOBID``. ``vmpool reconcile`` (cron,
 every minute) keeps the pool between ``min`` and ``max``, re-checks Unusable VMs and
