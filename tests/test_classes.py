@@ -153,7 +153,7 @@ def test_a_project_quota_in_cores_lets_some_boots_through_and_the_rest_wait(
         assert len(pool.servers()) == 2 and len(status["vms"]) == 2, log
         assert len(status["waiting"]) == 1 and status["backoff_until"] is None and not status["last_cloud_error"], log
         assert "class medium: not creating 1 VM(s): the project's quota maxTotalCores" in log
-        assert "403" not in log and "not created" not in log
+        assert "HTTP 403" not in log and "not created" not in log  # never asked past the quota
         timed_out = pool.run("acquire", "14", "--cores", "4", "--timeout", "2", check=False)
         assert "job 14: no VM within 2s: " in timed_out.stderr  # and it names the limit to raise:
         assert "creates of class medium held back by the project's quota maxTotalCores" in timed_out.stderr

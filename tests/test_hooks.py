@@ -208,6 +208,7 @@ def traced_vmpool(mom: Mom) -> Path:
     tracer.write_text(f'#!/bin/sh\necho "$*" >> {trace}\nexec {VMPOOL} "$@"\n')
     tracer.chmod(0o755)
     Mom.__init__(mom, mom.root, mom.pool, vmpool=str(tracer))
+    trace.unlink(missing_ok=True)  # the installer's own call (`vmpool capacity`, the node's size): not the hooks'
     return trace
 
 
