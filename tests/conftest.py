@@ -170,6 +170,27 @@ class PoolHandle:
             raise AssertionError(f"vmpool {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
         return result
 
+    def run_in_process(
+        self, *args: str, modules: tuple[str, ...]
+    ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+        """A vmpool command through vmpool.main in a fresh interpreter; which of `modules` it imported
+        (the fast path must not import the cloud's or SSH's clients). Its output, without that line."""
+        code = (
+            "import json, sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], *json.loads(sys.argv[2])]); "
+            "print('IMPORTED', json.dumps([m for m in json.loads(sys.argv[3]) if m in sys.modules])); sys.exit(rc)"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code, self.config_path, json.dumps(args), json.dumps(modules)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = result.stdout.splitlines()
+        imported = json.loads(lines.pop()[len("IMPORTED ") :]) if lines and lines[-1].startswith("IMPORTED ") else None
+        assert imported is not None, f"vmpool {' '.join(args)} ended before reporting its imports:\n{result.stderr}"
+        result.stdout = "".join(line + "\n" for line in lines)
+        return result, imported
+
     def spawn(self, *args: str) -> subprocess.Popen[str]:
         """A vmpool command in the background; the fixture kills it if the test left it running."""
         proc = subprocess.Popen(

@@ -107,13 +107,10 @@ def test_the_job_s_cores_and_memory_choose_its_vm_and_a_job_no_class_fits_is_ref
 
     # the fast path: a Free VM of the job's class is claimed without the cloud, its client unimported
     pool.bed.reset_counts()
-    code = (
-        "import sys, vmpool; rc = vmpool.main(['--config', sys.argv[1], 'acquire', '4', '--cores', '3']); "
-        "print('IMPORTED', sorted(m for m in ('novaclient', 'fabric', 'keystoneauth1') if m in sys.modules)); "
-        "sys.exit(rc)"
+    result, imported = pool.run_in_process(
+        "acquire", "4", "--cores", "3", modules=("novaclient", "fabric", "keystoneauth1")
     )
-    result = subprocess.run([sys.executable, "-c", code, pool.config_path], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "IMPORTED []" in result.stdout, result.stderr
+    assert result.returncode == 0 and imported == [], result.stderr
     assert result.stdout.splitlines()[0] == medium.stdout.strip()  # the medium VM, Free again
     assert sum(pool.bed.counts().values()) == 0, pool.bed.counts()
 
