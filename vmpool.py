@@ -4789,6 +4789,7 @@ class ReconcilePass:
                         error=error,
                         pool=self.config.pool,
                         now=self.clock(),
+                        vm_class=action.vm_class,
                     )
                 )
             )
@@ -5849,7 +5850,13 @@ class Replay:
                 error = caught
             self._update(
                 functools.partial(
-                    plan_created, name=action.name, server_id=server_id, error=error, pool=self.pool, now=self.now
+                    plan_created,
+                    name=action.name,
+                    server_id=server_id,
+                    error=error,
+                    pool=self.pool,
+                    now=self.now,
+                    vm_class=action.vm_class,
                 )
             )
         if skipped:

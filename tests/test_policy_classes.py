@@ -312,6 +312,9 @@ def test_a_refused_create_backs_off_its_class_and_a_class_that_boots_clears_only
     )
     text = vp.explain_no_vm(new, config.pool, NOW + 1, "medium")
     assert "cloud refused creates of class medium, backing off until" in text
+    # the refusal of a create whose intent is gone (an admin's delete meanwhile) backs off its own class
+    gone, _ = vp.plan_created(state_of(), "m9", None, vp.QuotaExceeded("quota"), config.pool, NOW, vm_class="medium")
+    assert gone.health_of("medium").backing_off(NOW + 1) and vp.DEFAULT_CLASS not in gone.health
     small = next(action.name for action in kinds(actions, CreateServer))
     created, _ = vp.plan_created(new, small, "id-s", None, config.pool, NOW + 2)
     assert created.health_of("medium").backing_off(NOW + 2)  # small's success says nothing of medium's quota
