@@ -268,6 +268,14 @@ class PoolHandle:
             return not servers
 
         wait_until(gone, 120, f"servers of pool {self.name} to be gone", interval=0.5)
+        # a pool that ended starved leaves its demand signal: every later pool on this bed would give
+        # way to it (no spares) — a gone pool's signal is gone with it
+        from vmpool import DEMAND_GROUP_PREFIX
+
+        for group in nova.server_groups.list(all_projects=True):
+            if group.name == DEMAND_GROUP_PREFIX + self.name:
+                with contextlib.suppress(Exception):
+                    nova.server_groups.delete(group.id)
 
 
 @pytest.fixture
