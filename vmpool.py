@@ -2335,6 +2335,9 @@ def _jobs_of(state: PoolState, vm_class: ClassConfig) -> int:
     return busy + waiting if waiting else 0
 
 
+_NOT_SCHEDULED = (Why.CREATING, Why.BUILDING)  # a server Nova's /limits may not count yet
+
+
 def _budget(state: PoolState, pool: PoolConfig, limits: dict[str, int] | None) -> dict[str, tuple[int, str]]:
     """What creates may still take ("cores", "memory" in MiB, "instances"), each with the limit
     that sets it: the tightest of [pool] max_cores / max_memory and the project's quota."""
@@ -2350,6 +2353,15 @@ def _budget(state: PoolState, pool: PoolConfig, limits: dict[str, int] | None) -
     if pool.max_memory:
         used = sum(size.memory for size in sizes)
         limit("memory", pool.max_memory - used, f"[pool] max_memory = {pool.max_memory}M")
+    # Nova's totals count a server once it is scheduled; a create still being scheduled is counted
+    # by the quota check of the next POST but not by /limits: the pool's booting VMs are counted
+    # here as well (at worst a boot waits a pass longer; never a refusal and its back-off)
+    booting = [size for vm, size in zip(state.vms, sizes, strict=True) if vm.booting and vm.why in _NOT_SCHEDULED]
+    not_yet_counted = {
+        "cores": sum(size.cores for size in booting),
+        "memory": sum(size.memory for size in booting),
+        "instances": len(booting),
+    }
     for kind, most, used_key in (
         ("cores", "maxTotalCores", "totalCoresUsed"),
         ("memory", "maxTotalRAMSize", "totalRAMUsed"),
@@ -2358,7 +2370,8 @@ def _budget(state: PoolState, pool: PoolConfig, limits: dict[str, int] | None) -
         maximum = (limits or {}).get(most, -1)
         if maximum >= 0:
             used = (limits or {}).get(used_key, 0)
-            limit(kind, maximum - used, f"{PROJECT_QUOTA} {most} = {maximum} ({used} used)")
+            left = maximum - used - not_yet_counted[kind]
+            limit(kind, left, f"{PROJECT_QUOTA} {most} = {maximum} ({used} used)")
     return budget
 
 

@@ -410,3 +410,20 @@ def test_the_one_class_pool_holds_max_vms_of_its_flavor_and_nothing_is_known_bef
     assert vp.pool_capacity(state_of(*[]), classes_config().pool) is not None
     unknown = PoolState(pool="p", flavors={SMALL: FLAVORS[SMALL]})
     assert vp.pool_capacity(unknown, classes_config().pool) is None, "medium, big and gpu not learned yet"
+
+
+def test_the_pool_s_boots_nova_may_not_count_yet_are_counted_against_the_quota() -> None:
+    """Nova's /limits counts a server once scheduled: two 4-core VMs still building, used 0 of 9
+    cores, leave room for none more (asked, Nova's own quota check would refuse it)."""
+    config = classes_config(ClassConfig("medium", MEDIUM))
+    building = [vm(f"m{n}", UNUSABLE, reason=vp.BUILDING, healthy=False, vm_class="medium") for n in (1, 2)]
+    state = state_of(*building)
+    for n in range(3):
+        state, _ = acquire(state, str(n), Want(4, 0, 0), config, pid=100 + n)
+    limits = {"maxTotalCores": 9, "totalCoresUsed": 0}
+    listing = seen(
+        *(server(v.name, vp.SERVER_BUILDING) for v in building), live_waiters=live(100, 101, 102), limits=limits
+    )
+    new, actions = vp.plan_reconcile(state, listing, config, NOW)
+    assert kinds(actions, CreateServer) == []
+    assert new.held_back["medium"].startswith("the project's quota maxTotalCores = 9 (0 used) leaves room for 1 more")
